@@ -1,0 +1,46 @@
+"""Budgets: how many visual tokens to keep, with validation that names the fix."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Visual tokens kept per image: ``keep`` (a count) or ``keep_ratio`` (a kept fraction), never both."""
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.keep is None) == (self.keep_ratio is None):
+            raise ValueError(
+                "pass exactly one of keep (visual tokens kept per image, an int) and keep_ratio "
+                f"(fraction kept, in (0, 1]); got keep={self.keep!r}, keep_ratio={self.keep_ratio!r}"
+            )
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, int):
+                raise TypeError(f"keep must be an int count of visual tokens per image, got {self.keep!r}")
+            if self.keep <= 0:
+                raise ValueError(f"keep must be >= 1 visual token per image, got {self.keep}")
+        else:
+            r = self.keep_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0 < r <= 1) or math.isnan(r):
+                raise ValueError(
+                    f"keep_ratio is the fraction of visual tokens KEPT and must be in (0, 1], got {r!r}"
+                )
+
+    def count(self, n_visual: int, what: str = "image") -> int:
+        """Tokens to keep out of ``n_visual``; raises if a count budget exceeds what the image has."""
+        if self.keep is not None:
+            if self.keep > n_visual:
+                raise ValueError(
+                    f"keep={self.keep} is larger than the {n_visual} visual tokens of this {what}; "
+                    f"pass keep <= {n_visual} or a keep_ratio"
+                )
+            return self.keep
+        return max(1, min(n_visual, round(self.keep_ratio * n_visual)))
+
+    def __str__(self) -> str:
+        return f"keep={self.keep}" if self.keep is not None else f"keep_ratio={self.keep_ratio}"

@@ -1,0 +1,313 @@
+"""The model-adapter interface and the machinery every family shares.
+
+An adapter knows *how* a model family runs and nothing about any method. It
+
+* taps the vision encoder for the signals a pruner requests (attention rows from q/k, any attention backend);
+* at prefill, in one forward pre-hook on the top-level ``*ForConditionalGeneration``, locates each image's span
+  from token ids, asks the pruner's vision stage which tokens to keep and rewrites every per-token input
+  (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
+* at decode, rebuilds the 2D mask (``generate`` keeps the unpruned one) and shifts positions when kept tokens
+  were re-indexed;
+* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder.
+
+Family files subclass :class:`Adapter` and fill in the few hooks marked "family hook".
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tokprune.config import Budget
+from tokprune.patches.llm_stage import LLMStages
+from tokprune.patches.sequence import image_spans, last_real_index, left_repad, mask_to_2d, take
+from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
+from tokprune.record import PruneRecord, Stage
+from tokprune.signals import TAPS, attention_rows
+
+
+@dataclass
+class _DecodeState:
+    """What decode steps need to stay consistent with a pruned prefill."""
+
+    cache: Any
+    n_full: int  # prompt length generate() believes in
+    n_pruned: int  # prompt length the cache holds (layer 0)
+    mask: torch.Tensor  # (B, n_pruned) 2D mask of the pruned prompt
+    offset: torch.Tensor | None  # (B,) position shift for "compact" positions
+
+
+class Adapter:
+    """Base adapter. Subclasses set ``model_classes`` and implement the family hooks."""
+
+    family: ClassVar[str] = "base"
+    #: class names of the ``*ForConditionalGeneration`` models this adapter handles
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: forward kwargs that carry pixels; dropped once the encoder outputs are passed instead
+    pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "image_grid_thw")
+    #: per-token forward kwargs rewritten with the sequence, with their padding value
+    token_keys: ClassVar[dict[str, int]] = {"labels": -100}
+
+    def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget) -> None:
+        self.model, self.pruner, self.budget = model, pruner, budget
+        self.info = self.model_info()
+        pruner.check(self.info)
+        self.positions = pruner.resolved_positions(self.info)
+        self.vision_request = pruner.vision_request(self.info)
+        self.llm = LLMStages(self, pruner.llm_layers(self.info)) if pruner.llm_layers(self.info) else None
+        self.record: PruneRecord | None = None
+        self._decode: _DecodeState | None = None
+        self._handles: list[Any] = []
+        self._tapped: list[nn.Module] = []
+        self._cls_rows: dict[int, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ family hooks
+    def model_info(self) -> ModelInfo:  # family hook
+        raise NotImplementedError
+
+    @property
+    def base(self) -> nn.Module:
+        """The inner ``*Model`` (holds the vision tower, projector and language model)."""
+        return self.model.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:  # family hook
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def cls_attention_module(self, layer: int) -> nn.Module:  # family hook
+        """The attention module of encoder layer ``layer`` (for [CLS] rows)."""
+        raise NotImplementedError
+
+    def cls_rows_to_tokens(self, rows: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Align a (n_images_in_call, n_keys) [CLS] row block with each image's visual tokens."""  # family hook
+        raise NotImplementedError
+
+    def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
+        """The position ids the unpatched model would use when none are passed."""  # family hook
+        b, n = input_ids.shape
+        return torch.arange(n, device=input_ids.device).expand(b, n)
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the language model for the given positions (used for "compact" positions in the LLM)."""
+        return self.language_model.rotary_emb(x, position_ids=position_ids)
+
+    def prune_encoder_outputs(self, out: Any, keeps: list[torch.Tensor]) -> Any:
+        """Encoder outputs holding only the kept tokens (families with extra per-token outputs extend this)."""
+        new = out.__class__(**dict(out.items()))
+        new.pooler_output = [f[k] for f, k in zip(out.pooler_output, keeps)]
+        return new
+
+    def encode_images(self, kw: dict) -> Any:
+        """Run the model's own ``get_image_features`` with the pixel kwargs of a forward call."""
+        fn = self.base.get_image_features
+        names = set(inspect.signature(fn).parameters) - {"kwargs"}
+        return fn(**{k: v for k, v in kw.items() if k in names and v is not None}, return_dict=True)
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        if self.vision_request is not None and self.vision_request.cls_layers:
+            self._handles.append(self.vision_tower.register_forward_pre_hook(self._clear_vision_signals))
+            for layer in self.vision_request.cls_layers:
+                mod = self.cls_attention_module(layer)
+                TAPS.add(mod, self._cls_tap(layer))
+                self._tapped.append(mod)
+        if self.llm is not None:
+            self.llm.install()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for mod in self._tapped:
+            TAPS.discard(mod)
+        if self.llm is not None:
+            self.llm.remove()
+        self._handles, self._tapped = [], []
+        self._decode = None
+        self._cls_rows = {}
+
+    # ------------------------------------------------------------------ vision signals
+    def _clear_vision_signals(self, *_: Any) -> None:
+        self._cls_rows = {}
+
+    def _cls_tap(self, layer: int):
+        def tap(module, query, key, mask, scaling):
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+            probs = attention_rows(query, key, mask, scaling, rows, causal=False)  # (n, H, 1, K)
+            self._cls_rows.setdefault(layer, []).append(probs[:, :, 0].mean(1))
+
+        return tap
+
+    def _vision_signals(self, features: list[torch.Tensor]) -> VisionSignals:
+        cls: dict[int, list[torch.Tensor]] = {}
+        for layer in self.vision_request.cls_layers:
+            calls = self._cls_rows.get(layer)
+            if not calls:
+                raise RuntimeError(
+                    "the vision encoder ran without tokprune's taps (were the image features computed before "
+                    "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
+                )
+            cls[layer] = self.cls_rows_to_tokens(torch.cat(calls), features)
+        return VisionSignals(features=features, cls_attention=cls)
+
+    # ------------------------------------------------------------------ the top-level hook
+    def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
+        if args:
+            kw = {**kw, "input_ids": args[0]}
+            args = ()
+        ids = kw.get("input_ids")
+        pkv = kw.get("past_key_values")
+        past = pkv.get_seq_length() if pkv is not None else 0
+        has_images = kw.get("pixel_values") is not None or (kw.get("mm_encoder_outputs") or {}).get("image") is not None
+        if ids is None and has_images:
+            raise ValueError("tokprune locates images by their token ids: pass input_ids, not inputs_embeds")
+        if ids is not None and bool((ids == self.image_token_id).any()):
+            if past > 0:
+                raise NotImplementedError(
+                    "a new image in a continued (cached) conversation is not supported yet; "
+                    "start generation from the full prompt"
+                )
+            return (), self._prefill(kw)
+        if past > 0:
+            if self._decode is not None and (self._decode.cache is None or pkv is self._decode.cache):
+                kw = self._decode_step(kw, past)
+            if self.llm is not None and self.llm.owns(pkv):
+                self.llm.phase = "decode"
+            return (), kw
+        if past == 0:  # a new text-only sequence: forget the last prefill
+            self._decode = None
+            if self.llm is not None:
+                self.llm.reset()
+        return args, kw
+
+    def _image_features(self, kw: dict) -> Any:
+        mm = kw.get("mm_encoder_outputs") or {}
+        if mm.get("image") is not None:
+            return mm["image"]
+        self._clear_vision_signals()
+        return self.encode_images(kw)
+
+    def _prefill(self, kw: dict) -> dict:
+        t0 = time.perf_counter()
+        ids = kw["input_ids"]
+        b, n = ids.shape
+        mask2d = mask_to_2d(kw.get("attention_mask"), n)
+        feats_out = self._image_features(kw)
+        feats = list(feats_out.pooler_output)
+        counts = [int(f.shape[0]) for f in feats]
+        spans = image_spans(ids, self.image_token_id, counts)
+        rows_images = _row_image_ids(spans)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = self.default_positions(ids, mask2d, kw)
+        record = PruneRecord(
+            method=self.pruner.name,
+            n_visual=[[counts[j] for j in row] for row in rows_images],
+            seq_len=(mask2d.sum(1).tolist() if mask2d is not None else [n] * b),
+        )
+        new = dict(kw)
+        for key in self.pixel_keys:
+            new.pop(key, None)
+        new["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": feats_out}
+        if pos is not kw.get("position_ids"):
+            new["position_ids"] = pos
+        origin = [[torch.arange(c, device=ids.device) for c in (counts[j] for j in row)] for row in rows_images]
+
+        if self.vision_request is not None:
+            ks = [self.budget.count(c) for c in counts]
+            signals = self._vision_signals(feats)
+            keeps = [k.to(ids.device) for k in self.pruner.select_vision(signals, ks)]
+            _check_keeps(keeps, counts)
+            keep_mask = ids != self.image_token_id
+            for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
+                for span, j in zip(row_spans, row_imgs):
+                    keep_mask[bi, span[keeps[j]]] = True
+            idx, valid = left_repad(keep_mask)
+            new_pos_of = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
+            new_pos_of.scatter_(1, idx, torch.arange(idx.shape[1], device=ids.device).expand_as(idx))
+            new_pos_of = new_pos_of.masked_fill(~keep_mask, -1)
+            spans = [[new_pos_of[bi, span[keeps[j]]] for span, j in zip(rs, ri)]
+                     for bi, (rs, ri) in enumerate(zip(spans, rows_images))]
+            origin = [[keeps[j] for j in ri] for ri in rows_images]
+            record.stages.append(Stage("vision", None, origin))
+            new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
+            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, keeps)
+            n_pruned = idx.shape[1]
+            mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
+            offset = None
+            if self.positions == "compact":
+                dropped = ((ids == self.image_token_id) & ~keep_mask).sum(1)
+                offset = dropped
+            self._decode = _DecodeState(kw.get("past_key_values"), n, n_pruned, mask_pruned, offset)
+        else:
+            self._decode = None
+            mask_pruned = mask2d
+        if self.llm is not None:
+            if kw.get("labels") is not None:
+                raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
+            self.llm.begin(new, spans, origin, mask_pruned, record)
+        record.timings["select_vision_s"] = time.perf_counter() - t0
+        self.record = record
+        return new
+
+    def _rewrite_prefill(self, new: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
+                         keep_mask: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> dict:
+        pad_id = self.model.config.get_text_config().pad_token_id
+        new["input_ids"] = take(ids, idx, valid, pad_id if pad_id is not None else 0)
+        full_mask = mask2d if mask2d is not None else torch.ones_like(ids)
+        mask = take(full_mask, idx, valid, 0)
+        new["attention_mask"] = None if bool(mask.all()) else mask
+        if self.positions == "compact":
+            dropped_before = ((ids == self.image_token_id) & ~keep_mask).long().cumsum(1)
+            pos = pos - dropped_before  # as if the dropped tokens never existed
+        new["position_ids"] = take(pos, idx, valid, 0)
+        for key, fill in self.token_keys.items():
+            if new.get(key) is not None:
+                new[key] = take(new[key], idx, valid, fill)
+        return new
+
+    def _decode_step(self, kw: dict, past: int) -> dict:
+        st = self._decode
+        ids = kw.get("input_ids")
+        q = (ids if ids is not None else kw["inputs_embeds"]).shape[1]
+        t = past + q - st.n_pruned  # tokens after the pruned prompt, this step's included
+        new = dict(kw)
+        am = kw.get("attention_mask")
+        if am is not None and am.dim() == 4:  # pre-built for the unpruned length: let the model rebuild it
+            am = None
+            new["attention_mask"] = None
+        if am is not None:
+            new["attention_mask"] = torch.cat([st.mask.to(am.dtype), am[:, st.n_full:]], 1)
+        elif not bool(st.mask.all()):
+            new["attention_mask"] = torch.cat([st.mask, st.mask.new_ones(st.mask.shape[0], t)], 1)
+        if st.offset is not None and kw.get("position_ids") is not None:
+            new["position_ids"] = kw["position_ids"] - st.offset.view(-1, 1)
+        return new
+
+
+def _row_image_ids(spans: list[list[torch.Tensor]]) -> list[list[int]]:
+    """Global (row-major) image index of every image of every row."""
+    out, j = [], 0
+    for row in spans:
+        out.append(list(range(j, j + len(row))))
+        j += len(row)
+    return out
+
+
+def _check_keeps(keeps: list[torch.Tensor], counts: list[int]) -> None:
+    for k, c in zip(keeps, counts):
+        if k.numel() and (k.min() < 0 or k.max() >= c or (k.numel() > 1 and bool((k[1:] <= k[:-1]).any()))):
+            raise RuntimeError("a pruner returned kept indices that are not sorted, unique and in range")

@@ -1,0 +1,275 @@
+"""Dropping visual tokens inside the decoder, before chosen layers, with forward pre-hooks only.
+
+The text model computes one mask, one (cos, sin) pair and the position ids, and hands the same objects to every
+decoder layer. A ``with_kwargs`` pre-hook on the first layer of a stage shortens the hidden states and swaps in
+gathered copies of those objects; the hooks on the following layers swap in the same copies. The KV cache needs no
+surgery: layers of a stage only ever store the tokens they see. During decode only the mask columns (and, for
+"compact" positions, the rotary embeddings) of pruned layers are remapped.
+
+Rows of a batch may keep different numbers of tokens (several images, different budgets). The batch stays
+rectangular: shorter rows carry *dead* slots, dropped tokens that stay in the tensor but are masked as keys for
+every query (each still attends to itself, so no row is fully masked and no NaN can leak).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokprune.patches.sequence import gather_seq, last_real_index
+from tokprune.pruners.base import LLMSignals
+from tokprune.record import PruneRecord, Stage
+from tokprune.signals import TAPS, attention_rows
+
+if TYPE_CHECKING:
+    from tokprune.patches.base import Adapter
+
+
+class LLMStages:
+    """Runs a pruner's LLM stages on one model; owned by an :class:`~tokprune.patches.base.Adapter`."""
+
+    def __init__(self, adapter: Adapter, layers: tuple[int, ...]) -> None:
+        self.adapter, self.layers = adapter, layers
+        self._handles: list[Any] = []
+        self._tapped: list[Any] = []
+        self.reset()
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        lm = self.adapter.language_model
+        for i in range(self.layers[0], len(lm.layers)):
+            self._handles.append(lm.layers[i].register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
+        if self.adapter.pruner.needs_llm_attention:
+            for k in self.layers:
+                mod = lm.layers[k - 1].self_attn
+                TAPS.add(mod, partial(self._attention_tap, k))
+                self._tapped.append(mod)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for mod in self._tapped:
+            TAPS.discard(mod)
+        self._handles, self._tapped = [], []
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = False
+        self.phase = "idle"
+        self.cache: Any = None
+
+    # ------------------------------------------------------------------ state
+    def begin(self, kw: dict, visual: list[list[torch.Tensor]], origin: list[list[torch.Tensor]],
+              mask2d: torch.Tensor | None, record: PruneRecord) -> None:
+        """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see."""
+        ids = kw["input_ids"]
+        b, n0 = ids.shape
+        self.active, self.phase = True, "prefill"
+        self.cache = kw.get("past_key_values")
+        self.n0, self.record = n0, record
+        self.visual, self.origin = visual, origin
+        self.visual0 = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
+        for bi, row in enumerate(visual):
+            for pos in row:
+                self.visual0[bi, pos] = True
+        self.q0 = last_real_index(mask2d, b, n0, ids.device)
+        self.qcur = self.q0
+        self.idx = torch.arange(n0, device=ids.device).expand(b, n0)  # current slots -> prompt positions
+        self.dead = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
+        self.attn: dict[int, torch.Tensor] = {}
+        self.stage: list[dict] = []
+        self._decode_cache: dict[tuple[int, int], Any] = {}
+
+    def owns(self, cache: Any) -> bool:
+        return self.active and (self.cache is None or cache is self.cache)
+
+    def stage_of(self, layer: int) -> int:
+        return max(s for s, k in enumerate(self.layers) if k <= layer)
+
+    # ------------------------------------------------------------------ signals
+    def _attention_tap(self, k: int, module, query, key, mask, scaling) -> None:
+        if not self.active or self.phase != "prefill":
+            return
+        n = query.shape[2]
+        probs = attention_rows(query, key, mask, scaling, self.qcur[:, None], causal=True)
+        self.attn[k] = probs[:, :, 0, :n].mean(1)
+
+    # ------------------------------------------------------------------ hooks
+    def _layer_hook(self, i: int, module, args: tuple, kw: dict):
+        if not self.active:
+            return None
+        hidden = args[0] if args else kw["hidden_states"]
+        s = self.stage_of(i)
+        if self.phase == "prefill":
+            if i == self.layers[s] and len(self.stage) == s:
+                hidden = self._run_stage(s, hidden, kw)
+            kw = {**kw, **self.stage[s]["kwargs"]}
+        else:
+            kw = {**kw, **self._decode_kwargs(s, i, kw)}
+        if args:
+            return (hidden, *args[1:]), kw
+        return args, {**kw, "hidden_states": hidden}
+
+    def _run_stage(self, s: int, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+        a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
+        b, n_cur = hidden.shape[:2]
+        signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k), visual=self.visual)
+        ks = [[min(int(o.numel()), pruner.stage_budget(s, n, a.budget.count(n))) for o, n in zip(orow, nrow)]
+              for orow, nrow in zip(self.origin, self.record.n_visual)]
+        rel = pruner.select_llm(signals, ks)
+        keep = ~self.dead.clone()
+        for bi, row in enumerate(self.visual):
+            for pos in row:
+                keep[bi, pos] = False
+        for bi, (row, sel) in enumerate(zip(self.visual, rel)):
+            for pos, r in zip(row, sel):
+                keep[bi, pos[r.to(pos.device)]] = True
+        counts = keep.sum(1)
+        width = int(counts.max())
+        spare = ~keep
+        dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
+        slots = (keep | dead).nonzero()[:, 1].view(b, width)  # sorted per row
+        dead_slots = torch.gather(dead, 1, slots)
+        new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
+        new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
+        self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]
+                       for bi, (row, sel) in enumerate(zip(self.visual, rel))]
+        self.origin = [[o[r.to(o.device)] for o, r in zip(orow, sel)] for orow, sel in zip(self.origin, rel)]
+        self.idx = torch.gather(self.idx, 1, slots)
+        self.dead = dead_slots
+        self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
+        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin]))
+        kwargs = self._prefill_kwargs(kw, hidden)
+        self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
+                           "dropped": self._dropped_total()})
+        return gather_seq(hidden, slots)
+
+    # ------------------------------------------------------------------ gathered kwargs
+    def _compact_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Positions of the current slots as if every dropped visual token had never existed."""
+        b = self.idx.shape[0]
+        really_kept = torch.zeros_like(self.visual0)
+        really_kept.scatter_(1, self.idx, ~self.dead)
+        dropped_before = (self.visual0 & ~really_kept).long().cumsum(1)
+        return torch.gather(pos.expand(b, -1), 1, self.idx) - torch.gather(dropped_before, 1, self.idx)
+
+    def _dropped_total(self) -> torch.Tensor:
+        really_kept = torch.zeros_like(self.visual0)
+        really_kept.scatter_(1, self.idx, ~self.dead)
+        return (self.visual0 & ~really_kept).sum(1)
+
+    def _prefill_kwargs(self, kw: dict, hidden: torch.Tensor) -> dict:
+        out: dict[str, Any] = {}
+        pos = kw.get("position_ids")
+        compact = self.adapter.positions == "compact"
+        if compact:
+            if pos is None:
+                pos = torch.arange(self.n0, device=hidden.device)[None]
+            new_pos = self._compact_positions(pos)
+            out["position_embeddings"] = self.adapter.rotary(hidden, new_pos)
+            out["position_ids"] = new_pos
+        else:
+            cos, sin = kw["position_embeddings"]
+            out["position_embeddings"] = (gather_seq(cos, self.idx), gather_seq(sin, self.idx))
+            if pos is not None:
+                out["position_ids"] = torch.gather(pos.expand(self.idx.shape[0], -1), 1, self.idx)
+        out["attention_mask"] = self._mask(kw.get("attention_mask"), kw.get("past_key_values"), prefill=True,
+                                           dtype=hidden.dtype)
+        return out
+
+    def _decode_kwargs(self, s: int, i: int, kw: dict) -> dict:
+        st = self.stage[s]
+        out: dict[str, Any] = {}
+        mask = kw.get("attention_mask")
+        pkv = kw.get("past_key_values")
+        hidden_dtype = kw["position_embeddings"][0].dtype
+        key = (s, id(kw["position_embeddings"]))
+        if self.adapter.positions == "compact":
+            if key not in self._decode_cache:
+                self._decode_cache = {k: v for k, v in self._decode_cache.items() if k[1] == key[1]}
+                pos = kw["position_ids"] - st["dropped"][:, None]
+                self._decode_cache[key] = (self.adapter.rotary(kw["position_embeddings"][0], pos), pos)
+            out["position_embeddings"], out["position_ids"] = self._decode_cache[key]
+        q = kw["position_embeddings"][0].shape[1]
+        out["attention_mask"] = self._remap_decode_mask(st, mask, pkv, i, q, hidden_dtype)
+        return out
+
+    # ------------------------------------------------------------------ masks
+    def _impl(self) -> str:
+        return self.adapter.language_model.config._attn_implementation or "sdpa"
+
+    def _columns(self, st_idx: torch.Tensor, width: int, pkv: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map the key slots of a pruned layer to columns of the full-length mask of ``width`` columns."""
+        b, n_kept = st_idx.shape
+        static = getattr(pkv, "is_compileable", False)
+        out_width = width if static else n_kept + (width - self.n0)
+        tail = torch.arange(self.n0, self.n0 + out_width - n_kept, device=st_idx.device).expand(b, -1)
+        cols = torch.cat([st_idx, tail], 1)
+        return cols.clamp_max(width - 1), cols < width
+
+    def _finish(self, allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Turn a boolean (B, 1, Q, K) mask into the form the attention backend expects."""
+        if like is not None and like.dtype != torch.bool:
+            return torch.zeros(allowed.shape, dtype=like.dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(like.dtype).min)
+        if like is None and "eager" in self._impl():
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min)
+        return allowed
+
+    def _mask(self, m: Any, pkv: Any, prefill: bool, dtype: torch.dtype) -> Any:
+        if isinstance(m, dict):
+            return {k: self._mask(v, pkv, prefill, dtype) for k, v in m.items()}
+        idx, dead = self.idx, self.dead
+        b, n = idx.shape
+        any_dead = bool(dead.any())
+        if m is None and not any_dead:
+            return None  # order is kept, so sdpa's is_causal stays right
+        if m is not None and m.dim() == 2:  # flash-attention padding mask
+            return torch.gather(m.expand(b, -1), 1, idx).masked_fill(dead, 0)
+        diag = torch.eye(n, dtype=torch.bool, device=idx.device)[None, None]
+        key_ok = ~dead[:, None, None, :] | diag
+        if m is None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=idx.device).tril()[None, None]
+            return self._finish(causal & key_ok, None, dtype)
+        if "flash" in self._impl():
+            raise NotImplementedError("4D masks under flash attention are not supported")
+        m = m.expand(b, *m.shape[1:])
+        m = torch.gather(m, 2, idx[:, None, :, None].expand(b, m.shape[1], n, m.shape[3]))
+        cols, valid = self._columns(idx, m.shape[-1], pkv)
+        m = torch.gather(m, 3, cols[:, None, None, :].expand(b, m.shape[1], n, cols.shape[1]))
+        ok = valid[:, None, None, :].clone()
+        ok[..., :n] &= key_ok.expand(b, 1, n, n)
+        if m.dtype == torch.bool:
+            return m & ok
+        return m.masked_fill(~ok, torch.finfo(m.dtype).min)
+
+    def _remap_decode_mask(self, st: dict, m: Any, pkv: Any, layer: int, q: int, dtype: torch.dtype) -> Any:
+        if isinstance(m, dict):
+            return {k: self._remap_decode_mask(st, v, pkv, layer, q, dtype) for k, v in m.items()}
+        idx, dead = st["idx"], st["dead"]
+        b, n_kept = idx.shape
+        any_dead = bool(dead.any())
+        if m is None:
+            if not any_dead:
+                return None
+            kv = pkv.get_seq_length(layer) + q if pkv is not None else n_kept + q
+            key_ok = torch.cat([~dead, dead.new_ones(b, kv - n_kept)], 1)
+            qslot = torch.arange(kv - q, kv, device=idx.device)[:, None]
+            allowed = (torch.arange(kv, device=idx.device)[None] <= qslot)[None, None] & key_ok[:, None, None, :]
+            if "flash" in self._impl():
+                return key_ok.long()
+            return self._finish(allowed, None, dtype)
+        cols, valid = self._columns(idx, m.shape[-1], pkv)
+        ok = valid.clone()
+        ok[:, :n_kept] &= ~dead
+        if m.dim() == 2:
+            return torch.gather(m.expand(b, -1), 1, cols).masked_fill(~ok, 0)
+        m = m.expand(b, *m.shape[1:])
+        m = torch.gather(m, 3, cols[:, None, None, :].expand(b, m.shape[1], m.shape[2], cols.shape[1]))
+        ok = ok[:, None, None, :]
+        if m.dtype == torch.bool:
+            return m & ok
+        return m.masked_fill(~ok, torch.finfo(m.dtype).min)

@@ -1,0 +1,85 @@
+"""Sequence surgery shared by every adapter: locating image spans, dropping tokens, re-padding, masks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[torch.Tensor]]:
+    """Positions of each image's placeholder tokens, per row, found from token ids (never fixed offsets).
+
+    Images are matched to placeholders in row-major order, ``counts[j]`` tokens for image ``j`` (this is how the
+    models scatter features), so adjacent images in one row are split correctly.
+    """
+    is_img = input_ids == image_token_id
+    per_row = is_img.sum(1).tolist()
+    cols = is_img.nonzero()[:, 1]
+    if sum(counts) != cols.numel():
+        raise ValueError(
+            f"the prompt has {cols.numel()} image tokens but the images give {sum(counts)} visual tokens; "
+            "build the prompt with the model's processor"
+        )
+    spans: list[list[torch.Tensor]] = []
+    pieces = iter(torch.split(cols, counts))
+    consumed = 0
+    for n_row in per_row:
+        row: list[torch.Tensor] = []
+        taken = 0
+        while taken < n_row:
+            piece = next(pieces)
+            row.append(piece)
+            taken += piece.numel()
+        if taken != n_row:
+            raise ValueError("an image's placeholder tokens span two rows; build the prompt with the processor")
+        consumed += len(row)
+        spans.append(row)
+    return spans
+
+
+def left_repad(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices that move each row's kept tokens to the right end of a (B, L) block, L = most kept.
+
+    Returns ``idx`` (B, L) and ``valid`` (B, L); invalid slots are left padding (they point at index 0).
+    """
+    b, _ = keep.shape
+    lens = keep.sum(1)
+    width = int(lens.max())
+    slot = keep.long().cumsum(1) - 1 + (width - lens)[:, None]
+    rows, cols = keep.nonzero(as_tuple=True)
+    idx = torch.zeros(b, width, dtype=torch.long, device=keep.device)
+    valid = torch.zeros(b, width, dtype=torch.bool, device=keep.device)
+    idx[rows, slot[rows, cols]] = cols
+    valid[rows, slot[rows, cols]] = True
+    return idx, valid
+
+
+def take(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None = None, fill: float | int = 0) -> torch.Tensor:
+    """Gather the last (sequence) dimension of ``x`` (…, B|1, N) with ``idx`` (B, L); fill invalid slots."""
+    lead = x.shape[:-2]
+    x = x.expand(*lead, idx.shape[0], x.shape[-1])
+    out = torch.gather(x, -1, idx.expand(*lead, *idx.shape))
+    if valid is not None:
+        out = out.masked_fill(~valid.expand_as(out), fill)
+    return out
+
+
+def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather dim 1 of ``x`` (B|1, N, D) with ``idx`` (B, L) -> (B, L, D)."""
+    x = x.expand(idx.shape[0], *x.shape[1:])
+    return torch.gather(x, 1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def mask_to_2d(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The 2D padding mask of a prefill; ``generate`` pre-builds 4D masks for static caches: read the last row."""
+    if mask is None or mask.dim() == 2:
+        return mask
+    row = mask[:, 0, -1, :n]
+    return (row if row.dtype == torch.bool else row == 0).long()
+
+
+def last_real_index(mask2d: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """Index of each row's last non-padding token (N-1 everywhere under left padding)."""
+    if mask2d is None:
+        return torch.full((b,), n - 1, dtype=torch.long, device=device)
+    ar = torch.arange(n, device=device)
+    return torch.where(mask2d.bool(), ar, -1).max(1).values

@@ -1,0 +1,98 @@
+"""[CLS]-attention pruning before the LLM: FasterVLM (one layer) and VTC-CLS (several layers summed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokprune.pruners.base import ModelInfo, Pruner, UnsupportedError, VisionRequest, VisionSignals
+from tokprune.registry import register_method
+
+CLS_FREE_HINT = "methods that need no [CLS] token: fastv, random"
+
+
+def _require_cls(name: str, info: ModelInfo) -> None:
+    if not info.has_cls:
+        raise UnsupportedError(
+            f"{name} ranks patches by [CLS] attention, but the {info.family} vision encoder has no [CLS] token; "
+            f"{CLS_FREE_HINT}"
+        )
+
+
+def _resolve_layer(layer: int, info: ModelInfo) -> int:
+    resolved = layer + info.vision_layers if layer < 0 else layer
+    if not 0 <= resolved < info.vision_layers:
+        raise ValueError(f"vision layer {layer} is out of range for an encoder with {info.vision_layers} layers")
+    return resolved
+
+
+@register_method("cls")
+@dataclass
+class CLSAttention(Pruner):
+    """FasterVLM: keep the patches the [CLS] query attends to most (head mean) in one encoder layer.
+
+    ``layer``: encoder layer (0-based; negative counts from the last). None = the layer that produces the
+    features LLaVA consumes (layer 22 of 24 for LLaVA-1.5).
+    """
+
+    summary = "head-mean [CLS]->patch attention of the feature layer, top-k, original order"
+    paper = "FasterVLM, arXiv 2412.01818"
+
+    layer: int | None = None
+
+    def _layer(self, info: ModelInfo) -> int:
+        return info.feature_layer if self.layer is None else _resolve_layer(self.layer, info)
+
+    def check(self, info: ModelInfo) -> None:
+        super().check(info)
+        _require_cls(self.name, info)
+        self._layer(info)
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        self._resolved = self._layer(info)
+        return VisionRequest(cls_layers=(self._resolved,))
+
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        return signals.cls_attention[self._resolved]
+
+
+@register_method("vtc_cls")
+@dataclass
+class VTCCLS(Pruner):
+    """VTC-CLS: sum the head-mean [CLS]->patch attention over several encoder layers, keep the top-k.
+
+    ``layers``: encoder layers (0-based; negative counts from the last). None = the last three layers up to and
+    including the feature layer (20, 21, 22 on LLaVA-1.5), the paper's 3-layer ensemble.
+    """
+
+    summary = "[CLS]->patch attention summed over several encoder layers, top-k, original order"
+    paper = "VTC-CLS, arXiv 2412.05819"
+
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+            if not self.layers:
+                raise ValueError("vtc_cls: layers must name at least one encoder layer")
+
+    def _layers(self, info: ModelInfo) -> tuple[int, ...]:
+        if self.layers is None:
+            f = info.feature_layer
+            return tuple(range(max(0, f - 2), f + 1))
+        return tuple(sorted({_resolve_layer(x, info) for x in self.layers}))
+
+    def check(self, info: ModelInfo) -> None:
+        super().check(info)
+        _require_cls(self.name, info)
+        self._layers(info)
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        self._resolved = self._layers(info)
+        return VisionRequest(cls_layers=self._resolved)
+
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        per_layer = [signals.cls_attention[layer] for layer in self._resolved]
+        return [torch.stack(rows).sum(0) for rows in zip(*per_layer)]

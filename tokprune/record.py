@@ -1,0 +1,61 @@
+"""What one prefill pruned: token counts, kept indices per stage, merged tokens, timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Stage:
+    """One pruning stage.
+
+    ``kind`` is ``"vision"`` (before the LLM) or ``"llm"`` (tokens dropped before decoder layer ``layer``).
+    ``kept[b][i]`` holds the sorted indices, into image ``i``'s *original* visual tokens, that survive this stage.
+    """
+
+    kind: str
+    layer: int | None
+    kept: list[list[torch.Tensor]]
+
+
+@dataclass
+class Merged:
+    """Tokens a method builds from pruned ones (e.g. VisionZip contextual tokens).
+
+    ``sources[j]`` lists the original visual-token indices absorbed into merged token ``j``.
+    """
+
+    sources: list[torch.Tensor]
+
+
+@dataclass
+class PruneRecord:
+    """Summary of the last prefill of a patched model (see :func:`tokprune.last_record`)."""
+
+    method: str
+    n_visual: list[list[int]]
+    seq_len: list[int]
+    stages: list[Stage] = field(default_factory=list)
+    merged: list[list[Merged | None]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    flops: Any = None
+
+    @property
+    def kept(self) -> list[list[torch.Tensor]]:
+        """Kept indices per sample and image after the last stage (all indices when nothing was pruned)."""
+        if self.stages:
+            return self.stages[-1].kept
+        return [[torch.arange(n) for n in row] for row in self.n_visual]
+
+    @property
+    def n_kept(self) -> list[list[int]]:
+        return [[int(k.numel()) for k in row] for row in self.kept]
+
+    def summary(self) -> str:
+        parts = [f"method={self.method}"]
+        for b, (nv, nk) in enumerate(zip(self.n_visual, self.n_kept)):
+            parts.append(f"sample {b}: " + ", ".join(f"{k}/{n}" for n, k in zip(nv, nk)))
+        return "; ".join(parts)

@@ -1,0 +1,116 @@
+"""Cheap attention rows computed from q/k inside any attention backend (no eager attention needed).
+
+Every attention module in transformers 5.x looks its kernel up by name in ``ALL_ATTENTION_FUNCTIONS`` at each
+call. :class:`AttentionTaps` wraps those entries once per process; a tap registered on a module receives the
+post-RoPE query and key (cache included), the mask and the scaling after the real attention has run, so a method
+can compute only the rows it needs (CLS->patches, last token->image) at O(rows x keys) cost while SDPA or
+FlashAttention do the actual work.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+TapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    """Softmax attention probabilities of selected query rows over all keys, in float32.
+
+    ``query`` (B, H, Q, d) and ``key`` (B, Hkv, K, d) as the attention function receives them; ``rows`` (B, R)
+    long: per batch row, the query positions wanted. The mask may be a 4D bool (SDPA) or additive float (eager)
+    mask, a 2D key-padding mask (FlashAttention) or None (then causality is rebuilt when ``causal``).
+    Returns (B, H, R, K).
+    """
+    b, h, q_len, d = query.shape
+    kv = key.shape[2]
+    r = rows.shape[1]
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, r, d)).float()
+    k = _repeat_kv(key, h // key.shape[1]).float()
+    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask[..., :kv].expand(b, -1, -1, -1)
+        m = torch.gather(m, 2, rows[:, None, :, None].expand(b, m.shape[1], r, kv))
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    else:
+        if attention_mask is not None:  # 2D key padding mask
+            s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
+        if causal and q_len > 1:
+            qpos = (rows + (kv - q_len))[:, None, :, None]
+            s = s.masked_fill(torch.arange(kv, device=s.device) > qpos, float("-inf"))
+    return s.softmax(-1)
+
+
+class AttentionTaps:
+    """Process-wide registry of per-module attention taps; wraps the attention functions while any tap exists."""
+
+    def __init__(self) -> None:
+        self._taps: dict[nn.Module, TapFn] = {}
+        self._saved: dict[str, tuple[bool, Callable | None]] = {}
+
+    def add(self, module: nn.Module, fn: TapFn) -> None:
+        if module in self._taps:
+            raise RuntimeError(f"{type(module).__name__} already has an attention tap")
+        if not self._taps:
+            self._install()
+        self._taps[module] = fn
+
+    def discard(self, module: nn.Module) -> None:
+        self._taps.pop(module, None)
+        if not self._taps and self._saved:
+            self._uninstall()
+
+    def _install(self) -> None:
+        keys = set(ALL_ATTENTION_FUNCTIONS.keys()) | {"eager"}
+        for name in keys:
+            had_local = name in ALL_ATTENTION_FUNCTIONS._local_mapping
+            orig = ALL_ATTENTION_FUNCTIONS[name] if name != "eager" or had_local else None
+            self._saved[name] = (had_local, ALL_ATTENTION_FUNCTIONS._local_mapping.get(name))
+            ALL_ATTENTION_FUNCTIONS[name] = self._wrap(orig)
+
+    def _uninstall(self) -> None:
+        for name, (had_local, fn) in self._saved.items():
+            if had_local:
+                ALL_ATTENTION_FUNCTIONS._local_mapping[name] = fn
+            else:
+                ALL_ATTENTION_FUNCTIONS._local_mapping.pop(name, None)
+        self._saved.clear()
+
+    def _wrap(self, orig: Callable | None) -> Callable:
+        taps = self._taps
+
+        def attention_with_taps(module, query, key, value, attention_mask, *args, **kwargs):
+            fn = orig or importlib.import_module(type(module).__module__).eager_attention_forward
+            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            tap = taps.get(module)
+            if tap is not None:
+                scaling = kwargs.get("scaling")
+                if scaling is None:
+                    scaling = getattr(module, "scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
+                with torch.no_grad():
+                    tap(module, query, key, attention_mask, float(scaling))
+            return out
+
+        return attention_with_taps
+
+
+TAPS = AttentionTaps()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -50,7 +51,8 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - names)
     if unknown:
-        raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(names))}")
+        known = ", ".join(sorted(names))
+        raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {known}")
     return cls(**options)
 
 

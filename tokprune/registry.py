@@ -6,7 +6,8 @@ adding a model family touches only its file in ``patches/`` (decorated with :fun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from torch import nn

@@ -10,7 +10,7 @@ FlashAttention do the actual work.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -5,7 +5,8 @@ Everything is built in memory from configs: no hub access, no weights. A forward
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,8 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 56) -> tuple
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.set_attn_implementation(attn)
-    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    crop = {"height": image_size, "width": image_size}
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=crop)
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token="<image>")
     return model, proc

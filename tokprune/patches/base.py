@@ -25,7 +25,7 @@ from torch import nn
 
 from tokprune.config import Budget
 from tokprune.patches.llm_stage import LLMStages
-from tokprune.patches.sequence import image_spans, last_real_index, left_repad, mask_to_2d, take
+from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
 from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
 from tokprune.record import PruneRecord, Stage
 from tokprune.signals import TAPS, attention_rows
@@ -229,6 +229,7 @@ class Adapter:
         if self.vision_request is not None:
             ks = [self.budget.count(c) for c in counts]
             signals = self._vision_signals(feats)
+            signals.owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
             keeps = [k.to(ids.device) for k in self.pruner.select_vision(signals, ks)]
             _check_keeps(keeps, counts)
             keep_mask = ids != self.image_token_id

@@ -240,7 +240,7 @@ class LLMStages:
         m = torch.gather(m, 2, idx[:, None, :, None].expand(b, m.shape[1], n, m.shape[3]))
         cols, valid = self._columns(idx, m.shape[-1], pkv)
         m = torch.gather(m, 3, cols[:, None, None, :].expand(b, m.shape[1], n, cols.shape[1]))
-        ok = valid[:, None, None, :].clone()
+        ok = valid[:, None, None, :].expand(b, 1, n, cols.shape[1]).clone()
         ok[..., :n] &= key_ok.expand(b, 1, n, n)
         if m.dtype == torch.bool:
             return m & ok

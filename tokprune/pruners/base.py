@@ -53,10 +53,13 @@ class VisionSignals:
     ``features[i]`` (n_i, D): the projected visual tokens the LLM would receive.
     ``cls_attention[layer][i]`` (n_i,): head-mean attention of the [CLS] query to each visual token at that
     encoder layer, aligned with ``features[i]``.
+    ``owners[i]``: (row in the batch, image index within that row), so a rule can depend on an image's place in
+    its own prompt but never on what else shares the batch.
     """
 
     features: list[torch.Tensor]
     cls_attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    owners: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from tokprune.registry import register_method
 @dataclass
 class RandomPrune(Pruner):
     """Keep a uniformly random subset of each image's visual tokens. ``seed`` makes every forward reproducible:
-    the generator is re-seeded at each prefill, so the same input always keeps the same tokens."""
+    each image draws from a generator seeded by ``seed`` and its index within its own prompt, so the same prompt
+    keeps the same tokens whatever else is in the batch."""
 
     summary = "uniform random subset per image (seeded)"
     paper = "baseline"
@@ -25,5 +26,8 @@ class RandomPrune(Pruner):
         return VisionRequest()
 
     def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(self.seed)
-        return [torch.rand(f.shape[0], generator=gen).to(f.device) for f in signals.features]
+        owners = signals.owners or [(0, i) for i in range(len(signals.features))]
+        return [
+            torch.rand(f.shape[0], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + j)).to(f.device)
+            for f, (_, j) in zip(signals.features, owners)
+        ]

@@ -1,0 +1,1 @@
+"""Subcommands of the ``tokprune`` CLI; each module exposes ``register(subparsers)``."""

@@ -312,3 +312,19 @@ def test_record_lists_stages_and_counts(tiny):
     assert torch.equal(rec.kept[0][0], rec.kept[0][0].sort().values)
     with pytest.raises(ValueError, match="not patched"):
         tokprune.last_record(model)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_bfloat16_model(method):
+    model, proc = tiny_model("llava")
+    model.to(torch.bfloat16)
+    x = inputs(proc)
+    x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        ref = model(**x).logits
+        with tokprune.pruned(model, method, keep=N_VIS):
+            assert torch.equal(model(**x).logits, ref)
+        with tokprune.pruned(model, method, keep=3):
+            out = model.generate(**x, **GEN)
+            assert tokprune.last_record(model).n_kept == [[3]]
+    assert out.shape[1] == x["input_ids"].shape[1] + 8  # generate() returns the caller's unpruned prompt

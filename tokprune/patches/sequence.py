@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tokprune.kernels import gather_tokens
+
 
 def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[torch.Tensor]]:
     """Positions of each image's placeholder tokens, per row, found from token ids (never fixed offsets).
@@ -64,13 +66,15 @@ def take(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None = None, 
 
 
 def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather dim 1 of ``x`` (B|1, N, D) with ``idx`` (B, L) -> (B, L, D)."""
-    x = x.expand(idx.shape[0], *x.shape[1:])
-    return torch.gather(x, 1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+    """Gather dim 1 of ``x`` (B|1, N, D) with ``idx`` (B, L) -> (B, L, D), through the shared gather kernel."""
+    return gather_tokens(x.expand(idx.shape[0], *x.shape[1:]), idx)
 
 
-def mask_to_2d(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The 2D padding mask of a prefill; ``generate`` pre-builds 4D masks for static caches: read the last row."""
+def mask_to_2d(mask: torch.Tensor | dict | None, n: int) -> torch.Tensor | None:
+    """The 2D padding mask of a prefill; ``generate`` pre-builds 4D masks for static caches (a dict of them per
+    attention type for models with several): read the last row of the full-attention one."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
     if mask is None or mask.dim() == 2:
         return mask
     row = mask[:, 0, -1, :n]

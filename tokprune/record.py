@@ -33,7 +33,12 @@ class Merged:
 
 @dataclass
 class PruneRecord:
-    """Summary of the last prefill of a patched model (see :func:`tokprune.last_record`)."""
+    """Summary of the last prefill of a patched model (see :func:`tokprune.last_record`).
+
+    ``timings``: host wall time of the method's own work (``select_vision_s``: scoring, selection and sequence
+    rewrite before the LLM; ``select_llm_s``: the same inside the decoder), excluding the encoder and the LLM.
+    On CUDA it includes waiting for the GPU at the selection's synchronisation points.
+    """
 
     method: str
     n_visual: list[list[int]]

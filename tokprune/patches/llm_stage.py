@@ -13,6 +13,7 @@ every query (each still attends to itself, so no row is fully masked and no NaN 
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +114,7 @@ class LLMStages:
         return args, {**kw, "hidden_states": hidden}
 
     def _run_stage(self, s: int, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+        t0 = time.perf_counter()
         a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
         b, n_cur = hidden.shape[:2]
         signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k), visual=self.visual)
@@ -144,7 +146,10 @@ class LLMStages:
         kwargs = self._prefill_kwargs(kw, hidden)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
                            "dropped": self._dropped_total()})
-        return gather_seq(hidden, slots)
+        out = gather_seq(hidden, slots)
+        timings = self.record.timings
+        timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
+        return out
 
     # ------------------------------------------------------------------ gathered kwargs
     def _compact_positions(self, pos: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,21 @@ class PruneRecord:
     stages: list[Stage] = field(default_factory=list)
     merged: list[list[Merged | None]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    flops: Any = None
+    #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
+    image_sizes: list[list[tuple[int, ...]]] | None = None
+    image_grid_thw: list[list[tuple[int, ...]]] | None = None
+    config: Any = field(default=None, repr=False, compare=False)
+    _flops: Any = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def flops(self) -> Any:
+        """Analytic FLOPs of this prefill (:class:`tokprune.flops.FlopsReport`, whole-model count) with the same
+        prompt unpruned as ``.baseline``; computed on first access."""
+        if self._flops is None and self.config is not None:
+            from tokprune.flops import record_report
+
+            self._flops = record_report(self.config, self)
+        return self._flops
 
     @property
     def kept(self) -> list[list[torch.Tensor]]:

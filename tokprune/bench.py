@@ -1,0 +1,439 @@
+"""Latency / memory benchmark of pruning methods x budgets on one model, against the unpruned model in the same run.
+
+For each case the model is patched with ``tokprune.apply``, then measured after warm-up over several repeats
+(medians): prefill latency (one forward over the prompt, ``logits_to_keep=1``), and from one
+``generate(max_new_tokens=N)`` the time to first token (vision encoder + prefill + first token) and the decode
+throughput (tokens after the first), both read from a streamer that marks each token as it reaches the host; also
+peak accelerator memory, KV-cache bytes after prefill, and the time the method spends scoring/selecting
+(``last_record(model).timings``, when the core records it).
+CUDA events time GPU runs; ``time.perf_counter`` times CPU runs. Weights are random: only speed is meaningful.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from tokprune import flops
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark cell: a method at a budget; ``method=None`` is the unpruned model."""
+
+    method: str | None = None
+    keep: int | None = None
+    keep_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return "unpruned"
+        budget = f"keep={self.keep}" if self.keep is not None else f"keep_ratio={self.keep_ratio}"
+        return f"{self.method} {budget}"
+
+
+def grid(methods: Iterable[str], keeps: Iterable[int] = (), keep_ratios: Iterable[float] = ()) -> list[Case]:
+    """The unpruned case followed by every method x budget."""
+    budgets = [Case(keep=k) for k in keeps] + [Case(keep_ratio=r) for r in keep_ratios]
+    return [Case()] + [Case(m, b.keep, b.keep_ratio) for m in methods for b in budgets]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The synthetic prompt of a run: per sample ``n_images`` images and ``n_text`` other tokens, ``batch`` samples.
+    ``image_size`` (H, W) matters for LLaVA-NeXT and Qwen (see :func:`tokprune.flops.image_work`)."""
+
+    n_text: int = flops.DEFAULT_N_TEXT
+    n_images: int = 1
+    batch: int = 1
+    image_size: tuple[int, int] | None = None
+
+
+@dataclass
+class CaseResult:
+    """Medians of one case (times in ms, sizes in bytes; None = not measured / not available), plus ratios."""
+
+    label: str
+    method: str | None
+    keep: int | None
+    keep_ratio: float | None
+    visual_tokens: float | None = None  # visual tokens per sample entering the last LLM layer
+    tflops: float | None = None  # analytic whole-model prefill FLOPs (logits for the last token only)
+    prefill_ms: float | None = None
+    ttft_ms: float | None = None
+    decode_tok_s: float | None = None  # tokens per second over the whole batch, after the first token
+    kv_bytes: int | None = None
+    peak_mem_bytes: int | None = None
+    select_ms: float | None = None
+    error: str | None = None
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BenchReport:
+    """Everything a run measured, with the conditions (device, dtype, shapes) needed to read it."""
+
+    meta: dict[str, Any]
+    results: list[CaseResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta, "results": [asdict(r) for r in self.results]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"## tokprune bench: {m['model']}",
+            "",
+            f"device: {m['device']} · dtype: {m['dtype']} · attention: {m['attn_implementation']} · batch {m['batch']}"
+            f" · {m['images']} image(s) of {m['visual_tokens_per_image']} visual tokens + {m['n_text']} text tokens"
+            f" · {m['new_tokens']} new tokens · medians of {m['repeats']} runs after {m['warmup']} warm-up"
+            f" · random weights · torch {m['torch']} · transformers {m['transformers']} · {m['date']}",
+            "",
+            "Ratios (in brackets) are against the unpruned model measured in the same run: speed-up for times, "
+            "fraction for FLOPs, KV cache and memory. n/a: not measured on this device or not recorded by the method.",
+            "",
+            "| case | visual tokens | TFLOPs | prefill ms | TTFT ms | decode tok/s | KV MiB | peak MiB | select ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            if r.error:
+                error = r.error.replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {r.label} | error: {error} |" + " |" * 7)
+                continue
+            q = r.ratios
+            lines.append(
+                f"| {r.label} | {_fmt(r.visual_tokens, '.0f')} | {_fmt(r.tflops, '.4g', q.get('tflops'), '.1%')} "
+                f"| {_fmt(r.prefill_ms, '.2f', q.get('prefill_speedup'), '.2f', 'x')} "
+                f"| {_fmt(r.ttft_ms, '.2f', q.get('ttft_speedup'), '.2f', 'x')} "
+                f"| {_fmt(r.decode_tok_s, '.1f', q.get('decode_ratio'), '.2f', 'x')} "
+                f"| {_fmt(_mib(r.kv_bytes), '.2f', q.get('kv'), '.1%')} "
+                f"| {_fmt(_mib(r.peak_mem_bytes), '.0f', q.get('peak_mem'), '.1%')} | {_fmt(r.select_ms, '.3f')} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def write(self, out: str | Path) -> list[Path]:
+        """Write JSON and markdown: ``out`` ending in .json names the JSON file (markdown beside it), otherwise
+        ``out`` is a directory that receives bench.json and bench.md."""
+        out = Path(out)
+        js = out if out.suffix == ".json" else out / "bench.json"
+        js.parent.mkdir(parents=True, exist_ok=True)
+        md = js.with_suffix(".md")
+        js.write_text(self.to_json() + "\n", encoding="utf-8")
+        md.write_text(self.to_markdown(), encoding="utf-8")
+        return [js, md]
+
+
+def _mib(x: int | None) -> float | None:
+    return None if x is None else x / 2**20
+
+
+def _fmt(x: float | None, spec: str, ratio: float | None = None, rspec: str = ".2f", suffix: str = "") -> str:
+    if x is None:
+        return "n/a"
+    text = format(x, spec)
+    return f"{text} ({format(ratio, rspec)}{suffix})" if ratio is not None else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """tqdm when installed, else a one-line counter on stderr; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"\r[bench] {self.done}/{self.total} {label}   ", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+Timer = Callable[[Callable[[], Any]], tuple[float, Any]]
+
+
+def _timer(device: torch.device) -> Timer:
+    """A function that runs a callable and returns (duration in ms, its result); CUDA events on GPU."""
+    if device.type == "cuda":
+
+        def cuda_time(fn: Callable[[], Any]) -> tuple[float, Any]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            value = fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end), value
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], Any]) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        value = fn()
+        return (time.perf_counter() - t0) * 1e3, value
+
+    return cpu_time
+
+
+def kv_cache_bytes(cache: Any) -> int | None:
+    """Bytes held by the keys and values of a transformers cache (None when its layout is unknown)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _selection_ms(record: Any) -> float | None:
+    """Scoring/selection time of the last prefill from the core's record (values in seconds), else None."""
+    timings = getattr(record, "timings", None)
+    if not isinstance(timings, dict) or not timings:
+        return None
+    return 1e3 * sum(float(v) for v in timings.values())
+
+
+def _pad_id(config: Any) -> int:
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for source in (tc, config):
+        for key in ("pad_token_id", "eos_token_id"):
+            v = getattr(source, key, None)
+            v = v[0] if isinstance(v, list) and v else v
+            if isinstance(v, int):
+                return v
+    return 0
+
+
+@dataclass
+class _Context:
+    """What every case of a run shares."""
+
+    model: torch.nn.Module
+    inputs: dict[str, Any]
+    base: flops.TokenSchedule
+    timer: Timer
+    device: torch.device
+    new_tokens: int
+    warmup: int
+    repeats: int
+    api: Any
+    bar: _Progress
+
+
+def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt = Prompt(), *, new_tokens: int = 16,
+        warmup: int = 1, repeats: int = 5, progress: bool = True, api: ModuleType | Any = None,
+        meta: dict[str, Any] | None = None) -> BenchReport:
+    """Measure every case on ``model`` with a random ``prompt`` (see the module docstring).
+
+    The first case must be the unpruned model (``Case()``); ratios are against it. ``api`` provides
+    apply/remove/last_record (default: the tokprune package). A case that fails to apply or run is reported
+    with its error and the run goes on.
+    """
+    from tokprune.configs import example_inputs
+
+    if not cases or cases[0].method is not None:
+        raise ValueError("the first case must be the unpruned model, Case()")
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be >= 2 to measure decoding")
+    if warmup < 0 or repeats < 1:
+        raise ValueError("need warmup >= 0 and repeats >= 1")
+    if api is None:
+        import tokprune as api
+    config = model.config
+    param = next(model.parameters())
+    inputs = example_inputs(config, n_text=prompt.n_text, n_images=prompt.n_images, batch=prompt.batch,
+                            image_size=prompt.image_size, device=param.device, dtype=param.dtype)
+    base = flops.TokenSchedule.unpruned(config, n_text=prompt.n_text, n_images=prompt.n_images,
+                                        image_size=prompt.image_size)
+    ctx = _Context(model, inputs, base, _timer(param.device), param.device, new_tokens, warmup, repeats, api,
+                   _Progress(len(cases) * (warmup + repeats), progress))
+    results = []
+    try:
+        for case in cases:
+            res = CaseResult(case.label, case.method, case.keep, case.keep_ratio)
+            try:
+                if case.method is not None:
+                    api.apply(model, method=case.method, keep=case.keep, keep_ratio=case.keep_ratio)
+                _measure(ctx, res)
+            except Exception as e:  # one bad case (e.g. a method the family does not support) must not end the run
+                res.error = f"{type(e).__name__}: {e}"
+            finally:
+                if case.method is not None:
+                    api.remove(model)
+            results.append(res)
+    finally:
+        ctx.bar.close()
+    _add_ratios(results)
+    return BenchReport(_meta(model, prompt, base, new_tokens, warmup, repeats, meta), results)
+
+
+class _TokenClock(BaseStreamer):
+    """A generate() streamer that marks when the prompt and then each new token reach the host (generate moves
+    every token to the CPU before calling ``put``, so the marks follow the device); CUDA events on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+        self.start = self._mark()
+        self.marks: list[Any] = []
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def put(self, value: Any) -> None:
+        self.marks.append(self._mark())
+
+    def end(self) -> None:
+        pass
+
+    def _ms(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def ttft_ms(self) -> float:
+        """From calling generate to the first new token (marks[0] is the prompt, put before prefill)."""
+        return self._ms(self.start, self.marks[1])
+
+    def decode_ms(self) -> float:
+        """From the first to the last new token."""
+        return self._ms(self.marks[1], self.marks[-1])
+
+
+def _measure(ctx: _Context, res: CaseResult) -> None:
+    """Warm up, then time the prefill forward and one generate ``repeats`` times; fill ``res`` with medians."""
+    model, inputs = ctx.model, ctx.inputs
+    gen_kw = dict(do_sample=False, pad_token_id=_pad_id(model.config), max_new_tokens=ctx.new_tokens,
+                  min_new_tokens=ctx.new_tokens)
+    prefill, ttft, decode, select = [], [], [], []
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    out, record = None, None
+    with torch.inference_mode():
+        for i in range(ctx.warmup + ctx.repeats):
+            t, forward_out = ctx.timer(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+            record = ctx.api.last_record(model) if res.method is not None else None  # the forward's, not generate's
+            clock = _TokenClock(ctx.device)
+            model.generate(**inputs, streamer=clock, **gen_kw)
+            if i >= ctx.warmup:
+                prefill.append(t)
+                ttft.append(clock.ttft_ms())
+                decode.append(clock.decode_ms())
+                sel = _selection_ms(record)
+                if sel is not None:
+                    select.append(sel)
+                out = forward_out
+            ctx.bar.step(res.label)
+    res.prefill_ms, res.ttft_ms, res.select_ms = _median(prefill), _median(ttft), _median(select)
+    batch = int(inputs["input_ids"].shape[0])
+    decode_ms = _median(decode)
+    res.decode_tok_s = batch * (ctx.new_tokens - 1) / (decode_ms / 1e3) if decode_ms else None
+    res.kv_bytes = kv_cache_bytes(out.past_key_values) if out is not None else None
+    res.peak_mem_bytes = int(torch.cuda.max_memory_allocated(ctx.device)) if cuda else None
+    # analytic FLOPs of the measured prefill: from the core's record when pruned
+    if record is None:
+        schedules = [ctx.base] * batch
+    else:
+        schedules = flops.from_record(model.config, record, **flops.geometry_from_inputs(inputs))
+    res.visual_tokens = sum(s.visual[-1] for s in schedules) / len(schedules)
+    res.tflops = flops.estimate(model.config, schedules, logits_to_keep=1).tflops
+
+
+def _add_ratios(results: list[CaseResult]) -> None:
+    """Ratios against the first (unpruned) result: speed-ups for times, fractions for the rest."""
+    base = results[0]
+    if base.error:
+        return
+    pairs = {"tflops": ("tflops", False), "prefill_speedup": ("prefill_ms", True), "ttft_speedup": ("ttft_ms", True),
+             "decode_ratio": ("decode_tok_s", False), "kv": ("kv_bytes", False), "peak_mem": ("peak_mem_bytes", False)}
+    for r in results:
+        if r.error:
+            continue
+        for name, (attr, inverse) in pairs.items():
+            a, b = getattr(r, attr), getattr(base, attr)
+            if a and b:
+                r.ratios[name] = b / a if inverse else a / b
+
+
+def _meta(model: torch.nn.Module, prompt: Prompt, base: flops.TokenSchedule, new_tokens: int, warmup: int,
+          repeats: int, extra: dict[str, Any] | None) -> dict[str, Any]:
+    import transformers
+
+    param = next(model.parameters())
+    meta = {
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_class": type(model).__name__,
+        "device": device_name(param.device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "batch": prompt.batch,
+        "images": prompt.n_images,
+        "image_size": list(prompt.image_size) if prompt.image_size else None,
+        "visual_tokens_per_image": base.images[0].llm_tokens,
+        "n_text": prompt.n_text,
+        "new_tokens": new_tokens,
+        "warmup": warmup,
+        "repeats": repeats,
+        "timer": "cuda events" if param.device.type == "cuda" else "time.perf_counter",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "weights": "random",
+    }
+    meta.update(extra or {})
+    return meta

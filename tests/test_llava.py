@@ -71,6 +71,7 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
     with torch.no_grad():
         tokprune.apply(model, method, keep=k, positions=positions)
         out = model(**x).logits
+        no_cache = model(**x, use_cache=False).logits
         kept = tokprune.last_record(model).kept[0]
         tokprune.remove(model)
         feats = oracles.features(model, x["pixel_values"])
@@ -78,6 +79,7 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
     assert kept[0].numel() == k
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= 1e-5
+    assert (no_cache - ref).abs().max() <= 1e-5
     scores = method_scores(model, x, method)
     if scores is not None:
         assert torch.equal(kept[0], oracles.topk_sorted(scores[0], k))

@@ -61,13 +61,15 @@ def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: fl
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
     ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass exactly one.
-    ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``).
+    ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``) and the
+    model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see ``docs/families.md``).
     Applying to a patched model replaces the previous patch.
     """
     budget = Budget(keep=keep, keep_ratio=keep_ratio)
-    pruner = make_pruner(method, options)
     adapter_cls = adapter_for(model)
-    adapter = adapter_cls(model, pruner, budget)
+    family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
+    pruner = make_pruner(method, options)
+    adapter = adapter_cls(model, pruner, budget, **family_options)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
     if fixed:
         budget.count(fixed)  # fail now, not at the first forward

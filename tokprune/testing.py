@@ -95,3 +95,113 @@ def image_prompt(processor: Any, n_images: int = 1, question: str = "what is in 
     """A chat-style prompt with ``n_images`` image placeholders for the tiny processors."""
     tag = getattr(processor, "image_token", "<image>")
     return "user " + " ".join([tag] * n_images) + f" {question} assistant :"
+
+
+# ---------------------------------------------------------------------------------------------- other families
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+#: what a prompt writes for one image in the tiny Qwen processors (the processor expands ``<|image_pad|>``)
+QWEN_IMAGE_TAG = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _llama_text(tok: PreTrainedTokenizerFast) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+@_factory("llava_next")
+def tiny_llava_next(attn: str = "sdpa", seed: int = 0, tile: int = 28) -> tuple[Any, Any]:
+    """LLaVA-NeXT in miniature: anyres tiles of ``tile`` px (2x2 CLIP patches each with the default 28), grid
+    pinpoints 1x2 / 2x1 / 2x2 tiles, unpad + ``image_newline``; same CLIP / Llama sizes as :func:`tiny_llava`."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = make_tokenizer(LLAVA_SPECIAL, unk="<unk>", pad="<pad>", bos="<s>", eos="</s>")
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=tile, patch_size=14, projection_dim=32)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=_llama_text(tok),
+                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                                    image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")
+    return model, proc
+
+
+def _qwen_processor(processor_cls: type, tok: PreTrainedTokenizerFast, patch: int) -> Any:
+    """A Qwen processor without a video processor (the video class needs torchvision, absent here)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, name: str, arg: Any) -> Any:
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = f"Tiny{processor_cls.__name__}"
+    unit = 2 * patch  # one merged (LLM) token covers 2x2 patches
+    ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": 4 * unit**2, "longest_edge": 64 * unit**2})
+    return ImageOnly(image_processor=ip, tokenizer=tok, video_processor=None)
+
+
+def _qwen(config_cls: type, model_cls: type, processor_cls: type, vision: dict, text: dict, patch: int,
+          attn: str, seed: int) -> tuple[Any, Any]:
+    tok = make_tokenizer(QWEN_SPECIAL, unk="<|endoftext|>", pad="<|endoftext|>", eos="<|im_end|>")
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, **text)
+    cfg = config_cls(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
+                     video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                     vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model, _qwen_processor(processor_cls, tok, patch)
+
+
+_QWEN2_ROPE = dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3])
+
+
+@_factory("qwen2_vl")
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> tuple[Any, Any]:
+    """Qwen2-VL in miniature: 2 full-attention ViT blocks (14 px patches, 2x2 merger), 4-layer M-RoPE LLM."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision,
+                 dict(bos_token_id=None, rope_parameters=_QWEN2_ROPE), 14, attn, seed)
+
+
+@_factory("qwen2_5_vl")
+def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> tuple[Any, Any]:
+    """Qwen2.5-VL in miniature: 4 ViT blocks, windowed (56 px windows = 2x2 merged tokens) except blocks 1 and 3."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3])
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision,
+                 dict(bos_token_id=None, rope_parameters=_QWEN2_ROPE), 14, attn, seed)
+
+
+@_factory("qwen3_vl")
+def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0) -> tuple[Any, Any]:
+    """Qwen3-VL in miniature: 3 ViT blocks (16 px patches, learned position grid), DeepStack features from blocks
+    0 and 1 added after LLM layers 0 and 1, interleaved M-RoPE."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    rope = dict(rope_type="default", rope_theta=1e4, mrope_section=[6, 5, 5], mrope_interleaved=True)
+    return _qwen(Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, vision,
+                 dict(head_dim=32, rope_parameters=rope), 16, attn, seed)

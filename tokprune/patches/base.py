@@ -52,9 +52,12 @@ class Adapter:
     pixel_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "image_grid_thw")
     #: per-token forward kwargs rewritten with the sequence, with their padding value
     token_keys: ClassVar[dict[str, int]] = {"labels": -100}
+    #: family options ``tokprune.apply`` accepts next to the method's: name -> allowed values, the default first
+    options: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
-    def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget) -> None:
+    def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget, **options: Any) -> None:
         self.model, self.pruner, self.budget = model, pruner, budget
+        self.opts = self.resolve_options(options)
         self.info = self.model_info()
         pruner.check(self.info)
         self.positions = pruner.resolved_positions(self.info)
@@ -65,6 +68,18 @@ class Adapter:
         self._handles: list[Any] = []
         self._tapped: list[nn.Module] = []
         self._cls_rows: dict[int, list[torch.Tensor]] = {}
+
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The family options with defaults filled in; an unknown name or value raises, naming the valid ones."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise TypeError(f"the {cls.family} adapter has no option {', '.join(unknown)}; its options: {known}")
+        for name, value in options.items():
+            if value not in cls.options[name]:
+                raise ValueError(f"{name} must be one of {cls.options[name]}, got {value!r}")
+        return {name: options.get(name, allowed[0]) for name, allowed in cls.options.items()}
 
     # ------------------------------------------------------------------ family hooks
     def model_info(self) -> ModelInfo:  # family hook
@@ -151,6 +166,17 @@ class Adapter:
 
         return tap
 
+    def select_vision(self, features: list[torch.Tensor], counts: list[int],
+                      owners: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Sorted kept indices per image from the pruner's vision stage (family hook).
+
+        One budget per image by default; families that split an image into parts with their own budgets (LLaVA-NeXT
+        tiles) override this and call the pruner once per part.
+        """
+        signals = self._vision_signals(features)
+        signals.owners = owners
+        return self.pruner.select_vision(signals, [self.budget.count(c) for c in counts])
+
     def _vision_signals(self, features: list[torch.Tensor]) -> VisionSignals:
         cls: dict[int, list[torch.Tensor]] = {}
         for layer in self.vision_request.cls_layers:
@@ -174,7 +200,7 @@ class Adapter:
         has_images = kw.get("pixel_values") is not None or (kw.get("mm_encoder_outputs") or {}).get("image") is not None
         if ids is None and has_images:
             raise ValueError("tokprune locates images by their token ids: pass input_ids, not inputs_embeds")
-        if ids is not None and bool((ids == self.image_token_id).any()):
+        if ids is not None and bool((ids == self.image_token_id).any()) and (past == 0 or has_images):
             if past > 0:
                 raise NotImplementedError(
                     "a new image in a continued (cached) conversation is not supported yet; "
@@ -201,7 +227,6 @@ class Adapter:
         return self.encode_images(kw)
 
     def _prefill(self, kw: dict) -> dict:
-        t0 = time.perf_counter()
         ids = kw["input_ids"]
         b, n = ids.shape
         mask2d = mask_to_2d(kw.get("attention_mask"), n)
@@ -217,7 +242,12 @@ class Adapter:
             method=self.pruner.name,
             n_visual=[[counts[j] for j in row] for row in rows_images],
             seq_len=(mask2d.sum(1).tolist() if mask2d is not None else [n] * b),
+            config=self.model.config,
         )
+        for key in ("image_sizes", "image_grid_thw"):
+            if kw.get(key) is not None and len(kw[key]) == len(counts):
+                per_image = [tuple(int(v) for v in r) for r in kw[key].tolist()]
+                setattr(record, key, [[per_image[j] for j in row] for row in rows_images])
         new = dict(kw)
         for key in self.pixel_keys:
             new.pop(key, None)
@@ -227,10 +257,9 @@ class Adapter:
         origin = [[torch.arange(c, device=ids.device) for c in (counts[j] for j in row)] for row in rows_images]
 
         if self.vision_request is not None:
-            ks = [self.budget.count(c) for c in counts]
-            signals = self._vision_signals(feats)
-            signals.owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
-            keeps = [k.to(ids.device) for k in self.pruner.select_vision(signals, ks)]
+            t0 = time.perf_counter()
+            owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
+            keeps = [k.to(ids.device) for k in self.select_vision(feats, counts, owners)]
             _check_keeps(keeps, counts)
             keep_mask = ids != self.image_token_id
             for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
@@ -253,6 +282,7 @@ class Adapter:
                 dropped = ((ids == self.image_token_id) & ~keep_mask).sum(1)
                 offset = dropped
             self._decode = _DecodeState(kw.get("past_key_values"), n, n_pruned, mask_pruned, offset)
+            record.timings["select_vision_s"] = time.perf_counter() - t0
         else:
             self._decode = None
             mask_pruned = mask2d
@@ -260,7 +290,6 @@ class Adapter:
             if kw.get("labels") is not None:
                 raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
             self.llm.begin(new, spans, origin, mask_pruned, record)
-        record.timings["select_vision_s"] = time.perf_counter() - t0
         self.record = record
         return new
 
@@ -270,7 +299,10 @@ class Adapter:
         new["input_ids"] = take(ids, idx, valid, pad_id if pad_id is not None else 0)
         full_mask = mask2d if mask2d is not None else torch.ones_like(ids)
         mask = take(full_mask, idx, valid, 0)
-        new["attention_mask"] = None if bool(mask.all()) else mask
+        # with no mask and no cache, transformers reads gaps in position_ids as packed-sequence boundaries: keep an
+        # explicit all-ones mask whenever "original" positions have gaps
+        gaps = self.positions == "original" and bool((~keep_mask).any())
+        new["attention_mask"] = None if bool(mask.all()) and not gaps else mask
         if self.positions == "compact":
             dropped_before = ((ids == self.image_token_id) & ~keep_mask).long().cumsum(1)
             pos = pos - dropped_before  # as if the dropped tokens never existed
@@ -287,8 +319,8 @@ class Adapter:
         t = past + q - st.n_pruned  # tokens after the pruned prompt, this step's included
         new = dict(kw)
         am = kw.get("attention_mask")
-        if am is not None and am.dim() == 4:  # pre-built for the unpruned length: let the model rebuild it
-            am = None
+        if isinstance(am, dict) or (am is not None and am.dim() == 4):  # pre-built for the unpruned length:
+            am = None  # let the model rebuild it
             new["attention_mask"] = None
         if am is not None:
             new["attention_mask"] = torch.cat([st.mask.to(am.dtype), am[:, st.n_full:]], 1)

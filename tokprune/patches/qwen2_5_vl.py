@@ -1,0 +1,33 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``): Qwen2-VL plus window attention in the ViT.
+
+Only the differences from :mod:`tokprune.patches.qwen2_vl` live here. The ViT permutes its patch sequence into
+window order (merge-unit granularity) before the blocks; windowed blocks attend within 112-px windows and the
+blocks in ``fullatt_block_indexes`` attend per image. ``pooler_output`` is already back in raster order, but
+anything read *inside* the ViT (hidden states, attention maps) is in window order and must be un-permuted with
+``argsort(window_index)`` before it is aligned with LLM tokens (:meth:`Qwen2_5_VLAdapter.to_token_order`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokprune.patches.qwen2_vl import Qwen2VLAdapter
+from tokprune.registry import register_model
+
+
+@register_model("qwen2_5_vl")
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (named after the transformers class)
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The ViT's merge-unit permutation into window order (as its forward computes it)."""
+        from transformers.vision_utils import get_vision_window_index
+
+        vt = self.vision_tower
+        index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vt.spatial_merge_size,
+                                           window_size=vt.window_size, patch_size=vt.patch_size)
+        return index
+
+    def to_token_order(self, units: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Per-merge-unit values (U, ...) of all images of one ViT call: window order -> raster (LLM token) order."""
+        return units[torch.argsort(self.window_index(grid_thw).to(units.device))]

@@ -1,0 +1,129 @@
+"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): ViT without [CLS], 2x2 patch merger, M-RoPE language model.
+
+What differs from LLaVA, and how this adapter handles it:
+
+* **Granularity.** One LLM token is one 2x2 merge unit of ViT patches; ``pooler_output`` (one tensor per image)
+  is what gets pruned, so a kept index is a merged token. Vision signals computed per patch must be aggregated per
+  merge unit (mean over the ``spatial_merge_size**2`` consecutive patches) before they are aligned with tokens.
+* **Positions.** M-RoPE gives image tokens 3-D (t, h, w) positions and text after an image restarts at
+  ``max + 1``. Re-indexing kept tokens contiguously is undefined (``supports_compact=False``): survivors keep
+  their original positions. Without explicit ``position_ids`` the defaults come from the model's own
+  ``get_rope_index`` with a text row prepended, i.e. the (4, B, N) tensor ``generate()`` builds.
+  After a pre-LLM prune the text row (used only for masks and packed-sequence detection) is renumbered
+  contiguously, so a gap can never be mistaken for a packed-sequence boundary, and ``model.rope_deltas`` is set
+  to ``last original position + 1 - kept length`` so a hand-written decode loop without ``position_ids``
+  continues at the right positions (``generate()`` always passes them).
+* **Per-token kwargs.** ``mm_token_type_ids`` is rewritten with the sequence (padding value 0 = text).
+* **No [CLS].** ``cls`` and ``vtc_cls`` raise :class:`~tokprune.UnsupportedError`; ``fastv`` and ``random`` work.
+* **Video** inputs are not supported and raise (they are never silently left unpruned).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokprune.patches.base import Adapter
+from tokprune.pruners.base import ModelInfo
+from tokprune.registry import register_model
+
+
+def text_positions(mask2d: torch.Tensor | None, b: int, n: int, device: torch.device) -> torch.Tensor:
+    """The 1-D text position row (B, N) ``generate`` builds: ``cumsum(mask) - 1``, 0 on padding."""
+    if mask2d is None:
+        return torch.arange(n, device=device).expand(b, n)
+    real = mask2d.bool()
+    return (real.long().cumsum(1) - 1).masked_fill(~real, 0)
+
+
+def merge_units(scores: torch.Tensor, unit: int) -> torch.Tensor:
+    """Mean of each run of ``unit`` consecutive patch scores (..., P) -> (..., P / unit): one score per LLM token.
+
+    The Qwen processors lay patches out block-major, so each 2x2 merge unit is ``unit = 4`` consecutive patches.
+    """
+    if scores.shape[-1] % unit:
+        raise ValueError(f"{scores.shape[-1]} patch scores do not split into merge units of {unit} patches")
+    return scores.unflatten(-1, (-1, unit)).mean(-1)
+
+
+@register_model("qwen2_vl")
+class Qwen2VLAdapter(Adapter):
+    """Qwen2-VL; the Qwen2.5-VL and Qwen3-VL adapters subclass it and state only their differences."""
+
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+    pixel_keys = ("pixel_values", "image_grid_thw")
+    token_keys = {"labels": -100, "mm_token_type_ids": 0}
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.visual
+
+    def model_info(self) -> ModelInfo:
+        blocks = len(self.vision_tower.blocks)
+        return ModelInfo(
+            family=self.family,
+            vision_layers=blocks,
+            feature_layer=blocks - 1,  # the merger reads the last block
+            has_cls=False,
+            llm_layers=len(self.language_model.layers),
+            supports_compact=False,
+        )
+
+    @property
+    def merge_unit(self) -> int:
+        """ViT patches per LLM token (4 for the 2x2 merger)."""
+        return self.vision_tower.spatial_merge_size ** 2
+
+    def to_token_order(self, units: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Per-merge-unit values (U, ...) read inside the ViT, in LLM token order. Qwen2-VL's blocks run in raster
+        order already; Qwen2.5-VL overrides this to undo its window permutation."""
+        return units
+
+    # ------------------------------------------------------------------ positions
+    def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
+        """(4, B, N) = [text row; t; h; w] exactly as the unpatched model computes them at prefill."""
+        b, n = input_ids.shape
+        text = text_positions(mask2d, b, n, input_ids.device)
+        grid, types = kw.get("image_grid_thw"), kw.get("mm_token_type_ids")
+        if grid is None:
+            # encoder outputs passed without their grid: the model itself falls back to 1-D positions
+            return torch.arange(n, device=input_ids.device).expand(4, b, n)
+        if types is None:
+            raise ValueError(
+                "Qwen M-RoPE needs mm_token_type_ids next to image_grid_thw (the processor returns them with "
+                "input_ids); pass them, or pass position_ids"
+            )
+        mrope, deltas = self.base.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                                 attention_mask=mask2d)
+        self.base.rope_deltas = deltas  # what the unpatched forward stores
+        return torch.cat([text[None], mrope.to(text.dtype)], 0)
+
+    def _rewrite_prefill(self, new: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
+                         keep_mask: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> dict:
+        new = super()._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
+        mask = new["attention_mask"]
+        b, n = new["input_ids"].shape
+        p = new["position_ids"]
+        if p.dim() == 3 and p.shape[0] == 4:
+            p = torch.cat([text_positions(mask, b, n, p.device)[None].to(p.dtype), p[1:]], 0)
+            new["position_ids"] = p
+        spatial = pos[-3:] if pos.dim() == 3 else pos[None].expand(3, *pos.shape[-2:])
+        n_real = mask.sum(1) if mask is not None else torch.full((b,), n, device=p.device)
+        self.base.rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - n_real.to(spatial.device)).view(b, 1)
+        return new
+
+    # ------------------------------------------------------------------ inputs tokprune cannot prune
+    def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
+        if kw.get("pixel_values_videos") is not None or (kw.get("mm_encoder_outputs") or {}).get("video") is not None:
+            raise NotImplementedError(
+                f"tokprune does not prune video inputs of {type(self.model).__name__} yet; call tokprune.remove(model) "
+                "for video prompts"
+            )
+        return super()._pre_forward(module, args, kw)
+
+    def encode_images(self, kw: dict) -> Any:
+        if kw.get("image_grid_thw") is None:
+            raise ValueError("Qwen image features need image_grid_thw next to pixel_values (the processor returns it)")
+        return super().encode_images(kw)

@@ -179,7 +179,7 @@ class LlavaNextAdapter(LlavaAdapter):
             owners=[(owners[j][0], owners[j][1] * TILE_STRIDE + t) for j, t, _, _ in units],
         )
         picks = self.pruner.select_vision(sub, [k for *_, k in units]) if units else []
-        keep_newlines = getattr(self.pruner, "keep_newlines", True)
+        keep_newlines = self.pruner.keep_newlines
         keeps = []
         for j, layout in enumerate(layouts):
             kept = [p[s.to(p.device)] for (jj, _, p, _), s in zip(units, picks) if jj == j]

@@ -102,6 +102,9 @@ class Pruner:
     paper: ClassVar[str] = ""
     #: whether an LLM stage needs the last prompt token's attention row of the previous layer
     needs_llm_attention: ClassVar[bool] = False
+    #: LLaVA-NeXT: keep the per-row ``image_newline`` tokens on top of the budget (FasterVLM, HiPrune); methods whose
+    #: paper drops them (VisionZip, FlowCut) set False
+    keep_newlines: ClassVar[bool] = True
 
     positions: str | None = None
 

@@ -32,10 +32,13 @@ def _factory(family: str) -> Callable:
 
 
 def make_tokenizer(special: list[str], unk: str, pad: str, bos: str | None = None,
-                   eos: str | None = None) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer built in memory (about 90 entries), left-padding for batched generation."""
+                   eos: str | None = None, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in memory, left-padding for batched generation. ``words``: the vocabulary after
+    the special tokens (default: about 90 prompt words and characters for the tiny models)."""
+    if words is None:
+        words = [*WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789?.,:!"]
     vocab: dict[str, int] = {}
-    for t in [*special, *WORDS, *"abcdefghijklmnopqrstuvwxyz0123456789?.,:!"]:
+    for t in [*special, *words]:
         vocab.setdefault(t, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -583,19 +583,14 @@ def test_qwen2_5_vl_7b_prunes_a_1024px_image_in_one_forward():
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from tokprune.configs import load
+    from tokprune.configs import build_model, load
 
     cfg = load("qwen2.5-vl-7b")
     if _available_gib() < 20:
         cfg.text_config.num_hidden_layers = 2
         cfg.text_config.layer_types = cfg.text_config.layer_types[:2]
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_model(cfg, device="cpu", dtype=torch.bfloat16)
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": 12845056})  # the checkpoint's limits
     px = ip(images=make_image(1024, 1024), return_tensors="pt")
     grid = px["image_grid_thw"]

@@ -12,18 +12,10 @@ pytestmark = pytest.mark.slow
 
 @torch.no_grad()
 def test_llava_1_5_7b_cls_keeps_64_of_576():
-    from transformers import LlavaForConditionalGeneration
-
-    from tokprune.configs import load
+    from tokprune.configs import build_model, load
 
     cfg = load("llava-1.5-7b")
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlavaForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    model = build_model(cfg, device="cpu", dtype=torch.bfloat16)
     tokprune.apply(model, "cls", keep=64)
     n_img = cfg.image_seq_length
     ids = torch.tensor([[1, 3148, 1001, 29901] + [cfg.image_token_id] * n_img + [1724, 338, 445, 29973, 319, 29901]])

@@ -103,6 +103,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 class Trainer:
+    """One training run: the model, its auxiliary heads, the data streams, the best checkpoint so far."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.family = args.arch
@@ -186,7 +188,6 @@ class Trainer:
         a = self.args
         params = list(self.model.parameters()) + list(self.heads.parameters())
         opt = self.optimizer(params, a.lr)
-        tok_answers = self.processor
         bar = tqdm(range(a.steps), desc="joint", file=sys.stderr, mininterval=30, ascii=True)
         step = 0
         for step in bar:
@@ -203,7 +204,7 @@ class Trainer:
             # the first answer of each row is the evaluation task: report its accuracy
             first = is_answer.int().argmax(1)
             logits = all_logits[torch.arange(len(samples)), first - 1]
-            target = answer_ids(tok_answers, samples)
+            target = answer_ids(self.processor, samples)
             aux, stats = self.aux_losses(samples)
             loss = qa + a.aux * aux
             opt.zero_grad(set_to_none=True)
@@ -243,6 +244,7 @@ class Trainer:
         train_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
         meta = {
             "name": f"{self.family}-shapes",
+            "note": a.note,
             "question_types": list(self.types),
             "prompt": "user <image> {question} assistant :" if self.family == "llava"
             else "user <|vision_start|><|image_pad|><|vision_end|> {question} assistant :",

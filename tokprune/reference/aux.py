@@ -10,7 +10,9 @@ a LLaVA trained on the QA loss alone stayed at chance). Two dense objectives fix
 * **token** (each visual token the LLM receives): predict what covers its cell: background, one of 12
   (shape, colour) pairs, or one of 10 digits; and the cell's row and column. Without the latter the tokens lose
   their position (measured: a linear probe could not read a token's column, MAE 2 of 8 columns) and "left or
-  right" questions stay at chance, whereas real CLIP features keep where they are.
+  right" questions stay at chance, whereas real CLIP features keep where they are. (Qwen2-VL's ViT has no
+  absolute position embedding, only 2D RoPE, so its tokens cannot know their cell; its LLM gets each token's
+  row and column from M-RoPE instead, and the reference Qwen model trains without this part.)
 
 The heads are training-only; the shipped models are plain ``transformers`` classes without them.
 """
@@ -59,12 +61,12 @@ def scene_targets(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
 class AuxHeads(nn.Module):
     """Linear read-outs for the two objectives (linear, so the features themselves must carry the information)."""
 
-    def __init__(self, scene_dim: int, token_dim: int, grid: int) -> None:
+    def __init__(self, scene_dim: int, token_dim: int, grid: int, where: float = 0.5) -> None:
         super().__init__()
         self.scene = nn.Linear(scene_dim, len(SHAPES) * (MAX_COUNT + 1) + N_PAIRS + N_DIGIT_CLASSES)
         self.token = nn.Linear(token_dim, N_TOKEN_CLASSES)
         self.where = nn.Linear(token_dim, 2 * grid)
-        self.grid = grid
+        self.grid, self.where_weight = grid, where
 
     def scene_loss(self, pooled: torch.Tensor, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
         """Loss and accuracy (mean over count, pair and digit predictions) of the scene head on (B, D) inputs."""
@@ -92,7 +94,7 @@ class AuxHeads(nn.Module):
         obj = t > 0
         # object cells are a small minority: average their loss separately so background does not dominate
         each = F.cross_entropy(z, t, reduction="none")
-        loss = (each[obj].mean() if obj.any() else 0.0) + 0.25 * each[~obj].mean() + 0.5 * loss_where
+        loss = (each[obj].mean() if obj.any() else 0.0) + 0.25 * each[~obj].mean() + self.where_weight * loss_where
         with torch.no_grad():
             acc = (z.argmax(-1)[obj] == t[obj]).float().mean() if obj.any() else torch.tensor(1.0)
         return loss, float(acc)

@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "supervision per image; the first question has the evaluation format)")
     p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--aux", type=float, default=0.5, help="weight of the auxiliary losses in the joint stage")
+    p.add_argument("--where", type=float, help="weight of the token row/column objective (default 0.5 for llava, 0 "
+                   "for qwen2vl, whose ViT has no absolute positions and whose LLM gets them from M-RoPE)")
+    p.add_argument("--scene", type=float, help="weight of the scene objective (default 1 for llava, on [CLS]; 0.1 for "
+                   "qwen2vl, where it reads the mean of the visual tokens and, at full weight, slows their learning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--minutes", type=float, default=75.0, help="wall-time cap for the whole run")
@@ -120,7 +124,9 @@ class Trainer:
         text_width = self.sizes.text_width
         scene_dim = self.sizes.vision_width if self.family == "llava" else text_width
         torch.manual_seed(args.seed + 1)
-        self.heads = AuxHeads(scene_dim, text_width, GRID)
+        where = args.where if args.where is not None else (0.5 if self.family == "llava" else 0.0)
+        self.heads = AuxHeads(scene_dim, text_width, GRID, where)
+        self.scene_weight = args.scene if args.scene is not None else (1.0 if self.family == "llava" else 0.1)
         self.capture = Capture(self.model, self.family)
         self.types = tuple(args.types.split(","))
         self.train_data = ShapesVQA("train", n=None, seed=args.seed, types=self.types)
@@ -142,7 +148,7 @@ class Trainer:
     def aux_losses(self, samples: list) -> tuple[torch.Tensor, dict[str, float]]:
         ls, acc_s = self.heads.scene_loss(self.capture.scene, scene_targets(samples))
         lt, acc_t = self.heads.token_loss(self.capture.tokens, token_targets(samples, GRID))
-        return ls + lt, {"scene_acc": acc_s, "token_acc": acc_t}
+        return self.scene_weight * ls + lt, {"scene_acc": acc_s, "token_acc": acc_t}
 
     def vision_params(self) -> list[torch.nn.Parameter]:
         base = self.model.model

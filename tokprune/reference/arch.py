@@ -40,11 +40,9 @@ class Sizes:
 
 
 def default_sizes(family: str) -> Sizes:
-    """The shipped sizes. Qwen2-VL's ViT sees 256 patches per image (4x LLaVA's 64 + [CLS]), so it is half as wide
-    to keep its training step affordable on one core. Its LLM's RoPE base is 10, not 10^4: M-RoPE gives the width
-    axis the lowest frequencies, which at base 10^4 turn by under 0.03 rad across the 8 columns, so the LLM could
-    not tell left from right (measured: the position question stayed at chance); at base 10 they turn by ~1 rad."""
-    return Sizes(vision_width=64, rope_theta=10) if family == "qwen2vl" else Sizes()
+    """The shipped sizes: Qwen2-VL's ViT sees 256 patches per image (4x LLaVA's 64 + [CLS]), so it is half as wide
+    to keep its training step affordable on one core."""
+    return Sizes(vision_width=64) if family == "qwen2vl" else Sizes()
 
 
 def image_size(family: str) -> int:
@@ -88,7 +86,8 @@ def build_config(family: str, sizes: Sizes | None = None) -> Any:
         text = dict(vocab_size=64, hidden_size=sizes.text_width, intermediate_size=sizes.mlp_ratio * sizes.text_width,
                     num_hidden_layers=sizes.text_layers, num_attention_heads=sizes.text_heads,
                     num_key_value_heads=sizes.text_kv_heads, max_position_embeddings=512, bos_token_id=None,
-                    rope_parameters=dict(rope_type="default", rope_theta=float(sizes.rope_theta), mrope_section=section),
+                    rope_parameters=dict(rope_type="default", rope_theta=float(sizes.rope_theta),
+                                         mrope_section=section),
                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids("<|image_pad|>"),
                              video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),

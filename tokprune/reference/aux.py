@@ -10,9 +10,9 @@ a LLaVA trained on the QA loss alone stayed at chance). Two dense objectives fix
 * **token** (each visual token the LLM receives): predict what covers its cell: background, one of 12
   (shape, colour) pairs, or one of 10 digits; and the cell's row and column. Without the latter the tokens lose
   their position (measured: a linear probe could not read a token's column, MAE 2 of 8 columns) and "left or
-  right" questions stay at chance, whereas real CLIP features keep where they are. (Qwen2-VL's ViT has no
-  absolute position embedding, only 2D RoPE, so its tokens cannot know their cell; its LLM gets each token's
-  row and column from M-RoPE instead, and the reference Qwen model trains without this part.)
+  right" questions stay at chance, whereas real CLIP features keep where they are. Qwen2-VL's ViT has no
+  absolute position embedding, only 2D RoPE, yet it learns this too (from where the image borders are), and only
+  then did its LLM answer "left or right": with M-RoPE alone that question stayed at chance.
 
 The heads are training-only; the shipped models are plain ``transformers`` classes without them.
 """

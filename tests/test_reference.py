@@ -271,3 +271,20 @@ def test_kept_token_picture_shows_what_cls_kept(llava: tuple[Any, Any]) -> None:
     assert np.array_equal(pic[cells], img[cells])  # kept cells untouched
     assert (pic[~cells] <= img[~cells]).all() and (pic[~cells] < img[~cells]).any()  # dropped cells dimmed
     assert isinstance(kept_picture(sample.image(), kept, 8), Image.Image)
+
+
+@needs("qwen2vl-shapes")
+def test_which_tokens_are_kept_matters_on_qwen(qwen: tuple[Any, Any], test_samples: list) -> None:
+    """Qwen2-VL has no [CLS]: FastV's last-token attention is the signal there, and it must beat the floor."""
+    from tokprune.reference.evaluate import accuracy, target_recall
+
+    model, processor = qwen
+    result = {}
+    for method in ("fastv", "random"):
+        kept: list[torch.Tensor] = []
+        with tokprune.pruned(model, method, keep_ratio=0.125):
+            result[method] = accuracy(model, processor, test_samples, kept=kept).overall
+        assert all(k.numel() == 8 for k in kept)
+        result[method + " recall"] = target_recall(test_samples, kept)
+    assert result["fastv"] >= result["random"] + 0.05, result
+    assert result["fastv recall"] > result["random recall"], result

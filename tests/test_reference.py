@@ -193,18 +193,23 @@ def lowest_cls():
     METHODS.pop("test_lowest_cls", None)
 
 
-@needs("llava-shapes")
-def test_which_tokens_are_kept_matters(llava: tuple[Any, Any], test_samples: list, lowest_cls: str) -> None:
+def at_one_eighth(model: Any, processor: Any, samples: list, methods: tuple[str, ...]) -> dict[str, float]:
+    """Accuracy and target recall of each method keeping 8 of the 64 visual tokens."""
     from tokprune.reference.evaluate import accuracy, target_recall
 
-    model, processor = llava
     result = {}
-    for method in ("cls", "random", lowest_cls):
+    for method in methods:
         kept: list[torch.Tensor] = []
         with tokprune.pruned(model, method, keep_ratio=0.125):
-            result[method] = accuracy(model, processor, test_samples, kept=kept).overall
+            result[method] = accuracy(model, processor, samples, kept=kept).overall
         assert all(k.numel() == 8 for k in kept)
-        result[method + " recall"] = target_recall(test_samples, kept)
+        result[method + " recall"] = target_recall(samples, kept)
+    return result
+
+
+@needs("llava-shapes")
+def test_which_tokens_are_kept_matters(llava: tuple[Any, Any], test_samples: list, lowest_cls: str) -> None:
+    result = at_one_eighth(*llava, test_samples, ("cls", "random", lowest_cls))
     assert result["cls"] >= result["random"] + 0.05, result
     assert result[lowest_cls] <= result["random"] - 0.05, result
     assert result["cls recall"] > result["random recall"] > result[lowest_cls + " recall"], result
@@ -276,15 +281,6 @@ def test_kept_token_picture_shows_what_cls_kept(llava: tuple[Any, Any]) -> None:
 @needs("qwen2vl-shapes")
 def test_which_tokens_are_kept_matters_on_qwen(qwen: tuple[Any, Any], test_samples: list) -> None:
     """Qwen2-VL has no [CLS]: FastV's last-token attention is the signal there, and it must beat the floor."""
-    from tokprune.reference.evaluate import accuracy, target_recall
-
-    model, processor = qwen
-    result = {}
-    for method in ("fastv", "random"):
-        kept: list[torch.Tensor] = []
-        with tokprune.pruned(model, method, keep_ratio=0.125):
-            result[method] = accuracy(model, processor, test_samples, kept=kept).overall
-        assert all(k.numel() == 8 for k in kept)
-        result[method + " recall"] = target_recall(test_samples, kept)
+    result = at_one_eighth(*qwen, test_samples, ("fastv", "random"))
     assert result["fastv"] >= result["random"] + 0.05, result
     assert result["fastv recall"] > result["random recall"], result

@@ -42,7 +42,7 @@ def run_reference(args: argparse.Namespace) -> int:
     from tokprune.data import ShapesVQA
     from tokprune.reference import load, read_meta
     from tokprune.reference.arch import GRID, image_size
-    from tokprune.reference.evaluate import accuracy, encode, family_of, predict
+    from tokprune.reference.evaluate import encode, family_of, predict
     from tokprune.viz import kept_picture, kept_text, side_by_side
 
     name = args.model or "llava-shapes"
@@ -58,24 +58,23 @@ def run_reference(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokprune {tokprune.__version__} demo: {name} (trained reference model, {n_params / 1e6:.2f}M "
           f"parameters), {args.samples} Shapes-VQA test samples")
-    print(f"unpruned   : accuracy {100 * accuracy(model, processor, samples).overall:5.1f}%")
-    kept: list[torch.Tensor] = []
-    rows = [(method, dict(budget))] + ([("random", dict(budget))] if method != "random" else [])
-    for label, opts in rows:
-        kept_now: list[torch.Tensor] = []
-        with tokprune.pruned(model, label, **opts):
-            acc = accuracy(model, processor, samples, kept=kept_now)
-        kept = kept_now if label == method else kept
-        print(f"{label:<11}: accuracy {100 * acc.overall:5.1f}% keeping {kept_now[0].numel()} of {GRID * GRID} "
+    def score(answers: list[str]) -> float:
+        return 100 * sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
+
+    base = predict(model, processor, samples)
+    print(f"unpruned   : accuracy {score(base):5.1f}%")
+    runs = {}  # method -> (answers, kept indices per sample)
+    for label in [method] + (["random"] if method != "random" else []):
+        kept: list[torch.Tensor] = []
+        with tokprune.pruned(model, label, **budget):
+            runs[label] = (predict(model, processor, samples, kept=kept), kept)
+        print(f"{label:<11}: accuracy {score(runs[label][0]):5.1f}% keeping {kept[0].numel()} of {GRID * GRID} "
               "visual tokens" + ("  (the floor: any method should beat it)" if label == "random" else ""))
 
-    shown = samples[: args.show]
-    with tokprune.pruned(model, method, **budget):
-        answers = predict(model, processor, shown)
-    base = predict(model, processor, shown)
+    answers, kept = runs[method]
     pictures = []
     print(f"kept tokens of {method} (# kept object, + kept background, o dropped object, . dropped background):")
-    for s, k, a, b in zip(shown, kept, answers, base):
+    for s, k, a, b in zip(samples[: args.show], kept, answers, base):
         objects = s.scene.owners(GRID) > 0
         print(f"  {s.question} -> answer {s.answer}; unpruned {b}, {method} {a}")
         print("\n".join("    " + line for line in kept_text(k, GRID, objects).split("\n")))
@@ -131,5 +130,3 @@ def run_tiny(args: argparse.Namespace) -> int:
         print(f"keep-all   : {n_vis} -> {n_vis}, outputs {'identical to' if agree else 'DIFFER from'} the unpruned "
               "model")
     return 0 if agree else 1
-
-

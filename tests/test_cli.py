@@ -65,6 +65,7 @@ BAD = [
     (["bench", "--config", "tiny-llava", "--keep", "4", "--new-tokens", "1"], "--new-tokens"),
     (["bench", "--config", "tiny-llava", "--keep", "4", "--out", "/dev/null/x"], "--out /dev/null/x"),
     (["bench", "--config", "tiny-llava", "--keep", "4", "--batch", "0"], "argument --batch"),
+    (["bench", "--config", "tiny-qwen2-vl", "--keep", "2", "--n-text", "1", "--images", "2"], "--n-text"),
 ]
 
 

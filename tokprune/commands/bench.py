@@ -70,7 +70,13 @@ def check(args: argparse.Namespace) -> tuple[Any, Any]:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.out:
         types.check_writable(args.out, "--out", make_folders=True)
-    check_fits(configs.load(args.config), args.config, device, dtype)
+    config = configs.load(args.config)
+    # the prompt's geometry (text tokens around the images, image size) must suit the config: build one on the CPU
+    try:
+        configs.example_inputs(config, n_text=args.n_text, n_images=args.images, batch=1, image_size=args.image_size)
+    except ValueError as e:
+        raise ValueError(f"the prompt (--n-text, --images, --image-size) does not suit {args.config}: {e}") from None
+    check_fits(config, args.config, device, dtype)
     return device, dtype
 
 

@@ -37,6 +37,8 @@ BAD = [
     (["demo", "--save", "/nonexistent/dir/x.png"], "--save /nonexistent/dir/x.png"),
     (["demo", "--save", "x.png", "--show", "0"], "--show"),
     (["demo", "--samples", "0"], "argument --samples"),
+    (["demo", "--family", "llava", "--samples", "5"], "--samples applies to the reference models"),
+    (["demo", "--new-tokens", "5"], "--new-tokens applies to the tiny models"),
     # flops
     (["flops"], "--config"),
     (["flops", "--config", "bogus", "--method", "fastv", "--keep", "4"], "--config: no config 'bogus'"),
@@ -53,6 +55,8 @@ BAD = [
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--image-size", "big"], "argument --image-size"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--json", "/nonexistent/dir/x.json"], "--json"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--convention", "4ndm"], "argument --convention"),
+    (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--convention", "3ndm", "--decode-steps", "8"],
+     "--decode-steps"),
     # bench
     (["bench", "--config", "bogus"], "--config: no config 'bogus'"),
     (["bench", "--config", "tiny-llava"], "pass a budget"),

@@ -21,7 +21,7 @@ from tokprune.cli import main
 README = Path(__file__).resolve().parents[1] / "README.md"
 #: appended to a README command line: the same command, smaller (argparse keeps the last value of an option)
 FASTER = {
-    "demo": ["--samples", "20", "--new-tokens", "2"],
+    "demo": ["--new-tokens", "2"],  # tiny models (--family); the reference models get --samples 20
     "bench": ["--n-text", "8", "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--no-progress"],
     "flops": [],
 }

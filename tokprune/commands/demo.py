@@ -21,6 +21,9 @@ from tokprune.commands import args as types
 DEFAULT_METHODS = ("cls", "fastv")
 TINY_KEEP_RATIO = 0.5  # the tiny models have 4 (Qwen) to 24 (LLaVA-NeXT) visual tokens: keep half
 REFERENCE_KEEP_RATIO = 0.125  # 8 of the reference models' 64 tokens
+#: options of one kind of model only, with their defaults; given for the other kind they are an error
+REFERENCE_OPTIONS = {"samples": 100, "show": 2}
+TINY_OPTIONS = {"new_tokens": 8}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,17 +43,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--keep-ratio", type=types.kept_fraction, default=None,
                         help=f"fraction of visual tokens kept (default: {REFERENCE_KEEP_RATIO} on reference models, "
                              f"{TINY_KEEP_RATIO} on tiny ones)")
-    p.add_argument("--samples", type=types.positive_int, default=100,
-                   help="test samples for the accuracy line (reference models)")
-    p.add_argument("--show", type=types.nonneg_int, default=2,
-                   help="samples whose kept tokens are drawn (reference models)")
+    p.add_argument("--samples", type=types.positive_int, default=None,
+                   help=f"test samples scored (reference models; default {REFERENCE_OPTIONS['samples']})")
+    p.add_argument("--show", type=types.nonneg_int, default=None,
+                   help=f"samples whose kept tokens are drawn (reference models; default {REFERENCE_OPTIONS['show']})")
     p.add_argument("--save", default=None, help="also write the kept-token pictures, labelled, to this PNG file")
-    p.add_argument("--new-tokens", type=types.positive_int, default=8, help="tokens to generate (tiny models)")
+    p.add_argument("--new-tokens", type=types.positive_int, default=None,
+                   help=f"tokens to generate (tiny models; default {TINY_OPTIONS['new_tokens']})")
     p.set_defaults(func=run)
 
 
 def check(args: argparse.Namespace) -> None:
-    """Everything that can be checked before a model loads; raises ValueError / OSError naming the argument."""
+    """Everything that can be checked before a model loads; raises ValueError / OSError naming the argument.
+    Fills in the defaults of the options that apply to the chosen kind of model."""
+    own, other = (TINY_OPTIONS, REFERENCE_OPTIONS) if args.family is not None else (REFERENCE_OPTIONS, TINY_OPTIONS)
+    for name in other:
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            kind = "the reference models (--model)" if args.family is not None else "the tiny models (--family)"
+            raise ValueError(f"{flag} applies to {kind} only; drop it or switch model")
+    for name, default in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.family is not None:
         from tokprune.testing import families
 

@@ -57,6 +57,9 @@ def check(args: argparse.Namespace) -> None:
     if args.stages is None and not has_budget:
         raise ValueError("pass a budget: --method M with --keep N or --keep-ratio R (e.g. --method fastv --keep 192), "
                          "or an explicit schedule --stages LAYER:KEPT,...")
+    if args.decode_steps and args.convention != "full":
+        raise ValueError(f"--decode-steps is counted by --convention full only ({args.convention} counts the prefill "
+                         "of visual tokens); drop one of them")
     if args.json:
         types.check_writable(args.json, "--json")
 

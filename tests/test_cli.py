@@ -53,6 +53,7 @@ BAD = [
     (["flops", "--config", "llava-1.5-7b", "--keep", "1000"], "keep=1000 is larger than the 576"),
     (["flops", "--config", "llava-1.5-7b", "--keep-ratio", "0"], "argument --keep-ratio"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--image-size", "big"], "argument --image-size"),
+    (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--image-size", "672x672"], "--image-size: LLaVA-1.5"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--json", "/nonexistent/dir/x.json"], "--json"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--convention", "4ndm"], "argument --convention"),
     (["flops", "--config", "llava-1.5-7b", "--keep", "4", "--convention", "3ndm", "--decode-steps", "8"],

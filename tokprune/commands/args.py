@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def positive_int(text: str) -> int:
@@ -106,16 +107,22 @@ def check_methods(names: Sequence[str], option: str = "--method", hint: str = ""
         raise ValueError(f"{option}: unknown method {', '.join(map(repr, unknown))}; known: {', '.join(known)}{hint}")
 
 
-def check_config(name: str) -> None:
-    """``name`` is a shipped config or a config file/directory (reads the JSON; loads no weights)."""
+def check_config(name: str, image_size: tuple[int, int] | None = None) -> Any:
+    """The transformers config of ``name`` (a shipped config or a config file/directory; reads the JSON, loads no
+    weights), checked to accept ``--image-size`` when one is given."""
     from tokprune import configs
 
     try:
-        configs.load(name)
+        config = configs.load(name)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--config: {e}") from None
     except ValueError as e:
         raise ValueError(f"--config: {e}") from None
+    if image_size is not None and config.model_type == "llava":
+        side = config.vision_config.image_size
+        raise ValueError(f"--image-size: LLaVA-1.5 ({name}) resizes every image to {side}x{side}; drop --image-size "
+                         "(it matters for LLaVA-NeXT and Qwen)")
+    return config
 
 
 def check_writable(path: str, option: str, *, make_folders: bool = False) -> None:

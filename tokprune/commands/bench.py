@@ -59,7 +59,7 @@ def check(args: argparse.Namespace) -> tuple[Any, Any]:
     from tokprune import configs
     from tokprune.commands.memory import check_fits
 
-    types.check_config(args.config)
+    config = types.check_config(args.config, args.image_size)
     if not args.keep and not args.keep_ratio:
         raise ValueError("pass a budget: --keep N[,N...] and/or --keep-ratio R[,R...] (e.g. --keep 192,64)")
     if args.methods:
@@ -70,7 +70,6 @@ def check(args: argparse.Namespace) -> tuple[Any, Any]:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.out:
         types.check_writable(args.out, "--out", make_folders=True)
-    config = configs.load(args.config)
     # the prompt's geometry (text tokens around the images, image size) must suit the config: build one on the CPU
     try:
         configs.example_inputs(config, n_text=args.n_text, n_images=args.images, batch=1, image_size=args.image_size)

@@ -47,7 +47,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def check(args: argparse.Namespace) -> None:
     """Everything argparse cannot check alone, before any counting: the config exists, the method is implemented,
     a budget or schedule is given, and the ``--json`` file can be written."""
-    types.check_config(args.config)
+    types.check_config(args.config, args.image_size)
     if args.method is not None:
         types.check_methods([args.method], "--method", hint=" (planned ones such as pdrop are in docs/methods.md; "
                             "count a planned schedule with --stages, e.g. PyramidDrop --stages 8:0.5,16:0.25,24:0.125)")

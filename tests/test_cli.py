@@ -211,3 +211,25 @@ def test_demo_on_the_reference_model_draws_kept_tokens(capsys, tmp_path):
 
     width, height = Image.open(png).size
     assert width == 256 and height > 256  # labelled: method, question and answers above the picture
+
+
+def test_argument_types_parse_what_they_promise():
+    from tokprune.commands import args
+
+    assert args.stages("2:0.5, 8:64") == [(2, 0.5), (8, 64)]
+    assert args.image_size("672X1008") == (672, 1008)
+    assert args.comma_list(args.positive_int, "counts")("192,128,,64") == [192, 128, 64]
+    assert args.kept_fraction("1") == 1.0
+
+
+def test_weight_estimate_is_the_built_models_size():
+    import torch
+
+    from tokprune import configs
+    from tokprune.commands.memory import weight_bytes
+
+    model = configs.build_model("tiny-qwen2-vl", "cpu", torch.float32)
+    assert weight_bytes(configs.load("tiny-qwen2-vl"), torch.float32) == sum(
+        p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes(configs.load("tiny-qwen2-vl"), torch.bfloat16) * 2 == weight_bytes(
+        configs.load("tiny-qwen2-vl"), torch.float32)

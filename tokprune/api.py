@@ -108,7 +108,12 @@ def pruned(model: nn.Module, method: str, keep: int | None = None, keep_ratio: f
 
 
 def last_record(model: nn.Module) -> PruneRecord | None:
-    """What the last forward / generate of a patched model pruned (None before its first prefill)."""
+    """What the last forward / generate of a patched model pruned.
+
+    None before the first prefill with images, and again after a text-only prefill (a prompt without images:
+    nothing was pruned, and the record of an earlier image prompt is forgotten so it cannot be mistaken for this
+    one's). Decode steps of the same sequence keep their prefill's record.
+    """
     handle = getattr(model, ATTR, None)
     if not isinstance(handle, Handle):
         raise ValueError("this model is not patched; call tokprune.apply(model, method=..., keep=...) first")

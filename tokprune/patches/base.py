@@ -216,6 +216,7 @@ class Adapter:
             return (), kw
         if past == 0:  # a new text-only sequence: forget the last prefill
             self._decode = None
+            self.record = None  # last_record() must not report an earlier image prompt as this one's
             if self.llm is not None:
                 self.llm.reset()
         return args, kw

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import tokprune
-from tokprune.viz.compose import hstack, titled, vstack
+from tokprune.viz.compose import hstack, text_width, titled, vstack
 from tokprune.viz.panels import picture
 
 
@@ -105,6 +105,6 @@ def compare(model: Any, processor: Any, images: Image.Image | Sequence[Image.Ima
             total = sum(r.record.n_visual[0])
             pic = picture(imgs, r.record, size=size, scores=scores)
             cells.append(titled(pic, f"{budget_label(budget)}: {kept}/{total} tokens, answer {r.answer!r}"))
-        rows.append(titled(hstack(cells, gap=10), method, side="left"))
+        rows.append(titled(hstack(cells, gap=10), method, side="left", label_width=max(map(text_width, methods))))
     grid = vstack(rows, gap=10)
     return titled(grid, f"{type(model).__name__}: {question!r} (unpruned answer {base.answer!r})")

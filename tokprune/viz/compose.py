@@ -37,11 +37,17 @@ def vstack(pictures: Sequence[Image.Image], gap: int = 4) -> Image.Image:
     return out
 
 
-def titled(picture: Image.Image, text: str, side: str = "top") -> Image.Image:
-    """``picture`` with ``text`` (one or more lines) above it, or to its left when ``side="left"``."""
+def text_width(text: str) -> int:
+    """Pixels the widest line of ``text`` takes in the default font."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return max(int(draw.textlength(t)) for t in text.split("\n"))
+
+
+def titled(picture: Image.Image, text: str, side: str = "top", label_width: int | None = None) -> Image.Image:
+    """``picture`` with ``text`` (one or more lines) above it, or to its left when ``side="left"`` (in a column of
+    ``label_width`` pixels, so that labelled rows line up)."""
     lines = text.split("\n")
-    draw = ImageDraw.Draw(picture)
-    width = max(int(draw.textlength(t)) for t in lines) + 6
+    width = max(text_width(text), label_width or 0) + 6
     if side == "left":
         out = Image.new("RGB", (picture.width + width, max(picture.height, LINE * len(lines) + 4)), WHITE)
         out.paste(picture, (width, 0))

@@ -17,6 +17,7 @@ A layout is a list of :class:`View` s, each a grid of tokens over a rectangle of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,22 +112,34 @@ def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n
     """LLaVA-NeXT: base tile, then the unpadded high-resolution grid with a newline token after every row.
 
     ``image_hw``: the (height, width) the processor reported in ``image_sizes`` (the record's ``image_sizes``);
-    ``config``: the model's ``LlavaNextConfig`` (tile size, patch size, grid pinpoints)."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    ``config``: the model's ``LlavaNextConfig`` (tile size, patch size, grid pinpoints). The base tile is the whole
+    image squashed to the encoder's square. The high-resolution canvas holds the image resized to fit (aspect
+    kept, ``ceil`` on the short side) and centred, as the processor does; the box of the unpadded grid is that
+    canvas region mapped back onto the image, so a cell is drawn where its pixels came from."""
+    from transformers.image_processing_utils import select_best_resolution
 
     vc = config.vision_config
     if getattr(config, "vision_feature_select_strategy", "default") != "default":
         raise NotImplementedError("tokprune.viz draws LLaVA-NeXT with vision_feature_select_strategy='default' only")
-    g = vc.image_size // vc.patch_size
+    g, p = vc.image_size // vc.patch_size, vc.patch_size
     w, h = size
     base = View("base tile", (0.0, 0.0, float(w), float(h)), np.arange(g * g).reshape(g, g))
-    tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_hw), config.image_grid_pinpoints, vc.image_size)
-    r0, r1, c0, c1 = unpadded_shape(tiles_h * g, tiles_w * g, image_hw)
+    ih, iw = (int(v) for v in image_hw)
+    canvas_h, canvas_w = select_best_resolution((ih, iw), config.image_grid_pinpoints)
+    r0, r1, c0, c1 = unpadded_shape(canvas_h // p, canvas_w // p, (ih, iw))
+    if canvas_w / iw < canvas_h / ih:
+        new_w, new_h = canvas_w, min(math.ceil(ih * canvas_w / iw), canvas_h)
+    else:
+        new_w, new_h = min(math.ceil(iw * canvas_h / ih), canvas_w), canvas_h
+    off_x, off_y = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
+    sx, sy = w / new_w, h / new_h  # canvas pixels -> displayed image pixels
+    box = ((c0 * p - off_x) * sx, (r0 * p - off_y) * sy, (c1 * p - off_x) * sx, (r1 * p - off_y) * sy)
     rows, cols = r1 - r0, c1 - c0
     stride = cols + int(newlines)
     tokens = g * g + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]
     nl = g * g + np.arange(rows) * stride + cols if newlines else None
-    hi = View(f"high-res {tiles_h}x{tiles_w} tiles", (0.0, 0.0, float(w), float(h)), tokens, nl)
+    tiles = f"{canvas_h // vc.image_size}x{canvas_w // vc.image_size}"
+    hi = View(f"high-res {tiles} tiles", box, tokens, nl)
     return _check_count(Layout("llava_next", size, (base, hi), g * g + rows * stride), n_visual)
 
 

@@ -9,7 +9,8 @@ Per cell of a :class:`~tokprune.viz.layout.View`:
 * image area no token covers (outside LLaVA's centre crop): also dimmed, since the model never saw it.
 
 With ``scores`` every scored cell is blended with a heat colour (dark = low, yellow = high, min-max over the
-scored tokens of the image) *before* the dimming, so pruned and kept cells keep both cues.
+scored tokens of the image) *before* the dimming, and pruned cells are dimmed to ``max(dim, SCORE_DIM)`` only, so
+pruned and kept cells keep both cues.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 _HEAT = np.array([[20, 12, 60], [200, 40, 60], [250, 230, 60]], dtype=np.float32)
 MERGE_TINT = 0.65  # weight of a merged token's colour over its sources' pixels
 HEAT_WEIGHT = 0.55
+SCORE_DIM = 0.5  # pruned cells are dimmed at most this much under a heat-map, so their heat stays readable
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -102,7 +104,7 @@ def render_view(image: Image.Image, view: View, kept: np.ndarray, size: int = 25
     keep = covered & kept[safe]
     absorbed = covered & ~keep & (owner[safe] >= 0) if owner is not None else np.zeros_like(covered)
     dimmed = ~keep & ~absorbed
-    px[dimmed] *= dim
+    px[dimmed] *= dim if scores is None else max(dim, SCORE_DIM)
     if absorbed.any():
         colours = np.asarray(PALETTE, dtype=np.float32)[owner[safe][absorbed] % len(PALETTE)]
         px[absorbed] = px[absorbed] * (1 - MERGE_TINT) + colours * MERGE_TINT

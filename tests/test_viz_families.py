@@ -235,3 +235,39 @@ def test_layout_of_needs_the_records_image_metadata(llava_config) -> None:
     assert layout_of(rec, (84, 56)).views[0].shape == (2, 3)
     with pytest.raises(ValueError, match="pass config=model.config"):
         layout_of(PruneRecord(method="x", n_visual=[[6]], seq_len=[0]), (84, 56))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_real_records_with_two_images_of_different_sizes(family) -> None:
+    """A prompt with two images of different sizes: every image's layout must account for exactly the visual tokens
+    the model gave it (the layout raises otherwise), and the picture has a panel group per image."""
+    import tokprune
+    from tokprune.testing import QWEN_IMAGE_TAG, image_prompt, make_image
+
+    model, proc = tiny_model(family)
+    imgs = [make_image(84, 56, seed=1), make_image(56, 112, seed=2)]
+    text = (f"user {QWEN_IMAGE_TAG} {QWEN_IMAGE_TAG} what ? assistant :" if family.startswith("qwen")
+            else image_prompt(proc, 2))
+    enc = proc(images=imgs, text=[text], return_tensors="pt")
+    with tokprune.pruned(model, "random", keep_ratio=0.5):
+        with torch.no_grad():
+            model(**enc)
+        rec = tokprune.last_record(model)
+    for i, img in enumerate(imgs):
+        layout = layout_of(rec, img.size, 0, i)
+        assert layout.n_tokens == rec.n_visual[0][i]
+        cells = sorted(t for v in layout.views for t in v.tokens.reshape(-1).tolist())
+        extra = sorted(t for v in layout.views if v.newlines is not None for t in v.newlines.tolist())
+        assert sorted(cells + extra) == list(range(layout.n_tokens))  # every token drawn exactly once
+    one = picture(imgs[0], _only(rec, 0)).width
+    assert picture(imgs, rec).width > one
+
+
+def _only(rec: PruneRecord, i: int) -> PruneRecord:
+    """The record restricted to image ``i`` of sample 0."""
+    out = PruneRecord(method=rec.method, n_visual=[[rec.n_visual[0][i]]], seq_len=rec.seq_len, config=rec.config)
+    out.stages = [Stage(s.kind, s.layer, [[s.kept[0][i]]]) for s in rec.stages]
+    for key in ("image_sizes", "image_grid_thw"):
+        if getattr(rec, key) is not None:
+            setattr(out, key, [[getattr(rec, key)[0][i]]])
+    return out

@@ -105,6 +105,12 @@ def test_next_layout_matches_the_models_own_packing(next_model, hw) -> None:
     want = 1000 + (r0 + np.arange(rows))[:, None] * 100 + (c0 + np.arange(cols))[None, :]
     assert (codes[hi.tokens] == want).all()
     assert (codes[hi.newlines] == -1).all()
+    img = Image.new("RGB", (hw[1], hw[0]), (90, 90, 90))
+    kept = np.zeros(layout.n_tokens, dtype=bool)
+    kept[hi.newlines[::2]] = True
+    strip = np.asarray(render_view(img, hi, kept, size=max(hw)))[:, -1]
+    assert {tuple(p) for p in strip} <= {(90, 200, 90), (70, 70, 70), (255, 255, 255)}
+    assert (strip == (90, 200, 90)).all(-1).any() and ((strip == (70, 70, 70)).all(-1).any() or rows == 1)
 
 
 def test_next_tiled_image_with_unpadding_pixels(next_model) -> None:

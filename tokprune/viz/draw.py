@@ -133,6 +133,7 @@ def _with_newlines(panel: Image.Image, view: View, kept: np.ndarray, image_size:
     arr = np.asarray(out).copy()
     y0, y1 = view.box[1] * panel.height / image_size[1], view.box[3] * panel.height / image_size[1]
     for r, t in enumerate(view.newlines):
-        a, b = round(y0 + (y1 - y0) * r / rows), round(y0 + (y1 - y0) * (r + 1) / rows)
-        arr[a:max(a + 1, b - 1), panel.width + 2:] = NEWLINE_KEPT if kept[int(t)] else NEWLINE_DROPPED
+        a = min(max(0, round(y0 + (y1 - y0) * r / rows)), panel.height - 1)  # the grid may overhang the image
+        b = min(max(a + 1, round(y0 + (y1 - y0) * (r + 1) / rows) - 1), panel.height)
+        arr[a:b, panel.width + 2:] = NEWLINE_KEPT if kept[int(t)] else NEWLINE_DROPPED
     return Image.fromarray(arr)

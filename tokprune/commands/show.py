@@ -17,7 +17,11 @@ DEFAULT_MODEL = "llava-shapes"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("show", help="draw which visual tokens each method keeps on one image (methods x budgets)")
+    p = sub.add_parser(
+        "show", help="draw which visual tokens each method keeps on one image (methods x budgets)",
+        description="Run each method at each budget once on one image and write one picture: a row per method, a "
+                    "column per budget, kept cells outlined, pruned ones dimmed, each cell titled with the model's "
+                    "answer. Offline by default (llava-shapes on a Shapes-VQA test image).")
     p.add_argument("--image", default=None, help="image file (default: a Shapes-VQA test image)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="reference model name, tiny:<family>, local directory or hub id (default: llava-shapes)")

@@ -58,12 +58,14 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
 
 
 def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: float | None = None,
-          **options: Any) -> nn.Module:
+          record_scores: bool = False, **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
     ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass exactly one.
     ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``) and the
     model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see ``docs/families.md``).
+    ``record_scores``: also store in every stage of the record the score the method gave each visual token
+    (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies scores to the CPU.
     Applying to a patched model replaces the previous patch. Refuses a transformers release outside the tested
     window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently wrong.
     """
@@ -73,6 +75,7 @@ def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: fl
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
     pruner = make_pruner(method, options)
     adapter = adapter_cls(model, pruner, budget, **family_options)
+    adapter.record_scores = bool(record_scores)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
     if fixed:
         budget.count(fixed)  # fail now, not at the first forward

@@ -28,7 +28,7 @@ from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
 from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
-from tokprune.record import PruneRecord, Stage
+from tokprune.record import PruneRecord, Stage, capture_scores, spread
 from tokprune.signals import TAPS, attention_rows
 
 
@@ -55,6 +55,10 @@ class Adapter:
     token_keys: ClassVar[dict[str, int]] = {"labels": -100}
     #: family options ``tokprune.apply`` accepts next to the method's: name -> allowed values, the default first
     options: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: fill ``Stage.scores`` (``tokprune.apply(..., record_scores=True)``)
+    record_scores: bool = False
+    #: per image, the last vision stage's scores over its original tokens (set by ``select_vision``), or None
+    _vision_scores: list[torch.Tensor] | None = None
 
     def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget, **options: Any) -> None:
         self.model, self.pruner, self.budget = model, pruner, budget
@@ -176,7 +180,10 @@ class Adapter:
         """
         signals = self._vision_signals(features)
         signals.owners = owners
-        return self.pruner.select_vision(signals, [self.budget.count(c) for c in counts])
+        with capture_scores(self.pruner, self.record_scores) as seen:
+            keeps = self.pruner.select_vision(signals, [self.budget.count(c) for c in counts])
+        self._vision_scores = [spread(c, torch.arange(c), s) for c, s in zip(counts, seen[0])] if seen else None
+        return keeps
 
     def _vision_signals(self, features: list[torch.Tensor]) -> VisionSignals:
         cls: dict[int, list[torch.Tensor]] = {}
@@ -275,6 +282,8 @@ class Adapter:
                      for bi, (rs, ri) in enumerate(zip(spans, rows_images))]
             origin = [[keeps[j] for j in ri] for ri in rows_images]
             record.stages.append(Stage("vision", None, origin))
+            if self._vision_scores is not None:
+                record.stages[-1].scores = [[self._vision_scores[j] for j in ri] for ri in rows_images]
             new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
             new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, keeps)
             n_pruned = idx.shape[1]

@@ -37,6 +37,7 @@ import torch
 
 from tokprune.patches.llava import LlavaAdapter
 from tokprune.pruners.base import VisionSignals
+from tokprune.record import capture_scores
 from tokprune.registry import register_model
 
 #: owner index stride of tiles presented to a pruner as separate images (tile t of image i -> i * STRIDE + t)
@@ -178,7 +179,13 @@ class LlavaNextAdapter(LlavaAdapter):
                            for layer, rows in signals.cls_attention.items()},
             owners=[(owners[j][0], owners[j][1] * TILE_STRIDE + t) for j, t, _, _ in units],
         )
-        picks = self.pruner.select_vision(sub, [k for *_, k in units]) if units else []
+        with capture_scores(self.pruner, self.record_scores) as seen:
+            picks = self.pruner.select_vision(sub, [k for *_, k in units]) if units else []
+        self._vision_scores = None
+        if seen:
+            self._vision_scores = [torch.full((f.shape[0],), float("nan")) for f in features]
+            for (j, _, p, _), s in zip(units, seen[0]):
+                self._vision_scores[j][p.cpu()] = s.detach().float().cpu()
         keep_newlines = self.pruner.keep_newlines
         keeps = []
         for j, layout in enumerate(layouts):

@@ -22,7 +22,7 @@ import torch
 from tokprune.patches.compat import get_cache
 from tokprune.patches.sequence import gather_seq, last_real_index
 from tokprune.pruners.base import LLMSignals
-from tokprune.record import PruneRecord, Stage
+from tokprune.record import PruneRecord, Stage, capture_scores, spread
 from tokprune.signals import TAPS, attention_rows
 
 if TYPE_CHECKING:
@@ -121,7 +121,11 @@ class LLMStages:
         signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k), visual=self.visual)
         ks = [[min(int(o.numel()), pruner.stage_budget(s, n, a.budget.count(n))) for o, n in zip(orow, nrow)]
               for orow, nrow in zip(self.origin, self.record.n_visual)]
-        rel = pruner.select_llm(signals, ks)
+        with capture_scores(pruner, a.record_scores) as seen:
+            rel = pruner.select_llm(signals, ks)
+        scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
+                   for bi, (orow, vrow, nrow) in enumerate(zip(self.origin, self.visual, self.record.n_visual))]
+                  if seen else None)
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):
             for pos in row:
@@ -143,7 +147,7 @@ class LLMStages:
         self.idx = torch.gather(self.idx, 1, slots)
         self.dead = dead_slots
         self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
-        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin]))
+        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin], scores))
         kwargs = self._prefill_kwargs(kw, hidden)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
                            "dropped": self._dropped_total()})

@@ -20,6 +20,14 @@ BAD = [
     # the command itself
     ([], "required: command"),
     (["bogus"], "invalid choice: 'bogus'"),
+    # show (checked before the model loads)
+    (["show", "--methods", "bogus"], "unknown method 'bogus'"),
+    (["show", "--keep", "0"], "--keep 0"),
+    (["show", "--keep", "lots"], "neither a token count"),
+    (["show", "--image", "/nonexistent.png"], "--image /nonexistent.png"),
+    (["show", "--out", "kept.jpg"], "--out kept.jpg"),
+    (["show", "--out", "/nonexistent/dir/x.png"], "/nonexistent"),
+    (["show", "--model", "no-such-model-dir"], "--model no-such-model-dir"),
     # demo
     (["demo", "--method", "bogus"], "unknown method 'bogus'"),
     (["demo", "--keep", "1000"], "keep=1000 is larger than the 64 visual tokens"),

@@ -57,8 +57,9 @@ def load_model(name: str) -> tuple[Any, Any, str | None]:
         processor = AutoProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name).eval()
     except OSError as err:
-        raise SystemExit(f"tokprune show: cannot load model {name!r} ({err}); pass a reference model "
-                         f"({', '.join(NAMES)}), tiny:<family>, a local directory or a hub id") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"--model {name}: cannot load it ({first}); pass a reference model ({', '.join(NAMES)}), "
+                      "tiny:<family>, a local directory or a hub id reachable from here") from err
     return model, processor, None
 
 
@@ -79,15 +80,28 @@ def default_methods(model: Any) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from PIL import Image
 
+    from tokprune.commands.args import check_methods, check_writable
     from tokprune.data import ShapesVQA
     from tokprune.reference.arch import image_size
     from tokprune.reference.text import prompt
     from tokprune.viz import budget_of, compare, save
 
-    model, processor, ref_family = load_model(args.model)
+    # every argument is checked before the model loads
     budgets = [budget_of(b) for b in (args.keep or "0.25,0.125").split(",")]
+    if any(b.get("keep", 1) < 1 for b in budgets):
+        raise ValueError(f"--keep {args.keep}: a token count must be >= 1 (or pass a kept fraction, e.g. 0.25)")
+    if args.methods:
+        check_methods(args.methods.split(","), option="--methods")
+    if args.image is not None and not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image}: no such file")
+    if Path(args.out).suffix.lower() not in (".png", ".svg"):
+        raise ValueError(f"--out {args.out}: the picture is written as .png or .svg; name the file so")
+    check_writable(args.out, "--out")
+    model, processor, ref_family = load_model(args.model)
     methods = args.methods.split(",") if args.methods else default_methods(model)
     if args.image is not None:
         image = Image.open(args.image).convert("RGB")

@@ -11,6 +11,7 @@ from tokprune.rules.hiprune import (
     hiprune_select,
     merge_unit_scores,
     received_attention,
+    tile_budget,
 )
 
 
@@ -37,6 +38,7 @@ def test_anchor_count_rounding():
     assert anchor_count(64, 0.1) == 1  # 1.28
     assert anchor_count(125, 0.1) == 2  # 2.5 -> 2: Python's round is half to even, as the reference's
     assert anchor_count(12, 1.0) == 2
+    assert tile_budget(640, 5) == 128 and tile_budget(160, 3) == 53
 
 
 def test_row_edge_anchor_wrap_rows_true_reference():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokprune.rules.vflowopt import (
+    RELEASED,
     RELEASED_25,
     hub_attention,
     importance_map,
@@ -129,6 +130,8 @@ def test_llm_stage_and_budgets():
     assert llm_stage_keep(torch.tensor([0.5, 0.1, 0.9, 0.3, 0.2]), 0.5).tolist() == [0, 2, 3]  # round(2.5) = 2
     assert layer_averaged_ratio((0.1166, 1.0, 0.6011), (9, 9, 10)) == pytest.approx(0.100, abs=5e-4)
     assert layer_averaged_ratio(RELEASED_25["ratios"], (9, 9, 10)) == pytest.approx(0.25, abs=2e-3)
+    for target, cfg in RELEASED.items():  # every released configuration meets its layer-averaged target
+        assert layer_averaged_ratio(cfg["ratios"], (9, 9, 10)) == pytest.approx(target, abs=2e-3)
     r3 = solve_last_ratio(0.1, 0.1166, 1.0, (9, 9, 10))
     assert r3 == pytest.approx(0.6011, abs=2e-3)
     assert solve_last_ratio(0.9, 0.5, 0.5, (9, 9, 10)) == 1.0  # clipped

@@ -38,6 +38,7 @@ __all__ = [
     "hiprune_select",
     "merge_unit_scores",
     "received_attention",
+    "tile_budget",
 ]
 
 
@@ -66,6 +67,12 @@ def merge_unit_scores(
         raise ValueError(f"{p} patch scores are not a multiple of the merge unit {unit}")
     merged = patch_scores.float().view(b, p // unit, unit).mean(dim=-1)
     return merged if reverse_indices is None else merged[:, reverse_indices]
+
+
+def tile_budget(keep: int, n_tiles: int) -> int:
+    """LLaVA-NeXT: the reference's per-tile budget ``int(keep / n_tiles)`` (640 over 5 tiles -> 128 each); each
+    tile then runs :func:`hiprune_select` on its own 24-wide grid and newline tokens are kept on top."""
+    return int(keep / n_tiles)
 
 
 def anchor_count(keep: int, alpha: float) -> int:

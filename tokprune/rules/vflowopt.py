@@ -32,6 +32,7 @@ import torch
 from tokprune.kernels import select_topk
 
 __all__ = [
+    "RELEASED",
     "RELEASED_25",
     "RecycleResult",
     "hub_attention",
@@ -44,7 +45,12 @@ __all__ = [
 ]
 
 # The released 25% configuration for LLaVA-OneVision-7B (28 LLM layers, cuts before layers 9 and 18).
-RELEASED_25 = {"t": 34.76, "alpha": 0.0, "cell": 15.58, "ratios": (0.2651, 0.9833, 0.8773), "layers": (9, 18)}
+RELEASED = {
+    0.50: {"t": 28.68, "alpha": 0.0, "cell": 11.76, "ratios": (0.7233, 0.7487, 0.487), "layers": (9, 18)},
+    0.25: {"t": 34.76, "alpha": 0.0, "cell": 15.58, "ratios": (0.2651, 0.9833, 0.8773), "layers": (9, 18)},
+    0.10: {"t": 39.26, "alpha": 0.0, "cell": 17.39, "ratios": (0.1166, 1.0, 0.6011), "layers": (9, 18)},
+}
+RELEASED_25 = RELEASED[0.25]  # the default configuration
 
 
 def hub_attention(attn: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -126,3 +126,17 @@ def test_stage2_scores_known_and_counts_adapt():
     torch.testing.assert_close(vc, torch.tensor([[1.0, 1 / 3]]))
     q = query_scores(torch.tensor([[[3.0, 1.0], [0.0, 1.0]]]), vc)
     assert q[0, 0] > 0.99 and q[0, 1] == pytest.approx(0.316, abs=1e-3)
+
+
+def test_random_stage2_equals_loop():
+    g = torch.Generator().manual_seed(2)
+    a_k, a_km1 = torch.rand(2, 20, generator=g), torch.rand(2, 20, generator=g)
+    hid, vq = torch.randn(2, 20, 8, generator=g), torch.randn(2, 8, generator=g)
+    s = context_scores(a_k, a_km1, hid, vq)
+    for b in range(2):
+        for j in range(20):
+            cos = float(hid[b, j] @ vq[b] / (hid[b, j].norm() * vq[b].norm()))
+            assert s[b, j].item() == pytest.approx(max(0.0, float(a_k[b, j] - a_km1[b, j])) + 0.6 * cos, abs=1e-5)
+    kept = select_pool(s, 7)
+    for b in range(2):
+        assert kept[b].tolist() == sorted(sorted(range(20), key=lambda j: -float(s[b, j]))[:7])

@@ -73,6 +73,13 @@ def test_bottom_row_clamp_and_overlapping_buffers_give_more_registers():
     assert _idx(sel2.anchor_mask | sel2.buffer_mask) == [9, 10, 12, 13, 14, 15]
 
 
+def test_zero_anchors_gives_registers_only():
+    deep = torch.arange(16, dtype=torch.float32)
+    sel = hiprune_select(torch.rand(16), deep, width=4, keep=10, alpha=0.1)  # round(0.2) = 0 anchors
+    assert sel.anchors.numel() == 0 and not sel.buffer_mask.any()
+    assert sel.kept.tolist() == list(range(6, 16))
+
+
 def test_buffer_indices_missing_neighbours():
     a = torch.tensor([[0, 5, 15]])
     assert buffer_indices(a, 4, 16, wrap_rows=True).tolist() == [[0, 4, 14, 1, 6, 15, 0, 1, 11, 4, 9, 15]]

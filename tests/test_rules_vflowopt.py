@@ -135,3 +135,27 @@ def test_llm_stage_and_budgets():
     r3 = solve_last_ratio(0.1, 0.1166, 1.0, (9, 9, 10))
     assert r3 == pytest.approx(0.6011, abs=2e-3)
     assert solve_last_ratio(0.9, 0.5, 0.5, (9, 9, 10)) == 1.0  # clipped
+
+
+def test_random_importance_map_equals_reference_code():
+    g = torch.Generator().manual_seed(3)
+    attn = (4 * torch.randn(2, 3, 16, 16, generator=g)).softmax(-1)
+    pixels = torch.randint(0, 256, (2, 3, 56, 56), generator=g).float()
+    for t in (0.5, 1.5, 3.0):
+        c, _ = hub_attention(attn, t)
+        ent = patch_entropy(pixels)
+        imp = importance_map(c, ent, alpha=0.3)
+        for b in range(2):
+            # the reference's per-image loop (siglip_encoder): hubs from received attention, mean of hub rows
+            am = attn[b].mean(0)
+            rec = am.mean(0)
+            hub = torch.nonzero(rec > t * rec.mean(), as_tuple=True)[0]
+            want_c = am[hub].mean(0) if hub.numel() else rec  # (+ our empty-hub fallback)
+            patches = pixels[b : b + 1].unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5)
+            patches = patches.reshape(-1, 3, 14, 14)
+            grey = (patches * torch.tensor([0.3333] * 3).view(1, 3, 1, 1)).sum(1).view(16, -1)
+            hist = torch.zeros(16, 256).scatter_add_(1, torch.round(grey).long(), torch.ones(16, 196))
+            prob = hist / hist.sum(1, keepdim=True)
+            want_h = -(prob * torch.log2(prob + 1e-10)).sum(1)
+            torch.testing.assert_close(ent[b], want_h)
+            torch.testing.assert_close(imp[b], want_c + 0.3 * torch.softmax(want_h, 0))

@@ -92,3 +92,12 @@ def test_random_equals_reference_code(dominant, contextual):
     for per in sel.sources:
         flat = sorted(j for s in per for j in s)
         assert len(flat) == 81 - (dominant - 1)
+
+
+def test_cls_free_variant_uses_every_slot_for_patches():
+    scores, metric, hidden = _hand_made()
+    sel = visionzip_select(scores, metric, hidden, dominant=3, contextual=2, with_cls=False)
+    assert sel.dominant.tolist() == [[1, 4, 5]]  # 3 patches by received attention, no [CLS] slot
+    # remaining [0, 2, 3, 6, 7]: step 2 -> targets patches 0 and 3
+    assert sel.targets.tolist() == [[0, 3]]
+    assert sum(len(s) for s in sel.sources[0]) == 5

@@ -167,3 +167,32 @@ def test_semantic_cosine_option():
     torch.testing.assert_close(cos[0], torch.tensor([math.e, 1.0]) / (2 * math.e + 1))
     with pytest.raises(ValueError, match="cosine"):
         semantic_attention(v, "l2")
+
+
+def test_qwen_form_equals_reference_vision_loop():
+    """FlowCut_Qwen's vision loop: global-query relevance, no semantic term, rpl = 32 - i - 1, log(a + 1e-7)."""
+    g = torch.Generator().manual_seed(5)
+    blocks, n, keep, h, d = 8, 48, 6, 2, 4
+    st = FlowCutState(None, torch.arange(n)[None])
+    ref_cum, ref_alive = None, torch.arange(n)
+    for i in range(blocks):
+        t = st.index.shape[1]
+        q, k, v = (torch.randn(h, t, d, generator=g) for _ in range(3))
+        attn = torch.softmax(torch.bmm(q.mean(1, keepdim=True), k.transpose(1, 2)) / math.sqrt(d), -1).mean(0)
+        score = attn * torch.norm(v.mean(0), p=1, dim=-1)
+        if t > keep:
+            rl = blocks - i - 1
+            ref_cum = score.squeeze(0) if ref_cum is None else 0.5 * ref_cum + 0.5 * score.squeeze(0)
+            if not rl % 2:
+                if rl:
+                    ent = -torch.sum(attn * torch.log(attn + 1e-7), dim=-1) / torch.log(torch.tensor(t))
+                    prune = int(((t - keep) / rl**0.5 * (1 - ent**2)).round())
+                else:
+                    prune = t
+                ki = torch.topk(ref_cum, max(t - prune, keep), dim=0).indices.sort().values
+                ref_cum, ref_alive = ref_cum[ki], ref_alive[ki]
+        st, _ = flowcut_step(
+            st, i, blocks, keep, global_query_attention(q[None], k[None]), v.mean(0)[None], None, eps=1e-7
+        )
+        assert st.index[0].tolist() == ref_alive.tolist()
+    assert st.index.shape[1] == keep

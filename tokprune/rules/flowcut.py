@@ -21,7 +21,8 @@ FlowCut drops patch tokens between vision-encoder layers. Reference code (TungCh
 Budgets (``flowcut_vit_target``): LLaVA-1.5 ``keep`` patches; LLaVA-NeXT ``int(keep / 2)`` per tile (§3.2,
 2.5x the budget over 5 tiles while the paper says 2x), then an LLM cut at layer 1 to ``keep``
 (:func:`flowcut_llm_scores`); Qwen2-VL ``8 * keep`` patches (``2 * keep`` merged tokens, §3.3) with the
-global-query form (:func:`global_query_attention`, no semantic term) and ``rpl = num_blocks - 1 - i``.
+global-query form (:func:`global_query_attention`, no semantic term), ``rpl = num_blocks - 1 - i`` and
+``log(a + 1e-7)`` in the entropy (``FlowCut_Qwen/modeling_qwen2_vl_flowcut.py``, ``utils_flowcut.py``).
 """
 
 from __future__ import annotations
@@ -88,10 +89,11 @@ def flowcut_layer_score(
     return rel * value_mean.float().abs().sum(dim=-1)
 
 
-def entropy_ratio(cls_attention: torch.Tensor) -> torch.Tensor:
-    """``H(a / Σa) / log N`` per row (B,), natural logs as the reference (a zero entry gives NaN there too)."""
+def entropy_ratio(cls_attention: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """``H(a / Σa) / log N`` per row (B,), natural logs. ``eps`` inside the log: 0 on CLIP as the reference (a
+    zero entry gives NaN there too), ``1e-7`` in the reference's Qwen2-VL path (``FlowCut_Qwen/utils_flowcut.py``)."""
     p = cls_attention.float() / cls_attention.float().sum(dim=-1, keepdim=True)
-    return -(p * p.log()).sum(dim=-1) / math.log(p.shape[-1])
+    return -(p * (p + eps).log()).sum(dim=-1) / math.log(p.shape[-1])
 
 
 def remaining_prune_layers(layer: int, select_layer: int) -> int:
@@ -99,13 +101,14 @@ def remaining_prune_layers(layer: int, select_layer: int) -> int:
     return select_layer - layer - 1
 
 
-def flowcut_prune_count(cls_attention: torch.Tensor, rpl: int, keep: int) -> int:
+def flowcut_prune_count(cls_attention: torch.Tensor, rpl: int, keep: int, eps: float = 0.0) -> int:
     """Patches to drop at a pruning layer (even ``rpl``): ``round((N - keep)/sqrt(rpl) * (1 - r_H^2))``, the
-    batch maximum before rounding (torch's half-to-even round); at ``rpl == 0`` all ``N - keep`` above keep."""
+    batch maximum before rounding (torch's half-to-even round); at ``rpl == 0`` all ``N - keep`` above keep.
+    ``eps``: see :func:`entropy_ratio` (1e-7 for the Qwen2-VL form)."""
     n = cls_attention.shape[-1]
     if rpl == 0:
         return n - keep
-    r = (n - keep) / rpl**0.5 * (1 - entropy_ratio(cls_attention) ** 2)
+    r = (n - keep) / rpl**0.5 * (1 - entropy_ratio(cls_attention, eps) ** 2)
     return int(r.max().round())
 
 
@@ -179,11 +182,14 @@ def flowcut_step(
     value_mean: torch.Tensor,
     semantic: torch.Tensor | None = None,
     history: float = 0.5,
+    eps: float = 0.0,
 ) -> tuple[FlowCutState, torch.Tensor | None]:
     """One encoder layer of FlowCut after it has run: update the EMA and, on a pruning layer, select.
 
     Returns ``(new_state, keep_idx)`` with ``keep_idx`` (B, N') ascending positions *into the current patches*
-    to keep (None when nothing is dropped at this layer). ``history`` is the EMA weight of the past (0.5).
+    to keep (None when nothing is dropped at this layer). ``history`` is the EMA weight of the past (0.5);
+    ``eps`` the entropy's log epsilon (CLIP 0, Qwen2-VL 1e-7). Qwen2-VL: ``semantic=None`` and
+    ``select_layer = num_blocks``.
     """
     n = cls_attention.shape[-1]
     if n <= keep:
@@ -193,7 +199,7 @@ def flowcut_step(
     rpl = remaining_prune_layers(layer, select_layer)
     if rpl < 0 or rpl % 2:
         return FlowCutState(cum, state.index), None
-    new_n = max(n - flowcut_prune_count(cls_attention, rpl, keep), keep)
+    new_n = max(n - flowcut_prune_count(cls_attention, rpl, keep, eps), keep)
     idx = select_topk(cum, new_n)
     return FlowCutState(torch.gather(cum, 1, idx), torch.gather(state.index, 1, idx)), idx
 

@@ -75,7 +75,7 @@ def test_bottom_row_clamp_and_overlapping_buffers_give_more_registers():
 
 def test_zero_anchors_gives_registers_only():
     deep = torch.arange(16, dtype=torch.float32)
-    sel = hiprune_select(torch.rand(16), deep, width=4, keep=10, alpha=0.1)  # round(0.2) = 0 anchors
+    sel = hiprune_select(torch.linspace(0, 1, 16), deep, width=4, keep=10, alpha=0.1)  # round(0.2) = 0 anchors
     assert sel.anchors.numel() == 0 and not sel.buffer_mask.any()
     assert sel.kept.tolist() == list(range(6, 16))
 
@@ -88,7 +88,9 @@ def test_buffer_indices_missing_neighbours():
 
 def test_too_many_anchors_is_an_error_naming_the_fix():
     with pytest.raises(ValueError, match="lower alpha"):
-        hiprune_select(torch.rand(16), torch.rand(16), width=4, keep=3, alpha=2.0)
+        hiprune_select(torch.eye(16)[5], torch.zeros(16), width=4, keep=3, alpha=2.0)  # 1 interior anchor: 5 tokens
+    # the same anchor in a corner has only 3 distinct tokens (0, 1, 4 after clamping): fits keep=3 exactly
+    assert hiprune_select(torch.eye(16)[0], torch.zeros(16), width=4, keep=3, alpha=2.0).kept.tolist() == [0, 1, 4]
 
 
 def _reference_loop(obj, deep, width, keep, alpha):

@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tokprune
-    from tokprune import bench, configs
+    from tokprune import configs
     from tokprune.commands.flops import parse_size
+    from tokprune.eval import bench
 
     try:
         keeps, ratios = _list(args.keep, int), _list(args.keep_ratio, float)

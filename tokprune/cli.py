@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "flops", "bench")
+COMMANDS = ("demo", "flops", "bench", "eval", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,8 +132,7 @@ def _run_variant(bundle: Any, variant: Any, group: list[Cell], spec: GridSpec, o
 
     n_visual = learnt["visual_tokens_per_image"]
     try:
-        ctx = variant.active(bundle, n_visual)
-        options = ctx.__enter__()
+        options, undo = variant.start(bundle, n_visual)
     except Exception as e:  # e.g. a method the family does not support: every cell of it fails the same way
         for cell in group:
             yield cell, _error_row(cell, e, device)
@@ -149,7 +148,7 @@ def _run_variant(bundle: Any, variant: Any, group: list[Cell], spec: GridSpec, o
             row["seconds"] = round(time.perf_counter() - t0, 3)
             yield cell, row
     finally:
-        ctx.__exit__(None, None, None)
+        undo()
 
 
 def _base_row(cell: Cell, device: Any) -> dict[str, Any]:
@@ -181,12 +180,12 @@ def _run_cell(bundle: Any, cell: Cell, options: dict[str, Any], spec: GridSpec, 
             res = run_task(bundle, task, options, spec.batch_size, bar.update)
         finally:
             bar.close()
-        samples, metric = res.samples, "accuracy"
+        samples, metric, score = res.samples, "accuracy", None
         latency = prefill_ms(bundle, task.examples[0], options)
     else:
         from tokprune.eval import lmms_tasks
 
-        samples, metric = lmms_tasks.run_cell(bundle, cell.task, options, spec)
+        samples, metric, score = lmms_tasks.run_cell(bundle, cell.task, options, spec)
         latency = None
     store.write_samples(out, cell.key, [{"id": s.id, "prediction": s.prediction, "answer": s.answer,
                                         "correct": bool(s.correct)} for s in samples])
@@ -195,7 +194,7 @@ def _run_cell(bundle: Any, cell: Cell, options: dict[str, Any], spec: GridSpec, 
         raise RuntimeError(f"task {cell.task} produced no samples")
     mean = lambda f: sum(f(s.cost) for s in samples) / n  # noqa: E731
     return {**_base_row(cell, device), "status": "ok", "metric": metric, "n": n,
-            "accuracy": sum(bool(s.correct) for s in samples) / n,
+            "accuracy": score if score is not None else sum(bool(s.correct) for s in samples) / n,
             "visual_tokens_final": mean(lambda c: c.visual_final), "visual_tokens_mean": mean(lambda c: c.visual_mean),
             "input_tokens": mean(lambda c: c.input_tokens), "tflops": mean(lambda c: c.tflops),
             "tflops_3ndm": mean(lambda c: c.tflops_3ndm), "prefill_ms": latency,

@@ -9,7 +9,7 @@ to a smaller grid, 2x2 pooling at 25%, with the prompt carrying that many image 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,20 +44,25 @@ class Variant:
     def budget(self) -> Budget:
         return Budget(keep=self.keep, keep_ratio=self.keep_ratio)
 
+    def start(self, bundle: Any, n_visual: int | None) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Patch ``bundle.model`` for this variant: ``(the predictor's encode options, undo)``."""
+        if self.method is None:
+            return {}, lambda: None
+        if self.method == DOWNSAMPLE:
+            return downsample(bundle, self.budget(), n_visual)
+        import tokprune
+
+        tokprune.apply(bundle.model, self.method, keep=self.keep, keep_ratio=self.keep_ratio, **dict(self.options))
+        return {}, lambda: tokprune.remove(bundle.model)
+
     @contextmanager
     def active(self, bundle: Any, n_visual: int | None) -> Iterator[dict[str, Any]]:
-        """Patch ``bundle.model`` for this variant; yields the predictor's encode options."""
-        if self.method is None:
-            yield {}
-        elif self.method == DOWNSAMPLE:
-            with downsampled(bundle, self.budget(), n_visual) as kw:
-                yield kw
-        else:
-            import tokprune
-
-            with tokprune.pruned(bundle.model, self.method, keep=self.keep, keep_ratio=self.keep_ratio,
-                                 **dict(self.options)):
-                yield {}
+        """:meth:`start` as a context manager that always undoes the patch."""
+        options, undo = self.start(bundle, n_visual)
+        try:
+            yield options
+        finally:
+            undo()
 
 
 def pooled_grid(keep: int, rows: int, cols: int) -> tuple[int, int]:
@@ -66,9 +71,8 @@ def pooled_grid(keep: int, rows: int, cols: int) -> tuple[int, int]:
     return a, max(1, min(cols, keep // a))
 
 
-@contextmanager
-def downsampled(bundle: Any, budget: Budget, n_visual: int | None) -> Iterator[dict[str, Any]]:
-    """The downsample baseline at ``budget`` (see the module docstring)."""
+def downsample(bundle: Any, budget: Budget, n_visual: int | None) -> tuple[dict[str, Any], Callable[[], None]]:
+    """The downsample baseline at ``budget`` (see the module docstring): ``(encode options, undo)``."""
     family = bundle.family
     if family in ("qwen2_vl", "qwen2_5_vl"):
         ip = bundle.processor.image_processor
@@ -79,9 +83,8 @@ def downsampled(bundle: Any, budget: Budget, n_visual: int | None) -> Iterator[d
             if n_visual is None:
                 raise ValueError("downsample with keep_ratio needs the unpruned visual token count")
             target = budget.count(n_visual)
-        yield {"processor_kwargs": {"size": {"shortest_edge": factor * factor,
-                                             "longest_edge": max(1, target) * factor * factor}}}
-        return
+        size = {"shortest_edge": factor * factor, "longest_edge": max(1, target) * factor * factor}
+        return {"processor_kwargs": {"size": size}}, lambda: None
     if family != "llava":
         raise ValueError(f"the downsample baseline is defined for llava and qwen2_vl models, not {family}")
     if n_visual is None:
@@ -99,7 +102,4 @@ def downsampled(bundle: Any, budget: Budget, n_visual: int | None) -> Iterator[d
         return F.adaptive_avg_pool2d(grid, (rows, cols)).reshape(b, d, rows * cols).transpose(1, 2)
 
     handle = bundle.model.model.multi_modal_projector.register_forward_hook(pool)
-    try:
-        yield {"image_tokens": rows * cols}
-    finally:
-        handle.remove()
+    return {"image_tokens": rows * cols}, handle.remove

@@ -108,11 +108,15 @@ def generate(bundle: Any, prompts: Sequence[str], images: Sequence[Image.Image],
              options: EncodeOptions | None = None, until: Sequence[str] = ()) -> list[Prediction]:
     """Greedy answers (special tokens removed, cut at the first of ``until``) with their prefill costs."""
     enc = encode(bundle, prompts, images, options)
-    gen_in = {k: v for k, v in enc.items() if k != "position_ids"}  # generate() derives them from the mask
-    out = bundle.model.generate(**gen_in, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=_pad_id(bundle))
-    spent = costs(bundle, gen_in)
-    new = out[:, enc["input_ids"].shape[1]:]
+    if max_new_tokens == 1:  # one greedy token is the argmax of one prefill: skip generate()'s machinery
+        new = bundle.model(**enc, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        spent = costs(bundle, enc)
+    else:
+        gen_in = {k: v for k, v in enc.items() if k != "position_ids"}  # generate() derives them from the mask
+        out = bundle.model.generate(**gen_in, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=_pad_id(bundle))
+        spent = costs(bundle, gen_in)
+        new = out[:, enc["input_ids"].shape[1]:]
     texts = bundle.tokenizer.batch_decode(new, skip_special_tokens=True)
     result = []
     for text, cost in zip(texts, spent):

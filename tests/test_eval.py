@@ -74,17 +74,18 @@ def test_bad_input_fails_before_the_model_loads(args: list[str], message: str, t
 
     monkeypatch.setattr(models, "load", no_load)
     assert main(["eval", "--model", "llava-shapes", "--out", str(tmp_path / "o"), "--no-progress", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tokprune eval: error:") and message in err[0]
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokprune eval")]
+    assert len(ours) == 1 and ours[0].startswith("tokprune eval: error:") and message in ours[0]
     assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------------------------- the grid
 @pytest.fixture(scope="module")
 def llava_grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The offline grid CI runs: cls (and the baselines) at 25% and 12.5% on 200 Shapes-VQA test samples."""
+    """The offline grid of the README (benchmarks/eval_shapes): cls, fastv and the baselines at 25% and 12.5% on 200
+    Shapes-VQA test samples."""
     out = tmp_path_factory.mktemp("eval") / "llava"
-    assert main(["eval", "--model", "llava-shapes", "--methods", "cls", "--keep", "16,8", "--tasks", "shapes",
+    assert main(["eval", "--model", "llava-shapes", "--methods", "cls,fastv", "--keep", "16,8", "--tasks", "shapes",
                  "--limit", "200", "--batch-size", "50", "--out", str(out), "--no-progress"]) == 0
     return out
 
@@ -98,7 +99,7 @@ def test_grid_json_schema(llava_grid: Path) -> None:
     assert data["schema"] == store.SCHEMA and META_KEYS <= set(data["meta"])
     assert data["meta"]["versions"]["torch"] and data["meta"]["prompt_template"].startswith("user <image>")
     rows = data["rows"]
-    assert len(rows) == 1 + 3 * 2  # unpruned + (cls, random, downsample) x 2 budgets
+    assert len(rows) == 1 + 4 * 2  # unpruned + (cls, fastv, random, downsample) x 2 budgets
     for r in rows:
         assert ROW_KEYS <= set(r) and r["status"] == "ok" and r["n"] == 200, r
     assert data["tasks"]["shapes"]["scoring"] == "exact_match"
@@ -109,7 +110,7 @@ def test_grid_numbers(llava_grid: Path) -> None:
     base = rows[("unpruned", None)]
     assert base["relative_accuracy"] == 1.0 and base["tflops_ratio"] == 1.0 and base["visual_tokens_final"] == 64
     assert base["accuracy"] > 0.95
-    for m in ("cls", "random", "downsample"):
+    for m in ("cls", "fastv", "random", "downsample"):
         assert rows[(m, 8)]["visual_tokens_final"] == 8 and rows[(m, 16)]["visual_tokens_final"] == 16
         assert base["tflops"] > rows[(m, 16)]["tflops"] > rows[(m, 8)]["tflops"]
         assert base["tflops_3ndm"] > rows[(m, 16)]["tflops_3ndm"] > rows[(m, 8)]["tflops_3ndm"]

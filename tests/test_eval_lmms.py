@@ -113,3 +113,21 @@ def test_tokprune_eval_on_an_lmms_eval_task(local_tasks: dict[str, Any], tokprun
     assert rows["cls"]["accuracy"] == tokprune_eval["tp_shapes"] and rows["cls"]["metric"] == "accuracy"
     assert rows["cls"]["visual_tokens_final"] == 8 and rows["unpruned"]["visual_tokens_final"] == 64
     assert store.read(out)["tasks"]["tp_shapes"]["kind"] == "lmms"
+
+
+def test_two_process_data_parallel_on_cpu(local_tasks: dict[str, Any], tokprune_eval: dict[str, float],
+                                          tmp_path: Path) -> None:
+    """lmms-eval shards the requests over two CPU processes (torchrun, gloo) and gathers every sample back."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmms_eval", "--model",
+           "tokprune", "--model_args", ARGS, "--tasks", "tp_shapes", "--include_path", str(local_tasks["include"]),
+           "--output_path", str(tmp_path), "--log_samples", "--batch_size", "8", "--verbosity", "DEBUG"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "Building contexts for tp_shapes on rank 1" in log and "Building contexts for tp_shapes on rank 0" in log
+    (results,) = tmp_path.rglob("*_results.json")
+    assert json.loads(results.read_text())["results"]["tp_shapes"]["accuracy,none"] == tokprune_eval["tp_shapes"]
+    (samples,) = tmp_path.rglob("*_samples_tp_shapes.jsonl")
+    doc_ids = [json.loads(line)["doc_id"] for line in samples.read_text().splitlines()]
+    assert sorted(doc_ids) == list(range(N))

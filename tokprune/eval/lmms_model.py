@@ -8,8 +8,8 @@
 model: ``generate_until`` greedy-decodes, ``loglikelihood`` returns the continuation's NLL (a loss, as
 multiple_choice takes the argmin) wrapped in ``GenerationResult`` (lmms-eval 0.7.3 stringifies bare tuples).
 ``TokenCounts.input_tokens`` is the LLM input length after pruning. Exceptions propagate: a failure is never an
-empty answer. Data-parallel runs (``accelerate launch -m lmms_eval ...``) bind each process to its LOCAL_RANK GPU;
-lmms-eval shards the requests.
+empty answer. Data-parallel runs (``accelerate launch -m lmms_eval ...`` or ``torchrun``) bind each process to its
+LOCAL_RANK GPU; lmms-eval shards the requests and gathers the results.
 """
 
 from __future__ import annotations

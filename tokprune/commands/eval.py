@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-DTYPES = ("float32", "bfloat16", "float16")
+from tokprune.commands.bench import DTYPES
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:

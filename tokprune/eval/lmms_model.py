@@ -23,10 +23,6 @@ from lmms_eval.api.model import lmms
 
 from tokprune.eval import predict
 
-#: model_args that configure the bridge itself; every other key is a method option
-OWN_ARGS = {"pretrained", "method", "keep", "keep_ratio", "device", "dtype", "attn", "template", "max_new_tokens",
-            "batch_size", "max_batch_size", "device_map"}
-
 
 def _device(device: str | None) -> str:
     import torch

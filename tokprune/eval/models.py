@@ -32,7 +32,6 @@ class ModelBundle:
     template: str
     image_size: int | None
     max_new_tokens: int
-    reference: bool = False
 
     @property
     def family(self) -> str:
@@ -105,7 +104,7 @@ def _reference(name: str, device: str, dtype: Any, attn: str, template: str | No
     # single-token answers: the reference models were trained to answer in one token, and greedy decoding of
     # one token is the argmax their accuracy is defined by
     return ModelBundle(name, model.to(device), processor, build, prompt(family, "{question}").replace(
-        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1, reference=True)
+        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1)
 
 
 def _prompt_builder(processor: Any, template: str | None) -> tuple[Callable[[str], str], str]:

@@ -35,12 +35,6 @@ class Variant:
     def name(self) -> str:
         return self.method or UNPRUNED
 
-    @property
-    def budget_label(self) -> str:
-        if self.method is None:
-            return "-"
-        return str(self.keep) if self.keep is not None else f"{self.keep_ratio:.1%}"
-
     def budget(self) -> Budget:
         return Budget(keep=self.keep, keep_ratio=self.keep_ratio)
 

@@ -56,6 +56,16 @@ def test_local_folder_task(tmp_path: Path) -> None:
     assert mc.scoring == "multiple_choice" and mc.examples[0].choices
 
 
+def test_the_core_and_the_offline_harness_never_import_lmms_eval() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, tokprune, tokprune.api, tokprune.cli, tokprune.eval.runner, tokprune.eval.report; "
+            "tokprune.cli.build_parser(); print('lmms_eval' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),

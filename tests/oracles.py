@@ -104,3 +104,92 @@ def fastv_scores(model, ids: torch.Tensor, feats: list[torch.Tensor], k: int) ->
         lm.set_attn_implementation(impl)
     row = out.attentions[k - 1][0, :, -1].mean(0)
     return row[image_positions(ids[0], model.config.image_token_id)]
+
+
+# ---------------------------------------------------------------------------------------------- vision encoders
+@torch.no_grad()
+def vision_attention(model, x, layer: int) -> list[torch.Tensor]:
+    """Eager attention probabilities of vision encoder layer ``layer``: one (n_seq, H, n, n) block per attention
+    call, in call order (LLaVA: all images; LLaVA-NeXT: all tiles; Qwen: one image or window per call)."""
+    import importlib
+
+    inner = model.model
+    if hasattr(inner, "visual"):  # Qwen: capture what the eager kernel returns for that block's attention
+        vt = inner.visual
+        attn = vt.blocks[layer].attn
+        mod = importlib.import_module(type(attn).__module__)
+        orig, seen = mod.eager_attention_forward, []
+
+        def capture(module, *args, **kwargs):
+            out, weights = orig(module, *args, **kwargs)
+            if module is attn:
+                seen.append(weights)
+            return out, weights
+
+        impl = vt.config._attn_implementation
+        vt.set_attn_implementation("eager")
+        mod.eager_attention_forward = capture
+        try:
+            vt(x["pixel_values"], grid_thw=x["image_grid_thw"])
+        finally:
+            mod.eager_attention_forward = orig
+            vt.set_attn_implementation(impl)
+        return seen
+    vt = inner.vision_tower
+    impl = vt.config._attn_implementation
+    vt.set_attn_implementation("eager")
+    try:
+        return [vt(clip_pixels(model, x), output_attentions=True).attentions[layer]]
+    finally:
+        vt.set_attn_implementation(impl)
+
+
+def clip_pixels(model, x) -> torch.Tensor:
+    """The tiles CLIP encodes: every image (LLaVA) or each image's real tiles (LLaVA-NeXT pads the tile axis)."""
+    pv = x["pixel_values"]
+    if pv.dim() == 4:
+        return pv
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
+    return torch.cat([p[:k] for p, k in zip(pv, n)])
+
+
+@torch.no_grad()
+def per_token(model, x, per_call: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-patch values (n_seq, n_patches, ...) of each encoder call, aligned with each image's LLM tokens:
+    LLaVA drops [CLS]; LLaVA-NeXT packs the tiles with the model's own packing (newline slots NaN); Qwen joins the
+    calls, averages every merge unit (4 consecutive patches) and undoes Qwen2.5-VL's window order."""
+    inner = model.model
+    cfg = model.config
+    if hasattr(inner, "visual"):
+        vt = inner.visual
+        grid = x["image_grid_thw"]
+        per_patch = torch.cat([c.flatten(0, 1) for c in per_call])
+        units = per_patch.unflatten(0, (-1, 4)).mean(1)
+        if hasattr(vt, "window_size"):  # Qwen2.5-VL: blocks run in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            index, _ = get_vision_window_index(grid, spatial_merge_size=vt.spatial_merge_size,
+                                               window_size=vt.window_size, patch_size=vt.patch_size)
+            units = units[torch.argsort(index)]
+        return list(torch.split(units, (grid.prod(-1) // 4).tolist()))
+    tiles = torch.cat(per_call)[:, 1:]
+    if x["pixel_values"].dim() == 4:
+        return list(tiles)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
+    out = []
+    for j, t in enumerate(torch.split(tiles, n)):
+        flat = t.reshape(*t.shape[:2], -1).float()
+        packed, _ = inner.pack_image_features([flat], x["image_sizes"][j:j + 1], "default",
+                                              image_newline=torch.full((flat.shape[-1],), float("nan")))
+        out.append(packed[0].reshape(-1, *t.shape[2:]))
+    return out
+
+
+def received(model, x, layer: int) -> list[torch.Tensor]:
+    """Head-mean attention each visual token receives (column mean over all queries of its attention call)."""
+    return per_token(model, x, [a.mean(1).mean(-2) for a in vision_attention(model, x, layer)])

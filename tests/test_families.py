@@ -111,7 +111,7 @@ def inputs(fam: Fam, sizes=SIZES, seed: int = 0):
 @torch.no_grad()
 def encode(fam: Fam, x) -> Any:
     """The unpatched encoder outputs of the images of ``x`` (all images of the batch, row-major)."""
-    extra = {"image_grid_thw": x["image_grid_thw"]} if fam.qwen else {"image_sizes": x["image_sizes"]}
+    extra = {k: x[k] for k in ("image_grid_thw", "image_sizes") if k in x}
     return fam.model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True, **extra)
 
 
@@ -399,9 +399,14 @@ def test_fastv_keep_k_equals_masking_oracle(zoo, family, layer):
             ref_gen = fam.model.generate(**x, **GEN)
         att = eager_attentions(fam, x)[layer - 1][0, :, -1].mean(0)  # last token's row, head mean
     assert [(s.kind, s.layer) for s in rec.stages] == [("llm", layer)]
-    assert rec.n_kept == [[k, k]]
-    for run, kept in zip(image_runs(fam, ids, counts), rec.kept[0]):
-        assert torch.equal(kept, topk_sorted(att[run], k))
+    # LLaVA-NeXT: keep counts content tokens; the newlines (rec.special) are never scored and kept on top
+    n_newlines = [0, 0] if fam.qwen else [n_visual_newlines(fam, x, j) for j in range(2)]
+    assert [int(sp.sum()) for sp in rec.special[0]] == n_newlines
+    assert rec.n_kept == [[k + n for n in n_newlines]]
+    for run, kept, newline in zip(image_runs(fam, ids, counts), rec.kept[0], rec.special[0]):
+        content = (~newline).nonzero()[:, 0]
+        top = content[topk_sorted(att[run][content], k)]
+        assert torch.equal(kept, torch.cat([top, newline.nonzero()[:, 0]]).sort().values)
     assert out.shape[1] == int(keep.sum())  # the LLM output holds only the kept tokens
     assert (out[0] - ref[0, keep[0]]).abs().max() <= TOL
     assert_same_generation(gen, ref_gen)

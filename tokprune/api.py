@@ -56,19 +56,26 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     return cls(**options)
 
 
-def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: float | None = None,
+def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
           **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
-    ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass exactly one.
-    ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``) and the
-    model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see ``docs/families.md``).
-    Applying to a patched model replaces the previous patch.
+    ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
+    own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
+    exactly one. ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;
+    only with a name) and the model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see
+    ``docs/families.md``). Applying to a patched model replaces the previous patch.
     """
     budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
-    pruner = make_pruner(method, options)
+    if isinstance(method, Pruner):
+        if options:
+            raise TypeError(f"pass the options {', '.join(sorted(options))} to the {type(method).__name__} "
+                            "instance itself, not to apply")
+        pruner = method
+    else:
+        pruner = make_pruner(method, options)
     adapter = adapter_cls(model, pruner, budget, **family_options)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
     if fixed:

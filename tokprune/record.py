@@ -45,6 +45,9 @@ class PruneRecord:
     seq_len: list[int]
     stages: list[Stage] = field(default_factory=list)
     merged: list[list[Merged | None]] | None = None
+    #: per sample, per image: bool mask over its original visual tokens marking special tokens that carry no patch
+    #: (LLaVA-NeXT's ``image_newline``): never counted in a budget, kept on top of it by methods that keep them
+    special: list[list[torch.Tensor]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None

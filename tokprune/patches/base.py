@@ -2,7 +2,8 @@
 
 An adapter knows *how* a model family runs and nothing about any method. It
 
-* taps the vision encoder for the signals a pruner requests (attention rows from q/k, any attention backend);
+* hands the vision stage to :class:`~tokprune.patches.vision_stage.VisionStage`, which taps the encoder for the
+  signals a pruner requests (through two generic family hooks) and runs the selection;
 * at prefill, in one forward pre-hook on the top-level ``*ForConditionalGeneration``, locates each image's span
   from token ids, asks the pruner's vision stage which tokens to keep and rewrites every per-token input
   (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
@@ -26,9 +27,9 @@ from torch import nn
 from tokprune.config import Budget
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
-from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
+from tokprune.patches.vision_stage import VisionStage, content_label
+from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
 from tokprune.record import PruneRecord, Stage
-from tokprune.signals import TAPS, attention_rows
 
 
 @dataclass
@@ -62,12 +63,12 @@ class Adapter:
         pruner.check(self.info)
         self.positions = pruner.resolved_positions(self.info)
         self.vision_request = pruner.vision_request(self.info)
-        self.llm = LLMStages(self, pruner.llm_layers(self.info)) if pruner.llm_layers(self.info) else None
+        self.vision = VisionStage(self, self.vision_request) if self.vision_request is not None else None
+        layers = pruner.llm_layers(self.info)
+        self.llm = LLMStages(self, layers) if layers else None
         self.record: PruneRecord | None = None
         self._decode: _DecodeState | None = None
         self._handles: list[Any] = []
-        self._tapped: list[nn.Module] = []
-        self._cls_rows: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -102,13 +103,30 @@ class Adapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def cls_attention_module(self, layer: int) -> nn.Module:  # family hook
-        """The attention module of encoder layer ``layer`` (for [CLS] rows)."""
+    def vision_layer(self, layer: int) -> tuple[nn.Module, nn.Module]:  # family hook
+        """(block, attention module) of encoder layer ``layer`` (0-based): where vision signals are tapped."""
         raise NotImplementedError
 
-    def cls_rows_to_tokens(self, rows: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Align a (n_images_in_call, n_keys) [CLS] row block with each image's visual tokens."""  # family hook
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-patch values seen inside the encoder, one (n_seq, n_patches, ...) block per attention call in call
+        order, as per-LLM-token values aligned with each image's ``features`` (n_i, ...)."""  # family hook
         raise NotImplementedError
+
+    def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
+                                                                            list[torch.Tensor]]:
+        """Per image, each visual token's (row, col, part) grid coordinates (n_i, 3) (None when the forward does
+        not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
+        return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
+
+    def budget_parts(self, signals: Any, budget: Budget) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
+        """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part. Default: one part
+        per image holding its content (non-special) tokens, ``budget`` counted over them. LLaVA-NeXT splits per
+        tile."""
+        parts = []
+        for j, (sp, owner) in enumerate(zip(signals.special, signals.owners)):
+            content = (~sp).nonzero()[:, 0]
+            parts.append((j, content, budget.count(int(content.numel()), content_label(sp)), owner))
+        return parts
 
     def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """The position ids the unpatched model would use when none are passed."""  # family hook
@@ -134,60 +152,20 @@ class Adapter:
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        if self.vision_request is not None and self.vision_request.cls_layers:
-            self._handles.append(self.vision_tower.register_forward_pre_hook(self._clear_vision_signals))
-            for layer in self.vision_request.cls_layers:
-                mod = self.cls_attention_module(layer)
-                TAPS.add(mod, self._cls_tap(layer))
-                self._tapped.append(mod)
+        if self.vision is not None:
+            self.vision.install()
         if self.llm is not None:
             self.llm.install()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
+        if self.vision is not None:
+            self.vision.remove()
         if self.llm is not None:
             self.llm.remove()
-        self._handles, self._tapped = [], []
+        self._handles = []
         self._decode = None
-        self._cls_rows = {}
-
-    # ------------------------------------------------------------------ vision signals
-    def _clear_vision_signals(self, *_: Any) -> None:
-        self._cls_rows = {}
-
-    def _cls_tap(self, layer: int):
-        def tap(module, query, key, mask, scaling):
-            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            probs = attention_rows(query, key, mask, scaling, rows, causal=False)  # (n, H, 1, K)
-            self._cls_rows.setdefault(layer, []).append(probs[:, :, 0].mean(1))
-
-        return tap
-
-    def select_vision(self, features: list[torch.Tensor], counts: list[int],
-                      owners: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Sorted kept indices per image from the pruner's vision stage (family hook).
-
-        One budget per image by default; families that split an image into parts with their own budgets (LLaVA-NeXT
-        tiles) override this and call the pruner once per part.
-        """
-        signals = self._vision_signals(features)
-        signals.owners = owners
-        return self.pruner.select_vision(signals, [self.budget.count(c) for c in counts])
-
-    def _vision_signals(self, features: list[torch.Tensor]) -> VisionSignals:
-        cls: dict[int, list[torch.Tensor]] = {}
-        for layer in self.vision_request.cls_layers:
-            calls = self._cls_rows.get(layer)
-            if not calls:
-                raise RuntimeError(
-                    "the vision encoder ran without tokprune's taps (were the image features computed before "
-                    "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
-                )
-            cls[layer] = self.cls_rows_to_tokens(torch.cat(calls), features)
-        return VisionSignals(features=features, cls_attention=cls)
 
     # ------------------------------------------------------------------ the top-level hook
     def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
@@ -223,7 +201,8 @@ class Adapter:
         mm = kw.get("mm_encoder_outputs") or {}
         if mm.get("image") is not None:
             return mm["image"]
-        self._clear_vision_signals()
+        if self.vision is not None:
+            self.vision.clear()
         return self.encode_images(kw)
 
     def _prefill(self, kw: dict) -> dict:
@@ -255,12 +234,15 @@ class Adapter:
         if pos is not kw.get("position_ids"):
             new["position_ids"] = pos
         origin = [[torch.arange(c, device=ids.device) for c in (counts[j] for j in row)] for row in rows_images]
+        ctx = PrefillContext(self.info, self.vision_request, self.positions)
+        grid, special = self.token_layout(feats, kw)
+        record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
 
-        if self.vision_request is not None:
+        if self.vision is not None:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
-            keeps = [k.to(ids.device) for k in self.select_vision(feats, counts, owners)]
-            _check_keeps(keeps, counts)
+            signals = self.vision.signals(feats, owners, ctx, grid, special)
+            keeps = [k.to(ids.device) for k in self.vision.select(signals, self.budget)]
             keep_mask = ids != self.image_token_id
             for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
                 for span, j in zip(row_spans, row_imgs):
@@ -289,7 +271,7 @@ class Adapter:
         if self.llm is not None:
             if kw.get("labels") is not None:
                 raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
-            self.llm.begin(new, spans, origin, mask_pruned, record)
+            self.llm.begin(new, spans, origin, mask_pruned, record, ctx)
         self.record = record
         return new
 
@@ -338,9 +320,3 @@ def _row_image_ids(spans: list[list[torch.Tensor]]) -> list[list[int]]:
         out.append(list(range(j, j + len(row))))
         j += len(row)
     return out
-
-
-def _check_keeps(keeps: list[torch.Tensor], counts: list[int]) -> None:
-    for k, c in zip(keeps, counts):
-        if k.numel() and (k.min() < 0 or k.max() >= c or (k.numel() > 1 and bool((k[1:] <= k[:-1]).any()))):
-            raise RuntimeError("a pruner returned kept indices that are not sorted, unique and in range")

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokprune.patches.sequence import gather_seq, last_real_index
-from tokprune.pruners.base import LLMSignals
+from tokprune.patches.vision_stage import check_indices, content_label
+from tokprune.pruners.base import LLMSignals, PrefillContext
 from tokprune.record import PruneRecord, Stage
 from tokprune.signals import TAPS, attention_rows
 
@@ -63,14 +64,18 @@ class LLMStages:
 
     # ------------------------------------------------------------------ state
     def begin(self, kw: dict, visual: list[list[torch.Tensor]], origin: list[list[torch.Tensor]],
-              mask2d: torch.Tensor | None, record: PruneRecord) -> None:
+              mask2d: torch.Tensor | None, record: PruneRecord, ctx: PrefillContext) -> None:
         """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see."""
         ids = kw["input_ids"]
         b, n0 = ids.shape
         self.active, self.phase = True, "prefill"
         self.cache = kw.get("past_key_values")
         self.n0, self.record = n0, record
-        self.visual, self.origin = visual, origin
+        self.visual, self.origin, self.ctx = visual, origin, ctx
+        # special tokens (LLaVA-NeXT newlines) among the survivors: never scored nor counted, kept on top
+        self.special = [[sp[o.to(sp.device)].to(o.device) for sp, o in zip(srow, orow)]
+                        for srow, orow in zip(record.special, origin)]
+        self.n_content = [[int((~sp).sum()) for sp in srow] for srow in record.special]
         self.visual0 = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
         for bi, row in enumerate(visual):
             for pos in row:
@@ -90,7 +95,7 @@ class LLMStages:
         return max(s for s, k in enumerate(self.layers) if k <= layer)
 
     # ------------------------------------------------------------------ signals
-    def _attention_tap(self, k: int, module, query, key, mask, scaling) -> None:
+    def _attention_tap(self, k: int, module, query, key, value, mask, scaling, kwargs) -> None:
         if not self.active or self.phase != "prefill":
             return
         n = query.shape[2]
@@ -117,10 +122,23 @@ class LLMStages:
         t0 = time.perf_counter()
         a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
         b, n_cur = hidden.shape[:2]
-        signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k), visual=self.visual)
-        ks = [[min(int(o.numel()), pruner.stage_budget(s, n, a.budget.count(n))) for o, n in zip(orow, nrow)]
-              for orow, nrow in zip(self.origin, self.record.n_visual)]
-        rel = pruner.select_llm(signals, ks)
+        content = [[(~sp).nonzero()[:, 0] for sp in srow] for srow in self.special]
+        signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k),
+                             visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
+                             origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
+                             ctx=self.ctx)
+        ks = [[min(int(c.numel()), pruner.stage_budget(s, n, a.budget.count(n, content_label(sp))))
+               for c, n, sp in zip(crow, nrow, srow)]
+              for crow, nrow, srow in zip(content, self.n_content, self.special)]
+        picked = pruner.select_llm(signals, ks)
+        rel = []
+        for crow, prow, krow, srow in zip(content, picked, ks, self.special):
+            rel.append([])
+            for c, p, kk, sp in zip(crow, prow, krow, srow):
+                check_indices(p, int(c.numel()), kk, f"{pruner.name}.select_llm")
+                extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []
+                rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
+        self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):
             for pos in row:
@@ -278,3 +296,4 @@ class LLMStages:
         if m.dtype == torch.bool:
             return m & ok
         return m.masked_fill(~ok, torch.finfo(m.dtype).min)
+

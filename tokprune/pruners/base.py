@@ -13,8 +13,9 @@ tensor functions, so they can be tested on hand-made inputs and reused by other 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,27 +40,115 @@ class ModelInfo:
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
 
 
+#: vision signal kinds a method may request, and what each holds per visual token (see :class:`Signal`)
+SIGNAL_KINDS: dict[str, str] = {
+    "cls": "attention of the [CLS] query (row 0) to the token",
+    "received": "attention the token receives: column mean of softmax(q k^T) over all queries",
+    "rows": "attention from the query patches chosen by ``queries``, mean over those queries",
+    "keys": "key states of the token",
+    "values": "value states of the token",
+    "hidden_in": "hidden state entering the encoder layer",
+    "hidden_out": "hidden state leaving the encoder layer",
+}
+#: kinds computed from attention probabilities (``heads`` chooses head mean or per head)
+ATTENTION_KINDS = ("cls", "received", "rows")
+HEADS = ("mean", "all")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One named per-layer signal of the vision encoder, e.g. ``Signal("received", 8)``.
+
+    ``kind``: a key of :data:`SIGNAL_KINDS`; ``layer``: 0-based encoder layer. ``heads``: ``"mean"`` (one value,
+    or one vector for keys/values, per token) or ``"all"`` (a trailing head axis). ``queries`` (kind ``"rows"``):
+    a function from the received attention of the same layer and encoder sequence, (n_seq, n_patches) head mean,
+    to the query patches whose rows are wanted, (n_seq, R) long (VFlowOpt's hubs). The adapter aligns every
+    signal with the visual tokens the LLM receives (per image, first axis = token).
+    """
+
+    kind: str
+    layer: int
+    heads: str = "mean"
+    queries: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown vision signal {self.kind!r}; known: {', '.join(SIGNAL_KINDS)}")
+        if self.heads not in HEADS:
+            raise ValueError(f"heads must be one of {HEADS}, got {self.heads!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"a vision signal names a 0-based encoder layer, got layer={self.layer!r}")
+        if (self.kind == "rows") != (self.queries is not None):
+            raise ValueError("pass queries= exactly for signals of kind 'rows' (the function choosing query patches)")
+
+
 @dataclass(frozen=True)
 class VisionRequest:
-    """Encoder signals a vision stage needs. ``cls_layers``: encoder layers whose CLS->token attention is used."""
+    """The encoder signals a vision stage needs; an empty request still makes a vision stage (e.g. ``random``)."""
 
-    cls_layers: tuple[int, ...] = ()
+    signals: tuple[Signal, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signals", tuple(self.signals))
+
+    def layers(self) -> list[int]:
+        """Encoder layers that are tapped, sorted."""
+        return sorted({s.layer for s in self.signals})
+
+
+@dataclass
+class PrefillContext:
+    """Per-prefill state handed to every stage of one forward (never stored on the pruner).
+
+    ``info``: the model; ``request``: the vision request resolved at ``apply``; ``positions``: the resolved
+    position mode; ``state``: a dict a method's stages share within one prefill (accumulated scores, the vision
+    importance reused by LLM stages), empty at the start of each prefill.
+    """
+
+    info: ModelInfo
+    request: VisionRequest | None = None
+    positions: str = "original"
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class VisionSignals:
-    """Inputs of a vision stage, one entry per image in the batch (row-major order).
+    """Inputs of a vision stage, one entry per image (or budget part, e.g. a LLaVA-NeXT tile) in row-major order.
 
-    ``features[i]`` (n_i, D): the projected visual tokens the LLM would receive.
-    ``cls_attention[layer][i]`` (n_i,): head-mean attention of the [CLS] query to each visual token at that
-    encoder layer, aligned with ``features[i]``.
-    ``owners[i]``: (row in the batch, image index within that row), so a rule can depend on an image's place in
-    its own prompt but never on what else shares the batch.
+    ``features[i]`` (n_i, D): the projected visual tokens the LLM would receive. ``values[signal][i]`` (n_i, ...):
+    each requested :class:`Signal`, aligned with ``features[i]`` (index with ``signals[signal]``).
+    ``grid[i]`` (n_i, 3) long: each token's (row, col, part) in its image's grid (part: LLaVA-NeXT tile, 0 = base
+    tile; Qwen frame); ``special[i]`` (n_i,) bool: tokens that carry no patch (LLaVA-NeXT's ``image_newline``),
+    which are never scored and never counted in a budget. ``owners[i]``: (row in the batch, image index within that
+    row, or the part's index), so a rule can depend on an image's place in its own prompt but never on what else
+    shares the batch. ``ctx``: the per-prefill context.
     """
 
     features: list[torch.Tensor]
-    cls_attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    values: dict[Signal, list[torch.Tensor]] = field(default_factory=dict)
     owners: list[tuple[int, int]] = field(default_factory=list)
+    grid: list[torch.Tensor] | None = None
+    special: list[torch.Tensor] | None = None
+    ctx: PrefillContext | None = None
+
+    def __getitem__(self, signal: Signal) -> list[torch.Tensor]:
+        if signal not in self.values:
+            raise KeyError(f"{signal} was not requested; add it to the method's vision_request")
+        return self.values[signal]
+
+    def subset(self, parts: list[tuple[int, torch.Tensor]], owners: list[tuple[int, int]]) -> VisionSignals:
+        """The signals of ``parts``: (image, token indices) each, presented as separate images."""
+        def pick(per_image: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if per_image is None else [per_image[j][idx.to(per_image[j].device)] for j, idx in parts]
+
+        return VisionSignals(
+            features=pick(self.features),
+            values={s: pick(v) for s, v in self.values.items()},
+            owners=owners,
+            grid=pick(self.grid),
+            special=pick(self.special),
+            ctx=self.ctx,
+        )
 
 
 @dataclass
@@ -68,13 +157,17 @@ class LLMSignals:
 
     ``hidden`` (B, n, D): hidden states entering the layer. ``attention`` (B, n): head-mean attention of each
     row's last prompt token over the current sequence, from layer ``layer - 1`` (None unless requested).
-    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``.
+    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``
+    (special tokens such as LLaVA-NeXT newlines are not listed: they are never scored); ``origin[b][i]``: the
+    original index of each of them within its image. ``ctx``: the per-prefill context.
     """
 
     layer: int
     hidden: torch.Tensor
     attention: torch.Tensor | None
     visual: list[list[torch.Tensor]]
+    origin: list[list[torch.Tensor]] = field(default_factory=list)
+    ctx: PrefillContext | None = None
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -102,8 +195,9 @@ class Pruner:
     paper: ClassVar[str] = ""
     #: whether an LLM stage needs the last prompt token's attention row of the previous layer
     needs_llm_attention: ClassVar[bool] = False
-    #: LLaVA-NeXT: keep the per-row ``image_newline`` tokens on top of the budget (FasterVLM, HiPrune); methods whose
-    #: paper drops them (VisionZip, FlowCut) set False
+    #: special tokens (LLaVA-NeXT's per-row ``image_newline``) are never scored and never counted in a budget, which
+    #: counts content tokens; True keeps them all on top of it at every stage (FasterVLM, HiPrune), False drops them
+    #: at the first stage (VisionZip, FlowCut)
     keep_newlines: ClassVar[bool] = True
 
     positions: str | None = None

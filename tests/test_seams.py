@@ -1,0 +1,171 @@
+"""The seams a method builds on, exercised by minimal test-only pruners on every family (tiny random models).
+
+Each pruner here is the smallest method that needs one seam; references come from ``tests/oracles.py`` (no tokprune
+code): eager attention maps of the encoder, the unpatched model fed the kept tokens, M-RoPE positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_families import TOL, ZOO, inputs, kept_tokens_reference, n_visual_newlines, positions
+
+import oracles
+import tokprune
+from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionRequest, VisionSignals
+from tokprune.signals import attention_rows, received_attention, varlen_chunks
+from tokprune.testing import families
+
+ALL = families()
+
+
+@dataclass
+class ReceivedTopK(Pruner):
+    """Test-only: keep the tokens that receive the most attention (HiPrune's / VFlowOpt's signal) in one layer."""
+
+    layer: int = 0
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest((Signal("received", self.layer),))
+
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        return signals[Signal("received", self.layer)]
+
+
+@dataclass
+class EverySignal(Pruner):
+    """Test-only: requests every signal kind of one layer and keeps the first tokens; stores what it saw."""
+
+    layer: int = 0
+    seen: dict | None = None
+
+    def request(self, info: ModelInfo) -> tuple[Signal, ...]:
+        hubs = lambda rec: rec.topk(2, dim=-1).indices  # noqa: E731 (VFlowOpt-style hubs: most received)
+        kinds = [Signal("received", self.layer), Signal("received", self.layer, heads="all"),
+                 Signal("rows", self.layer, queries=hubs), Signal("keys", self.layer),
+                 Signal("values", self.layer, heads="all"), Signal("hidden_in", self.layer),
+                 Signal("hidden_out", self.layer)]
+        return tuple(kinds + ([Signal("cls", self.layer)] if info.has_cls else []))
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest(self.request(info))
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
+        self.seen = {"signals": signals}
+        return [torch.arange(k) for k in ks]
+
+
+def _global(family: str) -> dict:
+    """LLaVA-NeXT: one budget over the whole image (so a score's top-k is the image's top-k)."""
+    return {"tile_budget": "global"} if family == "llava_next" else {}
+
+
+def _vision_layers(family: str) -> list[int]:
+    return [0, 1] if family == "qwen2_5_vl" else [1]  # Qwen2.5-VL: a windowed and a full-attention block
+
+
+@pytest.mark.parametrize("family, layer", [(f, layer) for f in ALL for layer in _vision_layers(f)])
+def test_received_attention_top_k_on_every_family(family, layer):
+    """Kept = top-k of the received attention read from eager maps; logits = the model fed the kept tokens."""
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 6
+    with torch.no_grad():
+        tokprune.apply(fam.model, ReceivedTopK(layer=layer), keep=k, **_global(family))
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref = kept_tokens_reference(fam, x, rec.kept[0])
+        scores = oracles.received(fam.model, x, layer)
+    for kept, s in zip(rec.kept[0], scores):
+        newline = torch.isnan(s)
+        content = (~newline).nonzero()[:, 0]
+        top = content[oracles.topk_sorted(s[content], k)]
+        assert torch.equal(kept, torch.cat([top, newline.nonzero()[:, 0]]).sort().values)
+    assert (out - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_every_signal_kind_is_aligned_with_the_visual_tokens(family):
+    fam = ZOO[family]
+    x = inputs(fam)
+    pruner = EverySignal(layer=1)
+    with torch.no_grad(), tokprune.pruned(fam.model, pruner, keep=3, **_global(family)):
+        fam.model(**x)
+        sig = pruner.seen["signals"]
+        maps = oracles.vision_attention(fam.model, x, 1)
+    n = [int(f.shape[0]) for f in sig.features]
+    heads = maps[0].shape[1]
+    for s, per_image in sig.values.items():
+        assert [int(v.shape[0]) for v in per_image] == n, s
+        assert all(torch.isfinite(v).all() for v in per_image), s  # parts hold content tokens only
+    rec = sig[Signal("received", 1, heads="all")]
+    assert rec[0].shape[1:] == (heads,)
+    ref = oracles.per_token(fam.model, x, [a.mean(-2).permute(0, 2, 1) for a in maps])
+    for r, o in zip(rec, ref):  # the pruner sees each image's content tokens (newline slots of the oracle: NaN)
+        assert torch.allclose(r, o[~torch.isnan(o).any(-1)], atol=1e-6)
+    hidden = sig[Signal("hidden_out", 1)]
+    if not fam.qwen:  # the feature layer's output through the projector is what the LLM receives
+        proj = [fam.model.model.multi_modal_projector(h) for h in hidden]
+        assert all(torch.allclose(p, f, atol=1e-5) for p, f in zip(proj, sig.features))
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_token_grid_coordinates_and_newline_mask(family):
+    fam = ZOO[family]
+    x = inputs(fam)
+    pruner = EverySignal(layer=0)
+    with torch.no_grad(), tokprune.pruned(fam.model, pruner, keep=2, **_global(family)):
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+    sig = pruner.seen["signals"]
+    if fam.qwen:  # (row, col) of a token = its M-RoPE (h, w) position minus the image's first one
+        pos = positions(fam, x)[:, 0]
+        img = (x["input_ids"][0] == fam.image_id).nonzero()[:, 0]
+        for run, grid in zip(torch.split(img, rec.n_visual[0]), sig.grid):
+            hw = pos[2:, run].T
+            assert torch.equal(grid[:, :2], hw - hw.min(0).values)
+        assert not any(s.any() for s in rec.special[0])
+    else:
+        newlines = [n_visual_newlines(fam, x, j) for j in range(2)] if family == "llava_next" else [0, 0]
+        assert [int(s.sum()) for s in rec.special[0]] == newlines
+        for grid in sig.grid:  # content tokens only; each (row, col, part) unique
+            assert len({tuple(r) for r in grid.tolist()}) == grid.shape[0]
+            base = grid[grid[:, 2] == 0]
+            side = int(base.shape[0] ** 0.5)
+            assert base[:, 0].max() == side - 1 and base[:, 1].max() == side - 1
+
+
+def test_received_attention_in_chunks_equals_the_dense_column_mean():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 37, 8), torch.randn(2, 2, 37, 8)
+    mask = torch.ones(2, 1, 37, 37, dtype=torch.bool)
+    mask[1, :, :, 30:] = False  # keys hidden from every query
+    kk = k.repeat_interleave(2, 1)
+    dense = ((q @ kk.transpose(-1, -2)) * 0.3).masked_fill(~mask, float("-inf")).softmax(-1).mean(2)
+    assert torch.allclose(received_attention(q, k, mask, 0.3, chunk=5), dense, atol=1e-6)
+    assert torch.allclose(received_attention(q, k, None, 0.3, chunk=64)[0], dense[0], atol=1e-6)
+
+
+def test_varlen_call_is_split_per_sequence():
+    """A FlashAttention varlen call (two images packed) gives the same rows as two separate calls."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    cu = torch.tensor([0, 4, 10])
+    chunks = varlen_chunks(q, k, v, {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu})
+    assert [c[0].shape[2] for c in chunks] == [4, 6]
+    rows = torch.zeros(1, 1, dtype=torch.long)
+    second = attention_rows(chunks[1][0], chunks[1][1], None, 0.5, rows, causal=False)
+    assert torch.allclose(second, (q[:, :, 4:5] @ k[:, :, 4:].transpose(-1, -2) * 0.5).softmax(-1), atol=1e-6)
+    assert len(varlen_chunks(q, k, v, {})) == 1
+
+
+def test_an_unregistered_pruner_instance_and_its_options():
+    fam = ZOO["llava"]
+    with pytest.raises(TypeError, match="to the ReceivedTopK instance itself"):
+        tokprune.apply(fam.model, ReceivedTopK(), keep=2, layer=1)
+    with pytest.raises(ValueError, match="encoder has 3 layers"):
+        tokprune.apply(fam.model, ReceivedTopK(layer=7), keep=2)
+    assert not tokprune.is_patched(fam.model)

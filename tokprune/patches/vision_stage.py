@@ -1,0 +1,183 @@
+"""The vision stage: taps on the encoder for the signals a method requests, and the pre-LLM selection.
+
+A method names what it needs as :class:`~tokprune.pruners.base.Signal` s (kind + encoder layer). This module
+answers every request through two generic family hooks, never one hook per signal kind:
+
+* ``adapter.vision_layer(layer)`` -> (block, attention module) of encoder layer ``layer``: attention kinds, keys
+  and values come from an attention tap on the module (post-RoPE q/k/v, mask, scaling and the backend's kwargs;
+  a FlashAttention varlen call is split per sequence), hidden states from hooks on the block;
+* ``adapter.to_tokens(calls, features)`` turns what the taps saw, per attention call (n_seq, n_patches, ...), into
+  per-LLM-token values (LLaVA drops [CLS], LLaVA-NeXT packs tiles and unpads, Qwen joins windows per image,
+  averages each 2x2 merge unit and undoes the window order).
+
+Every value is (n_seq, n_patches, ...) when it leaves a tap: head mean or a trailing head axis for attention kinds
+(``cls`` row 0 over keys; ``received`` column means computed in query chunks, never an N x N matrix; ``rows`` the
+mean row of the chosen query patches), (..., d) or (..., heads, d) for keys / values, (..., D) for hidden states.
+
+:class:`VisionStage` then builds :class:`~tokprune.pruners.base.VisionSignals` (with each token's grid
+coordinates and special-token mask from ``adapter.token_layout``), splits the budget into the parts the family
+defines (``adapter.budget_parts``: one per image, or LLaVA-NeXT tiles), asks the pruner and checks its answer.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from tokprune.config import Budget
+from tokprune.pruners.base import (
+    ATTENTION_KINDS,
+    PrefillContext,
+    Signal,
+    UnsupportedError,
+    VisionRequest,
+    VisionSignals,
+)
+from tokprune.signals import TAPS, attention_rows, received_attention, varlen_chunks
+
+if TYPE_CHECKING:
+    from tokprune.patches.base import Adapter
+
+TAPPED_KINDS = (*ATTENTION_KINDS, "keys", "values")
+
+
+def _heads(x: torch.Tensor, heads: str) -> torch.Tensor:
+    """(B, H, K) -> (B, K) head mean or (B, K, H)."""
+    return x.mean(1) if heads == "mean" else x.permute(0, 2, 1)
+
+
+def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
+    """(B, H, K, d) key / value states -> (B, K, d) head mean or (B, K, H, d)."""
+    return x.float().mean(1) if heads == "mean" else x.float().permute(0, 2, 1, 3)
+
+
+def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> dict[Signal, torch.Tensor]:
+    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...)."""
+    out: dict[Signal, torch.Tensor] = {}
+    received: torch.Tensor | None = None
+    for sig in signals:
+        if sig.kind in ("received", "rows") and received is None:
+            received = received_attention(query, key, mask, scaling)  # (B, H, K)
+        if sig.kind == "cls":
+            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False)[:, :, 0], sig.heads)
+        elif sig.kind == "received":
+            out[sig] = _heads(received, sig.heads)
+        elif sig.kind == "rows":
+            rows = sig.queries(received.mean(1)).to(query.device).long()
+            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False).mean(2), sig.heads)
+        elif sig.kind == "keys":
+            out[sig] = _states(key, sig.heads)
+        elif sig.kind == "values":
+            out[sig] = _states(value, sig.heads)
+    return out
+
+
+class VisionStage:
+    """Runs a pruner's vision stage on one model; owned by an :class:`~tokprune.patches.base.Adapter`."""
+
+    def __init__(self, adapter: Adapter, request: VisionRequest) -> None:
+        self.adapter, self.request = adapter, request
+        info = adapter.info
+        for sig in request.signals:
+            if sig.layer >= info.vision_layers:
+                raise ValueError(f"{sig}: the {info.family} vision encoder has {info.vision_layers} layers")
+            if sig.kind == "cls" and not info.has_cls:
+                raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
+        self._handles: list[Any] = []
+        self._tapped: list[nn.Module] = []
+        self.raw: dict[Signal, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self.clear))
+        for layer in self.request.layers():
+            sigs = [s for s in self.request.signals if s.layer == layer]
+            block, attention = self.adapter.vision_layer(layer)
+            tapped = [s for s in sigs if s.kind in TAPPED_KINDS]
+            if tapped:
+                TAPS.add(attention, partial(self._tap, tapped))
+                self._tapped.append(attention)
+            for s in sigs:
+                if s.kind == "hidden_in":
+                    self._handles.append(block.register_forward_pre_hook(partial(self._hidden_in, s),
+                                                                         with_kwargs=True))
+                elif s.kind == "hidden_out":
+                    self._handles.append(block.register_forward_hook(partial(self._hidden_out, s)))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for mod in self._tapped:
+            TAPS.discard(mod)
+        self._handles, self._tapped = [], []
+        self.raw = {}
+
+    def clear(self, *_: Any) -> None:
+        """Forget the signals of the last encoder call (a new call is starting)."""
+        self.raw = {}
+
+    # ------------------------------------------------------------------ taps
+    def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
+        chunks = varlen_chunks(query, key, value, kwargs)
+        for q, k, v in chunks:
+            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling).items():
+                self.raw.setdefault(sig, []).append(x)
+
+    def _hidden_in(self, sig: Signal, module, args: tuple, kw: dict) -> None:
+        x = args[0] if args else kw["hidden_states"]
+        self.raw.setdefault(sig, []).append(x.detach().float() if x.dim() == 3 else x.detach().float()[None])
+
+    def _hidden_out(self, sig: Signal, module, args: tuple, out: Any) -> None:
+        x = out[0] if isinstance(out, tuple) else out
+        self.raw.setdefault(sig, []).append(x.detach().float() if x.dim() == 3 else x.detach().float()[None])
+
+    # ------------------------------------------------------------------ signals and selection
+    def signals(self, features: list[torch.Tensor], owners: list[tuple[int, int]], ctx: PrefillContext,
+                grid: list[torch.Tensor] | None, special: list[torch.Tensor]) -> VisionSignals:
+        values = {}
+        for sig in self.request.signals:
+            calls = self.raw.get(sig)
+            if not calls:
+                raise RuntimeError(
+                    "the vision encoder ran without tokprune's taps (were the image features computed before "
+                    "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
+                )
+            values[sig] = self.adapter.to_tokens(calls, features)
+        return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
+
+    def select(self, signals: VisionSignals, budget: Budget) -> list[torch.Tensor]:
+        """Sorted kept indices per image: the pruner's choice within each budget part, plus the special tokens
+        when the method keeps them. Raises when the pruner returns the wrong count or unsorted indices."""
+        pruner = self.adapter.pruner
+        parts = [p for p in self.adapter.budget_parts(signals, budget) if p[2] > 0]
+        sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
+        picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
+        if len(picks) != len(parts):
+            raise RuntimeError(f"{pruner.name}.select_vision returned {len(picks)} index sets for {len(parts)} images")
+        kept: list[list[torch.Tensor]] = [[] for _ in signals.features]
+        for (j, idx, k, _), pick in zip(parts, picks):
+            check_indices(pick, int(idx.numel()), k, pruner.name)
+            kept[j].append(idx[pick.to(idx.device)])
+        for j, sp in enumerate(signals.special):
+            if pruner.keep_newlines:
+                kept[j].append(sp.nonzero()[:, 0])
+        return [torch.cat(k).sort().values if k else sp.new_zeros(0, dtype=torch.long)
+                for k, sp in zip(kept, signals.special)]
+
+
+def check_indices(idx: torch.Tensor, n: int, k: int, who: str) -> None:
+    """A pruner's kept indices must be ``k`` sorted, unique indices into ``n`` tokens."""
+    if idx.numel() != k:
+        raise RuntimeError(f"{who} returned {idx.numel()} kept tokens where the budget is {k}")
+    if idx.numel() and (idx.min() < 0 or idx.max() >= n or (idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any()))):
+        raise RuntimeError(f"{who} returned kept indices that are not sorted, unique and in [0, {n})")
+
+
+def content_label(special: torch.Tensor) -> str:
+    """What a budget error says it counted for an image with these special tokens."""
+    return f"image ({int(special.sum())} newline tokens are not counted)" if bool(special.any()) else "image"

@@ -157,10 +157,11 @@ def clip_pixels(model, x) -> torch.Tensor:
 
 
 @torch.no_grad()
-def per_token(model, x, per_call: list[torch.Tensor]) -> list[torch.Tensor]:
+def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> list[torch.Tensor]:
     """Per-patch values (n_seq, n_patches, ...) of each encoder call, aligned with each image's LLM tokens:
     LLaVA drops [CLS]; LLaVA-NeXT packs the tiles with the model's own packing (newline slots NaN); Qwen joins the
-    calls, averages every merge unit (4 consecutive patches) and undoes Qwen2.5-VL's window order."""
+    calls, averages every merge unit (4 consecutive patches) and, for values read ``inside`` the blocks, undoes
+    Qwen2.5-VL's window order (the ViT's input is in raster order)."""
     inner = model.model
     cfg = model.config
     if hasattr(inner, "visual"):
@@ -168,7 +169,7 @@ def per_token(model, x, per_call: list[torch.Tensor]) -> list[torch.Tensor]:
         grid = x["image_grid_thw"]
         per_patch = torch.cat([c.flatten(0, 1) for c in per_call])
         units = per_patch.unflatten(0, (-1, 4)).mean(1)
-        if hasattr(vt, "window_size"):  # Qwen2.5-VL: blocks run in window order
+        if inside and hasattr(vt, "window_size"):  # Qwen2.5-VL: blocks run in window order
             from transformers.vision_utils import get_vision_window_index
 
             index, _ = get_vision_window_index(grid, spatial_merge_size=vt.spatial_merge_size,

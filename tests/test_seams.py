@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_families import TOL, ZOO, inputs, kept_tokens_reference, n_visual_newlines, positions
+from test_families import SIZES, TOL, ZOO, inputs, kept_tokens_reference, n_visual_newlines, positions, prompt
 
 import oracles
 import tokprune
 from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionRequest, VisionSignals
 from tokprune.signals import attention_rows, received_attention, varlen_chunks
-from tokprune.testing import families
+from tokprune.testing import families, make_image
 
 ALL = families()
 
@@ -46,7 +46,7 @@ class EverySignal(Pruner):
         kinds = [Signal("received", self.layer), Signal("received", self.layer, heads="all"),
                  Signal("rows", self.layer, queries=hubs), Signal("keys", self.layer),
                  Signal("values", self.layer, heads="all"), Signal("hidden_in", self.layer),
-                 Signal("hidden_out", self.layer)]
+                 Signal("hidden_out", self.layer), Signal("pixels")]
         return tuple(kinds + ([Signal("cls", self.layer)] if info.has_cls else []))
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
@@ -113,6 +113,39 @@ def test_every_signal_kind_is_aligned_with_the_visual_tokens(family):
 
 
 @pytest.mark.parametrize("family", ALL)
+def test_raw_pixels_per_token_are_the_unnormalised_patches(family):
+    fam = ZOO[family]
+    x = inputs(fam)
+    raw = fam.proc(images=[oracles_image(j) for j in range(2)], text=x_text(fam), return_tensors="pt",
+                   do_normalize=False)
+    pruner = EverySignal(layer=0)
+    with torch.no_grad(), tokprune.pruned(fam.model, pruner, keep=2, **_global(family)):
+        fam.model(**x)
+    got = pruner.seen["signals"][Signal("pixels")]
+    if fam.qwen:  # (patches, C * T * p * p) rows; per token the mean of its merge unit's 4 patches
+        c = 3
+        rows = raw["pixel_values"].reshape(1, -1, c, raw["pixel_values"].shape[-1] // c)
+        ref = oracles.per_token(fam.model, raw, [rows], inside=False)
+        got = [g.unflatten(-1, (4, -1)).mean(-2) for g in got]
+    else:
+        p = fam.model.config.vision_config.patch_size
+        px = oracles.clip_pixels(fam.model, raw)
+        patches = px.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(-2)
+        ref = oracles.per_token(fam.model, raw, [torch.cat([patches[:, :1] * float("nan"), patches], 1)])
+    for g, r in zip(got, ref):
+        r = r[~torch.isnan(r).flatten(1).any(-1)]
+        assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
+
+
+def oracles_image(j: int):
+    return make_image(*SIZES[j], seed=j)
+
+
+def x_text(fam) -> str:
+    return prompt(fam, 2)
+
+
+@pytest.mark.parametrize("family", ALL)
 def test_token_grid_coordinates_and_newline_mask(family):
     fam = ZOO[family]
     x = inputs(fam)
@@ -169,3 +202,17 @@ def test_an_unregistered_pruner_instance_and_its_options():
     with pytest.raises(ValueError, match="encoder has 3 layers"):
         tokprune.apply(fam.model, ReceivedTopK(layer=7), keep=2)
     assert not tokprune.is_patched(fam.model)
+
+
+def test_one_pruner_instance_shared_by_two_models_keeps_no_state():
+    """Per-prefill state lives in the context handed to each stage, so one instance serves two models at once."""
+    from tokprune.pruners.cls_attention import CLSAttention
+
+    pruner = CLSAttention()
+    before = dict(vars(pruner))
+    llava, nxt = ZOO["llava"], ZOO["llava_next"]
+    with torch.no_grad(), tokprune.pruned(llava.model, pruner, keep=3), tokprune.pruned(nxt.model, pruner, keep=3):
+        for fam in (llava, nxt, llava):
+            fam.model(**inputs(fam))
+            assert tokprune.last_record(fam.model).n_kept[0][0] >= 3
+    assert vars(pruner) == before

@@ -31,6 +31,10 @@ from tokprune.patches.vision_stage import VisionStage, content_label
 from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
 from tokprune.record import PruneRecord, Stage
 
+#: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class _DecodeState:
@@ -107,10 +111,23 @@ class Adapter:
         """(block, attention module) of encoder layer ``layer`` (0-based): where vision signals are tapped."""
         raise NotImplementedError
 
-    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
         """Per-patch values seen inside the encoder, one (n_seq, n_patches, ...) block per attention call in call
-        order, as per-LLM-token values aligned with each image's ``features`` (n_i, ...)."""  # family hook
+        order, as per-LLM-token values aligned with each image's ``features`` (n_i, ...). ``reduce``: how patches
+        that become one token combine ("mean", or "concat" along the last axis for pixels)."""  # family hook
         raise NotImplementedError
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """The encoder's input pixels, un-normalised, per patch of its sequence: (n_seq, n_patches, C, values)
+        (a [CLS] slot holds NaN). Family hook."""
+        raise NotImplementedError
+
+    def pixel_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the family's processors normalise pixels with (CLIP's for every built-in family); a
+        ``Signal("pixels", mean=..., std=...)`` overrides it for a processor configured otherwise."""
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
                                                                             list[torch.Tensor]]:

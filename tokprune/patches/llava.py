@@ -60,7 +60,8 @@ class LlavaAdapter(Adapter):
         block = clip_encoder(self.vision_tower).layers[layer]
         return block, block.self_attn
 
-    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
         per_image = self._drop_cls(torch.cat(calls))
         if per_image.shape[0] != len(features):
             raise RuntimeError(
@@ -68,6 +69,17 @@ class LlavaAdapter(Adapter):
                 "(beam search or expanded inputs are not supported with vision signals)"
             )
         return [r.to(f.device) for r, f in zip(per_image, features)]
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """CLIP input (n, C, H, W) -> (n, 1 + patches, C, p * p), row-major patches after a NaN [CLS] slot."""
+        p = self.model.config.vision_config.patch_size
+        n, c = pixels.shape[:2]
+        x = pixels * torch.tensor(std, device=pixels.device).view(1, -1, 1, 1) + torch.tensor(
+            mean, device=pixels.device).view(1, -1, 1, 1)
+        patches = x.unfold(2, p, p).unfold(3, p, p)  # (n, C, h, w, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c, p * p)
+        return torch.cat([patches.new_full((n, 1, c, p * p), float("nan")), patches], 1)
 
     def _drop_cls(self, per_patch: torch.Tensor) -> torch.Tensor:
         """(n_seq, 1 + patches, ...) -> (n_seq, patches, ...) unless the features keep the [CLS] token ("full")."""

@@ -171,7 +171,8 @@ class LlavaNextAdapter(LlavaAdapter):
             special.append(newline)
         return grids, special
 
-    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
         src = self._sources(features)
         pk = self._packing
         per_tile = self._drop_cls(torch.cat(calls))

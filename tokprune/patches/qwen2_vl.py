@@ -88,12 +88,17 @@ class Qwen2VLAdapter(Adapter):
     def _note_grid(self, module: nn.Module, args: tuple, kw: dict) -> None:
         self._vit_grid = kw.get("grid_thw", args[1] if len(args) > 1 else None)
 
-    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
         grid = getattr(self, "_vit_grid", None)
         if grid is None:
             raise RuntimeError("the Qwen ViT ran without tokprune's hooks; pass pixel_values and image_grid_thw")
         per_patch = torch.cat([c.flatten(0, 1) for c in calls])  # every call is one image or window, in ViT order
-        units = self.to_token_order(merge_units(per_patch.movedim(0, -1), self.merge_unit).movedim(-1, 0), grid)
+        if reduce == "concat":  # the unit's patches side by side along the last axis (pixels: read in raster order)
+            u = self.merge_unit
+            units = per_patch.unflatten(0, (-1, u)).movedim(1, -2).flatten(-2)
+        else:
+            units = self.to_token_order(merge_units(per_patch.movedim(0, -1), self.merge_unit).movedim(-1, 0), grid)
         counts = (grid.prod(-1) // self.merge_unit).tolist()
         if len(counts) != len(features) or [int(f.shape[0]) for f in features] != counts:
             raise RuntimeError(
@@ -101,6 +106,15 @@ class Qwen2VLAdapter(Adapter):
                 "counts (beam search or expanded inputs are not supported with vision signals)"
             )
         return [u.to(f.device) for u, f in zip(torch.split(units, counts), features)]
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """The ViT input (patches, C * T * p * p), block-major (4 consecutive patches per merge unit) and in raster
+        order, -> (1, patches, C, T * p * p) un-normalised."""
+        c = len(mean)
+        x = pixels.reshape(1, pixels.shape[0], c, -1)
+        return x * torch.tensor(std, device=x.device).view(1, 1, c, 1) + torch.tensor(mean, device=x.device).view(
+            1, 1, c, 1)
 
     def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
                                                                             list[torch.Tensor]]:

@@ -3,16 +3,18 @@
 A method names what it needs as :class:`~tokprune.pruners.base.Signal` s (kind + encoder layer). This module
 answers every request through two generic family hooks, never one hook per signal kind:
 
-* ``adapter.vision_layer(layer)`` -> (block, attention module) of encoder layer ``layer``: attention kinds, keys
-  and values come from an attention tap on the module (post-RoPE q/k/v, mask, scaling and the backend's kwargs;
+* ``adapter.vision_layer(layer)`` -> (block, attention module) of encoder layer ``layer``: attention kinds,
+  keys and values come from an attention tap on the module (post-RoPE q/k/v, mask, scaling and the backend's kwargs;
   a FlashAttention varlen call is split per sequence), hidden states from hooks on the block;
-* ``adapter.to_tokens(calls, features)`` turns what the taps saw, per attention call (n_seq, n_patches, ...), into
-  per-LLM-token values (LLaVA drops [CLS], LLaVA-NeXT packs tiles and unpads, Qwen joins windows per image,
-  averages each 2x2 merge unit and undoes the window order).
+* ``adapter.to_tokens(calls, features, reduce)`` turns what the taps saw, per attention call
+  (n_seq, n_patches, ...), into per-LLM-token values (LLaVA drops [CLS], LLaVA-NeXT packs tiles and unpads,
+  Qwen joins windows per image, averages each 2x2 merge unit and undoes the window order).
 
 Every value is (n_seq, n_patches, ...) when it leaves a tap: head mean or a trailing head axis for attention kinds
 (``cls`` row 0 over keys; ``received`` column means computed in query chunks, never an N x N matrix; ``rows`` the
-mean row of the chosen query patches), (..., d) or (..., heads, d) for keys / values, (..., D) for hidden states.
+mean row of the chosen query patches), (..., d) or (..., heads, d) for keys / values, (..., D) for hidden states;
+raw pixels are read at the encoder's input (``adapter.pixel_patches``), un-normalised, (..., channels, values),
+and a Qwen merge unit concatenates its patches' pixels instead of averaging them.
 
 :class:`VisionStage` then builds :class:`~tokprune.pruners.base.VisionSignals` (with each token's grid
 coordinates and special-token mask from ``adapter.token_layout``), splits the budget into the parts the family
@@ -84,7 +86,7 @@ class VisionStage:
         self.adapter, self.request = adapter, request
         info = adapter.info
         for sig in request.signals:
-            if sig.layer >= info.vision_layers:
+            if sig.layer is not None and sig.layer >= info.vision_layers:
                 raise ValueError(f"{sig}: the {info.family} vision encoder has {info.vision_layers} layers")
             if sig.kind == "cls" and not info.has_cls:
                 raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
@@ -94,7 +96,7 @@ class VisionStage:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
-        self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self.clear))
+        self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self._begin_call, with_kwargs=True))
         for layer in self.request.layers():
             sigs = [s for s in self.request.signals if s.layer == layer]
             block, attention = self.adapter.vision_layer(layer)
@@ -120,6 +122,16 @@ class VisionStage:
     def clear(self, *_: Any) -> None:
         """Forget the signals of the last encoder call (a new call is starting)."""
         self.raw = {}
+
+    def _begin_call(self, module: nn.Module, args: tuple, kw: dict) -> None:
+        self.clear()
+        pixels = [s for s in self.request.signals if s.kind == "pixels"]
+        if pixels:
+            x = args[0] if args else kw.get("pixel_values", kw.get("hidden_states"))
+            for sig in pixels:
+                mean, std = self.adapter.pixel_normalisation()
+                mean, std = sig.mean or mean, sig.std or std
+                self.raw[sig] = [self.adapter.pixel_patches(x.detach().float(), mean, std)]
 
     # ------------------------------------------------------------------ taps
     def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
@@ -147,7 +159,7 @@ class VisionStage:
                     "the vision encoder ran without tokprune's taps (were the image features computed before "
                     "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
                 )
-            values[sig] = self.adapter.to_tokens(calls, features)
+            values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
     def select(self, signals: VisionSignals, budget: Budget) -> list[torch.Tensor]:

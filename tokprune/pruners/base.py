@@ -49,6 +49,7 @@ SIGNAL_KINDS: dict[str, str] = {
     "values": "value states of the token",
     "hidden_in": "hidden state entering the encoder layer",
     "hidden_out": "hidden state leaving the encoder layer",
+    "pixels": "raw pixels of the token's patch(es), un-normalised, (channels, values) per token",
 }
 #: kinds computed from attention probabilities (``heads`` chooses head mean or per head)
 ATTENTION_KINDS = ("cls", "received", "rows")
@@ -59,7 +60,9 @@ HEADS = ("mean", "all")
 class Signal:
     """One named per-layer signal of the vision encoder, e.g. ``Signal("received", 8)``.
 
-    ``kind``: a key of :data:`SIGNAL_KINDS`; ``layer``: 0-based encoder layer. ``heads``: ``"mean"`` (one value,
+    ``kind``: a key of :data:`SIGNAL_KINDS`; ``layer``: 0-based encoder layer (None for ``"pixels"``, which are
+    read at the encoder's input and un-normalised with ``mean`` / ``std``, default: the family processor's
+    normalisation, CLIP's for every built-in family). ``heads``: ``"mean"`` (one value,
     or one vector for keys/values, per token) or ``"all"`` (a trailing head axis). ``queries`` (kind ``"rows"``):
     a function from the received attention of the same layer and encoder sequence, (n_seq, n_patches) head mean,
     to the query patches whose rows are wanted, (n_seq, R) long (VFlowOpt's hubs). The adapter aligns every
@@ -67,16 +70,21 @@ class Signal:
     """
 
     kind: str
-    layer: int
+    layer: int | None = None
     heads: str = "mean"
     queries: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SIGNAL_KINDS:
             raise ValueError(f"unknown vision signal {self.kind!r}; known: {', '.join(SIGNAL_KINDS)}")
         if self.heads not in HEADS:
             raise ValueError(f"heads must be one of {HEADS}, got {self.heads!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+        if self.kind == "pixels":
+            if self.layer is not None:
+                raise ValueError("pixels are read at the encoder's input: pass no layer")
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"a vision signal names a 0-based encoder layer, got layer={self.layer!r}")
         if (self.kind == "rows") != (self.queries is not None):
             raise ValueError("pass queries= exactly for signals of kind 'rows' (the function choosing query patches)")
@@ -93,7 +101,7 @@ class VisionRequest:
 
     def layers(self) -> list[int]:
         """Encoder layers that are tapped, sorted."""
-        return sorted({s.layer for s in self.signals})
+        return sorted({s.layer for s in self.signals if s.layer is not None})
 
 
 @dataclass

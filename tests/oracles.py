@@ -144,6 +144,14 @@ def vision_attention(model, x, layer: int) -> list[torch.Tensor]:
         vt.set_attn_implementation(impl)
 
 
+@torch.no_grad()
+def features_of(model, x) -> list[torch.Tensor]:
+    """The unpatched encoder's features per image, from a processor output (any family)."""
+    extra = {k: x[k] for k in ("image_grid_thw", "image_sizes") if k in x}
+    return list(model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True,
+                                               **extra).pooler_output)
+
+
 def clip_pixels(model, x) -> torch.Tensor:
     """The tiles CLIP encodes: every image (LLaVA) or each image's real tiles (LLaVA-NeXT pads the tile axis)."""
     pv = x["pixel_values"]

@@ -152,16 +152,24 @@ def positions(fam: Fam, x) -> torch.Tensor:
 
 @torch.no_grad()
 def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool = False,
-                          original: bool = False) -> Any:
+                          original: bool = False, replace: Any = None) -> Any:
     """The unpatched model fed only the kept visual tokens of a one-row prompt.
 
     Qwen: kept tokens at their original M-RoPE positions. LLaVA-NeXT: re-indexed contiguously (the pre-LLM
     default, "compact": what the model does when no positions are passed), or at their ``original`` positions.
+    ``replace(image, features)``: rewrites the kept features of an image (every DeepStack level too), e.g. to put
+    a merged token in a slot.
     """
     out = encode(fam, x)
     ids = x["input_ids"]
     keep = keep_mask(fam, ids, [f.shape[0] for f in out.pooler_output], kept)
-    kw = dict(input_ids=ids[:, keep], mm_encoder_outputs={"image": subset(out, kept)})
+    fed = subset(out, kept)
+    if replace is not None:
+        fed.pooler_output = [replace(j, f, g) for j, (f, g) in enumerate(zip(out.pooler_output, fed.pooler_output))]
+        if getattr(out, "deepstack_features", None) is not None:
+            fed.deepstack_features = [[replace(j, f, g) for j, (f, g) in enumerate(zip(lv, flv))]
+                                      for lv, flv in zip(out.deepstack_features, fed.deepstack_features)]
+    kw = dict(input_ids=ids[:, keep], mm_encoder_outputs={"image": fed})
     if fam.qwen or original:
         kw["position_ids"] = positions(fam, x)[..., keep]
     if fam.qwen:

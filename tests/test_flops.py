@@ -357,11 +357,12 @@ def test_from_record_matches_for_budget() -> None:
 
 def test_from_record_vit_stage_and_merged_tokens() -> None:
     cfg = configs.load("llava-1.5-7b")
-    merged = [[SimpleNamespace(sources=[torch.tensor([0, 1])] * 10)]]
-    rec = _record([[576]], [640], [("vision", 11, [_idx(128)])], merged=merged)
+    # 128 kept + 10 new tokens, each in a dropped slot of the image: the stage's kept indices hold all 138
+    merged = [[SimpleNamespace(sources=[torch.tensor([0, 1])] * 10, slots=torch.arange(128, 138))]]
+    rec = _record([[576]], [640], [("vision", 11, [_idx(138)])], merged=merged)
     (s,) = from_record(cfg, rec)
-    assert s.visual == (138,) * 32  # 128 kept + 10 merged
-    assert s.images[0].layer_tokens == (577,) * 11 + (129,) * 13
+    assert s.visual == (138,) * 32  # new tokens counted once, as LLM tokens
+    assert s.images[0].layer_tokens == (577,) * 11 + (139,) * 13
     assert estimate(cfg, s).vision < estimate(cfg, TokenSchedule.unpruned(cfg)).vision
 
 

@@ -10,11 +10,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from test_families import SIZES, TOL, ZOO, inputs, kept_tokens_reference, n_visual_newlines, positions, prompt
+from test_families import (
+    GEN,
+    SIZES,
+    TOL,
+    ZOO,
+    assert_same_generation,
+    inputs,
+    kept_tokens_reference,
+    n_visual_newlines,
+    positions,
+    prompt,
+)
 
 import oracles
 import tokprune
-from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionRequest, VisionSignals
+from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionDecision, VisionRequest, VisionSignals
 from tokprune.signals import attention_rows, received_attention, varlen_chunks
 from tokprune.testing import families, make_image
 
@@ -55,6 +66,23 @@ class EverySignal(Pruner):
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         self.seen = {"signals": signals}
         return [torch.arange(k) for k in ks]
+
+
+@dataclass
+class MergeDropped(Pruner):
+    """Test-only: keep the k-1 tokens of largest feature norm and merge every dropped token into one mean token."""
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest()
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[VisionDecision]:
+        out = []
+        for f, k in zip(signals.features, ks):
+            kept = oracles.topk_sorted(f.float().norm(dim=-1), k - 1)
+            assign = torch.zeros(f.shape[0], dtype=torch.long)
+            assign[kept] = -1
+            out.append(VisionDecision(kept, assign))
+        return out
 
 
 def _global(family: str) -> dict:
@@ -216,3 +244,94 @@ def test_one_pruner_instance_shared_by_two_models_keeps_no_state():
             fam.model(**inputs(fam))
             assert tokprune.last_record(fam.model).n_kept[0][0] >= 3
     assert vars(pruner) == before
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_merge_every_dropped_token_into_one_mean_token(family):
+    """The new token takes the first dropped slot (its position id too); logits = the unpatched model fed the kept
+    tokens with that slot's features replaced by the mean of the dropped ones (every DeepStack level alike)."""
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 4
+    with torch.no_grad():
+        tokprune.apply(fam.model, MergeDropped(), keep=k, **_global(family))
+        out = fam.model(**x).logits
+        gen = fam.model.generate(**x, **GEN)
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        feats = [f.float() for f in oracles.features_of(fam.model, x)]
+        expected = []
+        for f, sp in zip(feats, rec.special[0]):
+            content = (~sp).nonzero()[:, 0]
+            kept = content[oracles.topk_sorted(f[content].norm(dim=-1), k - 1)]
+            dropped = content[~torch.isin(content, kept)]
+            expected.append((kept, dropped))
+        slots = [torch.cat([kp, dr[:1], sp.nonzero()[:, 0]]).sort().values
+                 for (kp, dr), sp in zip(expected, rec.special[0])]
+
+        def replace(j, full, fed):
+            kept, dropped = expected[j]
+            fed = fed.clone()
+            fed[(slots[j] == dropped[0]).nonzero()[0, 0]] = full[dropped].float().mean(0).to(full.dtype)
+            return fed
+
+        ref = kept_tokens_reference(fam, x, slots, replace=replace)
+        ref_gen = kept_tokens_reference(fam, x, slots, generate=True, replace=replace)
+    assert [torch.equal(a, b) for a, b in zip(rec.kept[0], slots)] == [True, True]
+    for m, (_, dropped) in zip(rec.merged[0], expected):
+        assert torch.equal(m.sources[0], dropped) and m.slots.tolist() == [int(dropped[0])]
+    assert rec.n_kept[0] == [k + int(sp.sum()) for sp in rec.special[0]]
+    assert (out - ref).abs().max() <= TOL
+    assert_same_generation(gen, ref_gen)
+    from tokprune.flops import from_record
+
+    assert set(from_record(fam.model.config, rec)[0].visual) == {sum(rec.n_kept[0])}  # new tokens counted once
+
+
+def test_merge_decisions_are_checked():
+    fam = ZOO["llava"]
+    x = inputs(fam)
+
+    @dataclass
+    class Bad(Pruner):
+        mode: str = "count"
+
+        def vision_request(self, info):
+            return VisionRequest()
+
+        def select_vision(self, signals, ks):
+            n = signals.features[0].shape[0]
+            assign = torch.zeros(n, dtype=torch.long)
+            if self.mode == "count":  # k kept plus one new token: one too many
+                kept = torch.arange(ks[0])
+            else:  # a kept token also merged
+                kept = torch.arange(ks[0] - 1)
+            assign[kept[1:] if self.mode == "kept" else kept] = -1
+            return [VisionDecision(kept, assign)] * len(ks)
+
+    for mode, msg in [("count", "where the budget is 2"), ("kept", "cannot also be merged")]:
+        with tokprune.pruned(fam.model, Bad(mode=mode), keep=3), pytest.raises(RuntimeError, match=msg):
+            fam.model(**x)
+
+
+def test_next_per_tile_merges_within_each_tile_and_deepstack_refuses_explicit_features():
+    fam = ZOO["llava_next"]
+    x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 tiles per image, none unpadded away
+    with torch.no_grad(), tokprune.pruned(fam.model, MergeDropped(), keep=10):
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+    for m, kept in zip(rec.merged[0], rec.kept[0]):
+        assert len(m.sources) == 5 and torch.isin(m.slots, kept).all()  # one new token per tile, in its slots
+
+    @dataclass
+    class Explicit(Pruner):
+        def vision_request(self, info):
+            return VisionRequest()
+
+        def select_vision(self, signals, ks):
+            return [VisionDecision(torch.arange(k - 1), torch.tensor([-1] * (k - 1) + [0] * (f.shape[0] - k + 1)),
+                                   features=f[:1] * 0) for f, k in zip(signals.features, ks)]
+
+    q3 = ZOO["qwen3_vl"]
+    with tokprune.pruned(q3.model, Explicit(), keep=3), pytest.raises(tokprune.UnsupportedError, match="DeepStack"):
+        q3.model(**inputs(q3))

@@ -643,8 +643,9 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
     """One :class:`TokenSchedule` per sample of a pruning record (``tokprune.record.PruneRecord``).
 
     Stages apply in order: kind ``"vision"`` shrinks every LLM layer (and, when ``stage.layer`` is a ViT layer,
-    the ViT from that layer on); kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. Merged tokens
-    (``record.merged``) are added to every stage's kept count of their image. ``n_text`` defaults to
+    the ViT from that layer on); kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. New (merged) tokens
+    take dropped slots of their image (``record.merged[b][i].slots``), which are part of the stage's kept indices,
+    so a stage's kept count is its LLM token count. ``n_text`` defaults to
     ``record.seq_len[b]`` minus the sample's visual tokens. Per-image sizes (LLaVA-NeXT: (H, W); Qwen: grid t,h,w)
     come from the arguments or from ``record.image_sizes`` / ``record.image_grid_thw`` when present; without them
     LLaVA-NeXT's vision part is left out and Qwen2.5-VL windows assume a near-square grid (see ``notes``).
@@ -653,7 +654,6 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
     arch = describe(config)
     image_sizes = image_sizes if image_sizes is not None else getattr(record, "image_sizes", None)
     image_grid_thw = image_grid_thw if image_grid_thw is not None else getattr(record, "image_grid_thw", None)
-    merged_all = getattr(record, "merged", None)
     out = []
     for b, n_vis in enumerate(record.n_visual):
         n_vis = [int(n) for n in n_vis]
@@ -661,9 +661,6 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
             text = int(record.seq_len[b]) - sum(n_vis)
         else:
             text = int(n_text) if isinstance(n_text, int) else int(n_text[b])
-        merged = [0] * len(n_vis)
-        if merged_all is not None and merged_all[b] is not None:
-            merged = [len(m.sources) if m is not None else 0 for m in merged_all[b]]
         visual = [sum(n_vis)] * arch.llm.layers
         works, notes = _record_images(config, arch, b, n_vis, image_sizes, image_grid_thw)
         for st in record.stages:
@@ -676,7 +673,7 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
                 start = int(st.layer)
             else:
                 raise ValueError(f"unknown stage kind {st.kind!r}")
-            total = sum(c + m for c, m in zip(counts, merged))
+            total = sum(counts)
             visual[start:] = [total] * (len(visual) - start)
         out.append(TokenSchedule(tuple(visual), text, tuple(works), tuple(notes)))
     return out

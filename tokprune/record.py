@@ -23,12 +23,15 @@ class Stage:
 
 @dataclass
 class Merged:
-    """Tokens a method builds from pruned ones (e.g. VisionZip contextual tokens).
+    """Tokens a method builds from pruned ones (e.g. VisionZip contextual tokens), for one image.
 
-    ``sources[j]`` lists the original visual-token indices absorbed into merged token ``j``.
+    ``sources[j]`` lists the original visual-token indices absorbed into new token ``j``; ``slots[j]`` is the
+    original index whose place (sequence slot and position id) it took, a dropped token of the same image. Those
+    slots are part of the stage's ``kept`` indices, so ``n_kept`` counts LLM tokens, new ones included.
     """
 
     sources: list[torch.Tensor]
+    slots: torch.Tensor | None = None
 
 
 @dataclass

@@ -27,9 +27,9 @@ from torch import nn
 from tokprune.config import Budget
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
-from tokprune.patches.vision_stage import VisionStage, content_label
+from tokprune.patches.vision_stage import Placement, VisionStage, content_label
 from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
-from tokprune.record import PruneRecord, Stage
+from tokprune.record import Merged, PruneRecord, Stage
 
 #: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -154,10 +154,11 @@ class Adapter:
         """(cos, sin) of the language model for the given positions (used for "compact" positions in the LLM)."""
         return self.language_model.rotary_emb(x, position_ids=position_ids)
 
-    def prune_encoder_outputs(self, out: Any, keeps: list[torch.Tensor]) -> Any:
-        """Encoder outputs holding only the kept tokens (families with extra per-token outputs extend this)."""
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
+        """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
+        per-token outputs extend this and merge them the same way)."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [f[k] for f, k in zip(out.pooler_output, keeps)]
+        new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
         return new
 
     def encode_images(self, kw: dict) -> Any:
@@ -259,7 +260,11 @@ class Adapter:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
             signals = self.vision.signals(feats, owners, ctx, grid, special)
-            keeps = [k.to(ids.device) for k in self.vision.select(signals, self.budget)]
+            placements = self.vision.select(signals, self.budget)
+            keeps = [p.slots.to(ids.device) for p in placements]
+            if any(p.n_new for p in placements):
+                record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])
+                                  if placements[j].n_new else None for j in row] for row in rows_images]
             keep_mask = ids != self.image_token_id
             for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
                 for span, j in zip(row_spans, row_imgs):
@@ -273,7 +278,7 @@ class Adapter:
             origin = [[keeps[j] for j in ri] for ri in rows_images]
             record.stages.append(Stage("vision", None, origin))
             new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
-            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, keeps)
+            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, placements)
             n_pruned = idx.shape[1]
             mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
             offset = None

@@ -23,6 +23,7 @@ defines (``adapter.budget_parts``: one per image, or LLaVA-NeXT tiles), asks the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,13 @@ import torch
 from torch import nn
 
 from tokprune.config import Budget
+from tokprune.kernels import merge_tokens
 from tokprune.pruners.base import (
     ATTENTION_KINDS,
     PrefillContext,
     Signal,
     UnsupportedError,
+    VisionDecision,
     VisionRequest,
     VisionSignals,
 )
@@ -162,24 +165,122 @@ class VisionStage:
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
-    def select(self, signals: VisionSignals, budget: Budget) -> list[torch.Tensor]:
-        """Sorted kept indices per image: the pruner's choice within each budget part, plus the special tokens
-        when the method keeps them. Raises when the pruner returns the wrong count or unsorted indices."""
+    def select(self, signals: VisionSignals, budget: Budget) -> list[Placement]:
+        """Per image, where its surviving tokens sit: the pruner's choice within each budget part (kept indices,
+        or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them.
+        Raises when the pruner returns the wrong count, unsorted indices or an inconsistent merge."""
         pruner = self.adapter.pruner
         parts = [p for p in self.adapter.budget_parts(signals, budget) if p[2] > 0]
         sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
         picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
         if len(picks) != len(parts):
             raise RuntimeError(f"{pruner.name}.select_vision returned {len(picks)} index sets for {len(parts)} images")
-        kept: list[list[torch.Tensor]] = [[] for _ in signals.features]
+        images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
         for (j, idx, k, _), pick in zip(parts, picks):
-            check_indices(pick, int(idx.numel()), k, pruner.name)
-            kept[j].append(idx[pick.to(idx.device)])
-        for j, sp in enumerate(signals.special):
-            if pruner.keep_newlines:
-                kept[j].append(sp.nonzero()[:, 0])
-        return [torch.cat(k).sort().values if k else sp.new_zeros(0, dtype=torch.long)
-                for k, sp in zip(kept, signals.special)]
+            images[j].add(pick, idx, k, pruner.name)
+        return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)]
+
+
+@dataclass
+class Placement:
+    """Where one image's surviving tokens sit in the LLM sequence.
+
+    ``slots``: sorted original indices whose places stay in the sequence; ``new_at`` (m,): positions within
+    ``slots`` that carry a new token instead of the original one, built from ``assign`` / ``weights`` (a weighted
+    mean of the original tokens assigned to it) or taken from ``features``.
+    """
+
+    slots: torch.Tensor
+    new_at: torch.Tensor
+    assign: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    @property
+    def n_new(self) -> int:
+        return int(self.new_at.numel())
+
+    def sources(self) -> list[torch.Tensor]:
+        """Original indices each new token absorbed."""
+        return [(self.assign == m).nonzero()[:, 0] for m in range(self.n_new)]
+
+    def build(self, f: torch.Tensor, level: str = "features") -> torch.Tensor:
+        """The image's tokens after the stage: ``f[slots]`` with the new tokens in their slots. ``f`` is the
+        image's (n, D) features or any per-token encoder output merged the same way (a DeepStack level)."""
+        out = f[self.slots.to(f.device)]
+        if not self.n_new:
+            return out
+        if self.features is not None:
+            if level != "features":
+                raise UnsupportedError(
+                    f"explicit new token features cannot be merged into the {level} of this model; return a "
+                    "VisionDecision with assign / weights (a weighted mean of original tokens) instead"
+                )
+            new = self.features
+        else:
+            w = None if self.weights is None else self.weights.to(f.device)
+            new = merge_tokens(f, self.assign.to(f.device), w, num_targets=self.n_new)
+        out = out.clone()
+        out[self.new_at.to(f.device)] = new.to(device=f.device, dtype=f.dtype)
+        return out
+
+
+class _ImageChoice:
+    """Collects the pruner's answers for the budget parts of one image and places its new tokens."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n = n
+        self.kept: list[torch.Tensor] = []
+        self.assign = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.weights: torch.Tensor | None = None
+        self.features: list[torch.Tensor] = []
+        self.m = 0
+
+    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int, who: str) -> None:
+        n_part = int(idx.numel())
+        if not isinstance(pick, VisionDecision):
+            check_indices(pick, n_part, k, who)
+            self.kept.append(idx[pick.to(idx.device)])
+            return
+        m = pick.n_new
+        check_indices(pick.kept, n_part, k - m, f"{who} (kept tokens of a decision with {m} new tokens)")
+        a = pick.assign.to(idx.device).long()
+        if a.shape != (n_part,) or bool((a < -1).any()) or bool((a >= m).any()):
+            raise RuntimeError(f"{who}: assign must be ({n_part},) long with values in [-1, {m})")
+        if pick.kept.numel() and bool((a[pick.kept.to(idx.device)] >= 0).any()):
+            raise RuntimeError(f"{who}: a kept token cannot also be merged into a new token")
+        if pick.features is None and m and bool((torch.bincount(a[a >= 0], minlength=m) == 0).any()):
+            raise RuntimeError(f"{who}: every new token needs at least one source (or pass features)")
+        if (pick.features is None) != (not self.features) and self.m:
+            raise RuntimeError(f"{who}: give explicit features for the new tokens of every part or of none")
+        self.kept.append(idx[pick.kept.to(idx.device)])
+        self.assign[idx[a >= 0]] = a[a >= 0] + self.m
+        if pick.weights is not None:
+            if self.weights is None:
+                self.weights = torch.ones(self.n, dtype=torch.float32, device=idx.device)
+            self.weights[idx] = pick.weights.to(idx.device).float()
+        if pick.features is not None:
+            self.features.append(pick.features)
+        self.m += m
+
+    def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
+        kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
+        kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)
+        if not self.m:
+            return Placement(kept_all, kept_all.new_zeros(0))
+        free = ~special.to(kept_all.device).clone()
+        free[kept_all] = False
+        new_slots = []
+        for m in range(self.m):
+            src = (self.assign == m).nonzero()[:, 0]
+            cand = src[free[src]]
+            slot = cand[0] if cand.numel() else free.nonzero()[0, 0]
+            free[slot] = False
+            new_slots.append(slot)
+        new_slots_t = torch.stack(new_slots)
+        slots = torch.cat([kept_all, new_slots_t]).sort().values
+        return Placement(slots, torch.searchsorted(slots, new_slots_t), self.assign, self.weights,
+                         torch.cat(self.features) if self.features else None)
 
 
 def check_indices(idx: torch.Tensor, n: int, k: int, who: str) -> None:

@@ -8,9 +8,11 @@ from tokprune.pruners.base import (
     Pruner,
     Signal,
     UnsupportedError,
+    VisionDecision,
     VisionRequest,
     VisionSignals,
 )
 
-__all__ = ["LLMSignals", "ModelInfo", "PrefillContext", "Pruner", "Signal", "UnsupportedError", "VisionRequest",
+__all__ = ["LLMSignals", "ModelInfo", "PrefillContext", "Pruner", "Signal", "UnsupportedError", "VisionDecision",
+           "VisionRequest",
            "VisionSignals"]

@@ -160,6 +160,36 @@ class VisionSignals:
 
 
 @dataclass
+class VisionDecision:
+    """A vision stage's answer for one image that also adds new tokens (VisionZip's contextual tokens, VFlowOpt's
+    recycled ones); a plain tensor of sorted kept indices is the answer without new tokens.
+
+    ``kept``: sorted indices kept as they are. ``assign`` (n,) long: the new token (0..m-1) each original token
+    is merged into, -1 for none (a kept token is never merged). A new token is the ``weights``-weighted mean
+    (default: plain mean) of the tokens assigned to it, computed by the adapter with
+    :func:`tokprune.kernels.merge_tokens` on the features and, on Qwen3-VL, on every DeepStack level alike.
+    ``features`` (m, D): explicit new tokens instead (e.g. a projected [CLS]); ``assign`` then only records their
+    sources, and a model with DeepStack levels refuses them. ``len(kept) + m`` must equal the budget.
+
+    Position policy (the adapter's, documented in docs/design.md): every new token takes a *dropped slot of its
+    own image*: the lowest-index dropped token among its sources not taken by an earlier new token, else the
+    lowest free dropped slot. It sits at that slot's place in the sequence with that slot's position id (M-RoPE:
+    that patch's (t, h, w)), so re-padding, positions and decode bookkeeping are those of a plain keep set.
+    """
+
+    kept: torch.Tensor
+    assign: torch.Tensor
+    weights: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    @property
+    def n_new(self) -> int:
+        if self.features is not None:
+            return int(self.features.shape[0])
+        return int(self.assign.max()) + 1 if self.assign.numel() and bool((self.assign >= 0).any()) else 0
+
+
+@dataclass
 class LLMSignals:
     """Inputs of an LLM stage acting before decoder layer ``layer``.
 
@@ -254,8 +284,9 @@ class Pruner:
         """Importance of every visual token of every image (higher = keep)."""
         raise NotImplementedError(f"{type(self).__name__} has no vision scoring")
 
-    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
-        """Sorted kept indices per image; by default the top-k of :meth:`vision_scores`."""
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        """Per image, sorted kept indices (``ks[i]`` of them) or a :class:`VisionDecision` adding new tokens (kept
+        plus new = ``ks[i]``); by default the top-k of :meth:`vision_scores`."""
         return topk_groups(self.vision_scores(signals), ks)
 
     # ------------------------------------------------------------------ LLM stages

@@ -9,12 +9,15 @@ from typing import Any
 
 from torch import nn
 
+import tokprune.patches  # noqa: F401  (registers the built-in model families)
+import tokprune.pruners  # noqa: F401  (registers the built-in methods)
 from tokprune.config import Budget
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
-from tokprune.pruners.base import Pruner
+from tokprune.pruners.base import ModelInfo, Pruner
 from tokprune.record import PruneRecord
-from tokprune.registry import METHODS, MODELS, _load_builtins, adapter_for, get_method
+from tokprune.registry import METHODS, MODELS, adapter_for, get_method
+from tokprune.schedule import Schedule
 
 ATTR = "tokprune"
 
@@ -125,11 +128,41 @@ def last_record(model: nn.Module) -> PruneRecord | None:
 
 def methods() -> list[str]:
     """Names of the registered pruning methods."""
-    _load_builtins()
     return sorted(METHODS)
 
 
 def models() -> list[str]:
     """Names of the supported model families."""
-    _load_builtins()
     return sorted(MODELS)
+
+
+def model_info(model_or_config: Any) -> ModelInfo:
+    """What a pruner may know about a model, read by its family adapter; a transformers config (or a shipped
+    config name) is built on the meta device first, so no weights are needed."""
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        from tokprune.configs import build_model, load
+
+        config = load(model) if isinstance(model, str) else model
+        model = build_model(config, device="meta")
+    return adapter_for(model).describe(model)
+
+
+def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
+             *, n_visual: int | None = None, image_size: tuple[int, int] | None = None,
+             **options: Any) -> Schedule:
+    """The per-stage budgets ``method`` runs for one image at ``keep`` / ``keep_ratio`` (what the adapter checks
+    and ``tokprune.flops.for_budget(config, schedule)`` counts). ``n_visual``: the image's visual tokens; by
+    default those of an image of ``image_size`` (the family default) for that config. ``options``: the method's
+    hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot run."""
+    info = model_info(model_or_config)
+    pruner = method if isinstance(method, Pruner) else make_pruner(method, options)
+    pruner.check(info)
+    if n_visual is None:
+        from tokprune.configs import load
+        from tokprune.flops import image_work
+
+        config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+        config = load(config) if isinstance(config, str) else config
+        n_visual = image_work(config, image_size=image_size).llm_tokens
+    return pruner.schedule(info, n_visual, Budget(keep=keep, keep_ratio=keep_ratio).count(n_visual))

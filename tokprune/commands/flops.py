@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from tokprune.api import schedule
+from tokprune.configs import load
 from tokprune.flops import CONVENTIONS, DEFAULT_N_TEXT, FlopsReport, for_budget
 
 _UNITS = {"full": "FLOPs, whole model, all tokens", "3ndm": "paper convention, MACs, visual tokens only",
@@ -21,11 +23,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "ratio to the unpruned model. No weights are needed.",
     )
     p.add_argument("--config", required=True, help="shipped config name (e.g. llava-1.5-7b) or a local path")
-    p.add_argument("--method", help="method name (decides where tokens are dropped; e.g. cls, fastv, pdrop)")
+    p.add_argument("--method", help="a registered method (its schedule decides where tokens are dropped; "
+                                    "see `tokprune.methods()`); none: one cut before --layer")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=int, help="visual tokens kept per image")
     budget.add_argument("--keep-ratio", type=float, help="fraction of visual tokens kept, in (0, 1]")
-    p.add_argument("--layer", type=int, help="0-indexed LLM layer before which tokens are dropped (fastv: 2)")
+    p.add_argument("--layer", type=int, help="without --method: 0-indexed LLM layer before which tokens are "
+                                            "dropped (default 0); with one: the method's own `layer` option")
     p.add_argument("--stages", help="explicit schedule 'layer:kept,...'; kept is a count or a fraction like 0.5")
     p.add_argument("--convention", choices=CONVENTIONS, default="full", help="what to count (default: full)")
     p.add_argument("--n-text", type=int, default=DEFAULT_N_TEXT, help="non-image prompt tokens (default: 64)")
@@ -71,11 +75,21 @@ def run(args: argparse.Namespace) -> int:
     """Compute and print; exit code 2 on a bad argument."""
     try:
         stages = _stages(args.stages) if args.stages else None
-        report = for_budget(
-            args.config, args.method, keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer, stages=stages,
-            n_text=args.n_text, n_images=args.images, image_size=parse_size(args.image_size),
-            convention=args.convention, decode_steps=args.decode_steps,
-        )
+        config = load(args.config)
+        size = parse_size(args.image_size)
+        budget: dict[str, Any] = dict(keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer or 0)
+        if args.method is not None:
+            if stages is not None:
+                raise ValueError("pass either --method or --stages: a method's schedule decides its stages")
+            if args.keep is None and args.keep_ratio is None:
+                raise ValueError(f"pass --keep or --keep-ratio for method {args.method!r}")
+            options = {"layer": args.layer} if args.layer is not None else {}
+            budget = dict(schedule=schedule(config, args.method, keep=args.keep, keep_ratio=args.keep_ratio,
+                                            image_size=size, **options))
+        elif stages is not None:
+            budget = dict(stages=stages)
+        report = for_budget(config, **budget, n_text=args.n_text, n_images=args.images, image_size=size,
+                            convention=args.convention, decode_steps=args.decode_steps)
     except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
         print(f"tokprune flops: error: {e}", file=sys.stderr)
         return 2

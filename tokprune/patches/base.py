@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
 from tokprune.patches.vision_stage import Placement, VisionStage, content_label
 from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
 from tokprune.record import Merged, PruneRecord, Stage
+from tokprune.schedule import Schedule
 
 #: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -87,6 +89,14 @@ class Adapter:
                 raise ValueError(f"{name} must be one of {cls.options[name]}, got {value!r}")
         return {name: options.get(name, allowed[0]) for name, allowed in cls.options.items()}
 
+    @classmethod
+    def describe(cls, model: nn.Module) -> ModelInfo:
+        """The :class:`ModelInfo` of ``model`` without patching anything (a model on the meta device will do):
+        the one factory of ModelInfo, so FLOPs plans and the CLI see exactly what ``apply`` sees."""
+        probe = cls.__new__(cls)  # model_info reads only the modules
+        probe.model = model
+        return probe.model_info()
+
     # ------------------------------------------------------------------ family hooks
     def model_info(self) -> ModelInfo:  # family hook
         raise NotImplementedError
@@ -136,15 +146,19 @@ class Adapter:
         not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
         return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
-    def budget_parts(self, signals: Any, budget: Budget) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
-        """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part. Default: one part
-        per image holding its content (non-special) tokens, ``budget`` counted over them. LLaVA-NeXT splits per
-        tile."""
-        parts = []
-        for j, (sp, owner) in enumerate(zip(signals.special, signals.owners)):
-            content = (~sp).nonzero()[:, 0]
-            parts.append((j, content, budget.count(int(content.numel()), content_label(sp)), owner))
-        return parts
+    def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]
+                     ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
+        """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``
+        gives an image's vision-stage budget from its special-token mask. Default: one part per image holding its
+        content (non-special) tokens. LLaVA-NeXT splits per tile."""
+        return [(j, (~sp).nonzero()[:, 0], image_budget(sp), owner)
+                for j, (sp, owner) in enumerate(zip(signals.special, signals.owners))]
+
+    def schedule(self, special: torch.Tensor) -> Schedule:
+        """The method's per-stage budgets for an image with this special-token mask: ``keep`` / ``keep_ratio``
+        count its content tokens (an error names both counts when a count budget exceeds them)."""
+        n = int((~special).sum())
+        return self.pruner.schedule(self.info, n, self.budget.count(n, content_label(special)))
 
     def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """The position ids the unpatched model would use when none are passed."""  # family hook
@@ -261,7 +275,7 @@ class Adapter:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
             signals = self.vision.signals(feats, owners, ctx, grid, special)
-            placements = self.vision.select(signals, self.budget)
+            placements = self.vision.select(signals)
             keeps = [p.slots.to(ids.device) for p in placements]
             if any(p.n_new for p in placements):
                 record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])

@@ -33,14 +33,13 @@ every method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tokprune.config import Budget
 from tokprune.patches.llava import LlavaAdapter, square_grid
-from tokprune.patches.vision_stage import content_label
 from tokprune.pruners.base import VisionSignals
 from tokprune.registry import register_model
 
@@ -183,13 +182,13 @@ class LlavaNextAdapter(LlavaAdapter):
         return [per_image[j].to(f.device) for f, j in zip(features, src)]
 
     # ------------------------------------------------------------------ budgets
-    def budget_parts(self, signals: VisionSignals, budget: Budget) -> list[tuple[int, torch.Tensor, int,
-                                                                                  tuple[int, int]]]:
+    def budget_parts(self, signals: VisionSignals, image_budget: Callable[[torch.Tensor], int]
+                     ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
         if self.opts["tile_budget"] == "global":
-            return super().budget_parts(signals, budget)
+            return super().budget_parts(signals, image_budget)
         parts = []
         for j, (grid, sp, owner) in enumerate(zip(signals.grid, signals.special, signals.owners)):
-            k = budget.count(int((~sp).sum()), content_label(sp))
+            k = image_budget(sp)
             tile = grid[:, 2].masked_fill(sp, -1)
             tiles = [(tile == t).nonzero()[:, 0] for t in range(int(tile.max()) + 1)]
             for t, (idx, kt) in enumerate(zip(tiles, split_budget(k, [int(p.numel()) for p in tiles]))):

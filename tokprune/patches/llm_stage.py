@@ -21,7 +21,7 @@ import torch
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.sequence import gather_seq, last_real_index
-from tokprune.patches.vision_stage import check_indices, content_label
+from tokprune.patches.vision_stage import check_indices
 from tokprune.pruners.base import LLMSignals, PrefillContext
 from tokprune.record import PruneRecord, Stage
 from tokprune.signals import TAPS, attention_rows
@@ -76,7 +76,6 @@ class LLMStages:
         # special tokens (LLaVA-NeXT newlines) among the survivors: never scored nor counted, kept on top
         self.special = [[sp[o.to(sp.device)].to(o.device) for sp, o in zip(srow, orow)]
                         for srow, orow in zip(record.special, origin)]
-        self.n_content = [[int((~sp).sum()) for sp in srow] for srow in record.special]
         self.visual0 = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
         for bi, row in enumerate(visual):
             for pos in row:
@@ -128,9 +127,9 @@ class LLMStages:
                              visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
                              origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
                              ctx=self.ctx)
-        ks = [[min(int(c.numel()), pruner.stage_budget(s, n, a.budget.count(n, content_label(sp))))
-               for c, n, sp in zip(crow, nrow, srow)]
-              for crow, nrow, srow in zip(content, self.n_content, self.special)]
+        stage = s + (a.vision is not None)  # index of this stage in the method's schedule
+        ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
+              for crow, srow0 in zip(content, self.record.special)]
         picked = pruner.select_llm(signals, ks)
         rel = []
         for crow, prow, krow, srow in zip(content, picked, ks, self.special):

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tokprune.config import Budget
 from tokprune.kernels import merge_tokens
 from tokprune.pruners.base import (
     ATTENTION_KINDS,
@@ -165,12 +164,13 @@ class VisionStage:
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
-    def select(self, signals: VisionSignals, budget: Budget) -> list[Placement]:
+    def select(self, signals: VisionSignals) -> list[Placement]:
         """Per image, where its surviving tokens sit: the pruner's choice within each budget part (kept indices,
         or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them.
         Raises when the pruner returns the wrong count, unsorted indices or an inconsistent merge."""
         pruner = self.adapter.pruner
-        parts = [p for p in self.adapter.budget_parts(signals, budget) if p[2] > 0]
+        budget = self.adapter.schedule
+        parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision")) if p[2] > 0]
         sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
         picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
         if len(picks) != len(parts):

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from tokprune.kernels import select_topk
+from tokprune.schedule import Schedule, StageBudget
 
 POSITIONS = ("compact", "original")
 
@@ -237,6 +238,8 @@ class Pruner:
     #: counts content tokens; True keeps them all on top of it at every stage (FasterVLM, HiPrune), False drops them
     #: at the first stage (VisionZip, FlowCut)
     keep_newlines: ClassVar[bool] = True
+    #: what ``keep`` means (see :data:`tokprune.schedule.MEANINGS`): the count after the last stage by default
+    budget_meaning: ClassVar[str] = "final"
 
     positions: str | None = None
 
@@ -289,11 +292,29 @@ class Pruner:
         plus new = ``ks[i]``); by default the top-k of :meth:`vision_scores`."""
         return topk_groups(self.vision_scores(signals), ks)
 
-    # ------------------------------------------------------------------ LLM stages
+    # ------------------------------------------------------------------ budgets
     def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
-        """Tokens of an image (``n_visual`` originally) to keep at LLM stage ``stage``; ``keep`` is the final
-        per-image budget. Progressive methods override this with their schedule."""
+        """Tokens of an image (``n_visual`` originally) to keep after stage ``stage``, counting every stage of the
+        method in order (its vision stage, if any, is stage 0); ``keep`` is the user's per-image budget.
+        Progressive methods override this with their schedule."""
         return keep
+
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+        """The per-stage budgets of an image of ``n_visual`` tokens at budget ``keep``: a pure function of the
+        method, run by the adapters (which check every returned count against it) and counted by
+        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage."""
+        kinds = ([("vision", None)] if self.vision_request(info) is not None else []) + [
+            ("llm", layer) for layer in self.llm_layers(info)]
+        stages, current = [], n_visual
+        for s, (kind, layer) in enumerate(kinds):
+            current = min(current, self.stage_budget(s, n_visual, keep))
+            stages.append(StageBudget(kind, layer, current))
+        sched = Schedule(n_visual, tuple(stages), self.budget_meaning)
+        if keep >= n_visual and any(st.keep != n_visual for st in stages):
+            raise RuntimeError(f"{self.name}: keep-all must keep all {n_visual} tokens at every stage")
+        return sched
+
+    # ------------------------------------------------------------------ LLM stages
 
     def llm_scores(self, signals: LLMSignals) -> torch.Tensor:
         """Importance (B, n) over the current sequence; only visual positions are read."""

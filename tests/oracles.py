@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -202,3 +204,70 @@ def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> li
 def received(model, x, layer: int) -> list[torch.Tensor]:
     """Head-mean attention each visual token receives (column mean over all queries of its attention call)."""
     return per_token(model, x, [a.mean(1).mean(-2) for a in vision_attention(model, x, layer)])
+
+
+# ---------------------------------------------------------------------------------------------- LLM cuts
+class CutMask:
+    """Masking oracle for any number of LLM cuts: keeps the whole sequence, and decoder layer ``i`` gets a causal
+    mask hiding every prompt key dropped at a cut ``(layer, keep)`` with ``layer <= i`` (each query still sees
+    itself). Equivalent to dropping those tokens before each cut layer at their original positions. ``keep``:
+    (B, N) bool over the prompt; padded prompts are honoured (the 2D mask of the prefill)."""
+
+    def __init__(self, model, cuts: list[tuple[int, torch.Tensor]]) -> None:
+        self.model, self.cuts = model, cuts
+        self.handles: list = []
+
+    def __enter__(self) -> CutMask:
+        self.handles = [self.model.register_forward_pre_hook(self._top, with_kwargs=True)]
+        layers = self.model.model.language_model.layers
+        first = min((c for c, _ in self.cuts), default=len(layers))
+        self.handles += [layers[i].register_forward_pre_hook(self._layer(i), with_kwargs=True)
+                         for i in range(first, len(layers))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _top(self, module, args, kw):
+        pkv = kw.get("past_key_values", kw.get("cache"))
+        if pkv is None or pkv.get_seq_length() == 0:
+            am = kw.get("attention_mask")
+            n = self.cuts[0][1].shape[1]
+            self.real = am.bool() if am is not None else torch.ones(self.cuts[0][1].shape[0], n, dtype=torch.bool)
+
+    def _layer(self, i: int):
+        def hook(module, args, kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            b, q = hidden.shape[:2]
+            keep = self.real.clone()
+            for layer, k in self.cuts:
+                if layer <= i:
+                    keep &= k
+            n = keep.shape[1]
+            pkv = kw.get("past_key_values", kw.get("cache"))
+            past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
+            kv = past + q
+            ok = torch.cat([keep, torch.ones(b, kv - n, dtype=torch.bool)], 1)
+            qpos = torch.arange(past, kv).view(1, 1, q, 1)
+            kpos = torch.arange(kv).view(1, 1, 1, kv)
+            allowed = (kpos <= qpos) & (ok[:, None, None] | (kpos == qpos))
+            if self.model.config.get_text_config()._attn_implementation == "eager":
+                allowed = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed,
+                                                                                     torch.finfo(hidden.dtype).min)
+            return args, {**kw, "attention_mask": allowed}
+
+        return hook
+
+
+@torch.no_grad()
+def eager_rows_under_cuts(model, x, cuts: list[tuple[int, torch.Tensor]], layer: int) -> torch.Tensor:
+    """Eager attention probabilities (B, H, N, N) of decoder ``layer`` with the given earlier cuts applied."""
+    impl = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with CutMask(model, cuts) if cuts else contextlib.nullcontext():
+            return model(**x, output_attentions=True).attentions[layer]
+    finally:
+        model.set_attn_implementation(impl)
+

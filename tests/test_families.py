@@ -16,8 +16,9 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import oracles
 import tokprune
-from tokprune.patches.compat import cache_kwargs, get_cache, output_cache
+from tokprune.patches.compat import cache_kwargs, output_cache
 from tokprune.testing import QWEN_IMAGE_TAG, families, make_image, tiny_model
 
 FAMILIES = [f for f in families() if f != "llava"]  # LLaVA-1.5 has its own tests (tests/test_llava.py)
@@ -178,42 +179,10 @@ def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool 
     return fam.model.generate(**kw, **GEN) if generate else fam.model(**kw).logits
 
 
-class MaskingOracle:
-    """Keeps the whole sequence; decoder layers >= ``layer`` get a causal mask hiding the pruned prompt keys
-    (each query still sees itself). Equivalent to dropping those tokens before ``layer`` at original positions."""
-
-    def __init__(self, model: Any, layer: int, keep: torch.Tensor) -> None:
-        self.model, self.layer, self.keep = model, layer, keep  # keep: (B, N) bool over the prompt
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> MaskingOracle:
-        self.handles = [self.model.register_forward_pre_hook(self._top, with_kwargs=True)]
-        layers = self.model.model.language_model.layers
-        self.handles += [layers[i].register_forward_pre_hook(self._layer, with_kwargs=True)
-                         for i in range(self.layer, len(layers))]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def _top(self, module, args, kw):
-        pkv = get_cache(kw)
-        if pkv is None or pkv.get_seq_length() == 0:
-            am = kw.get("attention_mask")
-            self.real = am.bool() if am is not None else torch.ones_like(self.keep)
-
-    def _layer(self, module, args, kw):
-        hidden = args[0] if args else kw["hidden_states"]
-        b, q = hidden.shape[:2]
-        n = self.keep.shape[1]
-        pkv = get_cache(kw)
-        past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
-        kv = past + q
-        ok = torch.cat([self.keep & self.real, torch.ones(b, kv - n, dtype=torch.bool)], 1)
-        qpos = torch.arange(past, kv).view(1, 1, q, 1)
-        kpos = torch.arange(kv).view(1, 1, 1, kv)
-        return args, {**kw, "attention_mask": (kpos <= qpos) & (ok[:, None, None] | (kpos == qpos))}
+def MaskingOracle(model: Any, layer: int, keep: torch.Tensor) -> oracles.CutMask:  # noqa: N802 (a context)
+    """Keeps the whole sequence; decoder layers >= ``layer`` hide the pruned prompt keys (each query still sees
+    itself): one cut of the multi-cut oracle in ``tests/oracles.py``."""
+    return oracles.CutMask(model, [(layer, keep)])
 
 
 @torch.no_grad()

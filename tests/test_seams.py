@@ -25,7 +25,15 @@ from test_families import (
 
 import oracles
 import tokprune
-from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionDecision, VisionRequest, VisionSignals
+from tokprune.pruners.base import (
+    LLMRequest,
+    ModelInfo,
+    Pruner,
+    Signal,
+    VisionDecision,
+    VisionRequest,
+    VisionSignals,
+)
 from tokprune.signals import attention_rows, received_attention, varlen_chunks
 from tokprune.testing import families, make_image
 
@@ -335,3 +343,151 @@ def test_next_per_tile_merges_within_each_tile_and_deepstack_refuses_explicit_fe
     q3 = ZOO["qwen3_vl"]
     with tokprune.pruned(q3.model, Explicit(), keep=3), pytest.raises(tokprune.UnsupportedError, match="DeepStack"):
         q3.model(**inputs(q3))
+
+
+# ---------------------------------------------------------------------------------------------- LLM requests
+@dataclass
+class ThreeCuts(Pruner):
+    """Test-only: three LLM cuts (before layers 1, 2, 3), each scored by the *next* layer's q/k probed on the
+    hidden states entering it (PyramidDrop / TransPrune), last prompt token, head mean; budgets shrink evenly."""
+
+    source: str = "probe"
+
+    def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        return (1, 2, 3)
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest:
+        return LLMRequest(queries="last", source=self.source)
+
+    def default_positions(self, info: ModelInfo) -> str:
+        return "original"
+
+    def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
+        return keep + (n_visual - keep) * (2 - stage) // 3
+
+    def llm_scores(self, signals):
+        return signals.attention
+
+
+@dataclass
+class InstructionRows(Pruner):
+    """Test-only: one cut before layer 2 scored by the mean row of the instruction tokens after the last image."""
+
+    domain: str = "causal"
+
+    def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        return (2,)
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest:
+        return LLMRequest(queries="instruction", domain=self.domain, values=True, observe=(0, 1))
+
+    def default_positions(self, info: ModelInfo) -> str:
+        return "original"
+
+    def llm_scores(self, signals):
+        assert signals.values is not None and signals.values.shape[1] == signals.hidden.shape[1]
+        assert set(signals.observed) == {(0, "attn"), (0, "mlp"), (1, "attn"), (1, "mlp")}
+        return signals.attention
+
+
+def _cuts(fam, x, rec) -> list[tuple[int, torch.Tensor]]:
+    """(layer, keep mask over the prompt) of every LLM stage of a one-row record."""
+    from test_families import keep_mask
+
+    return [(st.layer, keep_mask(fam, x["input_ids"], rec.n_visual[0], st.kept[0])[None]) for st in rec.stages]
+
+
+def _expected(score: torch.Tensor, runs, survivors, specials, ks) -> list[torch.Tensor]:
+    """Per image: the top-k of ``score`` (over its prompt run) among the surviving content tokens, newlines on top."""
+    out = []
+    for run, alive, sp, k in zip(runs, survivors, specials, ks):
+        content = alive[~sp[alive]]
+        top = content[oracles.topk_sorted(score[run][content], k)]
+        out.append(torch.cat([top, alive[sp[alive]]]).sort().values)
+    return out
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_three_cuts_with_next_layer_probing_equal_the_multi_cut_oracle(family):
+    from test_families import image_runs
+
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 3
+    with torch.no_grad():
+        tokprune.apply(fam.model, ThreeCuts(), keep=k)
+        out = fam.model(**x).logits
+        gen = fam.model.generate(**x, **GEN)
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        cuts = _cuts(fam, x, rec)
+        with oracles.CutMask(fam.model, cuts):
+            ref = fam.model(**x).logits
+            ref_gen = fam.model.generate(**x, **GEN)
+    assert [(st.kind, st.layer) for st in rec.stages] == [("llm", 1), ("llm", 2), ("llm", 3)]
+    runs = image_runs(fam, x["input_ids"], rec.n_visual[0])
+    survivors = [torch.arange(n) for n in rec.n_visual[0]]
+    for s, st in enumerate(rec.stages):
+        n_content = [int((~sp).sum()) for sp in rec.special[0]]
+        ks = [ThreeCuts().stage_budget(s, n, k) for n in n_content]
+        att = oracles.eager_rows_under_cuts(fam.model, x, cuts[:s], st.layer)[0, :, -1].mean(0)
+        assert all(torch.equal(a, b) for a, b in zip(st.kept[0], _expected(att, runs, survivors, rec.special[0], ks)))
+        survivors = st.kept[0]
+    keep = cuts[-1][1][0]
+    assert (out[0] - ref[0, keep]).abs().max() <= TOL
+    assert_same_generation(gen, ref_gen)
+
+
+@pytest.mark.parametrize("family, domain", [(f, "causal") for f in ALL] + [("qwen2_vl", "visual"),
+                                                                            ("llava_next", "visual")])
+def test_instruction_span_rows_select_like_eager_attention(family, domain):
+    from test_families import image_runs
+
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 4
+    with torch.no_grad():
+        tokprune.apply(fam.model, InstructionRows(domain=domain), keep=k)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        cuts = _cuts(fam, x, rec)
+        with oracles.CutMask(fam.model, cuts):
+            ref = fam.model(**x).logits
+        probs = oracles.eager_rows_under_cuts(fam.model, x, [], 1)[0]  # (H, N, N), layer K-1 = 1
+    ids = x["input_ids"][0]
+    image = ids == fam.image_id
+    last_visual = int(image.nonzero().max())
+    instruction = torch.arange(ids.shape[0]) > last_visual  # after the last image, to the last prompt token
+    rows = probs[:, instruction]
+    if domain == "visual":
+        rows = rows * image / (rows * image).sum(-1, keepdim=True)
+    score = rows.mean(1).mean(0)
+    runs = image_runs(fam, x["input_ids"], rec.n_visual[0])
+    expected = _expected(score, runs, [torch.arange(n) for n in rec.n_visual[0]], rec.special[0], [k, k])
+    assert all(torch.equal(a, b) for a, b in zip(rec.kept[0], expected))
+    assert (out[0] - ref[0, cuts[0][1][0]]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_three_cuts_in_a_padded_batch_match_single_runs(family):
+    from test_families import prompt as make_prompt
+
+    fam = ZOO[family]
+    images = [make_image(w, h, seed=s) for s, (w, h) in enumerate([(112, 84), (56, 84), (84, 112)])]
+    texts = [make_prompt(fam, 2, "compare the first and second picture ?"), make_prompt(fam, 1, "what ?")]
+    batch = fam.proc(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad(), tokprune.pruned(fam.model, ThreeCuts(), keep_ratio=0.3):
+        gen = fam.model.generate(**batch, **GEN)
+        singles = [fam.model.generate(**fam.proc(images=ims, text=t, return_tensors="pt"), **GEN)
+                   for t, ims in zip(texts, (images[:2], images[2:]))]
+    for b, g in enumerate(singles):
+        assert torch.equal(gen.sequences[b, -8:], g.sequences[0, -8:])
+        assert max((la[b] - lb[0]).abs().max().item() for la, lb in zip(gen.logits, g.logits)) <= TOL
+
+
+def test_llm_requests_are_validated():
+    with pytest.raises(ValueError, match="queries must be one of"):
+        LLMRequest(queries="first")
+    with pytest.raises(ValueError, match="source must be one of"):
+        LLMRequest(source="next")

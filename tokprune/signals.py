@@ -40,12 +40,14 @@ def attention_rows(
     scaling: float,
     rows: torch.Tensor,
     causal: bool,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention probabilities of selected query rows over all keys, in float32.
 
     ``query`` (B, H, Q, d) and ``key`` (B, Hkv, K, d) as the attention function receives them; ``rows`` (B, R)
     long: per batch row, the query positions wanted. The mask may be a 4D bool (SDPA) or additive float (eager)
-    mask, a 2D key-padding mask (FlashAttention) or None (then causality is rebuilt when ``causal``).
+    mask, a 2D key-padding mask (FlashAttention) or None (then causality is rebuilt when ``causal``). ``keys``
+    (B, K) bool, optional: the softmax domain is restricted to those keys (e.g. visual tokens only).
     Returns (B, H, R, K).
     """
     b, h, q_len, d = query.shape
@@ -64,7 +66,9 @@ def attention_rows(
         if causal and q_len > 1:
             qpos = (rows + (kv - q_len))[:, None, :, None]
             s = s.masked_fill(torch.arange(kv, device=s.device) > qpos, float("-inf"))
-    return s.softmax(-1)
+    if keys is not None:
+        s = s.masked_fill(~keys[:, None, None, :kv].to(s.device), float("-inf"))
+    return s.softmax(-1).nan_to_num(0.0)  # a row with no allowed key is all zero
 
 
 def received_attention(
@@ -120,17 +124,23 @@ class AttentionTaps:
 
     def __init__(self) -> None:
         self._taps: dict[nn.Module, TapFn] = {}
+        self._skips: dict[nn.Module, Callable[[], bool]] = {}
         self._saved: dict[str, tuple[bool, Callable | None]] = {}
 
-    def add(self, module: nn.Module, fn: TapFn) -> None:
+    def add(self, module: nn.Module, fn: TapFn, skip: Callable[[], bool] | None = None) -> None:
+        """Tap ``module``'s attention calls with ``fn``; while ``skip()`` is true the kernel itself is not run
+        (the module gets zeros): a probe that wants only q/k."""
         if module in self._taps:
             raise RuntimeError(f"{type(module).__name__} already has an attention tap")
         if not self._taps:
             self._install()
         self._taps[module] = fn
+        if skip is not None:
+            self._skips[module] = skip
 
     def discard(self, module: nn.Module) -> None:
         self._taps.pop(module, None)
+        self._skips.pop(module, None)
         if not self._taps and self._saved:
             self._uninstall()
 
@@ -151,11 +161,16 @@ class AttentionTaps:
         self._saved.clear()
 
     def _wrap(self, orig: Callable | None) -> Callable:
-        taps = self._taps
+        taps, skips = self._taps, self._skips
 
         def attention_with_taps(module, query, key, value, attention_mask, *args, **kwargs):
-            fn = orig or importlib.import_module(type(module).__module__).eager_attention_forward
-            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+            skip = skips.get(module)
+            if skip is not None and skip():
+                b, h, q_len, _ = query.shape
+                out = (query.new_zeros(b, q_len, h, value.shape[-1]), None)
+            else:
+                fn = orig or importlib.import_module(type(module).__module__).eager_attention_forward
+                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
             tap = taps.get(module)
             if tap is not None:
                 scaling = kwargs.get("scaling")

@@ -72,7 +72,7 @@ class Adapter:
         self.vision_request = pruner.vision_request(self.info)
         self.vision = VisionStage(self, self.vision_request) if self.vision_request is not None else None
         layers = pruner.llm_layers(self.info)
-        self.llm = LLMStages(self, layers) if layers else None
+        self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
         self.record: PruneRecord | None = None
         self._decode: _DecodeState | None = None
         self._handles: list[Any] = []

@@ -190,15 +190,63 @@ class VisionDecision:
         return int(self.assign.max()) + 1 if self.assign.numel() and bool((self.assign >= 0).any()) else 0
 
 
+#: query rows an LLM stage may ask attention from: the row's last prompt token, the instruction after its last
+#: image (up to the last prompt token), or the query sample (its last image and the text after it)
+QUERIES = ("last", "instruction", "sample")
+#: where the rows come from: the layer just run (K-1, as it ran) or layer K's own q/k probed on the hidden states
+#: entering K (its norm and projections run, its attention kernel does not)
+SOURCES = ("previous", "probe")
+#: the softmax runs over the whole causal row, or over the visual keys only (FlowCut's LLM cut)
+DOMAINS = ("causal", "visual")
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """The decoder signals an LLM stage needs (the default: FastV's last-token row of layer K-1, head mean).
+
+    ``queries`` / ``source`` / ``domain``: see :data:`QUERIES`, :data:`SOURCES`, :data:`DOMAINS`; rows of several
+    query tokens are averaged. ``heads``: "mean" or "all" (a head axis). ``values``: also the layer's value states
+    (head mean). ``observe``: decoder layers whose ``self_attn`` and ``mlp`` inputs (after the norm) and outputs
+    (before the residual) are recorded during the prefill (TransPrune's transitions).
+    """
+
+    queries: str = "last"
+    source: str = "previous"
+    heads: str = "mean"
+    domain: str = "causal"
+    values: bool = False
+    observe: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
+
+
+@dataclass
+class Observed:
+    """What one decoder module saw during the prefill: ``input`` (B, n, D) after the norm, ``output`` (B, n, D)
+    before the residual, and ``positions`` (B, n): the prompt position of each slot when it ran."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    positions: torch.Tensor
+
+
 @dataclass
 class LLMSignals:
     """Inputs of an LLM stage acting before decoder layer ``layer``.
 
-    ``hidden`` (B, n, D): hidden states entering the layer. ``attention`` (B, n): head-mean attention of each
-    row's last prompt token over the current sequence, from layer ``layer - 1`` (None unless requested).
-    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``
-    (special tokens such as LLaVA-NeXT newlines are not listed: they are never scored); ``origin[b][i]``: the
-    original index of each of them within its image. ``ctx``: the per-prefill context.
+    ``hidden`` (B, n, D): hidden states entering the layer. ``attention``: the requested rows over the current
+    sequence, (B, n) or (B, H, n) with ``heads="all"`` (None without an :class:`LLMRequest`); ``values`` (B, n, d):
+    head-mean value states of the same layer, when requested. ``visual[b][i]``: positions in the current sequence
+    of the surviving visual tokens of image ``i`` of row ``b`` (special tokens such as LLaVA-NeXT newlines are not
+    listed: they are never scored); ``origin[b][i]``: the original index of each of them within its image.
+    ``positions`` (B, n): the prompt position of every current slot; ``spans``: (B, n) bool masks over the current
+    sequence, "instruction" and "sample" (see :data:`QUERIES`); ``observed[(layer, "attn" | "mlp")]``: the
+    requested module inputs/outputs so far. ``ctx``: the per-prefill context (``ctx.state`` carries a method's
+    scores from stage to stage).
     """
 
     layer: int
@@ -207,6 +255,10 @@ class LLMSignals:
     visual: list[list[torch.Tensor]]
     origin: list[list[torch.Tensor]] = field(default_factory=list)
     ctx: PrefillContext | None = None
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)
+    observed: dict[tuple[int, str], Observed] = field(default_factory=dict)
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -232,8 +284,6 @@ class Pruner:
     summary: ClassVar[str] = ""
     #: paper reference
     paper: ClassVar[str] = ""
-    #: whether an LLM stage needs the last prompt token's attention row of the previous layer
-    needs_llm_attention: ClassVar[bool] = False
     #: special tokens (LLaVA-NeXT's per-row ``image_newline``) are never scored and never counted in a budget, which
     #: counts content tokens; True keeps them all on top of it at every stage (FasterVLM, HiPrune), False drops them
     #: at the first stage (VisionZip, FlowCut)
@@ -255,6 +305,11 @@ class Pruner:
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
         """Decoder layers before which LLM stages drop tokens (0-indexed), in increasing order."""
         return ()
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest | None:
+        """Decoder signals of the LLM stages (attention rows, values, observed modules), or None for hidden
+        states only."""
+        return None
 
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""

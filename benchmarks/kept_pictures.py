@@ -1,11 +1,13 @@
-"""Which tokens each method keeps on the trained reference models: one PNG per model, a row per method.
+"""Every kept-token picture in the README and docs, regenerated in one go (offline, about a minute on CPU).
 
-    python benchmarks/kept_pictures.py                 # writes docs/img/kept_<model>.png
+    python benchmarks/kept_pictures.py                 # writes docs/img/show_<model>.png and docs/img/kept_<model>.png
     python benchmarks/kept_pictures.py --ratio 0.25 --samples 6 --models llava-shapes
 
-Each picture shows the same Shapes-VQA test images under every method at one keep ratio; the cells of dropped
-tokens are dimmed (``tokprune.viz.kept_picture``). The label above each row gives the method and its accuracy
-on those images.
+* ``docs/img/show_<model>.png`` (README): the project's own command, ``tokprune show --model <model>``, i.e. every
+  method that runs on the model at keep 25% and 12.5% on one Shapes-VQA test image (Qwen with ``--scores``).
+* ``docs/img/kept_<model>.png`` (docs/reference.md): the same test images under every method at one keep ratio,
+  one row per method; the cells of dropped tokens are dimmed (``tokprune.viz.kept_picture``). The label above
+  each row gives the method and its accuracy on those images.
 """
 
 from __future__ import annotations
@@ -57,6 +59,21 @@ def picture(name: str, ratio: float, n: int, size: int) -> Image.Image:
     return out
 
 
+#: README pictures: output name -> ``tokprune show`` arguments
+SHOW = {
+    "show_llava-shapes.png": ["--model", "llava-shapes"],
+    "show_qwen2vl-shapes.png": ["--model", "qwen2vl-shapes", "--scores"],
+}
+
+
+def show_pictures(out: Path) -> None:
+    """The README pictures, drawn by ``tokprune show`` itself."""
+    from tokprune.cli import main as cli
+
+    for name, args in SHOW.items():
+        cli(["show", *args, "--out", str(out / name)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llava-shapes,qwen2vl-shapes")
@@ -66,6 +83,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    show_pictures(a.out)
     for name in a.models.split(","):
         path = a.out / f"kept_{name}.png"
         picture(name, a.ratio, a.samples, a.size).save(path)

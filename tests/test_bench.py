@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from types import SimpleNamespace
@@ -126,12 +125,9 @@ def test_progress_counter_without_tqdm(monkeypatch, capsys) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    from tokprune.commands import bench as cmd
+    from tokprune.cli import main
 
-    parser = argparse.ArgumentParser(prog="tokprune")
-    cmd.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_bench(tmp_path, capsys) -> None:

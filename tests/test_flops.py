@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from types import SimpleNamespace
 
 import pytest
@@ -457,12 +456,9 @@ def test_load_from_path_and_errors(tmp_path) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    from tokprune.commands import flops as cmd
+    from tokprune.cli import main
 
-    parser = argparse.ArgumentParser(prog="tokprune")
-    cmd.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_flops(capsys, tmp_path) -> None:

@@ -61,14 +61,16 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
 
 
 def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
-          **options: Any) -> nn.Module:
+          record_scores: bool = False, **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
     ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
     own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
     exactly one. ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;
     only with a name) and the model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see
-    ``docs/families.md``). Applying to a patched model replaces the previous patch. Refuses a transformers release
+    ``docs/families.md``). ``record_scores``: also store in every stage of the record the score the method gave
+    each visual token (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies
+    scores to the CPU. Applying to a patched model replaces the previous patch. Refuses a transformers release
     outside the tested window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently
     wrong.
     """
@@ -84,6 +86,7 @@ def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_
     else:
         pruner = make_pruner(method, options)
     adapter = adapter_cls(model, pruner, budget, **family_options)
+    adapter.record_scores = bool(record_scores)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
     if fixed:
         budget.count(fixed)  # fail now, not at the first forward
@@ -119,7 +122,12 @@ def pruned(model: nn.Module, method: str, keep: int | None = None, keep_ratio: f
 
 
 def last_record(model: nn.Module) -> PruneRecord | None:
-    """What the last forward / generate of a patched model pruned (None before its first prefill)."""
+    """What the last forward / generate of a patched model pruned.
+
+    None before the first prefill with images, and again after a text-only prefill (a prompt without images:
+    nothing was pruned, and the record of an earlier image prompt is forgotten so it cannot be mistaken for this
+    one's). Decode steps of the same sequence keep their prefill's record.
+    """
     handle = getattr(model, ATTR, None)
     if not isinstance(handle, Handle):
         raise ValueError("this model is not patched; call tokprune.apply(model, method=..., keep=...) first")

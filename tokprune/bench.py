@@ -109,6 +109,7 @@ class BenchReport:
             "Ratios (in brackets) are against the unpruned model measured in the same run: speed-up for times, "
             "fraction for FLOPs, KV cache and memory. n/a: not measured on this device or not recorded by the method.",
             "",
+            *_tiny_cpu_warning(m),
             "| case | visual tokens | TFLOPs | prefill ms | TTFT ms | decode tok/s | KV MiB | peak MiB | select ms |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -138,6 +139,20 @@ class BenchReport:
         js.write_text(self.to_json() + "\n", encoding="utf-8")
         md.write_text(self.to_markdown(), encoding="utf-8")
         return [js, md]
+
+
+#: below this many parameters a CPU run is dominated by per-op overhead, not by the work pruning removes
+TINY_PARAMS = 50_000_000
+
+
+def _tiny_cpu_warning(meta: dict[str, Any]) -> list[str]:
+    """A warning line above the table when a tiny model was timed on a CPU (its times are noise, not speed)."""
+    n = meta.get("parameters")
+    if not str(meta.get("device", "")).startswith("CPU") or n is None or n >= TINY_PARAMS:
+        return []
+    return [f"**warning:** a tiny model ({n / 1e6:.2f}M parameters) on a CPU: its times are per-op overhead and can "
+            "swing 100x between runs and cases, so its speed-ups mean nothing; read the TFLOPs, visual-token and KV "
+            "columns, and time a real-size config (bfloat16) or a GPU for speed.", ""]
 
 
 def _mib(x: int | None) -> float | None:
@@ -435,6 +450,7 @@ def _meta(model: torch.nn.Module, prompt: Prompt, base: flops.TokenSchedule, new
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "weights": "random",
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     meta.update(extra or {})
     return meta

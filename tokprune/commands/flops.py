@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from tokprune.api import schedule
+from tokprune.commands import args as types
 from tokprune.configs import load
 from tokprune.flops import CONVENTIONS, DEFAULT_N_TEXT, FlopsReport, for_budget
 
@@ -23,38 +23,48 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "ratio to the unpruned model. No weights are needed.",
     )
     p.add_argument("--config", required=True, help="shipped config name (e.g. llava-1.5-7b) or a local path")
-    p.add_argument("--method", help="a registered method (its schedule decides where tokens are dropped; "
-                                    "see `tokprune.methods()`); none: one cut before --layer")
+    p.add_argument("--method", help="an implemented method (tokprune.methods(): decides where tokens are dropped); "
+                                    "a planned method's schedule is counted with --stages")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=int, help="visual tokens kept per image")
-    budget.add_argument("--keep-ratio", type=float, help="fraction of visual tokens kept, in (0, 1]")
-    p.add_argument("--layer", type=int, help="without --method: 0-indexed LLM layer before which tokens are "
-                                            "dropped (default 0); with one: the method's own `layer` option")
-    p.add_argument("--stages", help="explicit schedule 'layer:kept,...'; kept is a count or a fraction like 0.5")
+    budget.add_argument("--keep", type=types.positive_int, help="visual tokens kept per image")
+    budget.add_argument("--keep-ratio", type=types.kept_fraction, help="fraction of visual tokens kept, in (0, 1]")
+    p.add_argument("--layer", type=types.nonneg_int,
+                   help="with --method: the method's own `layer` option (fastv: K, default 2); without: the 0-indexed "
+                        "LLM layer before which the budget is cut (default 0)")
+    p.add_argument("--stages", type=types.stages,
+                   help="explicit schedule LAYER:KEPT,... (KEPT a count or a fraction like 0.5), e.g. PyramidDrop's "
+                        "8:0.5,16:0.25,24:0.125")
     p.add_argument("--convention", choices=CONVENTIONS, default="full", help="what to count (default: full)")
-    p.add_argument("--n-text", type=int, default=DEFAULT_N_TEXT, help="non-image prompt tokens (default: 64)")
-    p.add_argument("--images", type=int, default=1, help="images per prompt")
-    p.add_argument("--image-size", help="HxW of the images (LLaVA-NeXT, Qwen); default per family")
-    p.add_argument("--decode-steps", type=int, default=0, help="add this many decode steps (full convention)")
+    p.add_argument("--n-text", type=types.nonneg_int, default=DEFAULT_N_TEXT,
+                   help="non-image prompt tokens (default: 64)")
+    p.add_argument("--images", type=types.positive_int, default=1, help="images per prompt")
+    p.add_argument("--image-size", type=types.image_size,
+                   help="HxW of the images (LLaVA-NeXT, Qwen); default per family")
+    p.add_argument("--decode-steps", type=types.nonneg_int, default=0,
+                   help="add this many decode steps (full convention)")
     p.add_argument("--json", help="also write the result as JSON to this path")
     p.set_defaults(func=run)
     return p
 
 
-def _stages(text: str) -> list[tuple[int, float | int]]:
-    out: list[tuple[int, float | int]] = []
-    for item in text.split(","):
-        layer, _, kept = item.partition(":")
-        out.append((int(layer), float(kept) if "." in kept else int(kept)))
-    return out
-
-
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """"HxW" -> (H, W); None or "" -> None."""
-    if not text:
-        return None
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
+def check(args: argparse.Namespace) -> None:
+    """Everything argparse cannot check alone, before any counting: the config exists, the method is implemented,
+    a budget or schedule is given, and the ``--json`` file can be written."""
+    types.check_config(args.config, args.image_size)
+    if args.method is not None:
+        types.check_methods([args.method], "--method", hint=" (planned ones such as pdrop are in docs/methods.md; "
+                            "count a planned schedule with --stages, e.g. PyramidDrop --stages 8:0.5,16:0.25,24:0.125)")
+    has_budget = args.keep is not None or args.keep_ratio is not None
+    if args.stages is not None and (has_budget or args.method is not None or args.layer is not None):
+        raise ValueError("--stages is the whole schedule: pass it without --method, --keep, --keep-ratio and --layer")
+    if args.stages is None and not has_budget:
+        raise ValueError("pass a budget: --method M with --keep N or --keep-ratio R (e.g. --method fastv --keep 192), "
+                         "or an explicit schedule --stages LAYER:KEPT,...")
+    if args.decode_steps and args.convention != "full":
+        raise ValueError(f"--decode-steps is counted by --convention full only ({args.convention} counts the prefill "
+                         "of visual tokens); drop one of them")
+    if args.json:
+        types.check_writable(args.json, "--json")
 
 
 def format_report(report: FlopsReport, title: str) -> str:
@@ -72,29 +82,21 @@ def format_report(report: FlopsReport, title: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Compute and print; exit code 2 on a bad argument."""
-    try:
-        stages = _stages(args.stages) if args.stages else None
-        config = load(args.config)
-        size = parse_size(args.image_size)
-        budget: dict[str, Any] = dict(keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer or 0)
-        if args.method is not None:
-            if stages is not None:
-                raise ValueError("pass either --method or --stages: a method's schedule decides its stages")
-            if args.keep is None and args.keep_ratio is None:
-                raise ValueError(f"pass --keep or --keep-ratio for method {args.method!r}")
-            options = {"layer": args.layer} if args.layer is not None else {}
-            budget = dict(schedule=schedule(config, args.method, keep=args.keep, keep_ratio=args.keep_ratio,
-                                            image_size=size, **options))
-        elif stages is not None:
-            budget = dict(stages=stages)
-        report = for_budget(config, **budget, n_text=args.n_text, n_images=args.images, image_size=size,
-                            convention=args.convention, decode_steps=args.decode_steps)
-    except (ValueError, FileNotFoundError, NotImplementedError, TypeError) as e:
-        print(f"tokprune flops: error: {e}", file=sys.stderr)
-        return 2
+    """Check the arguments, then compute and print; a bad argument raises (``tokprune.cli`` makes it one line)."""
+    check(args)
+    config = load(args.config)
+    if args.stages is not None:
+        budget: dict[str, Any] = dict(stages=args.stages)
+    elif args.method is not None:  # the method's own schedule: what tokprune.apply runs
+        options = {"layer": args.layer} if args.layer is not None else {}
+        budget = dict(schedule=schedule(config, args.method, keep=args.keep, keep_ratio=args.keep_ratio,
+                                        image_size=args.image_size, **options))
+    else:
+        budget = dict(keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer or 0)
+    report = for_budget(config, **budget, n_text=args.n_text, n_images=args.images, image_size=args.image_size,
+                        convention=args.convention, decode_steps=args.decode_steps)
     if args.stages:
-        budget = f"stages={args.stages}"
+        budget = "stages=" + ",".join(f"{lay}:{kept}" for lay, kept in args.stages)
     elif args.keep is not None or args.keep_ratio is not None:
         budget = f"keep={args.keep}" if args.keep is not None else f"keep_ratio={args.keep_ratio}"
     else:
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report, title))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
+            stages = None if args.stages is None else [list(s) for s in args.stages]
             json.dump({"config": args.config, "method": args.method, "keep": args.keep, "keep_ratio": args.keep_ratio,
-                       "layer": args.layer, "stages": args.stages, "n_text": args.n_text, "images": args.images,
+                       "layer": args.layer, "stages": stages, "n_text": args.n_text, "images": args.images,
                        "pruned": report.as_dict(), "unpruned": report.baseline.as_dict()}, f, indent=2)
     return 0

@@ -62,6 +62,10 @@ class Adapter:
     token_keys: ClassVar[dict[str, int]] = {"labels": -100}
     #: family options ``tokprune.apply`` accepts next to the method's: name -> allowed values, the default first
     options: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: fill ``Stage.scores`` (``tokprune.apply(..., record_scores=True)``)
+    record_scores: bool = False
+    #: per image, the last vision stage's scores over its original tokens (set by ``select_vision``), or None
+    _vision_scores: list[torch.Tensor] | None = None
 
     def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget, **options: Any) -> None:
         self.model, self.pruner, self.budget = model, pruner, budget
@@ -226,6 +230,7 @@ class Adapter:
             return (), kw
         if past == 0:  # a new text-only sequence: forget the last prefill
             self._decode = None
+            self.record = None  # last_record() must not report an earlier image prompt as this one's
             if self.llm is not None:
                 self.llm.reset()
         return args, kw
@@ -275,7 +280,7 @@ class Adapter:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
             signals = self.vision.signals(feats, owners, ctx, grid, special)
-            placements = self.vision.select(signals)
+            placements, self._vision_scores = self.vision.select(signals, self.record_scores)
             keeps = [p.slots.to(ids.device) for p in placements]
             if any(p.n_new for p in placements):
                 record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])
@@ -292,6 +297,8 @@ class Adapter:
                      for bi, (rs, ri) in enumerate(zip(spans, rows_images))]
             origin = [[keeps[j] for j in ri] for ri in rows_images]
             record.stages.append(Stage("vision", None, origin))
+            if self._vision_scores is not None:
+                record.stages[-1].scores = [[self._vision_scores[j] for j in ri] for ri in rows_images]
             new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
             new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, placements)
             n_pruned = idx.shape[1]

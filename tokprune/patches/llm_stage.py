@@ -24,7 +24,7 @@ from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, last_real_index
 from tokprune.patches.vision_stage import check_indices
 from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
-from tokprune.record import PruneRecord, Stage
+from tokprune.record import PruneRecord, Stage, capture_scores, spread
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -143,7 +143,11 @@ class LLMStages:
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
         ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
               for crow, srow0 in zip(content, self.record.special)]
-        picked = pruner.select_llm(signals, ks)
+        with capture_scores(pruner, a.record_scores) as seen:
+            picked = pruner.select_llm(signals, ks)
+        scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
+                   for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
+                  if seen else None)
         rel = []
         for crow, prow, krow, srow in zip(content, picked, ks, self.special):
             rel.append([])
@@ -173,7 +177,7 @@ class LLMStages:
         self.idx = torch.gather(self.idx, 1, slots)
         self.dead = dead_slots
         self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
-        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin]))
+        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin], scores))
         kwargs = self._prefill_kwargs(kw, hidden)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
                            "dropped": self._dropped_total()})

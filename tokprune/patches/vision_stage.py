@@ -40,6 +40,7 @@ from tokprune.pruners.base import (
     VisionRequest,
     VisionSignals,
 )
+from tokprune.record import capture_scores
 from tokprune.signals import TAPS, attention_rows, received_attention, varlen_chunks
 
 if TYPE_CHECKING:
@@ -164,21 +165,29 @@ class VisionStage:
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
-    def select(self, signals: VisionSignals) -> list[Placement]:
+    def select(self, signals: VisionSignals, record_scores: bool = False
+               ) -> tuple[list[Placement], list[torch.Tensor] | None]:
         """Per image, where its surviving tokens sit: the pruner's choice within each budget part (kept indices,
-        or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them.
-        Raises when the pruner returns the wrong count, unsorted indices or an inconsistent merge."""
+        or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them; and,
+        with ``record_scores``, the score it gave each original token (NaN where it scored none). Raises when the
+        pruner returns the wrong count, unsorted indices or an inconsistent merge."""
         pruner = self.adapter.pruner
         budget = self.adapter.schedule
         parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision")) if p[2] > 0]
         sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
-        picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
+        with capture_scores(pruner, record_scores) as seen:
+            picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
+        scores = None
+        if seen:
+            scores = [torch.full((f.shape[0],), float("nan")) for f in signals.features]
+            for (j, idx, _, _), sc in zip(parts, seen[0]):
+                scores[j][idx.cpu()] = sc.detach().float().cpu()
         if len(picks) != len(parts):
             raise RuntimeError(f"{pruner.name}.select_vision returned {len(picks)} index sets for {len(parts)} images")
         images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
         for (j, idx, k, _), pick in zip(parts, picks):
             images[j].add(pick, idx, k, pruner.name)
-        return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)]
+        return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)], scores
 
 
 @dataclass

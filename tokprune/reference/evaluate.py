@@ -90,8 +90,9 @@ class Accuracy:
         return {"all": self.overall, **self.by_type()}
 
     def __str__(self) -> str:
-        parts = " ".join(f"{t} {a:.3f}" for t, a in self.by_type().items())
-        return f"acc {self.overall:.3f} ({parts})"
+        """Percent, as the README and benchmarks/reference_accuracy.md print accuracy (the fields stay fractions)."""
+        parts = ", ".join(f"{t} {100 * a:.1f}%" for t, a in self.by_type().items())
+        return f"accuracy {100 * self.overall:.1f}% of {sum(self.total.values())} ({parts})"
 
 
 def accuracy(model: Any, processor: Any, samples: Sequence[Sample], batch_size: int = 100,

@@ -1,4 +1,4 @@
-"""Pictures of which visual tokens a pruner kept: the image with the dropped cells dimmed, or a text grid.
+"""Plain square grids: a keep mask, a picture or a text grid from kept indices and a grid shape, no model config.
 
 The kept indices are the ones :func:`tokprune.last_record` reports (``record.kept[b][i]``): row-major positions in
 the image's grid of LLM tokens (LLaVA-1.5: 24x24 patches; Qwen2-VL: the grid after the 2x2 merger), so a keep
@@ -70,12 +70,6 @@ def kept_text(kept: Any, grid: int | tuple[int, int], objects: np.ndarray | None
 
 def side_by_side(pictures: Sequence[Any], gap: int = 4) -> Any:
     """One PIL image with ``pictures`` in a row (e.g. the same image under several methods)."""
-    from PIL import Image
+    from tokprune.viz.compose import hstack
 
-    h = max(p.height for p in pictures)
-    out = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1), h), (255, 255, 255))
-    x = 0
-    for p in pictures:
-        out.paste(p, (x, 0))
-        x += p.width + gap
-    return out
+    return hstack(pictures, gap=gap)

@@ -491,3 +491,63 @@ def test_llm_requests_are_validated():
         LLMRequest(queries="first")
     with pytest.raises(ValueError, match="source must be one of"):
         LLMRequest(source="next")
+
+
+@dataclass
+class VisionThenLLM(Pruner):
+    """Test-only: a two-stage schedule, half the surplus dropped before the LLM (largest feature norm) and the rest
+    before LLM layer 2 (FastV's row), as VisionZip -> TransPrune stack."""
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest()
+
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        return [f.float().norm(dim=-1) for f in signals.features]
+
+    def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        return (2,)
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest:
+        return LLMRequest()
+
+    def default_positions(self, info: ModelInfo) -> str:
+        return "original"
+
+    def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
+        return keep + (n_visual - keep) // 2 if stage == 0 else keep
+
+    def llm_scores(self, signals):
+        return signals.attention
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_a_vision_and_llm_schedule_runs_its_budgets_and_equals_its_reference(family):
+    from test_families import schedule_reference
+
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 3
+    with torch.no_grad():
+        tokprune.apply(fam.model, VisionThenLLM(), keep=k)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref, final = schedule_reference(fam, x, rec)
+    content = [int((~sp).sum()) for sp in rec.special[0]]
+    newlines = [int(sp.sum()) for sp in rec.special[0]]
+    assert [st.kind for st in rec.stages] == ["vision", "llm"]
+    assert [[int(k_.numel()) for k_ in st.kept[0]] for st in rec.stages] == [
+        [k + (n - k) // 2 + nl for n, nl in zip(content, newlines)], [k + nl for nl in newlines]]
+    assert (out[0] - ref[0, final]).abs().max() <= TOL
+
+
+def test_a_stage_returning_another_count_than_its_budget_raises():
+    fam = ZOO["qwen2_vl"]
+
+    @dataclass
+    class Greedy(ThreeCuts):
+        def select_llm(self, signals, ks):
+            return [[torch.arange(k + 1) for k in row] for row in ks]  # one more than the budget
+
+    with tokprune.pruned(fam.model, Greedy(), keep=2), pytest.raises(RuntimeError, match="where the budget is"):
+        fam.model(**inputs(fam))

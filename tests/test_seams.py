@@ -551,3 +551,47 @@ def test_a_stage_returning_another_count_than_its_budget_raises():
 
     with tokprune.pruned(fam.model, Greedy(), keep=2), pytest.raises(RuntimeError, match="where the budget is"):
         fam.model(**inputs(fam))
+
+
+@dataclass
+class PooledShift(Pruner):
+    """Test-only: a budget pooled over a prompt's images (CATP): the first image of a row takes one token of the
+    last image's share (largest feature norm within each image)."""
+
+    pooled_budget = True
+    extra: int = 0  # tokens returned on top of the pooled budget (0: a valid answer)
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest()
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
+        rows: dict[int, list[int]] = {}
+        for j, (b, _) in enumerate(signals.owners):
+            rows.setdefault(b, []).append(j)
+        ks = list(ks)
+        for members in rows.values():
+            if len(members) > 1:
+                ks[members[0]] += 1 + self.extra
+                ks[members[-1]] -= 1
+        return [oracles.topk_sorted(f.float().norm(dim=-1), k) for f, k in zip(signals.features, ks)]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_a_pooled_budget_moves_tokens_between_a_prompts_images(family):
+    from test_families import schedule_reference
+
+    fam = ZOO[family]
+    x = inputs(fam)
+    k = 4
+    with torch.no_grad():
+        tokprune.apply(fam.model, PooledShift(positions="original"), keep=k, **_global(family))
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref, final = schedule_reference(fam, x, rec)
+    newlines = [int(sp.sum()) for sp in rec.special[0]]
+    assert rec.n_kept == [[k + 1 + newlines[0], k - 1 + newlines[1]]]
+    assert (out[0] - ref[0, final]).abs().max() <= TOL
+    with tokprune.pruned(fam.model, PooledShift(extra=1), keep=k, **_global(family)), pytest.raises(
+            RuntimeError, match="for row 0 where its budget is 8"):
+        fam.model(**x)

@@ -29,11 +29,16 @@ class StageBudget:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The per-stage budgets of one image of ``n_visual`` tokens; ``meaning``: one of :data:`MEANINGS`."""
+    """The per-stage budgets of one image of ``n_visual`` tokens; ``meaning``: one of :data:`MEANINGS`.
+
+    ``pooled``: each stage's budgets are pooled over the images of a prompt (CATP): the method may move tokens
+    between a row's images, and the adapter checks the row's total instead of each image's count.
+    """
 
     n_visual: int
     stages: tuple[StageBudget, ...]
     meaning: str = "final"
+    pooled: bool = False
 
     def __post_init__(self) -> None:
         if self.meaning not in MEANINGS:

@@ -22,7 +22,7 @@ import torch
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, last_real_index
-from tokprune.patches.vision_stage import check_indices
+from tokprune.patches.vision_stage import check_indices, check_pooled
 from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
 from tokprune.record import PruneRecord, Stage, capture_scores, spread
 
@@ -143,18 +143,22 @@ class LLMStages:
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
         ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
               for crow, srow0 in zip(content, self.record.special)]
+        pooled = any(a.schedule(sp0).pooled for srow0 in self.record.special for sp0 in srow0[:1])
         with capture_scores(pruner, a.record_scores) as seen:
             picked = pruner.select_llm(signals, ks)
         scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
                    for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
                   if seen else None)
         rel = []
+        who = f"{pruner.name}.select_llm"
         for crow, prow, krow, srow in zip(content, picked, ks, self.special):
             rel.append([])
             for c, p, kk, sp in zip(crow, prow, krow, srow):
-                check_indices(p, int(c.numel()), kk, f"{pruner.name}.select_llm")
+                check_indices(p, int(c.numel()), None if pooled else kk, who)
                 extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []
                 rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
+        check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
+                      enumerate(zip(picked, ks))}, who)
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):

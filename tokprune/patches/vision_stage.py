@@ -170,10 +170,13 @@ class VisionStage:
         """Per image, where its surviving tokens sit: the pruner's choice within each budget part (kept indices,
         or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them; and,
         with ``record_scores``, the score it gave each original token (NaN where it scored none). Raises when the
-        pruner returns the wrong count, unsorted indices or an inconsistent merge."""
+        pruner returns the wrong count (per image, or per row when the schedule pools its budget), unsorted
+        indices or an inconsistent merge."""
         pruner = self.adapter.pruner
         budget = self.adapter.schedule
-        parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision")) if p[2] > 0]
+        pooled = bool(signals.special) and budget(signals.special[0]).pooled
+        parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision"))
+                 if p[2] > 0 or pooled]
         sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
         with capture_scores(pruner, record_scores) as seen:
             picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
@@ -185,8 +188,13 @@ class VisionStage:
         if len(picks) != len(parts):
             raise RuntimeError(f"{pruner.name}.select_vision returned {len(picks)} index sets for {len(parts)} images")
         images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
-        for (j, idx, k, _), pick in zip(parts, picks):
-            images[j].add(pick, idx, k, pruner.name)
+        rows: dict[int, list[int]] = {}
+        for (j, idx, k, owner), pick in zip(parts, picks):
+            got = images[j].add(pick, idx, None if pooled else k, pruner.name)
+            rows.setdefault(owner[0], [0, 0])
+            rows[owner[0]][0] += got
+            rows[owner[0]][1] += k
+        check_pooled(rows, f"{pruner.name}.select_vision")
         return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)], scores
 
 
@@ -245,14 +253,18 @@ class _ImageChoice:
         self.features: list[torch.Tensor] = []
         self.m = 0
 
-    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int, who: str) -> None:
+    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
+        """Take one part's answer (``k``: its budget, None when pooled); returns the tokens it keeps or adds."""
         n_part = int(idx.numel())
         if not isinstance(pick, VisionDecision):
             check_indices(pick, n_part, k, who)
             self.kept.append(idx[pick.to(idx.device)])
-            return
+            return int(pick.numel())
         m = pick.n_new
-        check_indices(pick.kept, n_part, k - m, f"{who} (kept tokens of a decision with {m} new tokens)")
+        check_indices(pick.kept, n_part, None if k is None else k - m,
+                      f"{who} (kept tokens of a decision with {m} new tokens)")
+        if pick.kept.numel() + m > n_part:
+            raise RuntimeError(f"{who}: {pick.kept.numel()} kept + {m} new tokens exceed the part's {n_part}")
         a = pick.assign.to(idx.device).long()
         if a.shape != (n_part,) or bool((a < -1).any()) or bool((a >= m).any()):
             raise RuntimeError(f"{who}: assign must be ({n_part},) long with values in [-1, {m})")
@@ -271,6 +283,7 @@ class _ImageChoice:
         if pick.features is not None:
             self.features.append(pick.features)
         self.m += m
+        return int(pick.kept.numel()) + m
 
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
@@ -292,9 +305,17 @@ class _ImageChoice:
                          torch.cat(self.features) if self.features else None)
 
 
-def check_indices(idx: torch.Tensor, n: int, k: int, who: str) -> None:
-    """A pruner's kept indices must be ``k`` sorted, unique indices into ``n`` tokens."""
-    if idx.numel() != k:
+def check_pooled(rows: dict[int, list[int]], who: str) -> None:
+    """Each row's total (tokens returned, budget) must match: the check of a pooled budget (and a sum check of a
+    per-image one)."""
+    for row, (got, k) in rows.items():
+        if got != k:
+            raise RuntimeError(f"{who} returned {got} tokens for row {row} where its budget is {k}")
+
+
+def check_indices(idx: torch.Tensor, n: int, k: int | None, who: str) -> None:
+    """A pruner's kept indices must be ``k`` (any count when None) sorted, unique indices into ``n`` tokens."""
+    if k is not None and idx.numel() != k:
         raise RuntimeError(f"{who} returned {idx.numel()} kept tokens where the budget is {k}")
     if idx.numel() and (idx.min() < 0 or idx.max() >= n or (idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any()))):
         raise RuntimeError(f"{who} returned kept indices that are not sorted, unique and in [0, {n})")

@@ -290,6 +290,8 @@ class Pruner:
     keep_newlines: ClassVar[bool] = True
     #: what ``keep`` means (see :data:`tokprune.schedule.MEANINGS`): the count after the last stage by default
     budget_meaning: ClassVar[str] = "final"
+    #: whether each stage's budget is pooled over a prompt's images (counts may move between them; CATP)
+    pooled_budget: ClassVar[bool] = False
 
     positions: str | None = None
 
@@ -364,7 +366,7 @@ class Pruner:
         for s, (kind, layer) in enumerate(kinds):
             current = min(current, self.stage_budget(s, n_visual, keep))
             stages.append(StageBudget(kind, layer, current))
-        sched = Schedule(n_visual, tuple(stages), self.budget_meaning)
+        sched = Schedule(n_visual, tuple(stages), self.budget_meaning, self.pooled_budget)
         if keep >= n_visual and any(st.keep != n_visual for st in stages):
             raise RuntimeError(f"{self.name}: keep-all must keep all {n_visual} tokens at every stage")
         return sched

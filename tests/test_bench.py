@@ -1,4 +1,4 @@
-"""tokprune.bench and ``tokprune bench`` on a tiny CPU model (timings are only checked to exist, never compared)."""
+"""tokprune.eval.bench and ``tokprune bench`` on a tiny CPU model (timings are checked to exist, never compared)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import tokprune
-from tokprune import bench, configs
-from tokprune.bench import Case, Prompt
+from tokprune import configs
+from tokprune.eval import bench
+from tokprune.eval.bench import Case, Prompt
 
 FAST = dict(new_tokens=3, warmup=1, repeats=2, progress=False)
 ONCE = dict(new_tokens=3, warmup=0, repeats=1, progress=False)  # for the slower real-core runs

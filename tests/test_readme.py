@@ -25,6 +25,8 @@ FASTER = {
     "bench": ["--n-text", "8", "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--no-progress"],
     "flops": [],
     "show": [],
+    "eval": ["--limit", "20"],
+    "report": [],
 }
 SKIPPED = ("pip install", "python -m pytest")  # installs, and the suite this test belongs to
 WRITES = ("--save", "--out", "--json")

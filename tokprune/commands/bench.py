@@ -103,7 +103,8 @@ def _device(text: str | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; exit code 1 when any requested case failed (bad arguments raise before any work)."""
     import tokprune
-    from tokprune import bench, configs
+    from tokprune import configs
+    from tokprune.eval import bench
 
     device, dtype = check(args)
     methods = args.methods or list(tokprune.methods())

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -104,3 +106,168 @@ def fastv_scores(model, ids: torch.Tensor, feats: list[torch.Tensor], k: int) ->
         lm.set_attn_implementation(impl)
     row = out.attentions[k - 1][0, :, -1].mean(0)
     return row[image_positions(ids[0], model.config.image_token_id)]
+
+
+# ---------------------------------------------------------------------------------------------- vision encoders
+@torch.no_grad()
+def vision_attention(model, x, layer: int) -> list[torch.Tensor]:
+    """Eager attention probabilities of vision encoder layer ``layer``: one (n_seq, H, n, n) block per attention
+    call, in call order (LLaVA: all images; LLaVA-NeXT: all tiles; Qwen: one image or window per call)."""
+    import importlib
+
+    inner = model.model
+    if hasattr(inner, "visual"):  # Qwen: capture what the eager kernel returns for that block's attention
+        vt = inner.visual
+        attn = vt.blocks[layer].attn
+        mod = importlib.import_module(type(attn).__module__)
+        orig, seen = mod.eager_attention_forward, []
+
+        def capture(module, *args, **kwargs):
+            out, weights = orig(module, *args, **kwargs)
+            if module is attn:
+                seen.append(weights)
+            return out, weights
+
+        impl = vt.config._attn_implementation
+        vt.set_attn_implementation("eager")
+        mod.eager_attention_forward = capture
+        try:
+            vt(x["pixel_values"], grid_thw=x["image_grid_thw"])
+        finally:
+            mod.eager_attention_forward = orig
+            vt.set_attn_implementation(impl)
+        return seen
+    vt = inner.vision_tower
+    impl = vt.config._attn_implementation
+    vt.set_attn_implementation("eager")
+    try:
+        return [vt(clip_pixels(model, x), output_attentions=True).attentions[layer]]
+    finally:
+        vt.set_attn_implementation(impl)
+
+
+@torch.no_grad()
+def features_of(model, x) -> list[torch.Tensor]:
+    """The unpatched encoder's features per image, from a processor output (any family)."""
+    extra = {k: x[k] for k in ("image_grid_thw", "image_sizes") if k in x}
+    return list(model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True,
+                                               **extra).pooler_output)
+
+
+def clip_pixels(model, x) -> torch.Tensor:
+    """The tiles CLIP encodes: every image (LLaVA) or each image's real tiles (LLaVA-NeXT pads the tile axis)."""
+    pv = x["pixel_values"]
+    if pv.dim() == 4:
+        return pv
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
+    return torch.cat([p[:k] for p, k in zip(pv, n)])
+
+
+@torch.no_grad()
+def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> list[torch.Tensor]:
+    """Per-patch values (n_seq, n_patches, ...) of each encoder call, aligned with each image's LLM tokens:
+    LLaVA drops [CLS]; LLaVA-NeXT packs the tiles with the model's own packing (newline slots NaN); Qwen joins the
+    calls, averages every merge unit (4 consecutive patches) and, for values read ``inside`` the blocks, undoes
+    Qwen2.5-VL's window order (the ViT's input is in raster order)."""
+    inner = model.model
+    cfg = model.config
+    if hasattr(inner, "visual"):
+        vt = inner.visual
+        grid = x["image_grid_thw"]
+        per_patch = torch.cat([c.flatten(0, 1) for c in per_call])
+        units = per_patch.unflatten(0, (-1, 4)).mean(1)
+        if inside and hasattr(vt, "window_size"):  # Qwen2.5-VL: blocks run in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            index, _ = get_vision_window_index(grid, spatial_merge_size=vt.spatial_merge_size,
+                                               window_size=vt.window_size, patch_size=vt.patch_size)
+            units = units[torch.argsort(index)]
+        return list(torch.split(units, (grid.prod(-1) // 4).tolist()))
+    tiles = torch.cat(per_call)[:, 1:]
+    if x["pixel_values"].dim() == 4:
+        return list(tiles)
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
+    out = []
+    for j, t in enumerate(torch.split(tiles, n)):
+        flat = t.reshape(*t.shape[:2], -1).float()
+        packed, _ = inner.pack_image_features([flat], x["image_sizes"][j:j + 1], "default",
+                                              image_newline=torch.full((flat.shape[-1],), float("nan")))
+        out.append(packed[0].reshape(-1, *t.shape[2:]))
+    return out
+
+
+def received(model, x, layer: int) -> list[torch.Tensor]:
+    """Head-mean attention each visual token receives (column mean over all queries of its attention call)."""
+    return per_token(model, x, [a.mean(1).mean(-2) for a in vision_attention(model, x, layer)])
+
+
+# ---------------------------------------------------------------------------------------------- LLM cuts
+class CutMask:
+    """Masking oracle for any number of LLM cuts: keeps the whole sequence, and decoder layer ``i`` gets a causal
+    mask hiding every prompt key dropped at a cut ``(layer, keep)`` with ``layer <= i`` (each query still sees
+    itself). Equivalent to dropping those tokens before each cut layer at their original positions. ``keep``:
+    (B, N) bool over the prompt; padded prompts are honoured (the 2D mask of the prefill)."""
+
+    def __init__(self, model, cuts: list[tuple[int, torch.Tensor]]) -> None:
+        self.model, self.cuts = model, cuts
+        self.handles: list = []
+
+    def __enter__(self) -> CutMask:
+        self.handles = [self.model.register_forward_pre_hook(self._top, with_kwargs=True)]
+        layers = self.model.model.language_model.layers
+        first = min((c for c, _ in self.cuts), default=len(layers))
+        self.handles += [layers[i].register_forward_pre_hook(self._layer(i), with_kwargs=True)
+                         for i in range(first, len(layers))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _top(self, module, args, kw):
+        pkv = kw.get("past_key_values", kw.get("cache"))
+        if pkv is None or pkv.get_seq_length() == 0:
+            am = kw.get("attention_mask")
+            n = self.cuts[0][1].shape[1]
+            self.real = am.bool() if am is not None else torch.ones(self.cuts[0][1].shape[0], n, dtype=torch.bool)
+
+    def _layer(self, i: int):
+        def hook(module, args, kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            b, q = hidden.shape[:2]
+            keep = self.real.clone()
+            for layer, k in self.cuts:
+                if layer <= i:
+                    keep &= k
+            n = keep.shape[1]
+            pkv = kw.get("past_key_values", kw.get("cache"))
+            past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
+            kv = past + q
+            ok = torch.cat([keep, torch.ones(b, kv - n, dtype=torch.bool)], 1)
+            qpos = torch.arange(past, kv).view(1, 1, q, 1)
+            kpos = torch.arange(kv).view(1, 1, 1, kv)
+            allowed = (kpos <= qpos) & (ok[:, None, None] | (kpos == qpos))
+            if self.model.config.get_text_config()._attn_implementation == "eager":
+                allowed = torch.zeros(allowed.shape, dtype=hidden.dtype).masked_fill(~allowed,
+                                                                                     torch.finfo(hidden.dtype).min)
+            return args, {**kw, "attention_mask": allowed}
+
+        return hook
+
+
+@torch.no_grad()
+def eager_rows_under_cuts(model, x, cuts: list[tuple[int, torch.Tensor]], layer: int) -> torch.Tensor:
+    """Eager attention probabilities (B, H, N, N) of decoder ``layer`` with the given earlier cuts applied."""
+    impl = model.config.get_text_config()._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with CutMask(model, cuts) if cuts else contextlib.nullcontext():
+            return model(**x, output_attentions=True).attentions[layer]
+    finally:
+        model.set_attn_implementation(impl)
+

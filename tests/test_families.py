@@ -16,14 +16,15 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import oracles
 import tokprune
-from tokprune.patches.compat import cache_kwargs, get_cache, output_cache
+import tokprune.api
+from tokprune.patches.compat import cache_kwargs, output_cache
 from tokprune.testing import QWEN_IMAGE_TAG, families, make_image, tiny_model
 
 FAMILIES = [f for f in families() if f != "llava"]  # LLaVA-1.5 has its own tests (tests/test_llava.py)
 METHODS = tokprune.methods()
-PRE_LLM = ("cls", "vtc_cls", "random")
-NEEDS_CLS = ("cls", "vtc_cls")
+NEEDS_CLS = ("cls", "vtc_cls")  # the methods whose scores test_next_kept_tokens_are_the_top_cls_scores recomputes
 N_NEW = 8
 GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, output_logits=True,
            return_dict_in_generate=True)
@@ -79,23 +80,26 @@ BUILTIN = ("cls", "vtc_cls", "fastv", "random")
 EXPECTED_UNSUPPORTED = {(f, m) for f in QWEN for m in NEEDS_CLS}  # the Qwen ViTs have no [CLS] token
 
 
-def supported(family: str, method: str) -> bool:
-    """Where a method runs: fixed here for the built-in methods; a method added later is asked (``apply`` raises
-    ``UnsupportedError`` where it cannot run), so the matrix covers it without editing this file."""
-    if method in BUILTIN:
-        return (family, method) not in EXPECTED_UNSUPPORTED
-    model = ZOO[family].model
+def stage_kinds(family: str, method: str) -> tuple[str, ...] | None:
+    """The kinds of the method's schedule on the family's tiny model ("vision", "llm", ...), asked from the method
+    itself; None where it cannot run (``UnsupportedError``). The matrix below is built from these, never from
+    method names, so a new method is covered without editing this file."""
     try:
-        tokprune.apply(model, method, keep_ratio=1.0)
+        sched = tokprune.api.schedule(ZOO[family].model, method, keep=1, n_visual=16)
     except tokprune.UnsupportedError:
-        return False
-    finally:
-        tokprune.remove(model)
-    return True
+        return None
+    return tuple(st.kind for st in sched.stages)
 
 
-SUPPORTED = [(f, m) for f in FAMILIES for m in METHODS if supported(f, m)]
-UNSUPPORTED = [(f, m) for f in FAMILIES for m in METHODS if not supported(f, m)]
+KINDS = {(f, m): stage_kinds(f, m) for f in FAMILIES for m in METHODS}
+SUPPORTED = [fm for fm, kinds in KINDS.items() if kinds is not None]
+UNSUPPORTED = [fm for fm, kinds in KINDS.items() if kinds is None]
+VISION_ONLY = [fm for fm in SUPPORTED if KINDS[fm] == ("vision",)]
+WITH_LLM = [fm for fm in SUPPORTED if "llm" in KINDS[fm]]
+
+
+def test_the_built_in_methods_run_where_expected():
+    assert {fm for fm in UNSUPPORTED if fm[1] in BUILTIN} == EXPECTED_UNSUPPORTED
 
 
 def prompt(fam: Fam, n_images: int, question: str = "what is in the image ?") -> str:
@@ -112,7 +116,7 @@ def inputs(fam: Fam, sizes=SIZES, seed: int = 0):
 @torch.no_grad()
 def encode(fam: Fam, x) -> Any:
     """The unpatched encoder outputs of the images of ``x`` (all images of the batch, row-major)."""
-    extra = {"image_grid_thw": x["image_grid_thw"]} if fam.qwen else {"image_sizes": x["image_sizes"]}
+    extra = {k: x[k] for k in ("image_grid_thw", "image_sizes") if k in x}
     return fam.model.model.get_image_features(pixel_values=x["pixel_values"], return_dict=True, **extra)
 
 
@@ -153,16 +157,24 @@ def positions(fam: Fam, x) -> torch.Tensor:
 
 @torch.no_grad()
 def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool = False,
-                          original: bool = False) -> Any:
+                          original: bool = False, replace: Any = None) -> Any:
     """The unpatched model fed only the kept visual tokens of a one-row prompt.
 
     Qwen: kept tokens at their original M-RoPE positions. LLaVA-NeXT: re-indexed contiguously (the pre-LLM
     default, "compact": what the model does when no positions are passed), or at their ``original`` positions.
+    ``replace(image, features)``: rewrites the kept features of an image (every DeepStack level too), e.g. to put
+    a merged token in a slot.
     """
     out = encode(fam, x)
     ids = x["input_ids"]
     keep = keep_mask(fam, ids, [f.shape[0] for f in out.pooler_output], kept)
-    kw = dict(input_ids=ids[:, keep], mm_encoder_outputs={"image": subset(out, kept)})
+    fed = subset(out, kept)
+    if replace is not None:
+        fed.pooler_output = [replace(j, f, g) for j, (f, g) in enumerate(zip(out.pooler_output, fed.pooler_output))]
+        if getattr(out, "deepstack_features", None) is not None:
+            fed.deepstack_features = [[replace(j, f, g) for j, (f, g) in enumerate(zip(lv, flv))]
+                                      for lv, flv in zip(out.deepstack_features, fed.deepstack_features)]
+    kw = dict(input_ids=ids[:, keep], mm_encoder_outputs={"image": fed})
     if fam.qwen or original:
         kw["position_ids"] = positions(fam, x)[..., keep]
     if fam.qwen:
@@ -170,42 +182,10 @@ def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool 
     return fam.model.generate(**kw, **GEN) if generate else fam.model(**kw).logits
 
 
-class MaskingOracle:
-    """Keeps the whole sequence; decoder layers >= ``layer`` get a causal mask hiding the pruned prompt keys
-    (each query still sees itself). Equivalent to dropping those tokens before ``layer`` at original positions."""
-
-    def __init__(self, model: Any, layer: int, keep: torch.Tensor) -> None:
-        self.model, self.layer, self.keep = model, layer, keep  # keep: (B, N) bool over the prompt
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> MaskingOracle:
-        self.handles = [self.model.register_forward_pre_hook(self._top, with_kwargs=True)]
-        layers = self.model.model.language_model.layers
-        self.handles += [layers[i].register_forward_pre_hook(self._layer, with_kwargs=True)
-                         for i in range(self.layer, len(layers))]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def _top(self, module, args, kw):
-        pkv = get_cache(kw)
-        if pkv is None or pkv.get_seq_length() == 0:
-            am = kw.get("attention_mask")
-            self.real = am.bool() if am is not None else torch.ones_like(self.keep)
-
-    def _layer(self, module, args, kw):
-        hidden = args[0] if args else kw["hidden_states"]
-        b, q = hidden.shape[:2]
-        n = self.keep.shape[1]
-        pkv = get_cache(kw)
-        past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
-        kv = past + q
-        ok = torch.cat([self.keep & self.real, torch.ones(b, kv - n, dtype=torch.bool)], 1)
-        qpos = torch.arange(past, kv).view(1, 1, q, 1)
-        kpos = torch.arange(kv).view(1, 1, 1, kv)
-        return args, {**kw, "attention_mask": (kpos <= qpos) & (ok[:, None, None] | (kpos == qpos))}
+def MaskingOracle(model: Any, layer: int, keep: torch.Tensor) -> oracles.CutMask:  # noqa: N802 (a context)
+    """Keeps the whole sequence; decoder layers >= ``layer`` hide the pruned prompt keys (each query still sees
+    itself): one cut of the multi-cut oracle in ``tests/oracles.py``."""
+    return oracles.CutMask(model, [(layer, keep)])
 
 
 @torch.no_grad()
@@ -273,7 +253,7 @@ def test_qwen_rejects_compact_positions(zoo, family):
 
 
 # ---------------------------------------------------------------------------------------------- keep k (pre-LLM)
-@pytest.mark.parametrize("family, method, pos_mode", [(f, m, None) for f, m in SUPPORTED if m in PRE_LLM]
+@pytest.mark.parametrize("family, method, pos_mode", [(f, m, None) for f, m in VISION_ONLY]
                          + [("llava_next", "cls", "original")])
 def test_pre_llm_keep_k_equals_model_fed_kept_tokens(zoo, family, method, pos_mode):
     """Two images of different sizes in one prompt; logits of the whole pruned sequence and 8 generated steps."""
@@ -400,12 +380,51 @@ def test_fastv_keep_k_equals_masking_oracle(zoo, family, layer):
             ref_gen = fam.model.generate(**x, **GEN)
         att = eager_attentions(fam, x)[layer - 1][0, :, -1].mean(0)  # last token's row, head mean
     assert [(s.kind, s.layer) for s in rec.stages] == [("llm", layer)]
-    assert rec.n_kept == [[k, k]]
-    for run, kept in zip(image_runs(fam, ids, counts), rec.kept[0]):
-        assert torch.equal(kept, topk_sorted(att[run], k))
+    # LLaVA-NeXT: keep counts content tokens; the newlines (rec.special) are never scored and kept on top
+    n_newlines = [0, 0] if fam.qwen else [n_visual_newlines(fam, x, j) for j in range(2)]
+    assert [int(sp.sum()) for sp in rec.special[0]] == n_newlines
+    assert rec.n_kept == [[k + n for n in n_newlines]]
+    for run, kept, newline in zip(image_runs(fam, ids, counts), rec.kept[0], rec.special[0]):
+        content = (~newline).nonzero()[:, 0]
+        top = content[topk_sorted(att[run][content], k)]
+        assert torch.equal(kept, torch.cat([top, newline.nonzero()[:, 0]]).sort().values)
     assert out.shape[1] == int(keep.sum())  # the LLM output holds only the kept tokens
     assert (out[0] - ref[0, keep[0]]).abs().max() <= TOL
     assert_same_generation(gen, ref_gen)
+
+
+# ---------------------------------------------------------------------------------------------- any schedule
+@pytest.mark.parametrize("family, method", WITH_LLM)
+def test_keep_k_equals_the_reference_of_its_schedule(zoo, family, method):
+    """Every method with LLM stages, from its record alone: the unpatched model fed the tokens its vision stage
+    kept (if any), with every LLM cut applied by the multi-cut masking oracle (original positions)."""
+    fam = zoo[family]
+    x = inputs(fam)
+    with torch.no_grad():
+        tokprune.apply(fam.model, method, keep=4, positions="original")
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref, final = schedule_reference(fam, x, rec)
+    assert [st.kind for st in rec.stages] == list(KINDS[(family, method)])
+    assert (out[0] - ref[0, final]).abs().max() <= TOL
+
+
+@torch.no_grad()
+def schedule_reference(fam: Fam, x, rec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of any schedule of a one-row record, at original positions: the unpatched model fed the
+    tokens the vision stage kept (all without one), with every LLM cut hidden from its layer on by the multi-cut
+    masking oracle. Returns (logits over the fed prompt, mask of the tokens that survive every stage)."""
+    ids = x["input_ids"]
+    vision = [st for st in rec.stages if st.kind == "vision"]
+    fed = vision[0].kept[0] if vision else [torch.arange(n) for n in rec.n_visual[0]]
+    prompt_keep = keep_mask(fam, ids, rec.n_visual[0], fed)
+    cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
+            for st in rec.stages if st.kind == "llm"]
+    with oracles.CutMask(fam.model, cuts) if cuts else torch.no_grad():
+        ref = kept_tokens_reference(fam, x, fed, original=True)
+    final = cuts[-1][1][0] if cuts else torch.ones(ref.shape[1], dtype=torch.bool)
+    return ref, final
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -549,7 +568,7 @@ def test_remove_restores_identical_outputs(zoo, family):
     lm, base = fam.model.model.language_model, fam.model.model
     ref, ref_gen = unpatched(fam)
     with torch.no_grad():
-        for method in [m for m in METHODS if supported(family, m)]:
+        for method in [m for m in METHODS if KINDS[(family, m)] is not None]:
             tokprune.apply(fam.model, method, keep=3, **({"layer": 1} if method == "fastv" else {}))
             fam.model(**x)
         fam.model.generate(**x, **GEN)

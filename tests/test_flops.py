@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import tokprune
+import tokprune.api
 from tokprune import configs, flops
 from tokprune.flops import TokenSchedule, estimate, for_budget, from_record
 from tokprune.patches.compat import cache_kwargs, output_cache
@@ -208,6 +210,26 @@ def _t(report: flops.FlopsReport, digits: int = 2) -> float:
     return round(report.tflops, digits)
 
 
+_META: dict[str, object] = {}
+
+
+def _method(name: str, method: str, keep: int | None = None, keep_ratio: float | None = None,
+            layer: int | None = None, **kw) -> flops.FlopsReport:
+    """FLOPs of a registered method: its schedule (asked from the method, on a meta-device model built once per
+    config) counted by ``tokprune.flops.for_budget``."""
+    if name not in _META:
+        _META[name] = configs.build_model(configs.load(name), device="meta")
+    model = _META[name]
+    opts = {"layer": layer} if layer is not None else {}
+    n = flops.image_work(model.config, image_size=kw.get("image_size")).llm_tokens
+    sched = tokprune.api.schedule(model, method, keep=keep, keep_ratio=keep_ratio, n_visual=n, **opts)
+    return for_budget(model.config, sched, **kw)
+
+
+PDROP = [(8, 0.5), (16, 0.25), (24, 0.125)]  # PyramidDrop's preset: after layers 8/16/24 keep 1/2, 1/4, 1/8
+TRANSPRUNE = [(7, 504), (9, 360), (12, 72)]  # TransPrune-High: 576 -> 504 -> 360 -> 72
+
+
 def test_llava_7b_paper_numbers() -> None:
     cfg = configs.load("llava-1.5-7b")
     base = TokenSchedule.unpruned(cfg)
@@ -218,42 +240,44 @@ def test_llava_7b_paper_numbers() -> None:
     assert round(flops.paper_layer_macs(llm, 640, 3) / 1e9, 1) == 132.9  # 576 + 64 text tokens
     for keep, g, t3, t2 in [(192, 39.2, 1.25, 0.98), (128, 26.0, 0.83, 0.65), (64, 13.0, 0.42, 0.32)]:
         assert round(flops.paper_layer_macs(llm, keep, 3) / 1e9, 1) == g
-        assert _t(for_budget(cfg, "cls", keep=keep, convention="3ndm")) == t3
-        assert _t(for_budget(cfg, "cls", keep=keep, convention="2ndm")) == t2
-    assert [_t(for_budget(cfg, "fastv", keep=k, convention="3ndm")) for k in (192, 128, 64)] == [1.41, 1.02, 0.63]
-    assert _t(for_budget(cfg, "fastv", keep_ratio=0.5, convention="3ndm")) == 2.01
-    assert _t(for_budget(cfg, "fastv", keep_ratio=0.25, convention="3ndm")) == 1.12
-    assert _t(for_budget(cfg, "pdrop", convention="3ndm")) == 1.78
-    tp = for_budget(cfg, "transprune", convention="3ndm")
+        assert _t(_method("llava-1.5-7b", "cls", keep=keep, convention="3ndm")) == t3
+        assert _t(_method("llava-1.5-7b", "cls", keep=keep, convention="2ndm")) == t2
+    fastv = [_t(_method("llava-1.5-7b", "fastv", keep=k, convention="3ndm")) for k in (192, 128, 64)]
+    assert fastv == [1.41, 1.02, 0.63]
+    assert _t(_method("llava-1.5-7b", "fastv", keep_ratio=0.5, convention="3ndm")) == 2.01
+    assert _t(_method("llava-1.5-7b", "fastv", keep_ratio=0.25, convention="3ndm")) == 1.12
+    assert _t(for_budget(cfg, stages=PDROP, convention="3ndm")) == 1.78
+    tp = for_budget(cfg, stages=TRANSPRUNE, convention="3ndm")
     assert _t(tp) == 1.56 and round(tp.ratio() * 100, 1) == 40.8
-    assert round(for_budget(cfg, "cls", keep=192, convention="3ndm").ratio() * 100, 1) == 32.8
+    assert round(_method("llava-1.5-7b", "cls", keep=192, convention="3ndm").ratio() * 100, 1) == 32.8
 
 
 def test_transprune_schedule_is_576_504_360_72() -> None:
     cfg = configs.load("llava-1.5-7b")
-    r = for_budget(cfg, "transprune", convention="2ndm")
+    r = for_budget(cfg, stages=TRANSPRUNE, convention="2ndm")
     llm = flops.describe(cfg).llm
     expected = [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
     assert list(r.llm_layers) == [flops.paper_layer_macs(llm, n, 2) for n in expected]
 
 
-# ------------------------------------------------------------------ for_budget / method table / report
+# ------------------------------------------------------------------ for_budget / method schedules / report
 
 
 def test_for_budget_fastv_layer_and_ratio_helpers() -> None:
     cfg = configs.load("llava-1.5-7b")
-    r = for_budget(cfg, "fastv", keep=144, n_text=64)
+    r = _method("llava-1.5-7b", "fastv", keep=144, n_text=64)
     assert r.baseline is not None and r.convention == "full"
     llm = flops.describe(cfg).llm
     assert r.llm_layers[1] == flops.llm_layer_flops(llm, 640) and r.llm_layers[2] == flops.llm_layer_flops(llm, 208)
     assert r.vision == r.baseline.vision  # pruning in the LLM saves nothing in the encoder
     assert 0 < r.ratio() < 1 and r.reduction() == pytest.approx(1 - r.ratio())
     assert r.ratio(part="llm_prefill") < r.ratio()
-    # the same budget at a later layer costs more; keep_ratio 0.25 of 576 == keep 144
-    assert for_budget(cfg, "fastv", keep=144, layer=8).total > r.total
-    assert for_budget(cfg, "fastv", keep_ratio=0.25).total == r.total
+    # the same budget at a later layer costs more; keep_ratio 0.25 of 576 == keep 144; a method-free cut at 2
+    assert _method("llava-1.5-7b", "fastv", keep=144, layer=8).total > r.total
+    assert _method("llava-1.5-7b", "fastv", keep_ratio=0.25).total == r.total
+    assert for_budget(cfg, keep=144, layer=2).total == r.total
     # two images: keep is per image
-    two = for_budget(cfg, "cls", keep=64, n_images=2)
+    two = _method("llava-1.5-7b", "cls", keep=64, n_images=2)
     assert two.llm_layers[0] == flops.llm_layer_flops(llm, 64 * 2 + 64)
     assert r.as_dict()["ratio"] == pytest.approx(r.ratio())
 
@@ -261,34 +285,36 @@ def test_for_budget_fastv_layer_and_ratio_helpers() -> None:
 def test_for_budget_errors() -> None:
     cfg = configs.load("llava-1.5-7b")
     with pytest.raises(ValueError, match="unknown method"):
-        for_budget(cfg, "no-such-method", keep=4)
-    with pytest.raises(ValueError, match="keep"):
-        for_budget(cfg, "fastv")
+        _method("llava-1.5-7b", "no-such-method", keep=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        for_budget(cfg)
     with pytest.raises(ValueError, match="larger than"):
-        for_budget(cfg, "cls", keep=1000)
-    with pytest.raises(ValueError, match="not both"):
-        for_budget(cfg, "cls", keep=4, stages=[(0, 4)])
+        _method("llava-1.5-7b", "cls", keep=1000)
+    with pytest.raises(ValueError, match="exactly one"):
+        for_budget(cfg, keep=4, stages=[(0, 4)])
+    with pytest.raises(TypeError, match="tokprune.configs.load"):
+        for_budget("llava-1.5-7b", keep=4)  # flops loads nothing itself
     with pytest.raises(ValueError, match="convention"):
         estimate(cfg, TokenSchedule.unpruned(cfg), "4ndm")
     with pytest.raises(ValueError, match="layers"):
         estimate(cfg, TokenSchedule((576,) * 3))
     with pytest.raises(ValueError, match="compare"):
-        for_budget(cfg, "cls", keep=4).ratio(estimate(cfg, TokenSchedule.unpruned(cfg), "3ndm"))
+        for_budget(cfg, keep=4).ratio(estimate(cfg, TokenSchedule.unpruned(cfg), "3ndm"))
 
 
-def test_method_plans_from_registry_and_table() -> None:
-    cfg = configs.load("llava-1.5-7b")
-    assert flops.plan_stages("fastv", cfg, 576, 144)[0] == [(2, 144)]
-    assert flops.plan_stages("fastv", cfg, 576, 144, layer=5)[0] == [(5, 144)]
-    assert flops.plan_stages("cls", cfg, 576, 64)[0] == [(0, 64)]
-    # cls's own ``layer`` option is a CLIP layer: an LLM drop layer is a what-if override, never passed to it
-    assert flops.plan_stages("cls", cfg, 576, 64, layer=3) == ([(3, 64)], "cls: drop layer overridden to 3")
-    # pdrop is not a registered pruner (yet): its preset comes from the table, in fractions of 576
-    assert flops.plan_stages("pdrop", cfg, 576, 576)[0] == [(8, 288), (16, 144), (24, 72)]
-    with pytest.raises(ValueError, match="no \\[CLS\\] token"):
-        for_budget("qwen2-vl-7b", "cls", keep=64)  # the core refuses cls on Qwen, and so does the estimate
-    r = for_budget("qwen2-vl-7b", "fastv", keep=64, stages=None)
-    assert "registry" in r.notes[0] or "fastv" in r.notes[0]
+def test_method_schedules_come_from_the_methods() -> None:
+    """Every registered method has a schedule, on every shipped family where it runs; flops counts it as is."""
+    model = configs.build_model(configs.load("llava-1.5-7b"), device="meta")
+    fastv = tokprune.api.schedule(model, "fastv", keep=144)
+    assert fastv.plan() == [(2, 144)] and fastv.meaning == "final"
+    assert tokprune.api.schedule(model, "fastv", keep=144, layer=5).plan() == [(5, 144)]
+    assert tokprune.api.schedule(model, "cls", keep=64).plan() == [(0, 64)]
+    assert tokprune.api.schedule(model, "random", keep_ratio=1.0).plan() == [(0, 576)]  # keep-all: the identity
+    qwen = configs.build_model(configs.load("qwen2-vl-7b"), device="meta")
+    with pytest.raises(tokprune.UnsupportedError, match="no \\[CLS\\] token"):
+        tokprune.api.schedule(qwen, "cls", keep=64)  # the core refuses cls on Qwen, and so does the estimate
+    r = for_budget(qwen.config, tokprune.api.schedule(qwen, "fastv", keep=64))
+    assert "before LLM layer 2" in r.notes[0]
 
 
 def test_qwen_image_geometry() -> None:
@@ -348,7 +374,7 @@ def test_from_record_llm_and_vision_stages() -> None:
 def test_from_record_matches_for_budget() -> None:
     cfg = configs.load("llava-1.5-7b")
     rec = _record([[576]], [640], [("llm", 2, [_idx(144)])])
-    expected = for_budget(cfg, "fastv", keep=144, n_text=64)
+    expected = _method("llava-1.5-7b", "fastv", keep=144, n_text=64)
     assert estimate(cfg, from_record(cfg, rec)) == expected
     # record_report: what last_record(model).flops shows, with the unpruned prompt as baseline
     report = flops.record_report(cfg, rec)
@@ -357,11 +383,12 @@ def test_from_record_matches_for_budget() -> None:
 
 def test_from_record_vit_stage_and_merged_tokens() -> None:
     cfg = configs.load("llava-1.5-7b")
-    merged = [[SimpleNamespace(sources=[torch.tensor([0, 1])] * 10)]]
-    rec = _record([[576]], [640], [("vision", 11, [_idx(128)])], merged=merged)
+    # 128 kept + 10 new tokens, each in a dropped slot of the image: the stage's kept indices hold all 138
+    merged = [[SimpleNamespace(sources=[torch.tensor([0, 1])] * 10, slots=torch.arange(128, 138))]]
+    rec = _record([[576]], [640], [("vision", 11, [_idx(138)])], merged=merged)
     (s,) = from_record(cfg, rec)
-    assert s.visual == (138,) * 32  # 128 kept + 10 merged
-    assert s.images[0].layer_tokens == (577,) * 11 + (129,) * 13
+    assert s.visual == (138,) * 32  # new tokens counted once, as LLM tokens
+    assert s.images[0].layer_tokens == (577,) * 11 + (139,) * 13
     assert estimate(cfg, s).vision < estimate(cfg, TokenSchedule.unpruned(cfg)).vision
 
 

@@ -8,11 +8,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import oracles
 import tokprune
+import tokprune.api
 from tokprune.testing import image_prompt, make_image, tiny_model
 
 N_VIS = 16  # 56 px / 14 px patches -> 4 x 4
-PRE_LLM = ["cls", "vtc_cls", "random"]
 ALL = tokprune.methods()
+# methods whose schedule is a single vision stage, asked from each method (never a list of names)
+PRE_LLM = [m for m in ALL if [st.kind for st in tokprune.api.schedule(tiny_model("llava")[0], m, keep=1,
+                                                                         n_visual=N_VIS).stages] == ["vision"]]
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
 
 

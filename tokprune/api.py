@@ -9,12 +9,15 @@ from typing import Any
 
 from torch import nn
 
+import tokprune.patches  # noqa: F401  (registers the built-in model families)
+import tokprune.pruners  # noqa: F401  (registers the built-in methods)
 from tokprune.config import Budget
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
-from tokprune.pruners.base import Pruner
+from tokprune.pruners.base import ModelInfo, Pruner
 from tokprune.record import PruneRecord
-from tokprune.registry import METHODS, MODELS, _load_builtins, adapter_for, get_method
+from tokprune.registry import METHODS, MODELS, adapter_for, get_method
+from tokprune.schedule import Schedule
 
 ATTR = "tokprune"
 
@@ -57,23 +60,31 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     return cls(**options)
 
 
-def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: float | None = None,
+def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
           record_scores: bool = False, **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
-    ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass exactly one.
-    ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``) and the
-    model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see ``docs/families.md``).
-    ``record_scores``: also store in every stage of the record the score the method gave each visual token
-    (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies scores to the CPU.
-    Applying to a patched model replaces the previous patch. Refuses a transformers release outside the tested
-    window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently wrong.
+    ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
+    own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
+    exactly one. ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;
+    only with a name) and the model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see
+    ``docs/families.md``). ``record_scores``: also store in every stage of the record the score the method gave
+    each visual token (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies
+    scores to the CPU. Applying to a patched model replaces the previous patch. Refuses a transformers release
+    outside the tested window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently
+    wrong.
     """
     check_transformers()
     budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
-    pruner = make_pruner(method, options)
+    if isinstance(method, Pruner):
+        if options:
+            raise TypeError(f"pass the options {', '.join(sorted(options))} to the {type(method).__name__} "
+                            "instance itself, not to apply")
+        pruner = method
+    else:
+        pruner = make_pruner(method, options)
     adapter = adapter_cls(model, pruner, budget, **family_options)
     adapter.record_scores = bool(record_scores)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
@@ -125,11 +136,41 @@ def last_record(model: nn.Module) -> PruneRecord | None:
 
 def methods() -> list[str]:
     """Names of the registered pruning methods."""
-    _load_builtins()
     return sorted(METHODS)
 
 
 def models() -> list[str]:
     """Names of the supported model families."""
-    _load_builtins()
     return sorted(MODELS)
+
+
+def model_info(model_or_config: Any) -> ModelInfo:
+    """What a pruner may know about a model, read by its family adapter; a transformers config (or a shipped
+    config name) is built on the meta device first, so no weights are needed."""
+    model = model_or_config
+    if not isinstance(model, nn.Module):
+        from tokprune.configs import build_model, load
+
+        config = load(model) if isinstance(model, str) else model
+        model = build_model(config, device="meta")
+    return adapter_for(model).describe(model)
+
+
+def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
+             *, n_visual: int | None = None, image_size: tuple[int, int] | None = None,
+             **options: Any) -> Schedule:
+    """The per-stage budgets ``method`` runs for one image at ``keep`` / ``keep_ratio`` (what the adapter checks
+    and ``tokprune.flops.for_budget(config, schedule)`` counts). ``n_visual``: the image's visual tokens; by
+    default those of an image of ``image_size`` (the family default) for that config. ``options``: the method's
+    hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot run."""
+    info = model_info(model_or_config)
+    pruner = method if isinstance(method, Pruner) else make_pruner(method, options)
+    pruner.check(info)
+    if n_visual is None:
+        from tokprune.configs import load
+        from tokprune.flops import image_work
+
+        config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+        config = load(config) if isinstance(config, str) else config
+        n_visual = image_work(config, image_size=image_size).llm_tokens
+    return pruner.schedule(info, n_visual, Budget(keep=keep, keep_ratio=keep_ratio).count(n_visual))

@@ -29,12 +29,15 @@ class Stage:
 
 @dataclass
 class Merged:
-    """Tokens a method builds from pruned ones (e.g. VisionZip contextual tokens).
+    """Tokens a method builds from pruned ones (e.g. VisionZip contextual tokens), for one image.
 
-    ``sources[j]`` lists the original visual-token indices absorbed into merged token ``j``.
+    ``sources[j]`` lists the original visual-token indices absorbed into new token ``j``; ``slots[j]`` is the
+    original index whose place (sequence slot and position id) it took, a dropped token of the same image. Those
+    slots are part of the stage's ``kept`` indices, so ``n_kept`` counts LLM tokens, new ones included.
     """
 
     sources: list[torch.Tensor]
+    slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -51,6 +54,9 @@ class PruneRecord:
     seq_len: list[int]
     stages: list[Stage] = field(default_factory=list)
     merged: list[list[Merged | None]] | None = None
+    #: per sample, per image: bool mask over its original visual tokens marking special tokens that carry no patch
+    #: (LLaVA-NeXT's ``image_newline``): never counted in a budget, kept on top of it by methods that keep them
+    special: list[list[torch.Tensor]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None

@@ -2,6 +2,8 @@
 
 Adding a method touches only its file in ``pruners/`` (decorated with :func:`register_method`);
 adding a model family touches only its file in ``patches/`` (decorated with :func:`register_model`).
+A leaf: it imports no other tokprune module; ``tokprune.api`` imports the built-in methods and families, whose
+decorators fill the registries.
 """
 
 from __future__ import annotations
@@ -47,14 +49,8 @@ def register_model(name: str) -> Callable[[T], T]:
     return deco
 
 
-def _load_builtins() -> None:
-    """Import the built-in pruners and patches so that their decorators run."""
-    import tokprune.patches  # noqa: F401
-    import tokprune.pruners  # noqa: F401
-
-
 def get_method(name: str) -> type[Pruner]:
-    _load_builtins()
+    """The class registered as ``name`` (built-ins are registered by ``import tokprune.api``)."""
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
@@ -62,7 +58,6 @@ def get_method(name: str) -> type[Pruner]:
 
 def adapter_for(model: nn.Module) -> type[Adapter]:
     """The adapter class whose ``model_classes`` names the model's class (or one of its bases)."""
-    _load_builtins()
     names = [c.__name__ for c in type(model).__mro__]
     # most specific class first, so that a subclass adapter (e.g. Qwen2.5-VL) wins over its base family
     for cls_name in names:

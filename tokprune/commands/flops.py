@@ -6,7 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from tokprune.api import schedule
 from tokprune.commands import args as types
+from tokprune.configs import load
 from tokprune.flops import CONVENTIONS, DEFAULT_N_TEXT, FlopsReport, for_budget
 
 _UNITS = {"full": "FLOPs, whole model, all tokens", "3ndm": "paper convention, MACs, visual tokens only",
@@ -27,7 +29,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     budget.add_argument("--keep", type=types.positive_int, help="visual tokens kept per image")
     budget.add_argument("--keep-ratio", type=types.kept_fraction, help="fraction of visual tokens kept, in (0, 1]")
     p.add_argument("--layer", type=types.nonneg_int,
-                   help="0-indexed LLM layer before which tokens are dropped (fastv: 2)")
+                   help="with --method: the method's own `layer` option (fastv: K, default 2); without: the 0-indexed "
+                        "LLM layer before which the budget is cut (default 0)")
     p.add_argument("--stages", type=types.stages,
                    help="explicit schedule LAYER:KEPT,... (KEPT a count or a fraction like 0.5), e.g. PyramidDrop's "
                         "8:0.5,16:0.25,24:0.125")
@@ -81,11 +84,17 @@ def format_report(report: FlopsReport, title: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, then compute and print; a bad argument raises (``tokprune.cli`` makes it one line)."""
     check(args)
-    report = for_budget(
-        args.config, args.method, keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer, stages=args.stages,
-        n_text=args.n_text, n_images=args.images, image_size=args.image_size,
-        convention=args.convention, decode_steps=args.decode_steps,
-    )
+    config = load(args.config)
+    if args.stages is not None:
+        budget: dict[str, Any] = dict(stages=args.stages)
+    elif args.method is not None:  # the method's own schedule: what tokprune.apply runs
+        options = {"layer": args.layer} if args.layer is not None else {}
+        budget = dict(schedule=schedule(config, args.method, keep=args.keep, keep_ratio=args.keep_ratio,
+                                        image_size=args.image_size, **options))
+    else:
+        budget = dict(keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer or 0)
+    report = for_budget(config, **budget, n_text=args.n_text, n_images=args.images, image_size=args.image_size,
+                        convention=args.convention, decode_steps=args.decode_steps)
     if args.stages:
         budget = "stages=" + ",".join(f"{lay}:{kept}" for lay, kept in args.stages)
     elif args.keep is not None or args.keep_ratio is not None:

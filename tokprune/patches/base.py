@@ -2,7 +2,8 @@
 
 An adapter knows *how* a model family runs and nothing about any method. It
 
-* taps the vision encoder for the signals a pruner requests (attention rows from q/k, any attention backend);
+* hands the vision stage to :class:`~tokprune.patches.vision_stage.VisionStage`, which taps the encoder for the
+  signals a pruner requests (through two generic family hooks) and runs the selection;
 * at prefill, in one forward pre-hook on the top-level ``*ForConditionalGeneration``, locates each image's span
   from token ids, asks the pruner's vision stage which tokens to keep and rewrites every per-token input
   (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,9 +29,14 @@ from tokprune.config import Budget
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
-from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
-from tokprune.record import PruneRecord, Stage, capture_scores, spread
-from tokprune.signals import TAPS, attention_rows
+from tokprune.patches.vision_stage import Placement, VisionStage, content_label
+from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
+from tokprune.record import Merged, PruneRecord, Stage
+from tokprune.schedule import Schedule
+
+#: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -67,12 +74,12 @@ class Adapter:
         pruner.check(self.info)
         self.positions = pruner.resolved_positions(self.info)
         self.vision_request = pruner.vision_request(self.info)
-        self.llm = LLMStages(self, pruner.llm_layers(self.info)) if pruner.llm_layers(self.info) else None
+        self.vision = VisionStage(self, self.vision_request) if self.vision_request is not None else None
+        layers = pruner.llm_layers(self.info)
+        self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
         self.record: PruneRecord | None = None
         self._decode: _DecodeState | None = None
         self._handles: list[Any] = []
-        self._tapped: list[nn.Module] = []
-        self._cls_rows: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +92,14 @@ class Adapter:
             if value not in cls.options[name]:
                 raise ValueError(f"{name} must be one of {cls.options[name]}, got {value!r}")
         return {name: options.get(name, allowed[0]) for name, allowed in cls.options.items()}
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> ModelInfo:
+        """The :class:`ModelInfo` of ``model`` without patching anything (a model on the meta device will do):
+        the one factory of ModelInfo, so FLOPs plans and the CLI see exactly what ``apply`` sees."""
+        probe = cls.__new__(cls)  # model_info reads only the modules
+        probe.model = model
+        return probe.model_info()
 
     # ------------------------------------------------------------------ family hooks
     def model_info(self) -> ModelInfo:  # family hook
@@ -107,13 +122,47 @@ class Adapter:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def cls_attention_module(self, layer: int) -> nn.Module:  # family hook
-        """The attention module of encoder layer ``layer`` (for [CLS] rows)."""
+    def vision_layer(self, layer: int) -> tuple[nn.Module, nn.Module]:  # family hook
+        """(block, attention module) of encoder layer ``layer`` (0-based): where vision signals are tapped."""
         raise NotImplementedError
 
-    def cls_rows_to_tokens(self, rows: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Align a (n_images_in_call, n_keys) [CLS] row block with each image's visual tokens."""  # family hook
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
+        """Per-patch values seen inside the encoder, one (n_seq, n_patches, ...) block per attention call in call
+        order, as per-LLM-token values aligned with each image's ``features`` (n_i, ...). ``reduce``: how patches
+        that become one token combine ("mean", or "concat" along the last axis for pixels)."""  # family hook
         raise NotImplementedError
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """The encoder's input pixels, un-normalised, per patch of its sequence: (n_seq, n_patches, C, values)
+        (a [CLS] slot holds NaN). Family hook."""
+        raise NotImplementedError
+
+    def pixel_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) the family's processors normalise pixels with (CLIP's for every built-in family); a
+        ``Signal("pixels", mean=..., std=...)`` overrides it for a processor configured otherwise."""
+        return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
+                                                                            list[torch.Tensor]]:
+        """Per image, each visual token's (row, col, part) grid coordinates (n_i, 3) (None when the forward does
+        not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
+        return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
+
+    def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]
+                     ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
+        """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``
+        gives an image's vision-stage budget from its special-token mask. Default: one part per image holding its
+        content (non-special) tokens. LLaVA-NeXT splits per tile."""
+        return [(j, (~sp).nonzero()[:, 0], image_budget(sp), owner)
+                for j, (sp, owner) in enumerate(zip(signals.special, signals.owners))]
+
+    def schedule(self, special: torch.Tensor) -> Schedule:
+        """The method's per-stage budgets for an image with this special-token mask: ``keep`` / ``keep_ratio``
+        count its content tokens (an error names both counts when a count budget exceeds them)."""
+        n = int((~special).sum())
+        return self.pruner.schedule(self.info, n, self.budget.count(n, content_label(special)))
 
     def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """The position ids the unpatched model would use when none are passed."""  # family hook
@@ -124,10 +173,11 @@ class Adapter:
         """(cos, sin) of the language model for the given positions (used for "compact" positions in the LLM)."""
         return self.language_model.rotary_emb(x, position_ids=position_ids)
 
-    def prune_encoder_outputs(self, out: Any, keeps: list[torch.Tensor]) -> Any:
-        """Encoder outputs holding only the kept tokens (families with extra per-token outputs extend this)."""
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
+        """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
+        per-token outputs extend this and merge them the same way)."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [f[k] for f, k in zip(out.pooler_output, keeps)]
+        new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
         return new
 
     def encode_images(self, kw: dict) -> Any:
@@ -139,63 +189,20 @@ class Adapter:
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        if self.vision_request is not None and self.vision_request.cls_layers:
-            self._handles.append(self.vision_tower.register_forward_pre_hook(self._clear_vision_signals))
-            for layer in self.vision_request.cls_layers:
-                mod = self.cls_attention_module(layer)
-                TAPS.add(mod, self._cls_tap(layer))
-                self._tapped.append(mod)
+        if self.vision is not None:
+            self.vision.install()
         if self.llm is not None:
             self.llm.install()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
+        if self.vision is not None:
+            self.vision.remove()
         if self.llm is not None:
             self.llm.remove()
-        self._handles, self._tapped = [], []
+        self._handles = []
         self._decode = None
-        self._cls_rows = {}
-
-    # ------------------------------------------------------------------ vision signals
-    def _clear_vision_signals(self, *_: Any) -> None:
-        self._cls_rows = {}
-
-    def _cls_tap(self, layer: int):
-        def tap(module, query, key, mask, scaling):
-            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            probs = attention_rows(query, key, mask, scaling, rows, causal=False)  # (n, H, 1, K)
-            self._cls_rows.setdefault(layer, []).append(probs[:, :, 0].mean(1))
-
-        return tap
-
-    def select_vision(self, features: list[torch.Tensor], counts: list[int],
-                      owners: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Sorted kept indices per image from the pruner's vision stage (family hook).
-
-        One budget per image by default; families that split an image into parts with their own budgets (LLaVA-NeXT
-        tiles) override this and call the pruner once per part.
-        """
-        signals = self._vision_signals(features)
-        signals.owners = owners
-        with capture_scores(self.pruner, self.record_scores) as seen:
-            keeps = self.pruner.select_vision(signals, [self.budget.count(c) for c in counts])
-        self._vision_scores = [spread(c, torch.arange(c), s) for c, s in zip(counts, seen[0])] if seen else None
-        return keeps
-
-    def _vision_signals(self, features: list[torch.Tensor]) -> VisionSignals:
-        cls: dict[int, list[torch.Tensor]] = {}
-        for layer in self.vision_request.cls_layers:
-            calls = self._cls_rows.get(layer)
-            if not calls:
-                raise RuntimeError(
-                    "the vision encoder ran without tokprune's taps (were the image features computed before "
-                    "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
-                )
-            cls[layer] = self.cls_rows_to_tokens(torch.cat(calls), features)
-        return VisionSignals(features=features, cls_attention=cls)
 
     # ------------------------------------------------------------------ the top-level hook
     def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
@@ -232,7 +239,8 @@ class Adapter:
         mm = kw.get("mm_encoder_outputs") or {}
         if mm.get("image") is not None:
             return mm["image"]
-        self._clear_vision_signals()
+        if self.vision is not None:
+            self.vision.clear()
         return self.encode_images(kw)
 
     def _prefill(self, kw: dict) -> dict:
@@ -264,12 +272,19 @@ class Adapter:
         if pos is not kw.get("position_ids"):
             new["position_ids"] = pos
         origin = [[torch.arange(c, device=ids.device) for c in (counts[j] for j in row)] for row in rows_images]
+        ctx = PrefillContext(self.info, self.vision_request, self.positions)
+        grid, special = self.token_layout(feats, kw)
+        record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
 
-        if self.vision_request is not None:
+        if self.vision is not None:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
-            keeps = [k.to(ids.device) for k in self.select_vision(feats, counts, owners)]
-            _check_keeps(keeps, counts)
+            signals = self.vision.signals(feats, owners, ctx, grid, special)
+            placements, self._vision_scores = self.vision.select(signals, self.record_scores)
+            keeps = [p.slots.to(ids.device) for p in placements]
+            if any(p.n_new for p in placements):
+                record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])
+                                  if placements[j].n_new else None for j in row] for row in rows_images]
             keep_mask = ids != self.image_token_id
             for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
                 for span, j in zip(row_spans, row_imgs):
@@ -285,7 +300,7 @@ class Adapter:
             if self._vision_scores is not None:
                 record.stages[-1].scores = [[self._vision_scores[j] for j in ri] for ri in rows_images]
             new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
-            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, keeps)
+            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, placements)
             n_pruned = idx.shape[1]
             mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
             offset = None
@@ -300,7 +315,7 @@ class Adapter:
         if self.llm is not None:
             if kw.get("labels") is not None:
                 raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
-            self.llm.begin(new, spans, origin, mask_pruned, record)
+            self.llm.begin(new, spans, origin, mask_pruned, record, ctx)
         self.record = record
         return new
 
@@ -349,9 +364,3 @@ def _row_image_ids(spans: list[list[torch.Tensor]]) -> list[list[int]]:
         out.append(list(range(j, j + len(row))))
         j += len(row)
     return out
-
-
-def _check_keeps(keeps: list[torch.Tensor], counts: list[int]) -> None:
-    for k, c in zip(keeps, counts):
-        if k.numel() and (k.min() < 0 or k.max() >= c or (k.numel() > 1 and bool((k[1:] <= k[:-1]).any()))):
-            raise RuntimeError("a pruner returned kept indices that are not sorted, unique and in range")

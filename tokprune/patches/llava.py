@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,15 +56,53 @@ class LlavaAdapter(Adapter):
         """LLaVA-1.5 gives every image the same number of visual tokens (576 at 336 px)."""
         return getattr(self.model.config, "image_seq_length", None)
 
-    def cls_attention_module(self, layer: int) -> nn.Module:
-        return clip_encoder(self.vision_tower).layers[layer].self_attn
+    def vision_layer(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        block = clip_encoder(self.vision_tower).layers[layer]
+        return block, block.self_attn
 
-    def cls_rows_to_tokens(self, rows: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        if rows.shape[0] != len(features):
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
+        per_image = self._drop_cls(torch.cat(calls))
+        if per_image.shape[0] != len(features):
             raise RuntimeError(
-                f"{rows.shape[0]} images went through the vision tower but {len(features)} reached the LLM "
+                f"{per_image.shape[0]} images went through the vision tower but {len(features)} reached the LLM "
                 "(beam search or expanded inputs are not supported with vision signals)"
             )
+        return [r.to(f.device) for r, f in zip(per_image, features)]
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """CLIP input (n, C, H, W) -> (n, 1 + patches, C, p * p), row-major patches after a NaN [CLS] slot."""
+        p = self.model.config.vision_config.patch_size
+        n, c = pixels.shape[:2]
+        x = pixels * torch.tensor(std, device=pixels.device).view(1, -1, 1, 1) + torch.tensor(
+            mean, device=pixels.device).view(1, -1, 1, 1)
+        patches = x.unfold(2, p, p).unfold(3, p, p)  # (n, C, h, w, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c, p * p)
+        return torch.cat([patches.new_full((n, 1, c, p * p), float("nan")), patches], 1)
+
+    def _drop_cls(self, per_patch: torch.Tensor) -> torch.Tensor:
+        """(n_seq, 1 + patches, ...) -> (n_seq, patches, ...) unless the features keep the [CLS] token ("full")."""
         if self.model.config.vision_feature_select_strategy == "default":
-            rows = rows[:, 1:]  # the [CLS] token itself is not a visual token
-        return [r.to(f.device) for r, f in zip(rows, features)]
+            return per_patch[:, 1:]  # the [CLS] token itself is not a visual token
+        return per_patch
+
+    def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
+                                                                            list[torch.Tensor]]:
+        """A square patch grid per image, part 0 ("full" strategy: the [CLS] token first, at (-1, -1))."""
+        grid = []
+        for f in features:
+            n = int(f.shape[0])
+            has_cls = self.model.config.vision_feature_select_strategy != "default"
+            grid.append(square_grid(n - has_cls, f.device, prefix=int(has_cls)))
+        return grid, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
+
+
+def square_grid(n: int, device: torch.device, prefix: int = 0) -> torch.Tensor:
+    """(prefix + n, 3) (row, col, part 0) of ``n`` tokens in a row-major square grid; ``prefix`` tokens at (-1, -1)."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise RuntimeError(f"{n} patch tokens do not form a square grid")
+    i = torch.arange(n, device=device)
+    grid = torch.stack([i // side, i % side, torch.zeros_like(i)], 1)
+    return torch.cat([torch.tensor([[-1, -1, 0]] * prefix, device=device, dtype=torch.long).view(-1, 3), grid])

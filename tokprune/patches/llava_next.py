@@ -6,12 +6,15 @@ removes the rows / columns that only cover padding ("unpad") and appends a learn
 every row of the grid. The packed sequence is ``[base tile tokens] + [grid row 0, newline, grid row 1, newline,
 ...]``, so the number of visual tokens varies per image.
 
-Tokprune sees the packed tokens. [CLS] rows arrive per tile and are aligned with the packed order by pushing them
-through the model's own ``pack_image_features`` (a newline slot carries no score). The same trick labels every
-packed token with its tile (base = 0, crops 1..T in row-major order, newline = -1).
+Tokprune sees the packed tokens. Vision signals arrive per tile and are aligned with the packed order by pushing
+them through the model's own ``pack_image_features`` (a newline slot carries no value: NaN). The same trick labels
+every packed token with its tile (base = 0, crops 1..T in row-major order, newline = -1); grid coordinates are the
+base tile's square grid for the base tile and the rows of the stitched, unpadded crop grid for the crops.
 
-**Budgets (vision stages).** ``keep`` / ``keep_ratio`` count the *content* tokens of an image (newlines excluded),
-and the family option ``tile_budget`` says how they are spread:
+**Budgets, every stage and every method.** ``keep`` / ``keep_ratio`` count the *content* tokens of an image
+(newlines excluded): ``rec.n_visual`` counts every packed token, ``rec.special`` marks the newlines, and a count
+budget larger than the content tokens is refused. For vision stages the family option ``tile_budget`` says how the
+budget is spread:
 
 * ``"per_tile"`` (default; FasterVLM / HiPrune): the image's budget is split evenly over its tiles (remainder to
   the first tiles, base tile first; a tile with fewer visible tokens than its share gives the rest to the
@@ -20,24 +23,24 @@ and the family option ``tile_budget`` says how they are spread:
   per tile.
 * ``"global"``: one top-k over all content tokens of the image.
 
-**Newline tokens** are not scored. A vision stage keeps them all (on top of the budget), as FasterVLM and HiPrune
-do; a method whose paper drops them (VisionZip, FlowCut) declares ``keep_newlines = False`` on its class and then
-none are kept. **LLM stages** (FastV) rank the whole packed span, newlines included, with one budget per image
-counted over all its packed tokens, as FastV treats every image token alike.
+**Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget, as
+FasterVLM and HiPrune do; a method whose paper drops them (VisionZip, FlowCut) declares ``keep_newlines = False``
+on its class and then none are kept. So ``keep_ratio=0.5`` keeps half of the content tokens plus the newlines with
+every method.
 
 ``tokprune.apply(model, "cls", keep=160, tile_budget="global")`` selects the mode.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tokprune.patches.llava import LlavaAdapter
+from tokprune.patches.llava import LlavaAdapter, square_grid
 from tokprune.pruners.base import VisionSignals
-from tokprune.record import capture_scores
 from tokprune.registry import register_model
 
 #: owner index stride of tiles presented to a pruner as separate images (tile t of image i -> i * STRIDE + t)
@@ -87,8 +90,8 @@ class LlavaNextAdapter(LlavaAdapter):
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         super().install()
-        if self.vision_request is not None:
-            self.base.pack_image_features = self._recording(self.base.pack_image_features)
+        # always: the packed layout marks newlines (special tokens) for vision and LLM stages alike
+        self.base.pack_image_features = self._recording(self.base.pack_image_features)
 
     def remove(self) -> None:
         vars(self.base).pop("pack_image_features", None)
@@ -106,17 +109,19 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # ------------------------------------------------------------------ packed layout
     def _pack(self, per_tile: torch.Tensor, j: int, newline: float) -> torch.Tensor:
-        """Push per-tile values (n_tiles, per_tile) of encoded image ``j`` through the model's own packing; newline
-        slots get ``newline``. Returns (n_packed,)."""
+        """Push per-tile values (n_tiles, per_tile, ...) of encoded image ``j`` through the model's own packing;
+        newline slots get ``newline``. Returns (n_packed, ...)."""
         pk = self._packing
+        rest = per_tile.shape[2:]
+        flat = per_tile.reshape(*per_tile.shape[:2], -1).float()
         packed, _ = type(self.base).pack_image_features(
-            self.base, [per_tile[..., None].float()], pk.image_sizes[j:j + 1], pk.strategy,
-            image_newline=torch.tensor([newline], device=per_tile.device))
-        return packed[0][:, 0]
+            self.base, [flat], pk.image_sizes[j:j + 1], pk.strategy,
+            image_newline=torch.full((flat.shape[-1],), newline, device=per_tile.device))
+        return packed[0].reshape(-1, *rest)
 
     def _sources(self, features: list[torch.Tensor]) -> list[int]:
         """For each image reaching the LLM, the encoded image it is: ``generate`` repeats the encoder's output
-        tensors for beams / ``num_return_sequences``, so they are recognised by identity."""
+        tensors for beams / ``num_return_sequences``, so they are recognised by identity (never by position)."""
         pk = self._packing
         if pk is None:
             raise RuntimeError(
@@ -126,12 +131,11 @@ class LlavaNextAdapter(LlavaAdapter):
         ids = {id(t): j for j, t in enumerate(pk.outputs)}
         src = [ids.get(id(f)) for f in features]
         if None in src:
-            if len(features) != len(pk.outputs):
-                raise RuntimeError(
-                    f"{len(pk.outputs)} images went through the vision tower but {len(features)} different ones "
-                    "reached the LLM; compute the image features under the patch (pass pixel_values)"
-                )
-            src = list(range(len(features)))  # e.g. moved to another device: same images, same order
+            raise RuntimeError(
+                "the LLaVA-NeXT image features reaching the LLM are not the ones the last encoder call packed "
+                "(computed, copied or moved outside the patched forward); pass pixel_values and image_sizes so the "
+                "encoder runs under the patch"
+            )
         return src
 
     def tile_layout(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -146,51 +150,47 @@ class LlavaNextAdapter(LlavaAdapter):
             out.append(layout)
         return out
 
-    def cls_rows_to_tokens(self, rows: torch.Tensor, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
+                                                                            list[torch.Tensor]]:
+        """Newlines are the special tokens. Coordinates: the base tile's square grid (part 0); the crops' stitched,
+        unpadded grid (part = crop tile), whose rows end at the newlines (a newline sits one past its row's end)."""
+        grids, special = [], []
+        for layout in self.tile_layout(features):
+            newline = layout < 0
+            base = (layout == 0).nonzero()[:, 0]
+            grid = torch.empty(layout.numel(), 3, dtype=torch.long, device=layout.device)
+            grid[base] = square_grid(int(base.numel()), layout.device)
+            rest = torch.arange(int(base.numel()), layout.numel(), device=layout.device)
+            nl = newline[rest].long()
+            row = nl.cumsum(0) - nl  # newlines before each token of the crop part
+            starts = torch.cat([rest.new_zeros(1), (nl.nonzero()[:, 0] + 1)])
+            col = torch.arange(rest.numel(), device=layout.device) - starts[row]
+            grid[rest] = torch.stack([row, col, layout[rest]], 1)
+            grids.append(grid)
+            special.append(newline)
+        return grids, special
+
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
         src = self._sources(features)
         pk = self._packing
-        if rows.shape[0] != sum(pk.n_tiles):
-            raise RuntimeError(f"{rows.shape[0]} tiles have [CLS] rows but the last packing saw {sum(pk.n_tiles)}")
-        if pk.strategy == "default":
-            rows = rows[:, 1:]  # the [CLS] token itself is not a visual token
-        per_image = [self._pack(r, j, float("nan")) for j, r in enumerate(torch.split(rows, pk.n_tiles))]
+        per_tile = self._drop_cls(torch.cat(calls))
+        if per_tile.shape[0] != sum(pk.n_tiles):
+            raise RuntimeError(f"{per_tile.shape[0]} tiles have vision signals but the last packing saw "
+                               f"{sum(pk.n_tiles)}")
+        per_image = [self._pack(r, j, float("nan")) for j, r in enumerate(torch.split(per_tile, pk.n_tiles))]
         return [per_image[j].to(f.device) for f, j in zip(features, src)]
 
-    # ------------------------------------------------------------------ selection
-    def select_vision(self, features: list[torch.Tensor], counts: list[int],
-                      owners: list[tuple[int, int]]) -> list[torch.Tensor]:
-        signals = self._vision_signals(features)
-        layouts = self.tile_layout(features)
-        per_tile = self.opts["tile_budget"] == "per_tile"
-        units: list[tuple[int, int, torch.Tensor, int]] = []  # (image, tile, packed indices, budget)
-        for j, layout in enumerate(layouts):
-            content = (layout >= 0).nonzero()[:, 0]
-            k = self.budget.count(int(content.numel()))
-            if per_tile:
-                parts = [(layout == t).nonzero()[:, 0] for t in range(int(layout.max()) + 1)]
-            else:
-                parts = [content]
-            for t, (part, kt) in enumerate(zip(parts, split_budget(k, [int(p.numel()) for p in parts]))):
-                if kt:
-                    units.append((j, t, part, kt))
-        sub = VisionSignals(
-            features=[features[j][p] for j, _, p, _ in units],
-            cls_attention={layer: [rows[j][p] for j, _, p, _ in units]
-                           for layer, rows in signals.cls_attention.items()},
-            owners=[(owners[j][0], owners[j][1] * TILE_STRIDE + t) for j, t, _, _ in units],
-        )
-        with capture_scores(self.pruner, self.record_scores) as seen:
-            picks = self.pruner.select_vision(sub, [k for *_, k in units]) if units else []
-        self._vision_scores = None
-        if seen:
-            self._vision_scores = [torch.full((f.shape[0],), float("nan")) for f in features]
-            for (j, _, p, _), s in zip(units, seen[0]):
-                self._vision_scores[j][p.cpu()] = s.detach().float().cpu()
-        keep_newlines = self.pruner.keep_newlines
-        keeps = []
-        for j, layout in enumerate(layouts):
-            kept = [p[s.to(p.device)] for (jj, _, p, _), s in zip(units, picks) if jj == j]
-            if keep_newlines:
-                kept.append((layout < 0).nonzero()[:, 0])
-            keeps.append(torch.cat(kept).sort().values if kept else layout.new_zeros(0))
-        return keeps
+    # ------------------------------------------------------------------ budgets
+    def budget_parts(self, signals: VisionSignals, image_budget: Callable[[torch.Tensor], int]
+                     ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
+        if self.opts["tile_budget"] == "global":
+            return super().budget_parts(signals, image_budget)
+        parts = []
+        for j, (grid, sp, owner) in enumerate(zip(signals.grid, signals.special, signals.owners)):
+            k = image_budget(sp)
+            tile = grid[:, 2].masked_fill(sp, -1)
+            tiles = [(tile == t).nonzero()[:, 0] for t in range(int(tile.max()) + 1)]
+            for t, (idx, kt) in enumerate(zip(tiles, split_budget(k, [int(p.numel()) for p in tiles]))):
+                parts.append((j, idx, kt, (owner[0], owner[1] * TILE_STRIDE + t)))
+        return parts

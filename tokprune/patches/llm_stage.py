@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tokprune.patches.compat import get_cache
+from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, last_real_index
-from tokprune.pruners.base import LLMSignals
+from tokprune.patches.vision_stage import check_indices, check_pooled
+from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
 from tokprune.record import PruneRecord, Stage, capture_scores, spread
-from tokprune.signals import TAPS, attention_rows
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 class LLMStages:
     """Runs a pruner's LLM stages on one model; owned by an :class:`~tokprune.patches.base.Adapter`."""
 
-    def __init__(self, adapter: Adapter, layers: tuple[int, ...]) -> None:
-        self.adapter, self.layers = adapter, layers
+    def __init__(self, adapter: Adapter, layers: tuple[int, ...], request: LLMRequest | None) -> None:
+        self.adapter, self.layers, self.request = adapter, layers, request
+        self.taps = LLMTaps(self, request) if request is not None else None
         self._handles: list[Any] = []
-        self._tapped: list[Any] = []
         self.reset()
 
     # ------------------------------------------------------------------ install / remove
@@ -43,35 +44,37 @@ class LLMStages:
         lm = self.adapter.language_model
         for i in range(self.layers[0], len(lm.layers)):
             self._handles.append(lm.layers[i].register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
-        if self.adapter.pruner.needs_llm_attention:
-            for k in self.layers:
-                mod = lm.layers[k - 1].self_attn
-                TAPS.add(mod, partial(self._attention_tap, k))
-                self._tapped.append(mod)
+        if self.taps is not None:
+            self.taps.install()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
-        self._handles, self._tapped = [], []
+        if self.taps is not None:
+            self.taps.remove()
+        self._handles = []
         self.reset()
 
     def reset(self) -> None:
         self.active = False
         self.phase = "idle"
         self.cache: Any = None
+        if self.taps is not None:
+            self.taps.reset()
 
     # ------------------------------------------------------------------ state
     def begin(self, kw: dict, visual: list[list[torch.Tensor]], origin: list[list[torch.Tensor]],
-              mask2d: torch.Tensor | None, record: PruneRecord) -> None:
+              mask2d: torch.Tensor | None, record: PruneRecord, ctx: PrefillContext) -> None:
         """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see."""
         ids = kw["input_ids"]
         b, n0 = ids.shape
         self.active, self.phase = True, "prefill"
         self.cache = get_cache(kw)
         self.n0, self.record = n0, record
-        self.visual, self.origin = visual, origin
+        self.visual, self.origin, self.ctx = visual, origin, ctx
+        # special tokens (LLaVA-NeXT newlines) among the survivors: never scored nor counted, kept on top
+        self.special = [[sp[o.to(sp.device)].to(o.device) for sp, o in zip(srow, orow)]
+                        for srow, orow in zip(record.special, origin)]
         self.visual0 = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
         for bi, row in enumerate(visual):
             for pos in row:
@@ -80,7 +83,10 @@ class LLMStages:
         self.qcur = self.q0
         self.idx = torch.arange(n0, device=ids.device).expand(b, n0)  # current slots -> prompt positions
         self.dead = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
-        self.attn: dict[int, torch.Tensor] = {}
+        real = mask2d.bool() if mask2d is not None else torch.ones(b, n0, dtype=torch.bool, device=ids.device)
+        self.spans0 = prompt_spans(self.visual0, self.q0, real)
+        if self.taps is not None:
+            self.taps.reset()
         self.stage: list[dict] = []
         self._decode_cache: dict[tuple[int, int], Any] = {}
 
@@ -90,13 +96,17 @@ class LLMStages:
     def stage_of(self, layer: int) -> int:
         return max(s for s, k in enumerate(self.layers) if k <= layer)
 
-    # ------------------------------------------------------------------ signals
-    def _attention_tap(self, k: int, module, query, key, mask, scaling) -> None:
-        if not self.active or self.phase != "prefill":
-            return
-        n = query.shape[2]
-        probs = attention_rows(query, key, mask, scaling, self.qcur[:, None], causal=True)
-        self.attn[k] = probs[:, :, 0, :n].mean(1)
+    # ------------------------------------------------------------------ the current sequence
+    def current_spans(self) -> dict[str, torch.Tensor]:
+        """The prompt spans (see :func:`~tokprune.patches.llm_signals.prompt_spans`) over the current slots."""
+        return {name: torch.gather(m, 1, self.idx) & ~self.dead for name, m in self.spans0.items()}
+
+    def visual_slots(self, n: int) -> torch.Tensor:
+        """(B, n) bool: current slots holding a surviving visual token."""
+        return (torch.gather(self.visual0, 1, self.idx) & ~self.dead)[:, :n]
+
+    def has_images(self) -> torch.Tensor:
+        return self.visual0.any(1)
 
     # ------------------------------------------------------------------ hooks
     def _layer_hook(self, i: int, module, args: tuple, kw: dict):
@@ -106,6 +116,8 @@ class LLMStages:
         s = self.stage_of(i)
         if self.phase == "prefill":
             if i == self.layers[s] and len(self.stage) == s:
+                if self.request is not None and self.request.source == "probe":
+                    self.taps.probe(i, hidden, {**kw, **self.stage[s - 1]["kwargs"]} if s else kw)
                 hidden = self._run_stage(s, hidden, kw)
             kw = {**kw, **self.stage[s]["kwargs"]}
         else:
@@ -118,14 +130,36 @@ class LLMStages:
         t0 = time.perf_counter()
         a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
         b, n_cur = hidden.shape[:2]
-        signals = LLMSignals(layer=k, hidden=hidden, attention=self.attn.get(k), visual=self.visual)
-        ks = [[min(int(o.numel()), pruner.stage_budget(s, n, a.budget.count(n))) for o, n in zip(orow, nrow)]
-              for orow, nrow in zip(self.origin, self.record.n_visual)]
+        content = [[(~sp).nonzero()[:, 0] for sp in srow] for srow in self.special]
+        taps = self.taps
+        signals = LLMSignals(layer=k, hidden=hidden, attention=taps.rows.get(k) if taps else None,
+                             visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
+                             origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
+                             ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
+                             spans=self.current_spans(), observed=dict(taps.observed) if taps else {})
+        if taps is not None and k not in taps.rows:
+            raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
+                               f"{k - 1} run under the patch?)")
+        stage = s + (a.vision is not None)  # index of this stage in the method's schedule
+        ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
+              for crow, srow0 in zip(content, self.record.special)]
+        pooled = any(a.schedule(sp0).pooled for srow0 in self.record.special for sp0 in srow0[:1])
         with capture_scores(pruner, a.record_scores) as seen:
-            rel = pruner.select_llm(signals, ks)
+            picked = pruner.select_llm(signals, ks)
         scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
-                   for bi, (orow, vrow, nrow) in enumerate(zip(self.origin, self.visual, self.record.n_visual))]
+                   for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
                   if seen else None)
+        rel = []
+        who = f"{pruner.name}.select_llm"
+        for crow, prow, krow, srow in zip(content, picked, ks, self.special):
+            rel.append([])
+            for c, p, kk, sp in zip(crow, prow, krow, srow):
+                check_indices(p, int(c.numel()), None if pooled else kk, who)
+                extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []
+                rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
+        check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
+                      enumerate(zip(picked, ks))}, who)
+        self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):
             for pos in row:
@@ -283,3 +317,4 @@ class LLMStages:
         if m.dtype == torch.bool:
             return m & ok
         return m.masked_fill(~ok, torch.finfo(m.dtype).min)
+

@@ -14,6 +14,11 @@ What differs from LLaVA, and how this adapter handles it:
   to ``last original position + 1 - kept length`` so a hand-written decode loop without ``position_ids``
   continues at the right positions (``generate()`` always passes them).
 * **Per-token kwargs.** ``mm_token_type_ids`` is rewritten with the sequence (padding value 0 = text).
+* **Vision signals.** The ViT packs all images of a call into one sequence and attends per image (per window on
+  Qwen2.5-VL's windowed blocks): under SDPA / eager the attention function is called once per image or window,
+  under FlashAttention once with ``cu_seq_lens`` (split per sequence by the tap). :meth:`Qwen2VLAdapter.to_tokens`
+  joins the calls in order, averages each merge unit, undoes any window permutation and splits per image.
+  Grid coordinates of a token are its merged (row, col) and frame ``t`` (the part).
 * **No [CLS].** ``cls`` and ``vtc_cls`` raise :class:`~tokprune.UnsupportedError`; ``fastv`` and ``random`` work.
 * **Video** inputs are not supported and raise (they are never silently left unpruned).
 """
@@ -70,6 +75,60 @@ class Qwen2VLAdapter(Adapter):
             llm_layers=len(self.language_model.layers),
             supports_compact=False,
         )
+
+    def vision_layer(self, layer: int) -> tuple[nn.Module, nn.Module]:
+        block = self.vision_tower.blocks[layer]
+        return block, block.attn
+
+    def install(self) -> None:
+        super().install()
+        if self.vision is not None:
+            self._handles.append(self.vision_tower.register_forward_pre_hook(self._note_grid, with_kwargs=True))
+
+    def _note_grid(self, module: nn.Module, args: tuple, kw: dict) -> None:
+        self._vit_grid = kw.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
+                  reduce: str = "mean") -> list[torch.Tensor]:
+        grid = getattr(self, "_vit_grid", None)
+        if grid is None:
+            raise RuntimeError("the Qwen ViT ran without tokprune's hooks; pass pixel_values and image_grid_thw")
+        per_patch = torch.cat([c.flatten(0, 1) for c in calls])  # every call is one image or window, in ViT order
+        if reduce == "concat":  # the unit's patches side by side along the last axis (pixels: read in raster order)
+            u = self.merge_unit
+            units = per_patch.unflatten(0, (-1, u)).movedim(1, -2).flatten(-2)
+        else:
+            units = self.to_token_order(merge_units(per_patch.movedim(0, -1), self.merge_unit).movedim(-1, 0), grid)
+        counts = (grid.prod(-1) // self.merge_unit).tolist()
+        if len(counts) != len(features) or [int(f.shape[0]) for f in features] != counts:
+            raise RuntimeError(
+                f"{len(counts)} images went through the ViT but {len(features)} reached the LLM with other token "
+                "counts (beam search or expanded inputs are not supported with vision signals)"
+            )
+        return [u.to(f.device) for u, f in zip(torch.split(units, counts), features)]
+
+    def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> torch.Tensor:
+        """The ViT input (patches, C * T * p * p), block-major (4 consecutive patches per merge unit) and in raster
+        order, -> (1, patches, C, T * p * p) un-normalised."""
+        c = len(mean)
+        x = pixels.reshape(1, pixels.shape[0], c, -1)
+        return x * torch.tensor(std, device=x.device).view(1, 1, c, 1) + torch.tensor(mean, device=x.device).view(
+            1, 1, c, 1)
+
+    def token_layout(self, features: list[torch.Tensor], kw: dict) -> tuple[list[torch.Tensor] | None,
+                                                                            list[torch.Tensor]]:
+        special = [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
+        grid_thw = kw.get("image_grid_thw")
+        if grid_thw is None or len(grid_thw) != len(features):
+            return None, special
+        m = self.vision_tower.spatial_merge_size
+        grids = []
+        for (t, h, w), f in zip(grid_thw.tolist(), features):
+            i = torch.arange(t * (h // m) * (w // m), device=f.device)
+            wm, hm = w // m, h // m
+            grids.append(torch.stack([(i // wm) % hm, i % wm, i // (hm * wm)], 1))
+        return grids, special
 
     @property
     def merge_unit(self) -> int:

@@ -5,7 +5,8 @@ Only the differences from :mod:`tokprune.patches.qwen2_vl` live here. The ViT al
 the text model adds to the hidden states of the visual tokens after its first decoder layers
 (``language_model._deepstack_process``, selected by ``visual_pos_masks``).
 
-* Pre-LLM pruning prunes every DeepStack level with the same kept indices as ``pooler_output``.
+* Pre-LLM pruning prunes every DeepStack level with the same kept indices as ``pooler_output``, and builds a
+  method's new (merged) tokens on every level with the same sources and weights.
 * In-LLM pruning before a layer K inside the DeepStack range shortens the hidden states while
   ``visual_pos_masks`` / ``visual_embeds`` keep the prompt's length; ``_deepstack_process`` is wrapped (an instance
   attribute, deleted again by :meth:`remove`) so both follow the current slots.
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from tokprune.patches.qwen2_vl import Qwen2VLAdapter
+from tokprune.patches.vision_stage import Placement
 from tokprune.registry import register_model
 
 
@@ -25,11 +27,12 @@ from tokprune.registry import register_model
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
 
-    def prune_encoder_outputs(self, out: Any, keeps: list[torch.Tensor]) -> Any:
-        new = super().prune_encoder_outputs(out, keeps)
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
+        new = super().prune_encoder_outputs(out, placements)
         levels = getattr(out, "deepstack_features", None)
         if levels is not None:
-            new.deepstack_features = [[f[k.to(f.device)] for f, k in zip(level, keeps)] for level in levels]
+            new.deepstack_features = [[p.build(f, "DeepStack levels") for f, p in zip(level, placements)]
+                                      for level in levels]
         return new
 
     def install(self) -> None:

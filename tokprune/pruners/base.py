@@ -13,12 +13,14 @@ tensor functions, so they can be tested on hand-made inputs and reused by other 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from tokprune.kernels import select_topk
+from tokprune.schedule import Schedule, StageBudget
 
 POSITIONS = ("compact", "original")
 
@@ -39,42 +41,224 @@ class ModelInfo:
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
 
 
+#: vision signal kinds a method may request, and what each holds per visual token (see :class:`Signal`)
+SIGNAL_KINDS: dict[str, str] = {
+    "cls": "attention of the [CLS] query (row 0) to the token",
+    "received": "attention the token receives: column mean of softmax(q k^T) over all queries",
+    "rows": "attention from the query patches chosen by ``queries``, mean over those queries",
+    "keys": "key states of the token",
+    "values": "value states of the token",
+    "hidden_in": "hidden state entering the encoder layer",
+    "hidden_out": "hidden state leaving the encoder layer",
+    "pixels": "raw pixels of the token's patch(es), un-normalised, (channels, values) per token",
+}
+#: kinds computed from attention probabilities (``heads`` chooses head mean or per head)
+ATTENTION_KINDS = ("cls", "received", "rows")
+HEADS = ("mean", "all")
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One named per-layer signal of the vision encoder, e.g. ``Signal("received", 8)``.
+
+    ``kind``: a key of :data:`SIGNAL_KINDS`; ``layer``: 0-based encoder layer (None for ``"pixels"``, which are
+    read at the encoder's input and un-normalised with ``mean`` / ``std``, default: the family processor's
+    normalisation, CLIP's for every built-in family). ``heads``: ``"mean"`` (one value,
+    or one vector for keys/values, per token) or ``"all"`` (a trailing head axis). ``queries`` (kind ``"rows"``):
+    a function from the received attention of the same layer and encoder sequence, (n_seq, n_patches) head mean,
+    to the query patches whose rows are wanted, (n_seq, R) long (VFlowOpt's hubs). The adapter aligns every
+    signal with the visual tokens the LLM receives (per image, first axis = token).
+    """
+
+    kind: str
+    layer: int | None = None
+    heads: str = "mean"
+    queries: Callable[[torch.Tensor], torch.Tensor] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIGNAL_KINDS:
+            raise ValueError(f"unknown vision signal {self.kind!r}; known: {', '.join(SIGNAL_KINDS)}")
+        if self.heads not in HEADS:
+            raise ValueError(f"heads must be one of {HEADS}, got {self.heads!r}")
+        if self.kind == "pixels":
+            if self.layer is not None:
+                raise ValueError("pixels are read at the encoder's input: pass no layer")
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"a vision signal names a 0-based encoder layer, got layer={self.layer!r}")
+        if (self.kind == "rows") != (self.queries is not None):
+            raise ValueError("pass queries= exactly for signals of kind 'rows' (the function choosing query patches)")
+
+
 @dataclass(frozen=True)
 class VisionRequest:
-    """Encoder signals a vision stage needs. ``cls_layers``: encoder layers whose CLS->token attention is used."""
+    """The encoder signals a vision stage needs; an empty request still makes a vision stage (e.g. ``random``)."""
 
-    cls_layers: tuple[int, ...] = ()
+    signals: tuple[Signal, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signals", tuple(self.signals))
+
+    def layers(self) -> list[int]:
+        """Encoder layers that are tapped, sorted."""
+        return sorted({s.layer for s in self.signals if s.layer is not None})
+
+
+@dataclass
+class PrefillContext:
+    """Per-prefill state handed to every stage of one forward (never stored on the pruner).
+
+    ``info``: the model; ``request``: the vision request resolved at ``apply``; ``positions``: the resolved
+    position mode; ``state``: a dict a method's stages share within one prefill (accumulated scores, the vision
+    importance reused by LLM stages), empty at the start of each prefill.
+    """
+
+    info: ModelInfo
+    request: VisionRequest | None = None
+    positions: str = "original"
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class VisionSignals:
-    """Inputs of a vision stage, one entry per image in the batch (row-major order).
+    """Inputs of a vision stage, one entry per image (or budget part, e.g. a LLaVA-NeXT tile) in row-major order.
 
-    ``features[i]`` (n_i, D): the projected visual tokens the LLM would receive.
-    ``cls_attention[layer][i]`` (n_i,): head-mean attention of the [CLS] query to each visual token at that
-    encoder layer, aligned with ``features[i]``.
-    ``owners[i]``: (row in the batch, image index within that row), so a rule can depend on an image's place in
-    its own prompt but never on what else shares the batch.
+    ``features[i]`` (n_i, D): the projected visual tokens the LLM would receive. ``values[signal][i]`` (n_i, ...):
+    each requested :class:`Signal`, aligned with ``features[i]`` (index with ``signals[signal]``).
+    ``grid[i]`` (n_i, 3) long: each token's (row, col, part) in its image's grid (part: LLaVA-NeXT tile, 0 = base
+    tile; Qwen frame); ``special[i]`` (n_i,) bool: tokens that carry no patch (LLaVA-NeXT's ``image_newline``),
+    which are never scored and never counted in a budget. ``owners[i]``: (row in the batch, image index within that
+    row, or the part's index), so a rule can depend on an image's place in its own prompt but never on what else
+    shares the batch. ``ctx``: the per-prefill context.
     """
 
     features: list[torch.Tensor]
-    cls_attention: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    values: dict[Signal, list[torch.Tensor]] = field(default_factory=dict)
     owners: list[tuple[int, int]] = field(default_factory=list)
+    grid: list[torch.Tensor] | None = None
+    special: list[torch.Tensor] | None = None
+    ctx: PrefillContext | None = None
+
+    def __getitem__(self, signal: Signal) -> list[torch.Tensor]:
+        if signal not in self.values:
+            raise KeyError(f"{signal} was not requested; add it to the method's vision_request")
+        return self.values[signal]
+
+    def subset(self, parts: list[tuple[int, torch.Tensor]], owners: list[tuple[int, int]]) -> VisionSignals:
+        """The signals of ``parts``: (image, token indices) each, presented as separate images."""
+        def pick(per_image: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if per_image is None else [per_image[j][idx.to(per_image[j].device)] for j, idx in parts]
+
+        return VisionSignals(
+            features=pick(self.features),
+            values={s: pick(v) for s, v in self.values.items()},
+            owners=owners,
+            grid=pick(self.grid),
+            special=pick(self.special),
+            ctx=self.ctx,
+        )
+
+
+@dataclass
+class VisionDecision:
+    """A vision stage's answer for one image that also adds new tokens (VisionZip's contextual tokens, VFlowOpt's
+    recycled ones); a plain tensor of sorted kept indices is the answer without new tokens.
+
+    ``kept``: sorted indices kept as they are. ``assign`` (n,) long: the new token (0..m-1) each original token
+    is merged into, -1 for none (a kept token is never merged). A new token is the ``weights``-weighted mean
+    (default: plain mean) of the tokens assigned to it, computed by the adapter with
+    :func:`tokprune.kernels.merge_tokens` on the features and, on Qwen3-VL, on every DeepStack level alike.
+    ``features`` (m, D): explicit new tokens instead (e.g. a projected [CLS]); ``assign`` then only records their
+    sources, and a model with DeepStack levels refuses them. ``len(kept) + m`` must equal the budget.
+
+    Position policy (the adapter's, documented in docs/design.md): every new token takes a *dropped slot of its
+    own image*: the lowest-index dropped token among its sources not taken by an earlier new token, else the
+    lowest free dropped slot. It sits at that slot's place in the sequence with that slot's position id (M-RoPE:
+    that patch's (t, h, w)), so re-padding, positions and decode bookkeeping are those of a plain keep set.
+    """
+
+    kept: torch.Tensor
+    assign: torch.Tensor
+    weights: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    @property
+    def n_new(self) -> int:
+        if self.features is not None:
+            return int(self.features.shape[0])
+        return int(self.assign.max()) + 1 if self.assign.numel() and bool((self.assign >= 0).any()) else 0
+
+
+#: query rows an LLM stage may ask attention from: the row's last prompt token, the instruction after its last
+#: image (up to the last prompt token), or the query sample (its last image and the text after it)
+QUERIES = ("last", "instruction", "sample")
+#: where the rows come from: the layer just run (K-1, as it ran) or layer K's own q/k probed on the hidden states
+#: entering K (its norm and projections run, its attention kernel does not)
+SOURCES = ("previous", "probe")
+#: the softmax runs over the whole causal row, or over the visual keys only (FlowCut's LLM cut)
+DOMAINS = ("causal", "visual")
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """The decoder signals an LLM stage needs (the default: FastV's last-token row of layer K-1, head mean).
+
+    ``queries`` / ``source`` / ``domain``: see :data:`QUERIES`, :data:`SOURCES`, :data:`DOMAINS`; rows of several
+    query tokens are averaged. ``heads``: "mean" or "all" (a head axis). ``values``: also the layer's value states
+    (head mean). ``observe``: decoder layers whose ``self_attn`` and ``mlp`` inputs (after the norm) and outputs
+    (before the residual) are recorded during the prefill (TransPrune's transitions).
+    """
+
+    queries: str = "last"
+    source: str = "previous"
+    heads: str = "mean"
+    domain: str = "causal"
+    values: bool = False
+    observe: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
+
+
+@dataclass
+class Observed:
+    """What one decoder module saw during the prefill: ``input`` (B, n, D) after the norm, ``output`` (B, n, D)
+    before the residual, and ``positions`` (B, n): the prompt position of each slot when it ran."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    positions: torch.Tensor
 
 
 @dataclass
 class LLMSignals:
     """Inputs of an LLM stage acting before decoder layer ``layer``.
 
-    ``hidden`` (B, n, D): hidden states entering the layer. ``attention`` (B, n): head-mean attention of each
-    row's last prompt token over the current sequence, from layer ``layer - 1`` (None unless requested).
-    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``.
+    ``hidden`` (B, n, D): hidden states entering the layer. ``attention``: the requested rows over the current
+    sequence, (B, n) or (B, H, n) with ``heads="all"`` (None without an :class:`LLMRequest`); ``values`` (B, n, d):
+    head-mean value states of the same layer, when requested. ``visual[b][i]``: positions in the current sequence
+    of the surviving visual tokens of image ``i`` of row ``b`` (special tokens such as LLaVA-NeXT newlines are not
+    listed: they are never scored); ``origin[b][i]``: the original index of each of them within its image.
+    ``positions`` (B, n): the prompt position of every current slot; ``spans``: (B, n) bool masks over the current
+    sequence, "instruction" and "sample" (see :data:`QUERIES`); ``observed[(layer, "attn" | "mlp")]``: the
+    requested module inputs/outputs so far. ``ctx``: the per-prefill context (``ctx.state`` carries a method's
+    scores from stage to stage).
     """
 
     layer: int
     hidden: torch.Tensor
     attention: torch.Tensor | None
     visual: list[list[torch.Tensor]]
+    origin: list[list[torch.Tensor]] = field(default_factory=list)
+    ctx: PrefillContext | None = None
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)
+    observed: dict[tuple[int, str], Observed] = field(default_factory=dict)
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -100,11 +284,14 @@ class Pruner:
     summary: ClassVar[str] = ""
     #: paper reference
     paper: ClassVar[str] = ""
-    #: whether an LLM stage needs the last prompt token's attention row of the previous layer
-    needs_llm_attention: ClassVar[bool] = False
-    #: LLaVA-NeXT: keep the per-row ``image_newline`` tokens on top of the budget (FasterVLM, HiPrune); methods whose
-    #: paper drops them (VisionZip, FlowCut) set False
+    #: special tokens (LLaVA-NeXT's per-row ``image_newline``) are never scored and never counted in a budget, which
+    #: counts content tokens; True keeps them all on top of it at every stage (FasterVLM, HiPrune), False drops them
+    #: at the first stage (VisionZip, FlowCut)
     keep_newlines: ClassVar[bool] = True
+    #: what ``keep`` means (see :data:`tokprune.schedule.MEANINGS`): the count after the last stage by default
+    budget_meaning: ClassVar[str] = "final"
+    #: whether each stage's budget is pooled over a prompt's images (counts may move between them; CATP)
+    pooled_budget: ClassVar[bool] = False
 
     positions: str | None = None
 
@@ -120,6 +307,11 @@ class Pruner:
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
         """Decoder layers before which LLM stages drop tokens (0-indexed), in increasing order."""
         return ()
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest | None:
+        """Decoder signals of the LLM stages (attention rows, values, observed modules), or None for hidden
+        states only."""
+        return None
 
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""
@@ -152,15 +344,34 @@ class Pruner:
         """Importance of every visual token of every image (higher = keep)."""
         raise NotImplementedError(f"{type(self).__name__} has no vision scoring")
 
-    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
-        """Sorted kept indices per image; by default the top-k of :meth:`vision_scores`."""
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        """Per image, sorted kept indices (``ks[i]`` of them) or a :class:`VisionDecision` adding new tokens (kept
+        plus new = ``ks[i]``); by default the top-k of :meth:`vision_scores`."""
         return topk_groups(self.vision_scores(signals), ks)
 
-    # ------------------------------------------------------------------ LLM stages
+    # ------------------------------------------------------------------ budgets
     def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
-        """Tokens of an image (``n_visual`` originally) to keep at LLM stage ``stage``; ``keep`` is the final
-        per-image budget. Progressive methods override this with their schedule."""
+        """Tokens of an image (``n_visual`` originally) to keep after stage ``stage``, counting every stage of the
+        method in order (its vision stage, if any, is stage 0); ``keep`` is the user's per-image budget.
+        Progressive methods override this with their schedule."""
         return keep
+
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+        """The per-stage budgets of an image of ``n_visual`` tokens at budget ``keep``: a pure function of the
+        method, run by the adapters (which check every returned count against it) and counted by
+        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage."""
+        kinds = ([("vision", None)] if self.vision_request(info) is not None else []) + [
+            ("llm", layer) for layer in self.llm_layers(info)]
+        stages, current = [], n_visual
+        for s, (kind, layer) in enumerate(kinds):
+            current = min(current, self.stage_budget(s, n_visual, keep))
+            stages.append(StageBudget(kind, layer, current))
+        sched = Schedule(n_visual, tuple(stages), self.budget_meaning, self.pooled_budget)
+        if keep >= n_visual and any(st.keep != n_visual for st in stages):
+            raise RuntimeError(f"{self.name}: keep-all must keep all {n_visual} tokens at every stage")
+        return sched
+
+    # ------------------------------------------------------------------ LLM stages
 
     def llm_scores(self, signals: LLMSignals) -> torch.Tensor:
         """Importance (B, n) over the current sequence; only visual positions are read."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokprune.pruners.base import ModelInfo, Pruner, UnsupportedError, VisionRequest, VisionSignals
+from tokprune.pruners.base import ModelInfo, Pruner, Signal, UnsupportedError, VisionRequest, VisionSignals
 from tokprune.registry import register_method
 
 CLS_FREE_HINT = "methods that need no [CLS] token: fastv, random"
@@ -50,11 +50,10 @@ class CLSAttention(Pruner):
         self._layer(info)
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
-        self._resolved = self._layer(info)
-        return VisionRequest(cls_layers=(self._resolved,))
+        return VisionRequest((Signal("cls", self._layer(info)),))
 
     def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
-        return signals.cls_attention[self._resolved]
+        return signals[Signal("cls", self._layer(signals.ctx.info))]
 
 
 @register_method("vtc_cls")
@@ -90,9 +89,8 @@ class VTCCLS(Pruner):
         self._layers(info)
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
-        self._resolved = self._layers(info)
-        return VisionRequest(cls_layers=self._resolved)
+        return VisionRequest(tuple(Signal("cls", layer) for layer in self._layers(info)))
 
     def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
-        per_layer = [signals.cls_attention[layer] for layer in self._resolved]
+        per_layer = [signals[Signal("cls", layer)] for layer in self._layers(signals.ctx.info)]
         return [torch.stack(rows).sum(0) for rows in zip(*per_layer)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokprune.pruners.base import LLMSignals, ModelInfo, Pruner
+from tokprune.pruners.base import LLMRequest, LLMSignals, ModelInfo, Pruner
 from tokprune.registry import register_method
 
 
@@ -19,7 +19,6 @@ class FastV(Pruner):
 
     summary = "last prompt token's head-mean attention in LLM layer K-1; drop before layer K"
     paper = "FastV, arXiv 2403.06764"
-    needs_llm_attention = True
 
     layer: int = 2
 
@@ -30,6 +29,9 @@ class FastV(Pruner):
 
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
         return (self.layer,)
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest:
+        return LLMRequest(queries="last", source="previous", heads="mean", domain="causal")
 
     def default_positions(self, info: ModelInfo) -> str:
         return "original"

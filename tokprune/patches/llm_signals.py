@@ -1,0 +1,131 @@
+"""The decoder signals an LLM stage requests (:class:`~tokprune.pruners.base.LLMRequest`), computed from q/k.
+
+* **Rows** of the requested query tokens (the last prompt token, the instruction after the last image, or the
+  query sample), averaged over those rows, head mean or per head, over the whole causal row or the visual keys only.
+  They come from an attention tap on layer K-1 as it runs (``source="previous"``), or from a *probe* of layer K
+  (``source="probe"``): at the entry of layer K the layer's own norm and ``self_attn`` run on the current hidden
+  states without a cache, under a tap that computes the rows and skips the attention kernel (the projections run,
+  the kernel does not, nothing is stored). Both work the same way on every family, under any attention backend.
+* **Values** of the same layer (head mean), at every current slot.
+* **Observed modules**: forward hooks on ``self_attn`` and ``mlp`` of the requested layers record their input
+  (after the norm) and output (before the residual) during the prefill, with the prompt position of each slot.
+
+:class:`LLMTaps` is owned by :class:`~tokprune.patches.llm_stage.LLMStages`, which tells it the current sequence.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokprune.pruners.base import LLMRequest, Observed
+from tokprune.signals import TAPS, attention_rows
+
+if TYPE_CHECKING:
+    from tokprune.patches.llm_stage import LLMStages
+
+
+def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, N) bool masks over the prompt: "instruction" (after the row's last visual token up to its last prompt
+    token) and "sample" (from the first token of its last image up to its last prompt token)."""
+    b, n = visual0.shape
+    pos = torch.arange(n, device=visual0.device).expand(b, n)
+    last_visual = torch.where(visual0, pos, -1).max(1).values
+    # the last image starts after the last non-visual token that precedes the last visual token
+    before = ~visual0 & (pos < last_visual[:, None])
+    start = torch.where(before, pos, -1).max(1).values + 1
+    start = torch.where(last_visual >= 0, start, n)
+    upto = pos <= q0[:, None]
+    return {"instruction": (pos > last_visual[:, None]) & upto & real,
+            "sample": (pos >= start[:, None]) & upto & real}
+
+
+class LLMTaps:
+    """Installs and answers an :class:`LLMRequest` for the stages of one model."""
+
+    def __init__(self, stages: LLMStages, request: LLMRequest) -> None:
+        self.stages, self.request = stages, request
+        self._handles: list[Any] = []
+        self._tapped: list[Any] = []
+        self._probing = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.observed: dict[tuple[int, str], Observed] = {}
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        layers = self.stages.adapter.language_model.layers
+        n = len(layers)
+        for lay in self.request.observe:
+            if not 0 <= lay < n:
+                raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {n} layers")
+            for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
+                self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
+        probe = self.request.source == "probe"
+        for k in self.stages.layers:
+            mod = layers[k if probe else k - 1].self_attn
+            TAPS.add(mod, partial(self._tap, k), skip=(lambda: self._probing) if probe else None)
+            self._tapped.append(mod)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for mod in self._tapped:
+            TAPS.discard(mod)
+        self._handles, self._tapped = [], []
+        self.reset()
+
+    # ------------------------------------------------------------------ signals
+    def probe(self, k: int, hidden: torch.Tensor, kw: dict) -> None:
+        """Layer ``k``'s q/k on the hidden states entering it (its norm and projections; no kernel, no cache)."""
+        layer = self.stages.adapter.language_model.layers[k]
+        self._probing = True
+        try:
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=kw.get("attention_mask"),
+                            position_embeddings=kw["position_embeddings"], past_key_values=None)
+        finally:
+            self._probing = False
+
+    def _tap(self, k: int, module, query, key, value, mask, scaling, kwargs) -> None:
+        st = self.stages
+        if not st.active or st.phase != "prefill" or (self.request.source == "probe" and not self._probing):
+            return
+        n = query.shape[2]
+        rows, weights = self._query_rows(n)
+        keys = st.visual_slots(n) if self.request.domain == "visual" else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
+            mask = mask[..., :n]
+        probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys)[..., :n]
+        rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
+        self.rows[k] = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
+        if self.request.values:
+            self.values[k] = value[:, :, :n].float().mean(1)
+
+    def _query_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""
+        st = self.stages
+        if self.request.queries == "last":
+            return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
+        span = st.current_spans()[self.request.queries][:, :n]
+        counts = span.sum(1)
+        if bool(((counts == 0) & st.has_images()).any()):
+            raise ValueError(f"a row's {self.request.queries} span is empty (the prompt ends with its image); "
+                             "ask for queries='last' or put the question after the image")
+        r = int(counts.max().clamp_min(1))
+        order = torch.sort((~span).to(torch.int8), dim=1, stable=True).indices[:, :r]  # span positions first
+        weights = torch.gather(span, 1, order).float()
+        rows = torch.where(weights > 0, order, st.qcur[:, None])
+        return rows, weights
+
+    def _observe(self, layer: int, part: str, module, args: tuple, kw: dict, out: Any) -> None:
+        st = self.stages
+        if not st.active or st.phase != "prefill" or self._probing:
+            return
+        x = args[0] if args else kw["hidden_states"]
+        y = out[0] if isinstance(out, tuple) else out
+        self.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone())

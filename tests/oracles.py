@@ -2,9 +2,9 @@
 
 * :func:`features` runs the unpatched encoder; :func:`cls_scores` reads [CLS] rows from *eager* attention maps.
 * :func:`run_kept` feeds the unpatched model only the kept tokens (pre-LLM reference).
-* :func:`layer_loop` runs the language model layer by layer with explicit masks and positions per layer, which
-  gives the in-LLM references: pruned keys masked from layer K on ("original" positions), or only the kept tokens
-  at re-indexed positions ("compact").
+* :func:`layer_loop` / :func:`cuts_loop` run the language model layer by layer with explicit masks and positions
+  per layer, which gives the in-LLM references for any number of cuts: pruned keys masked from each cut's layer on
+  ("original" positions), or only the surviving tokens at re-indexed positions ("compact").
 """
 
 from __future__ import annotations
@@ -67,31 +67,49 @@ def embed(model, ids: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_loop(model, emb: torch.Tensor, k: int, keep: torch.Tensor, compact: bool) -> torch.Tensor:
-    """Logits of one sample (1, N) where decoder layers >= k only see the tokens in ``keep`` (bool, N).
+    """Logits of one sample (1, N) where decoder layers >= k only see the tokens in ``keep`` (bool, N): one cut
+    of :func:`cuts_loop`."""
+    return cuts_loop(model, emb, [(k, keep)], compact)
 
-    original positions: every layer runs on the full sequence; from layer k the dropped tokens are masked as keys
-    (each still sees itself). compact: from layer k only the kept tokens run, at positions 0..n_kept-1.
-    Returns logits at the kept positions.
+
+def cuts_loop(model, emb: torch.Tensor, cuts: list[tuple[int, torch.Tensor]], compact: bool) -> torch.Tensor:
+    """Logits of one sample (1, N) where, for every cut ``(k, keep)`` (keep: bool over the N prompt tokens), decoder
+    layers >= k only see the tokens in ``keep``.
+
+    original positions: every layer runs on the full sequence; from each cut on its dropped tokens are masked as
+    keys (each still sees itself). compact: at each cut only the surviving tokens go on, re-indexed 0..m-1 (as if
+    the dropped ones never existed). Returns logits at the tokens surviving every cut.
     """
     lm = model.model.language_model
     n = emb.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    alive = torch.arange(n)  # prompt positions of the rows of h (compact)
+    seen = torch.ones(n, dtype=torch.bool)  # keys every query may see (original)
     pos = torch.arange(n)[None]
     pe = lm.rotary_emb(emb, position_ids=pos)
     h = emb
     for i, layer in enumerate(lm.layers):
-        if i == k and compact:
-            h = h[:, keep]
-            m = keep.sum()
-            pos = torch.arange(int(m))[None]
-            pe = lm.rotary_emb(h, position_ids=pos)
-            causal = torch.ones(m, m, dtype=torch.bool).tril()
-        mask = causal
-        if i >= k and not compact:
-            mask = causal & (keep[None, :] | torch.eye(n, dtype=torch.bool))
+        for k, keep in cuts:
+            if k != i:
+                continue
+            if compact:
+                stay = keep[alive]
+                h, alive = h[:, stay], alive[stay]
+                pos = torch.arange(alive.numel())[None]
+                pe = lm.rotary_emb(h, position_ids=pos)
+            else:
+                seen = seen & keep
+        m = h.shape[1]
+        mask = torch.ones(m, m, dtype=torch.bool).tril()
+        if not compact:
+            mask = mask & (seen[None, :] | torch.eye(n, dtype=torch.bool))
         h = layer(h, attention_mask=mask[None, None], position_embeddings=pe, position_ids=pos)
     logits = model.lm_head(lm.norm(h))
-    return logits if compact else logits[:, keep]
+    if compact:
+        return logits
+    final = torch.ones(n, dtype=torch.bool)
+    for _, keep in cuts:
+        final &= keep
+    return logits[:, final]
 
 
 @torch.no_grad()

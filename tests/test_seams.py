@@ -595,3 +595,24 @@ def test_a_pooled_budget_moves_tokens_between_a_prompts_images(family):
     with tokprune.pruned(fam.model, PooledShift(extra=1), keep=k, **_global(family)), pytest.raises(
             RuntimeError, match="for row 0 where its budget is 8"):
         fam.model(**x)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_three_cuts_in_both_position_modes_equal_the_layer_loop(positions):
+    """LLaVA-1.5, two images: three probed cuts against a layer-by-layer loop that re-indexes the survivors at every
+    cut ("compact") or masks the dropped keys ("original")."""
+    from test_families import keep_mask
+
+    fam = ZOO["llava"]
+    x = inputs(fam)
+    with torch.no_grad():
+        tokprune.apply(fam.model, ThreeCuts(positions=positions), keep=3)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ids = x["input_ids"]
+        cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])) for st in rec.stages]
+        emb = oracles.embed(fam.model, ids, oracles.features(fam.model, x["pixel_values"]))
+        ref = oracles.cuts_loop(fam.model, emb, cuts, compact=positions == "compact")
+    assert len(rec.stages) == 3 and out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL

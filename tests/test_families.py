@@ -17,6 +17,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import tokprune
+from tokprune.patches.compat import cache_kwargs, get_cache, output_cache
 from tokprune.testing import QWEN_IMAGE_TAG, families, make_image, tiny_model
 
 FAMILIES = [f for f in families() if f != "llava"]  # LLaVA-1.5 has its own tests (tests/test_llava.py)
@@ -189,7 +190,7 @@ class MaskingOracle:
             h.remove()
 
     def _top(self, module, args, kw):
-        pkv = kw.get("past_key_values")
+        pkv = get_cache(kw)
         if pkv is None or pkv.get_seq_length() == 0:
             am = kw.get("attention_mask")
             self.real = am.bool() if am is not None else torch.ones_like(self.keep)
@@ -198,7 +199,7 @@ class MaskingOracle:
         hidden = args[0] if args else kw["hidden_states"]
         b, q = hidden.shape[:2]
         n = self.keep.shape[1]
-        pkv = kw.get("past_key_values")
+        pkv = get_cache(kw)
         past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
         kv = past + q
         ok = torch.cat([self.keep & self.real, torch.ones(b, kv - n, dtype=torch.bool)], 1)
@@ -466,10 +467,10 @@ def test_qwen_manual_decode_without_positions_continues_after_pruning(zoo, famil
     with torch.no_grad(), tokprune.pruned(fam.model, "random", keep=4):
         gen = fam.model.generate(**x, **GEN)
         out = fam.model(**x, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         logits = []
         for _ in range(3):
-            step = fam.model(input_ids=token, past_key_values=cache, use_cache=True)
+            step = fam.model(input_ids=token, **cache_kwargs(cache), use_cache=True)
             logits.append(step.logits[:, -1])
             token = step.logits[:, -1:].argmax(-1)
     assert max((a - b).abs().max().item() for a, b in zip(logits, gen.logits[1:4])) <= TOL

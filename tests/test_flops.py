@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tokprune import configs, flops
 from tokprune.flops import TokenSchedule, estimate, for_budget, from_record
+from tokprune.patches.compat import cache_kwargs, output_cache
 
 # small images keep each forward at a few ms; the Qwen2.5 one gives windows of unequal size (8x10 patches)
 TINY = {
@@ -72,10 +73,10 @@ def test_decode_steps_equal_flop_counter() -> None:
     inputs = configs.example_inputs(config, n_text=8)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    cache, step_flops = out.past_key_values, []
+    cache, step_flops = output_cache(out), []
     for _ in range(3):
         nxt = torch.tensor([[7]])
-        step_flops.append(flops.counted_flops(model, input_ids=nxt, past_key_values=cache, use_cache=True))
+        step_flops.append(flops.counted_flops(model, input_ids=nxt, **cache_kwargs(cache), use_cache=True))
     report = estimate(config, TokenSchedule.unpruned(config, n_text=8), decode_steps=3)
     assert report.decode_per_token == step_flops[0]
     assert report.decode == sum(step_flops)

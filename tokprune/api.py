@@ -11,6 +11,7 @@ from torch import nn
 
 from tokprune.config import Budget
 from tokprune.patches.base import Adapter
+from tokprune.patches.compat import check_transformers
 from tokprune.pruners.base import Pruner
 from tokprune.record import PruneRecord
 from tokprune.registry import METHODS, MODELS, _load_builtins, adapter_for, get_method
@@ -63,8 +64,10 @@ def apply(model: nn.Module, method: str, keep: int | None = None, keep_ratio: fl
     ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass exactly one.
     ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``) and the
     model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see ``docs/families.md``).
-    Applying to a patched model replaces the previous patch.
+    Applying to a patched model replaces the previous patch. Refuses a transformers release outside the tested
+    window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently wrong.
     """
+    check_transformers()
     budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}

@@ -97,6 +97,8 @@ def make_image(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
 def image_prompt(processor: Any, n_images: int = 1, question: str = "what is in the image ?") -> str:
     """A chat-style prompt with ``n_images`` image placeholders for the tiny processors."""
     tag = getattr(processor, "image_token", "<image>")
+    if tag == "<|image_pad|>":  # Qwen: the pad token must sit between vision start/end tokens (M-RoPE finds images so)
+        tag = QWEN_IMAGE_TAG
     return "user " + " ".join([tag] * n_images) + f" {question} assistant :"
 
 

@@ -27,6 +27,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from tokprune import flops
+from tokprune.patches.compat import output_cache
 
 
 @dataclass(frozen=True)
@@ -382,7 +383,7 @@ def _measure(ctx: _Context, res: CaseResult) -> None:
     batch = int(inputs["input_ids"].shape[0])
     decode_ms = _median(decode)
     res.decode_tok_s = batch * (ctx.new_tokens - 1) / (decode_ms / 1e3) if decode_ms else None
-    res.kv_bytes = kv_cache_bytes(out.past_key_values) if out is not None else None
+    res.kv_bytes = kv_cache_bytes(output_cache(out)) if out is not None else None
     res.peak_mem_bytes = int(torch.cuda.max_memory_allocated(ctx.device)) if cuda else None
     # analytic FLOPs of the measured prefill: from the core's record when pruned
     if record is None:

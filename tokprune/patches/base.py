@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tokprune.config import Budget
+from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
 from tokprune.pruners.base import ModelInfo, Pruner, VisionSignals
@@ -195,7 +196,7 @@ class Adapter:
             kw = {**kw, "input_ids": args[0]}
             args = ()
         ids = kw.get("input_ids")
-        pkv = kw.get("past_key_values")
+        pkv = get_cache(kw)
         past = pkv.get_seq_length() if pkv is not None else 0
         has_images = kw.get("pixel_values") is not None or (kw.get("mm_encoder_outputs") or {}).get("image") is not None
         if ids is None and has_images:
@@ -281,7 +282,7 @@ class Adapter:
             if self.positions == "compact":
                 dropped = ((ids == self.image_token_id) & ~keep_mask).sum(1)
                 offset = dropped
-            self._decode = _DecodeState(kw.get("past_key_values"), n, n_pruned, mask_pruned, offset)
+            self._decode = _DecodeState(get_cache(kw), n, n_pruned, mask_pruned, offset)
             record.timings["select_vision_s"] = time.perf_counter() - t0
         else:
             self._decode = None

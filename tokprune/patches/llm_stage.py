@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokprune.patches.compat import get_cache
 from tokprune.patches.sequence import gather_seq, last_real_index
 from tokprune.pruners.base import LLMSignals
 from tokprune.record import PruneRecord, Stage
@@ -68,7 +69,7 @@ class LLMStages:
         ids = kw["input_ids"]
         b, n0 = ids.shape
         self.active, self.phase = True, "prefill"
-        self.cache = kw.get("past_key_values")
+        self.cache = get_cache(kw)
         self.n0, self.record = n0, record
         self.visual, self.origin = visual, origin
         self.visual0 = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
@@ -180,7 +181,7 @@ class LLMStages:
             out["position_embeddings"] = (gather_seq(cos, self.idx), gather_seq(sin, self.idx))
             if pos is not None:
                 out["position_ids"] = torch.gather(pos.expand(self.idx.shape[0], -1), 1, self.idx)
-        out["attention_mask"] = self._mask(kw.get("attention_mask"), kw.get("past_key_values"), prefill=True,
+        out["attention_mask"] = self._mask(kw.get("attention_mask"), get_cache(kw), prefill=True,
                                            dtype=hidden.dtype)
         return out
 
@@ -188,7 +189,7 @@ class LLMStages:
         st = self.stage[s]
         out: dict[str, Any] = {}
         mask = kw.get("attention_mask")
-        pkv = kw.get("past_key_values")
+        pkv = get_cache(kw)
         hidden_dtype = kw["position_embeddings"][0].dtype
         key = (s, id(kw["position_embeddings"]))
         if self.adapter.positions == "compact":

@@ -35,6 +35,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-layers", type=int, help="depth-reduced proxy: build only the first N decoder layers "
+                   "(real widths; the table says so and its TFLOPs are those of the reduced model)")
+    p.add_argument("--vision-layers", type=int, help="depth-reduced proxy: only the first M vision-encoder layers")
     p.add_argument("--out", help="write bench.json + bench.md into this directory (or NAME.json + NAME.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from tokprune import configs
     from tokprune.commands.flops import parse_size
     from tokprune.eval import bench
+    from tokprune.eval.proxy import reduce_depth
 
     try:
         keeps, ratios = _list(args.keep, int), _list(args.keep_ratio, float)
@@ -61,14 +65,15 @@ def run(args: argparse.Namespace) -> int:
         methods = _list(args.methods, str) or list(tokprune.methods())
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-        model = configs.build_model(args.config, device, dtype, attn_implementation=args.attn, seed=args.seed)
+        config, depth = reduce_depth(configs.load(args.config), args.llm_layers, args.vision_layers)
+        model = configs.build_model(config, device, dtype, attn_implementation=args.attn, seed=args.seed)
         prompt = bench.Prompt(args.n_text, args.images, args.batch, parse_size(args.image_size))
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
         print(f"tokprune bench: error: {e}", file=sys.stderr)
         return 2
     report = bench.run(model, bench.grid(methods, keeps, ratios), prompt, new_tokens=args.new_tokens,
                        warmup=args.warmup, repeats=args.repeats, progress=not args.no_progress,
-                       meta={"model": str(args.config), "seed": args.seed})
+                       meta={"model": str(args.config), "seed": args.seed, "depth": depth.as_dict()})
     print(report.to_markdown())
     if args.out:
         for path in report.write(args.out):

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     full = configs.load(args.config)
     config, depth = reduce_depth(full, args.llm_layers, args.vision_layers)
-    tag = args.tag or (Path(args.config).stem + (f"-b{args.batch}" if args.batch > 1 else ""))
+    name = args.config if args.config in configs.names() else Path(args.config).stem
+    tag = args.tag or (name + (f"-b{args.batch}" if args.batch > 1 else ""))
     out = Path(args.out)
     print(f"[speed] {args.config}: {depth.label()}, {dtype}, {device}; building the random-weight model",
           file=sys.stderr, flush=True)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = bench.Prompt(args.n_text, 1, args.batch, _size(args.image_size))
     report = speed.run(model, cases, prompt, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                        budget_s=args.budget_s, warmup=args.warmup, full_config=full, depth=depth,
-                       meta={"model": Path(args.config).stem, "peak_rss_gib": None})
+                       meta={"model": name, "peak_rss_gib": None})
     if args.profile:
         report.meta["profiles"] = _profiles(model, report, prompt, out, tag)
     report.meta["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

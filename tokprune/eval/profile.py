@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tokprune.eval.speed import ENCODER, SCORING, Stopwatch, encoder_clock, time_taps
+from tokprune.eval.speed import ENCODER, SCORING, Stopwatch, encoder_clock, time_taps, wrap_taps
 
 
 @dataclass
@@ -116,3 +117,49 @@ def _write_trace(prof: Any, path: Path) -> Path:
         with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
             shutil.copyfileobj(src, dst)
     return path
+
+
+@dataclass
+class ScoringMemory:
+    """The tensors tokprune's attention taps (scoring) created during one prefill: the largest one and the sum."""
+
+    largest_numel: int = 0
+    largest_shape: tuple[int, ...] = ()
+    total_bytes: int = 0
+    calls: int = 0
+
+
+class _AllocationLog(TorchDispatchMode):
+    def __init__(self, log: ScoringMemory) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.log.total_bytes += t.numel() * t.element_size()
+                if t.numel() > self.log.largest_numel:
+                    self.log.largest_numel, self.log.largest_shape = t.numel(), tuple(t.shape)
+        return out
+
+
+def scoring_memory(model: torch.nn.Module, inputs: dict[str, Any], method: str, **budget: Any) -> ScoringMemory:
+    """Every tensor the scoring taps of ``method`` produce in one prefill (a dispatch-level log, any device), to
+    check that scoring stays O(tokens x dim): no (heads x) N x N attention matrix is ever materialised."""
+    import tokprune
+
+    log = ScoringMemory()
+
+    def around() -> _AllocationLog:
+        log.calls += 1
+        return _AllocationLog(log)
+
+    with tokprune.pruned(model, method, **budget):
+        restore = wrap_taps(around)
+        try:
+            with torch.inference_mode():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+        finally:
+            restore()
+    return log

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from tokprune import flops
-from tokprune.eval.bench import Case, Prompt, _meta, _selection_ms, _timer
+from tokprune.eval.bench import Case, Prompt, _meta, _selection_ms, _timer, _TokenClock
 
 ENCODER, SCORING = "tokprune::vision_encoder", "tokprune::scoring"
 
@@ -45,12 +45,7 @@ class Stopwatch:
         self.label = label
         self._spans: list[tuple[Any, Any]] = []
 
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+    _now = _TokenClock._mark  # bench's clock (a CUDA event or perf_counter, by ``self.cuda``)
 
     @contextmanager
     def span(self) -> Iterator[None]:
@@ -91,19 +86,20 @@ def encoder_clock(model: torch.nn.Module, watch: Stopwatch) -> Iterator[None]:
         del base.get_image_features
 
 
-def time_taps(watch: Stopwatch) -> Callable[[], None]:
-    """Wrap every attention tap registered now (:data:`tokprune.signals.TAPS`) so its calls are timed with
-    ``watch``; returns the function that unwraps them. Call it after ``tokprune.apply`` (which adds the taps)."""
+def wrap_taps(around: Callable[[], AbstractContextManager]) -> Callable[[], None]:
+    """Run every attention tap registered now (:data:`tokprune.signals.TAPS`, i.e. tokprune's scoring) inside a
+    fresh ``around()`` context; returns the function that unwraps them. Call it after ``tokprune.apply`` (which
+    adds the taps)."""
     from tokprune.signals import TAPS
 
     saved = dict(TAPS._taps)
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
-        def timed_tap(*args: Any, **kwargs: Any) -> None:
-            with watch.span():
+        def wrapped_tap(*args: Any, **kwargs: Any) -> None:
+            with around():
                 fn(*args, **kwargs)
 
-        return timed_tap
+        return wrapped_tap
 
     for module, fn in saved.items():
         TAPS._taps[module] = wrap(fn)
@@ -114,6 +110,11 @@ def time_taps(watch: Stopwatch) -> Callable[[], None]:
                 TAPS._taps[module] = fn
 
     return restore
+
+
+def time_taps(watch: Stopwatch) -> Callable[[], None]:
+    """Time every call of the registered attention taps with ``watch`` (see :func:`wrap_taps`)."""
+    return wrap_taps(watch.span)
 
 
 @dataclass
@@ -205,6 +206,19 @@ class SpeedReport:
         js.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         md.write_text(self.to_markdown(), encoding="utf-8")
         return [js, md]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string elsewhere."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _f(x: float | None, spec: str, suffix: str = "") -> str:
@@ -317,6 +331,8 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = N
         extra["depth"] = depth.as_dict()
     report_meta = _meta(model, prompt, schedule, 0, warmup, rounds, extra)
     report_meta.pop("new_tokens", None)
+    if param.device.type == "cpu":
+        report_meta["device"] = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
     return SpeedReport(report_meta, rows)
 
 

@@ -217,16 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1)
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--n-text", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA the CPU-only checks do not run)")
     p.add_argument("--out", help="write the markdown here")
     args = p.parse_args(argv)
     methods = args.methods.split(",") if args.methods else tokprune.methods()
     parts = []
     for name in args.config or ["tiny-llava", "tiny-qwen2.5-vl"]:
-        model = configs.build_model(name, "cpu")
-        inputs = configs.example_inputs(model.config, n_text=args.n_text, n_images=args.images, batch=args.batch)
+        model = configs.build_model(name, args.device)
+        inputs = configs.example_inputs(model.config, n_text=args.n_text, n_images=args.images, batch=args.batch,
+                                        device=args.device)
         results = [method_syncs(model, inputs, m, keep_ratio=args.keep_ratio) for m in methods]
-        parts.append(report_markdown(results, f"{name}, batch {args.batch}, {args.images} image(s) per sample, "
-                                              f"keep_ratio {args.keep_ratio}"))
+        parts.append(report_markdown(results, f"{name} on {args.device}, batch {args.batch}, {args.images} image(s) "
+                                              f"per sample, keep_ratio {args.keep_ratio}"))
     text = "\n".join(parts)
     print(text)
     if args.out:

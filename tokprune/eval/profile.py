@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tokprune.eval.speed import ENCODER, SCORING, Stopwatch, encoder_clock, time_taps, wrap_taps
+from tokprune.eval.speed import ENCODER, SCORING, Stopwatch, cpu_model, encoder_clock, time_taps, wrap_taps
 
 
 @dataclass
@@ -93,7 +93,8 @@ def profile_prefill(model: torch.nn.Module, inputs: dict[str, Any], method: str 
     stages = {"vision encoder + projector (scoring taps excluded)": enc_ms - inside,
               "tokprune scoring (taps)": score_ms, "tokprune selection (record timings)": select_ms}
     stages["rest: embedding, LLM layers, lm_head"] = max(total - sum(stages.values()), 0.0)
-    summary = ProfileSummary(label, device_name(device), total, stages, _top_ops(prof, top, cuda))
+    name = f"CPU {cpu_model()}, {torch.get_num_threads()} threads" if device.type == "cpu" else device_name(device)
+    summary = ProfileSummary(label, name, total, stages, _top_ops(prof, top, cuda))
     if trace is not None:
         summary.trace = str(_write_trace(prof, Path(trace)))
     return summary

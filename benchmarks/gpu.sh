@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU tables of issue #16 in one command: real full-depth LLaVA-1.5-7B and Qwen2.5-VL-7B, random weights, bf16,
-# batch 1 and 8 (~6 min on an H100/H200 class GPU, ~30 GB of GPU memory at most).
+# batch 1 and 8 (~8-10 min on an H100/H200 class GPU, about half of it building random-weight models; ~40 GB of GPU
+# memory at most).
 #
 #   bash benchmarks/gpu.sh                          # writes benchmarks/results/<gpu>/ (name from the device)
+#   bash benchmarks/gpu.sh bench speed              # only some steps (bench, speed, syncs, kernels), e.g. to stay
+#   bash benchmarks/gpu.sh syncs kernels            #   under a per-command time limit; the README snippet is always made
 #   TOKPRUNE_BENCH_TINY=1 OUT=/tmp/x bash benchmarks/gpu.sh   # no GPU: tiny configs on the CPU, checks the script
 #
 # Per model and batch size:
@@ -16,6 +19,8 @@
 #   README-snippet.md              the README "Speed" table
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STEPS=" ${*:-bench speed syncs kernels} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
@@ -33,7 +38,7 @@ print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'
     DEV=(--device cuda --dtype bfloat16)
     LLAVA=llava-1.5-7b; QWEN=qwen2.5-vl-7b; QSIZE=(--image-size 1024x1024)
     KEEP=192,128,64; RATIOS=0.5,0.25,0.125; BATCHES=(1 8)
-    BENCH_RUNS=(--warmup 2 --repeats 5 --new-tokens 16); SPEED_RUNS=(--min-repeats 5 --max-repeats 10 --warmup 2)
+    BENCH_RUNS=(--warmup 2 --repeats 5 --new-tokens 16); SPEED_RUNS=(--min-repeats 5 --max-repeats 7 --warmup 2)
     KERNELS=()
 fi
 OUT=${OUT:-benchmarks/results/$NAME}
@@ -42,23 +47,31 @@ mkdir -p "$OUT"
 unpruned_ok() { $PY -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['results'][0]['error'] or 0)" "$1"; }
 echo "== tokprune GPU speed run -> $OUT ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 for B in "${BATCHES[@]}"; do
-    echo "== tokprune bench, batch $B"
-    $PY -m tokprune.cli bench --config "$LLAVA" --keep "$KEEP" --batch "$B" "${DEV[@]}" "${BENCH_RUNS[@]}" \
-        --no-progress --out "$OUT/bench-$LLAVA-b$B.json"
-    $PY -m tokprune.cli bench --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" --batch "$B" "${DEV[@]}" \
-        "${BENCH_RUNS[@]}" --no-progress --out "$OUT/bench-$QWEN-b$B.json" || unpruned_ok "$OUT/bench-$QWEN-b$B.json"
-    echo "== speed-up against the analytic bound, batch $B"
-    PROFILE=(); [[ "$B" == 1 ]] && PROFILE=(--profile)
-    $PY benchmarks/speed.py --config "$LLAVA" --keep "$KEEP" --batch "$B" "${DEV[@]}" "${SPEED_RUNS[@]}" \
-        "${PROFILE[@]}" --out "$OUT"
-    $PY benchmarks/speed.py --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" --batch "$B" "${DEV[@]}" \
-        "${SPEED_RUNS[@]}" "${PROFILE[@]}" --out "$OUT"
+    if want bench; then
+        echo "== tokprune bench, batch $B"
+        $PY -m tokprune.cli bench --config "$LLAVA" --keep "$KEEP" --batch "$B" "${DEV[@]}" "${BENCH_RUNS[@]}" \
+            --no-progress --out "$OUT/bench-$LLAVA-b$B.json"
+        $PY -m tokprune.cli bench --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" --batch "$B" "${DEV[@]}" \
+            "${BENCH_RUNS[@]}" --no-progress --out "$OUT/bench-$QWEN-b$B.json" || unpruned_ok "$OUT/bench-$QWEN-b$B.json"
+    fi
+    if want speed; then
+        echo "== speed-up against the analytic bound, batch $B"
+        PROFILE=(); [[ "$B" == 1 ]] && PROFILE=(--profile)
+        $PY benchmarks/speed.py --config "$LLAVA" --keep "$KEEP" --batch "$B" "${DEV[@]}" "${SPEED_RUNS[@]}" \
+            "${PROFILE[@]}" --out "$OUT"
+        $PY benchmarks/speed.py --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" --batch "$B" "${DEV[@]}" \
+            "${SPEED_RUNS[@]}" "${PROFILE[@]}" --out "$OUT"
+    fi
 done
-echo "== host syncs in the selection path on this device"
-$PY -m tokprune.eval.syncs --config "$LLAVA" --config "$QWEN" --device "${DEV[1]}" --batch 2 --out "$OUT/syncs.md" \
-    > /dev/null
-echo "== kernels: Triton vs PyTorch"
-$PY benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT"
+if want syncs; then
+    echo "== host syncs in the selection path on this device (tiny models: the code path is the same)"
+    $PY -m tokprune.eval.syncs --config tiny-llava --config tiny-qwen2.5-vl --device "${DEV[1]}" --batch 2 \
+        --out "$OUT/syncs.md" > /dev/null
+fi
+if want kernels; then
+    echo "== kernels: Triton vs PyTorch"
+    $PY benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT"
+fi
 $PY -c "import sys, glob; from tokprune.eval.speed import readme_snippet
 print(readme_snippet(sorted(glob.glob(sys.argv[1] + '/speed-*.json'))))" "$OUT" > "$OUT/README-snippet.md"
 cat "$OUT/README-snippet.md"

@@ -45,21 +45,30 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=types.nonneg_int, default=1)
     p.add_argument("--repeats", type=types.positive_int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-layers", type=int, help="depth-reduced proxy: build only the first N decoder layers "
+                   "(real widths; the table says so and its TFLOPs are those of the reduced model)")
+    p.add_argument("--vision-layers", type=int, help="depth-reduced proxy: only the first M vision-encoder layers")
     p.add_argument("--out", help="write bench.json + bench.md into this directory (or NAME.json + NAME.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
 
 
-def check(args: argparse.Namespace) -> tuple[Any, Any]:
+def check(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """Validate everything before a weight is allocated, in the order a user fixes things (config first);
-    returns the (device, dtype) to build on. Raises ValueError / OSError naming the argument."""
+    returns the (config, depth, device, dtype) to build: the config depth-reduced when ``--llm-layers`` /
+    ``--vision-layers`` ask for a proxy. Raises ValueError / OSError naming the argument."""
     import torch
 
     from tokprune import configs
     from tokprune.commands.memory import check_fits
+    from tokprune.eval.proxy import reduce_depth
 
     config = types.check_config(args.config, args.image_size)
+    try:
+        config, depth = reduce_depth(config, args.llm_layers, args.vision_layers)
+    except ValueError as e:
+        raise ValueError(f"--llm-layers / --vision-layers: {e}") from None
     if not args.keep and not args.keep_ratio:
         raise ValueError("pass a budget: --keep N[,N...] and/or --keep-ratio R[,R...] (e.g. --keep 192,64)")
     if args.methods:
@@ -75,8 +84,8 @@ def check(args: argparse.Namespace) -> tuple[Any, Any]:
         configs.example_inputs(config, n_text=args.n_text, n_images=args.images, batch=1, image_size=args.image_size)
     except ValueError as e:
         raise ValueError(f"the prompt (--n-text, --images, --image-size) does not suit {args.config}: {e}") from None
-    check_fits(config, args.config, device, dtype)
-    return device, dtype
+    check_fits(config, args.config, device, dtype)  # the model that will be built (the proxy, if reduced)
+    return config, depth, device, dtype
 
 
 def _device(text: str | None) -> Any:
@@ -106,13 +115,14 @@ def run(args: argparse.Namespace) -> int:
     from tokprune import configs
     from tokprune.eval import bench
 
-    device, dtype = check(args)
+    config, depth, device, dtype = check(args)
     methods = args.methods or list(tokprune.methods())
     prompt = bench.Prompt(args.n_text, args.images, args.batch, args.image_size)
-    model = configs.build_model(args.config, device, dtype, attn_implementation=args.attn, seed=args.seed)
+    model = configs.build_model(config, device, dtype, attn_implementation=args.attn, seed=args.seed)
     report = bench.run(model, bench.grid(methods, args.keep or [], args.keep_ratio or []), prompt,
                        new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
-                       progress=not args.no_progress, meta={"model": str(args.config), "seed": args.seed})
+                       progress=not args.no_progress,
+                       meta={"model": str(args.config), "seed": args.seed, "depth": depth.as_dict()})
     print(report.to_markdown())
     if args.out:
         for path in report.write(args.out):

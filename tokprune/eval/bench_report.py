@@ -38,6 +38,7 @@ class BenchReport:
             "Ratios (in brackets) are against the unpruned model measured in the same run: speed-up for times, "
             "fraction for FLOPs, KV cache and memory. n/a: not measured on this device or not recorded by the method.",
             "",
+            *_depth_lines(m),
             *_tiny_cpu_warning(m),
             "| case | visual tokens | TFLOPs | prefill ms | TTFT ms | decode tok/s | KV MiB | peak MiB | select ms |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -68,6 +69,16 @@ class BenchReport:
         js.write_text(self.to_json() + "\n", encoding="utf-8")
         md.write_text(self.to_markdown(), encoding="utf-8")
         return [js, md]
+
+
+def _depth_lines(meta: dict[str, Any]) -> list[str]:
+    """A line above the table when the model is a depth-reduced proxy (see :mod:`tokprune.eval.proxy`)."""
+    depth = meta.get("depth") or {}
+    if not depth.get("proxy"):
+        return []
+    notes = "; ".join(depth.get("notes") or [])
+    return [f"**{depth['label']}** (real widths, random weights{'; ' + notes if notes else ''}): times and TFLOPs "
+            "are those of the reduced model, whose analytic FLOPs are the bound to compare its speed-ups with.", ""]
 
 
 #: below this many parameters a CPU run is dominated by per-op overhead, not by the work pruning removes

@@ -100,9 +100,10 @@ def select_topk(
     if check:
         avail = m2.sum(dim=1) if m2 is not None else torch.full_like(need, n)
         short = need > avail
-        if bool(short.any()):
+        if bool(short.any()):  # sync: only when checking (default: on CPU only, see docs/kernels.md)
             row = int(short.nonzero()[0, 0])
             raise ValueError(f"row {row} has {int(avail[row])} selectable tokens but k={int(need[row])}")
+        # sync: only when checking (default: on CPU only)
         if k_rows is not None and max_k is not None and bool((k_rows > width).any()):
             raise ValueError(f"per-row k exceeds max_k={width}")
     if width == 0:
@@ -143,6 +144,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected x (B, N, D) and idx (B, K), got {tuple(x.shape)} and {tuple(idx.shape)}")
     b, n, _ = x3.shape
     i2 = i2.to(device=x3.device, dtype=torch.int64)
+    # sync: on CPU only (a CPU "sync" costs nothing); CUDA gives zero rows for bad indices instead
     if x3.device.type == "cpu" and i2.numel() and (bool((i2 < -1).any()) or bool((i2 >= n).any())):
         raise IndexError(f"gather index out of range for N={n} (allowed -1..{n - 1})")
     valid = i2 >= 0
@@ -213,6 +215,7 @@ def _merge_args(x, assign, weights, num_targets, base, base_weight):
     if num_targets is None:
         num_targets = int(a2.max()) + 1 if a2.numel() else 0
     m = int(num_targets)
+    # sync: on CPU only (a CPU "sync" costs nothing)
     if x3.device.type == "cpu" and a2.numel() and (bool((a2 < -1).any()) or bool((a2 >= m).any())):
         raise IndexError(f"assign out of range for num_targets={m} (allowed -1..{m - 1})")
     bw = None

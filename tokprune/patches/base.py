@@ -48,6 +48,7 @@ class _DecodeState:
     n_pruned: int  # prompt length the cache holds (layer 0)
     mask: torch.Tensor  # (B, n_pruned) 2D mask of the pruned prompt
     offset: torch.Tensor | None  # (B,) position shift for "compact" positions
+    mask_all: bool | None = None  # whether ``mask`` is all ones, read once (a host sync) at the first decode step
 
 
 class Adapter:
@@ -215,7 +216,9 @@ class Adapter:
         has_images = kw.get("pixel_values") is not None or (kw.get("mm_encoder_outputs") or {}).get("image") is not None
         if ids is None and has_images:
             raise ValueError("tokprune locates images by their token ids: pass input_ids, not inputs_embeds")
-        if ids is not None and bool((ids == self.image_token_id).any()) and (past == 0 or has_images):
+        # the id check is evaluated last, so decode steps (cache, no pixels) never run it
+        # sync: once per prefill, to know whether the prompt has images
+        if ids is not None and (past == 0 or has_images) and bool((ids == self.image_token_id).any()):
             if past > 0:
                 raise NotImplementedError(
                     "a new image in a continued (cached) conversation is not supported yet; "
@@ -258,11 +261,13 @@ class Adapter:
         record = PruneRecord(
             method=self.pruner.name,
             n_visual=[[counts[j] for j in row] for row in rows_images],
+            # sync: once per prefill, the record's host-side prompt lengths
             seq_len=(mask2d.sum(1).tolist() if mask2d is not None else [n] * b),
             config=self.model.config,
         )
         for key in ("image_sizes", "image_grid_thw"):
             if kw.get(key) is not None and len(kw[key]) == len(counts):
+                # sync: once per prefill, image sizes for the record (the model's own forward reads them too)
                 per_image = [tuple(int(v) for v in r) for r in kw[key].tolist()]
                 setattr(record, key, [[per_image[j] for j in row] for row in rows_images])
         new = dict(kw)
@@ -327,8 +332,11 @@ class Adapter:
         mask = take(full_mask, idx, valid, 0)
         # with no mask and no cache, transformers reads gaps in position_ids as packed-sequence boundaries: keep an
         # explicit all-ones mask whenever "original" positions have gaps
-        gaps = self.positions == "original" and bool((~keep_mask).any())
-        new["attention_mask"] = None if bool(mask.all()) and not gaps else mask
+        # sync: once per prefill (one read for both): were tokens dropped, is the pruned mask all ones (then None,
+        # so that SDPA can use is_causal)
+        dropped, full = torch.stack([(~keep_mask).any(), mask.all()]).tolist()
+        gaps = self.positions == "original" and dropped
+        new["attention_mask"] = None if full and not gaps else mask
         if self.positions == "compact":
             dropped_before = ((ids == self.image_token_id) & ~keep_mask).long().cumsum(1)
             pos = pos - dropped_before  # as if the dropped tokens never existed
@@ -350,11 +358,18 @@ class Adapter:
             new["attention_mask"] = None
         if am is not None:
             new["attention_mask"] = torch.cat([st.mask.to(am.dtype), am[:, st.n_full:]], 1)
-        elif not bool(st.mask.all()):
+        elif not _mask_all(st):
             new["attention_mask"] = torch.cat([st.mask, st.mask.new_ones(st.mask.shape[0], t)], 1)
         if st.offset is not None and kw.get("position_ids") is not None:
             new["position_ids"] = kw["position_ids"] - st.offset.view(-1, 1)
         return new
+
+
+def _mask_all(st: _DecodeState) -> bool:
+    """Whether the pruned prompt's mask is all ones; read on the host once per prefill, not at every step."""
+    if st.mask_all is None:
+        st.mask_all = bool(st.mask.all())  # sync: once per generate (first decode step), cached
+    return st.mask_all
 
 
 def _row_image_ids(spans: list[list[torch.Tensor]]) -> list[list[int]]:

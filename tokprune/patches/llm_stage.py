@@ -21,7 +21,7 @@ import torch
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
-from tokprune.patches.sequence import gather_seq, last_real_index
+from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
 from tokprune.patches.vision_stage import check_indices, check_pooled
 from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
 from tokprune.record import PruneRecord, Stage, capture_scores, spread
@@ -168,10 +168,12 @@ class LLMStages:
             for pos, r in zip(row, sel):
                 keep[bi, pos[r.to(pos.device)]] = True
         counts = keep.sum(1)
-        width = int(counts.max())
+        # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
+        width, fewest = torch.stack([counts.max(), counts.min()]).tolist()
+        self.any_dead = fewest < width  # rows shorter than the longest carry dead slots
         spare = ~keep
         dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
-        slots = (keep | dead).nonzero()[:, 1].view(b, width)  # sorted per row
+        slots = kept_slots(keep | dead, width)  # sorted per row
         dead_slots = torch.gather(dead, 1, slots)
         new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
@@ -184,7 +186,7 @@ class LLMStages:
         self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin], scores))
         kwargs = self._prefill_kwargs(kw, hidden)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
-                           "dropped": self._dropped_total()})
+                           "dropped": self._dropped_total(), "any_dead": self.any_dead})
         out = gather_seq(hidden, slots)
         timings = self.record.timings
         timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
@@ -268,7 +270,7 @@ class LLMStages:
             return {k: self._mask(v, pkv, prefill, dtype) for k, v in m.items()}
         idx, dead = self.idx, self.dead
         b, n = idx.shape
-        any_dead = bool(dead.any())
+        any_dead = self.any_dead  # set with ``dead`` by _run_stage, which calls this
         if m is None and not any_dead:
             return None  # order is kept, so sdpa's is_causal stays right
         if m is not None and m.dim() == 2:  # flash-attention padding mask
@@ -295,7 +297,7 @@ class LLMStages:
             return {k: self._remap_decode_mask(st, v, pkv, layer, q, dtype) for k, v in m.items()}
         idx, dead = st["idx"], st["dead"]
         b, n_kept = idx.shape
-        any_dead = bool(dead.any())
+        any_dead = st["any_dead"]  # known since the prefill: no host read per layer and decode step
         if m is None:
             if not any_dead:
                 return None

@@ -14,13 +14,14 @@ def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int])
     models scatter features), so adjacent images in one row are split correctly.
     """
     is_img = input_ids == image_token_id
-    per_row = is_img.sum(1).tolist()
-    cols = is_img.nonzero()[:, 1]
-    if sum(counts) != cols.numel():
+    per_row = is_img.sum(1).tolist()  # sync: once per prefill, image tokens per row (spans are host lists)
+    if sum(counts) != sum(per_row):
         raise ValueError(
-            f"the prompt has {cols.numel()} image tokens but the images give {sum(counts)} visual tokens; "
+            f"the prompt has {sum(per_row)} image tokens but the images give {sum(counts)} visual tokens; "
             "build the prompt with the model's processor"
         )
+    # the count is known on the host now, so the positions need no second sync (row-major, as nonzero)
+    cols = torch.nonzero_static(is_img, size=sum(per_row))[:, 1]
     spans: list[list[torch.Tensor]] = []
     pieces = iter(torch.split(cols, counts))
     consumed = 0
@@ -38,21 +39,35 @@ def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int])
     return spans
 
 
-def left_repad(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def left_repad(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather indices that move each row's kept tokens to the right end of a (B, L) block, L = most kept.
 
     Returns ``idx`` (B, L) and ``valid`` (B, L); invalid slots are left padding (they point at index 0).
+    ``width``: L when the caller knows it on the host (no sync at all then); otherwise it is read from ``keep``.
     """
-    b, _ = keep.shape
     lens = keep.sum(1)
-    width = int(lens.max())
+    if width is None:
+        width = int(lens.max())  # sync: once per pruning stage, the new sequence length (an output shape)
     slot = keep.long().cumsum(1) - 1 + (width - lens)[:, None]
-    rows, cols = keep.nonzero(as_tuple=True)
-    idx = torch.zeros(b, width, dtype=torch.long, device=keep.device)
-    valid = torch.zeros(b, width, dtype=torch.bool, device=keep.device)
-    idx[rows, slot[rows, cols]] = cols
-    valid[rows, slot[rows, cols]] = True
-    return idx, valid
+    return _scatter_slots(keep, slot, width)
+
+
+def kept_slots(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) positions of the True entries of each row of ``keep`` (B, N), ascending; every row must hold
+    exactly ``width`` of them. ``keep.nonzero()[:, 1].view(B, width)`` without the host sync."""
+    slot = keep.long().cumsum(1) - 1
+    return _scatter_slots(keep, slot, width)[0]
+
+
+def _scatter_slots(keep: torch.Tensor, slot: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each kept column index into its ``slot`` of a (B, width) block (no nonzero, so no host sync).
+    Entries not kept go to a spare column ``width`` that is cut off; kept entries have distinct slots."""
+    b, n = keep.shape
+    slot = slot.masked_fill(~keep, width)
+    cols = torch.arange(n, device=keep.device).expand(b, n)
+    idx = torch.zeros(b, width + 1, dtype=torch.long, device=keep.device).scatter_(1, slot, cols)
+    valid = torch.zeros(b, width + 1, dtype=torch.bool, device=keep.device).scatter_(1, slot, keep)
+    return idx[:, :width], valid[:, :width]
 
 
 def take(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None = None, fill: float | int = 0) -> torch.Tensor:

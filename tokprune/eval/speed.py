@@ -1,0 +1,396 @@
+"""Prefill speed-up study: every method x budget against the unpruned model, measured in one run, next to the
+analytic FLOPs bound, with the method's own cost (scoring + selection) and the vision encoder's time.
+
+What :func:`run` does, per run of a case (one ``model(**inputs, use_cache=True, logits_to_keep=1)``):
+
+* **prefill ms**: the whole forward (encoder, projector, scoring, selection, LLM prefill);
+* **encoder ms**: the model's ``get_image_features`` (vision tower + projector), timed inside the same forward;
+* **scoring ms**: time spent in tokprune's attention taps (the q/k rows a method reads inside the encoder or the
+  LLM, :mod:`tokprune.signals`);
+* **select ms**: the method's selection and sequence rewrite, from ``last_record(model).timings``.
+
+Cases are measured **round-robin** (one run of every case per round, the patch applied before and removed after
+each run), so slow drifts of a shared machine hit every case alike; medians are over rounds. The number of rounds
+is ``max_repeats``, or fewer (never under ``min_repeats``) when the next round would end past ``budget_s``; the
+report says why. CUDA events time GPU runs, ``time.perf_counter`` CPU runs. Weights are random.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokprune import flops
+from tokprune.eval.bench import Case, Prompt, _meta, _selection_ms, _timer, _TokenClock
+
+ENCODER, SCORING = "tokprune::vision_encoder", "tokprune::scoring"
+
+
+class Stopwatch:
+    """Sums the durations of bracketed regions: host clock on CPU, CUDA events on GPU (read once, at the end).
+    Each region is also a ``torch.profiler.record_function(label)``, so profiles show it by name."""
+
+    def __init__(self, device: torch.device, label: str = "tokprune::region") -> None:
+        self.cuda = device.type == "cuda"
+        self.label = label
+        self._spans: list[tuple[Any, Any]] = []
+
+    _now = _TokenClock._mark  # bench's clock (a CUDA event or perf_counter, by ``self.cuda``)
+
+    @contextmanager
+    def span(self) -> Iterator[None]:
+        with torch.profiler.record_function(self.label):
+            start = self._now()
+            try:
+                yield
+            finally:
+                self._spans.append((start, self._now()))
+
+    def take_ms(self) -> float:
+        """Total of the spans since the last call (synchronises on CUDA), then forget them."""
+        if self.cuda and self._spans:
+            torch.cuda.synchronize()
+        ms = sum(a.elapsed_time(b) if self.cuda else (b - a) * 1e3 for a, b in self._spans)
+        self._spans = []
+        return ms
+
+
+@contextmanager
+def encoder_clock(model: torch.nn.Module, watch: Stopwatch) -> Iterator[None]:
+    """Time every call of the model's ``get_image_features`` (what the model and tokprune's adapters call to run
+    the vision tower and projector) with ``watch``, by shadowing the bound method on the instance."""
+    base = getattr(model, "model", model)
+    original = base.get_image_features
+    if "get_image_features" in vars(base):
+        raise RuntimeError("get_image_features is already shadowed on this model (nested encoder_clock?)")
+
+    @functools.wraps(original)  # same signature: the adapters pass only the arguments it names
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with watch.span():
+            return original(*args, **kwargs)
+
+    base.get_image_features = timed
+    try:
+        yield
+    finally:
+        del base.get_image_features
+
+
+def wrap_taps(around: Callable[[], AbstractContextManager]) -> Callable[[], None]:
+    """Run every attention tap registered now (:data:`tokprune.signals.TAPS`, i.e. tokprune's scoring) inside a
+    fresh ``around()`` context; returns the function that unwraps them. Call it after ``tokprune.apply`` (which
+    adds the taps)."""
+    from tokprune.signals import TAPS
+
+    saved = dict(TAPS._taps)
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        def wrapped_tap(*args: Any, **kwargs: Any) -> None:
+            with around():
+                fn(*args, **kwargs)
+
+        return wrapped_tap
+
+    for module, fn in saved.items():
+        TAPS._taps[module] = wrap(fn)
+
+    def restore() -> None:
+        for module, fn in saved.items():
+            if module in TAPS._taps:
+                TAPS._taps[module] = fn
+
+    return restore
+
+
+def time_taps(watch: Stopwatch) -> Callable[[], None]:
+    """Time every call of the registered attention taps with ``watch`` (see :func:`wrap_taps`)."""
+    return wrap_taps(watch.span)
+
+
+@dataclass
+class SpeedRow:
+    """Medians of one case over the rounds (times in ms), with the ratios against the unpruned row."""
+
+    label: str
+    method: str | None
+    keep: int | None
+    keep_ratio: float | None
+    kind: str | None = None  # "vision" / "llm": where the method prunes (from its record)
+    visual_tokens: float | None = None  # per sample, entering the last LLM layer
+    tflops: float | None = None  # analytic, of the measured (possibly depth-reduced) model
+    prefill_ms: float | None = None
+    encoder_ms: float | None = None
+    scoring_ms: float | None = None
+    select_ms: float | None = None
+    runs_ms: list[float] = field(default_factory=list)
+    speedup: float | None = None  # measured: unpruned prefill / this prefill
+    bound: float | None = None  # analytic: unpruned FLOPs / these FLOPs (same depth as measured)
+    full_depth_bound: float | None = None  # analytic bound of the real-depth model for the same pruning
+    error: str | None = None
+
+    @property
+    def overhead_ms(self) -> float | None:
+        """Scoring + selection: what the method itself costs."""
+        if self.scoring_ms is None and self.select_ms is None:
+            return None
+        return (self.scoring_ms or 0.0) + (self.select_ms or 0.0)
+
+    @property
+    def of_bound(self) -> float | None:
+        """Measured speed-up / analytic bound."""
+        return self.speedup / self.bound if self.speedup and self.bound else None
+
+
+@dataclass
+class SpeedReport:
+    meta: dict[str, Any]
+    rows: list[SpeedRow]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = [{**asdict(r), "overhead_ms": r.overhead_ms, "of_bound": r.of_bound} for r in self.rows]
+        return {"meta": self.meta, "rows": rows}
+
+    def to_markdown(self) -> str:
+        m = self.meta
+        enc = self.rows[0].encoder_ms if self.rows and not self.rows[0].error else None
+        depth = m.get("depth") or {}
+        lines = [
+            f"## prefill speed-up: {m['model']}",
+            "",
+            f"device: **{m['device']}** · dtype {m['dtype']} · attention {m['attn_implementation']} · batch "
+            f"{m['batch']} · {m['images']} image(s) of {m['visual_tokens_per_image']} visual tokens + {m['n_text']} "
+            f"text tokens · medians of {m['repeats']} round-robin runs ({m['repeats_reason']}) · random weights · "
+            f"torch {m['torch']} · transformers {m['transformers']} · {m['date']}",
+            "",
+        ]
+        if depth.get("proxy"):
+            notes = "; ".join(depth.get("notes") or [])
+            lines += [f"**{depth['label']}**{' (' + notes + ')' if notes else ''}, real widths. *bound* is the "
+                      "analytic whole-model FLOPs ratio of this reduced model (what its measured speed-up is compared "
+                      "with); *real-depth bound* the same for the real model.", ""]
+        lines += [
+            "speed-up = unpruned prefill / case prefill (same run); of bound = speed-up / bound; overhead = scoring "
+            "(attention taps) + selection (record timings); shares are of the case's prefill and of the unpruned "
+            f"model's vision encoder ({_f(enc, '.1f')} ms).",
+            "",
+            "| case | stage | visual tokens | prefill ms | speed-up | bound | of bound | real-depth bound "
+            "| encoder ms | overhead ms | % of prefill | % of encoder |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            if r.error:
+                lines.append(f"| {r.label} | error: {r.error.replace('|', '/')} |" + " |" * 10)
+                continue
+            ov = r.overhead_ms
+            lines.append(
+                f"| {r.label} | {r.kind or '-'} | {_f(r.visual_tokens, '.0f')} | {_f(r.prefill_ms, '.1f')} "
+                f"| {_f(r.speedup, '.2f', 'x')} | {_f(r.bound, '.2f', 'x')} | {_f(r.of_bound, '.1%')} "
+                f"| {_f(r.full_depth_bound, '.2f', 'x')} | {_f(r.encoder_ms, '.1f')} | {_f(ov, '.2f')} "
+                f"| {_f(_share(ov, r.prefill_ms), '.2%')} | {_f(_share(ov, enc), '.2%')} |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, directory: str | Path, name: str = "speed") -> list[Path]:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        js, md = d / f"{name}.json", d / f"{name}.md"
+        js.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        md.write_text(self.to_markdown(), encoding="utf-8")
+        return [js, md]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string elsewhere."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _f(x: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else format(x, spec) + suffix
+
+
+def _share(part: float | None, whole: float | None) -> float | None:
+    return part / whole if part is not None and whole else None
+
+
+def _median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def _log(enabled: bool, text: str) -> None:
+    if enabled:
+        print(f"[speed] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Samples:
+    prefill: list[float] = field(default_factory=list)
+    encoder: list[float] = field(default_factory=list)
+    scoring: list[float] = field(default_factory=list)
+    select: list[float] = field(default_factory=list)
+    record: Any = None
+
+
+def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = None, *, min_repeats: int = 3,
+        max_repeats: int = 5, budget_s: float | None = None, warmup: int = 1, full_config: Any = None,
+        depth: Any = None, progress: bool = True, meta: dict[str, Any] | None = None) -> SpeedReport:
+    """Measure every case round-robin (see the module docstring); the first case must be ``Case()``.
+
+    ``full_config``: the real-depth config when ``model`` is a depth-reduced proxy (adds the real-depth bound);
+    ``depth``: its :class:`tokprune.eval.proxy.Depth`. ``warmup``: untimed unpruned forwards before round 1.
+    """
+    import tokprune
+    from tokprune.configs import example_inputs
+
+    if not cases or cases[0].method is not None:
+        raise ValueError("the first case must be the unpruned model, Case()")
+    if min_repeats < 1 or max_repeats < 1:
+        raise ValueError(f"need min_repeats >= 1 and max_repeats >= 1, got {min_repeats}, {max_repeats}")
+    min_repeats = min(min_repeats, max_repeats)
+    prompt = prompt or Prompt()
+    param = next(model.parameters())
+    inputs = example_inputs(model.config, n_text=prompt.n_text, n_images=prompt.n_images, batch=prompt.batch,
+                            image_size=prompt.image_size, device=param.device, dtype=param.dtype)
+    timer, watch, taps = _timer(param.device), Stopwatch(param.device, ENCODER), Stopwatch(param.device, SCORING)
+    samples = [_Samples() for _ in cases]
+    errors: list[str | None] = [None] * len(cases)
+    t_start = time.perf_counter()
+
+    def forward() -> Any:
+        return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    reason = f"{max_repeats} requested"
+    rounds = 0
+    with torch.inference_mode(), encoder_clock(model, watch):
+        for i in range(warmup):
+            t, _ = timer(forward)
+            watch.take_ms()
+            _log(progress, f"warm-up {i + 1}/{warmup}: unpruned prefill {t:.1f} ms")
+        while rounds < max_repeats:
+            t_round = time.perf_counter()
+            for j, case in enumerate(cases):
+                if errors[j]:
+                    continue
+                s = samples[j]
+                try:
+                    restore = None
+                    if case.method is not None:
+                        tokprune.apply(model, method=case.method, keep=case.keep, keep_ratio=case.keep_ratio)
+                        restore = time_taps(taps)
+                    t, _ = timer(forward)
+                    s.prefill.append(t)
+                    s.encoder.append(watch.take_ms())
+                    if case.method is not None:
+                        s.scoring.append(taps.take_ms())
+                        s.record = tokprune.last_record(model)
+                        sel = _selection_ms(s.record)
+                        if sel is not None:
+                            s.select.append(sel)
+                    _log(progress, f"round {rounds + 1}/{max_repeats} · {case.label}: {t:.1f} ms")
+                except Exception as e:  # a method the family cannot run: its row says why, the run goes on
+                    errors[j] = f"{type(e).__name__}: {e}"
+                    _log(progress, f"{case.label}: {errors[j]}")
+                finally:
+                    watch.take_ms(), taps.take_ms()
+                    if case.method is not None:
+                        if restore is not None:
+                            restore()
+                        tokprune.remove(model)
+            rounds += 1
+            took = time.perf_counter() - t_round
+            elapsed = time.perf_counter() - t_start
+            if (budget_s is not None and rounds >= min_repeats and rounds < max_repeats
+                    and elapsed + took > budget_s):
+                reason = (f"{rounds} of {max_repeats}: a round takes {took:.0f} s and the next would end past the "
+                          f"{budget_s:.0f} s budget")
+                break
+    if reason.endswith("requested"):
+        reason = f"{rounds} requested"
+    schedule = flops.TokenSchedule.unpruned(model.config, n_text=prompt.n_text, n_images=prompt.n_images,
+                                            image_size=prompt.image_size)
+    rows = _rows(model.config, cases, samples, errors, inputs, schedule, full_config)
+    extra = {"repeats_reason": reason, "rounds": rounds, "timed": "round-robin",
+             "wall_s": round(time.perf_counter() - t_start, 1), **(meta or {})}
+    if depth is not None:
+        extra["depth"] = depth.as_dict()
+    report_meta = _meta(model, prompt, schedule, 0, warmup, rounds, extra)
+    report_meta.pop("new_tokens", None)
+    if param.device.type == "cpu":
+        report_meta["device"] = f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
+    return SpeedReport(report_meta, rows)
+
+
+def _rows(config: Any, cases: Sequence[Case], samples: list[_Samples], errors: list[str | None],
+          inputs: dict[str, Any], unpruned: flops.TokenSchedule, full_config: Any) -> list[SpeedRow]:
+    from tokprune.eval.proxy import full_depth_ratio
+
+    geometry = flops.geometry_from_inputs(inputs)
+    batch = int(inputs["input_ids"].shape[0])
+    rows = []
+    for case, s, err in zip(cases, samples, errors):
+        row = SpeedRow(case.label, case.method, case.keep, case.keep_ratio, error=err)
+        rows.append(row)
+        if err:
+            continue
+        row.prefill_ms, row.encoder_ms = _median(s.prefill), _median(s.encoder)
+        row.scoring_ms, row.select_ms = _median(s.scoring), _median(s.select)
+        row.runs_ms = [round(x, 2) for x in s.prefill]
+        if s.record is None:  # the unpruned model
+            sched = [unpruned] * batch
+        else:
+            sched = flops.from_record(config, s.record, **geometry)
+            row.kind = "+".join(sorted({st.kind for st in s.record.stages})) or None
+        row.visual_tokens = sum(x.visual[-1] for x in sched) / len(sched)
+        row.tflops = flops.estimate(config, sched, logits_to_keep=1).tflops
+        if s.record is not None:
+            row.full_depth_bound = 1 / full_depth_ratio(full_config or config, s.record, **geometry)
+    base = rows[0]
+    for r in rows:
+        if r.error or base.error:
+            continue
+        r.speedup = base.prefill_ms / r.prefill_ms if r.prefill_ms else None
+        r.bound = base.tflops / r.tflops if r.tflops else None
+        if r.method is None:
+            r.full_depth_bound = 1.0
+    return rows
+
+
+
+def readme_snippet(paths: Sequence[str | Path]) -> str:
+    """The README "Speed" text for saved reports (``speed-*.json``): per model, the measured prefill speed-up of
+    each case with its analytic bound beside it, and the method's own cost; device and depth named."""
+    out = []
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        m, rows = data["meta"], data["rows"]
+        depth = (m.get("depth") or {}).get("label", "full depth")
+        base = rows[0]
+        out += [f"**{m['model']}** ({depth}; {m['dtype']}; {m['visual_tokens_per_image']} visual + {m['n_text']} "
+                f"text tokens; {m['device']}; medians of {m['repeats']}; unpruned prefill "
+                f"{_f(base['prefill_ms'], '.0f')} ms, of which the vision encoder {_f(base['encoder_ms'], '.0f')} ms):",
+                "", "| case | measured speed-up | analytic bound (this depth) | measured / bound "
+                "| real-depth bound | scoring + selection, % of prefill |", "|---|---|---|---|---|---|"]
+        for r in rows[1:]:
+            if r["error"]:
+                continue
+            out.append(f"| {r['label']} | {_f(r['speedup'], '.2f', 'x')} | {_f(r['bound'], '.2f', 'x')} "
+                       f"| {_f(r['of_bound'], '.0%')} | {_f(r['full_depth_bound'], '.2f', 'x')} "
+                       f"| {_f(_share(r['overhead_ms'], r['prefill_ms']), '.2%')} |")
+        out.append("")
+    return "\n".join(out)

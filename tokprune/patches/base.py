@@ -156,14 +156,19 @@ class Adapter:
         """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``
         gives an image's vision-stage budget from its special-token mask. Default: one part per image holding its
         content (non-special) tokens. LLaVA-NeXT splits per tile."""
+        # sync: once per image per prefill, the content tokens' indices (a variable-size output)
         return [(j, (~sp).nonzero()[:, 0], image_budget(sp), owner)
                 for j, (sp, owner) in enumerate(zip(signals.special, signals.owners))]
 
     def schedule(self, special: torch.Tensor) -> Schedule:
         """The method's per-stage budgets for an image with this special-token mask: ``keep`` / ``keep_ratio``
         count its content tokens (an error names both counts when a count budget exceeds them)."""
-        n = int((~special).sum())
-        return self.pruner.schedule(self.info, n, self.budget.count(n, content_label(special)))
+        n = int((~special).sum())  # sync: once per image per prefill, the content-token count sizes every budget
+        try:
+            keep = self.budget.count(n)
+        except ValueError:  # the error names what was counted (reads the mask again, on the error path only)
+            keep = self.budget.count(n, content_label(special))
+        return self.pruner.schedule(self.info, n, keep)
 
     def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """The position ids the unpatched model would use when none are passed."""  # family hook

@@ -130,6 +130,7 @@ class LLMStages:
         t0 = time.perf_counter()
         a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
         b, n_cur = hidden.shape[:2]
+        # sync: once per LLM stage per image, the content tokens' indices (a variable-size output)
         content = [[(~sp).nonzero()[:, 0] for sp in srow] for srow in self.special]
         taps = self.taps
         signals = LLMSignals(layer=k, hidden=hidden, attention=taps.rows.get(k) if taps else None,
@@ -155,7 +156,7 @@ class LLMStages:
             rel.append([])
             for c, p, kk, sp in zip(crow, prow, krow, srow):
                 check_indices(p, int(c.numel()), None if pooled else kk, who)
-                extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []
+                extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []  # sync: per stage, variable-size
                 rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
         check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
                       enumerate(zip(picked, ks))}, who)

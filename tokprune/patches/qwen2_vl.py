@@ -124,6 +124,7 @@ class Qwen2VLAdapter(Adapter):
             return None, special
         m = self.vision_tower.spatial_merge_size
         grids = []
+        # sync: once per prefill, the patch grids (the model's own forward reads image_grid_thw to the host too)
         for (t, h, w), f in zip(grid_thw.tolist(), features):
             i = torch.arange(t * (h // m) * (w // m), device=f.device)
             wm, hm = w // m, h // m

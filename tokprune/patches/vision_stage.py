@@ -286,6 +286,7 @@ class _ImageChoice:
         return int(pick.kept.numel()) + m
 
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
+        # sync: once per image, the kept special tokens' indices (a variable-size output)
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
         kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)
         if not self.m:
@@ -313,14 +314,23 @@ def check_pooled(rows: dict[int, list[int]], who: str) -> None:
             raise RuntimeError(f"{who} returned {got} tokens for row {row} where its budget is {k}")
 
 
-def check_indices(idx: torch.Tensor, n: int, k: int | None, who: str) -> None:
-    """A pruner's kept indices must be ``k`` (any count when None) sorted, unique indices into ``n`` tokens."""
+def check_indices(idx: torch.Tensor, n: int, k: int | None, who: str, check: bool | None = None) -> None:
+    """A pruner's kept indices must be ``k`` (any count when None) sorted, unique indices into ``n`` tokens.
+
+    The count is host metadata and always checked; the values are read back only when ``check`` (default: on
+    CPU, where reading costs nothing; on CUDA the read would be a host sync per image, as in tokprune.kernels)."""
     if k is not None and idx.numel() != k:
         raise RuntimeError(f"{who} returned {idx.numel()} kept tokens where the budget is {k}")
-    if idx.numel() and (idx.min() < 0 or idx.max() >= n or (idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any()))):
+    if check is None:
+        check = idx.device.type == "cpu"
+    # sync: only when checking (default: on CPU only)
+    bad = check and idx.numel() and (idx.min() < 0 or idx.max() >= n or
+                                     (idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any())))  # sync: if check
+    if bad:
         raise RuntimeError(f"{who} returned kept indices that are not sorted, unique and in [0, {n})")
 
 
 def content_label(special: torch.Tensor) -> str:
     """What a budget error says it counted for an image with these special tokens."""
+    # sync: only on the error path (an error message)
     return f"image ({int(special.sum())} newline tokens are not counted)" if bool(special.any()) else "image"

@@ -271,3 +271,101 @@ def eager_rows_under_cuts(model, x, cuts: list[tuple[int, torch.Tensor]], layer:
     finally:
         model.set_attn_implementation(impl)
 
+
+
+# ---------------------------------------------------------------------------------------------- VisionZip / HiPrune
+@torch.no_grad()
+def eager_weights_and_keys(model, x, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(attention probabilities (n_seq, H, n, n), keys (n_seq, H, n, d)) of vision layer ``layer`` per attention call,
+    captured from the family's own eager kernel (CLIP: every image / tile in one call; Qwen: per image or window)."""
+    import importlib
+
+    inner = model.model
+    qwen = hasattr(inner, "visual")
+    vt = inner.visual if qwen else inner.vision_tower
+    attn = vt.blocks[layer].attn if qwen else getattr(vt, "vision_model", vt).encoder.layers[layer].self_attn
+    mod = importlib.import_module(type(attn).__module__)
+    orig, seen = mod.eager_attention_forward, []
+
+    def capture(module, query, key, *args, **kwargs):
+        out, weights = orig(module, query, key, *args, **kwargs)
+        if module is attn:
+            seen.append((weights, key))
+        return out, weights
+
+    impl = vt.config._attn_implementation
+    vt.set_attn_implementation("eager")
+    mod.eager_attention_forward = capture
+    try:
+        if qwen:
+            vt(x["pixel_values"], grid_thw=x["image_grid_thw"])
+        else:
+            vt(clip_pixels(model, x))
+    finally:
+        mod.eager_attention_forward = orig
+        vt.set_attn_implementation(impl)
+    return seen
+
+
+@torch.no_grad()
+def visionzip_reference(model, x, keep: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """VisionZip written from the reference's ``CLIPVisionTower_VisionZip.forward`` on eager maps, one image per
+    budget (LLaVA, Qwen): per image (kept slots sorted, its features with each contextual token in its slot).
+
+    Dominant: head-summed [CLS] row of the feature layer (Qwen: received attention); the [CLS] slot of HF's
+    "default" features goes to one more patch. Contextual: the reference's uniform targets and argmax assignment
+    on L2-normalised head-mean keys, token = (target + mean of its members) / 2 (tokprune's normalised form), at
+    the slot of its lowest-index free source. ``merged(full)`` builds the tokens from any per-token tensor (the
+    features, a DeepStack level)."""
+    inner = model.model
+    qwen = hasattr(inner, "visual")
+    cfg = model.config
+    layer = (len(inner.visual.blocks) - 1 if qwen
+             else cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1) - 1)
+    calls = eager_weights_and_keys(model, x, layer)
+    if qwen:
+        scores = per_token(model, x, [w.mean(1).mean(-2) for w, _ in calls])
+    else:
+        scores = per_token(model, x, [w[:, :, 0].sum(1) for w, _ in calls])
+    keys = per_token(model, x, [k.float().mean(1) for _, k in calls])
+    feats = features_of(model, x)
+    dominant = round(keep * 54 / 64)
+    contextual_num = keep - dominant
+    out = []
+    for s, metric, f in zip(scores, keys, feats):
+        n = f.shape[0]
+        topk_indices = s.topk(dominant).indices
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[topk_indices] = False
+        rest = mask.nonzero()[:, 0]  # raster order
+        metric_filtered = metric[rest][None]
+        metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+        step = max(1, metric_normalized.shape[1] // contextual_num)
+        target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+        target_tokens = metric_normalized[:, target_indices, :]
+        others = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+        tokens_to_merge = metric_normalized[:, others, :]
+        similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+        member_of = similarity.argmax(dim=2)[0]
+        groups, slots = [], [topk_indices]
+        free = torch.ones(n, dtype=torch.bool)
+        free[topk_indices] = False
+        for c in range(contextual_num):
+            target, members = rest[target_indices[c]], rest[others][member_of == c]
+            src = torch.cat([target.view(1), members]).sort().values
+            cand = src[free[src]]
+            slot = cand[0] if cand.numel() else free.nonzero()[0, 0]
+            free[slot] = False
+            slots.append(slot.view(1))
+            groups.append((slot, target, members))
+
+        def merged(full, groups=groups):
+            """``full`` (n, D) features (or a DeepStack level) with each contextual token in its slot."""
+            new = full.clone()
+            for slot, target, members in groups:
+                t = full[target].float()
+                new[slot] = (t if not members.numel() else (t + full[members].float().mean(0)) / 2).to(full.dtype)
+            return new
+
+        out.append((torch.cat(slots).sort().values, merged))
+    return out

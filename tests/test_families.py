@@ -370,7 +370,7 @@ def test_next_split_budget_spreads_what_a_tile_cannot_use():
 
 def test_next_family_options_are_validated(zoo):
     fam = zoo["llava_next"]
-    with pytest.raises(ValueError, match=r"tile_budget must be one of \('per_tile', 'global'\)"):
+    with pytest.raises(ValueError, match=r"tile_budget must be one of \('per_tile', 'global', 'per_tile_reference'\)"):
         tokprune.apply(fam.model, "cls", keep=4, tile_budget="per_crop")
     assert not tokprune.is_patched(fam.model)
 

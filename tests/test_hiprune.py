@@ -170,3 +170,13 @@ def test_options_are_validated_with_the_fix():
 
 def test_runs_on_every_family():
     assert set(CASES) | {"llava_next"} == set(families())
+
+
+def test_record_scores_hold_the_deep_layer_statistic():
+    fam = ZOO["qwen2_vl"]
+    x = inputs(fam)
+    with torch.no_grad(), tokprune.pruned(fam.model, "hiprune", keep=4, record_scores=True):
+        fam.model(**x)
+        scores = tokprune.last_record(fam.model).stages[0].scores[0]
+    for got, want in zip(scores, oracles.received(fam.model, x, 1)):
+        assert torch.allclose(got, want.float(), atol=1e-6)

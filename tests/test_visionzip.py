@@ -143,3 +143,13 @@ def test_split_defaults_to_the_papers_ratio_and_options_are_validated():
     with tokprune.pruned(fam.model, "visionzip", keep=6, dominant=5, contextual=2), \
             pytest.raises(ValueError, match="must sum to the budget of each image"):
         fam.model(**inputs(fam))
+
+
+def test_record_scores_hold_the_dominance_score():
+    fam = ZOO["llava"]
+    x = inputs(fam)
+    with torch.no_grad(), tokprune.pruned(fam.model, "visionzip", keep=6, record_scores=True):
+        fam.model(**x)
+        scores = tokprune.last_record(fam.model).stages[0].scores[0]
+    for got, want in zip(scores, oracles.visionzip_inputs(fam.model, x)[0]):
+        assert torch.allclose(got, want.float(), atol=1e-6)

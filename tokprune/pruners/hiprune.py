@@ -98,8 +98,13 @@ class HiPrune(Pruner):
         obj, deep = self.layers(info)
         return VisionRequest((Signal("received", obj), Signal("received", deep)))
 
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        """The deep layer's received attention (what registers are ranked by; ``record_scores`` stores it)."""
+        return [s.float() for s in signals[Signal("received", self.layers(signals.ctx.info)[1])]]
+
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         obj, deep = self.layers(signals.ctx.info)
+        deep_scores = self.vision_scores(signals)
         out = []
         for i, k in enumerate(ks):
             grid = signals.grid[i]
@@ -115,8 +120,8 @@ class HiPrune(Pruner):
             if k >= n:
                 out.append(torch.arange(n, device=grid.device))
                 continue
-            sel = hiprune_select(signals[Signal("received", obj)][i].float(),
-                                 signals[Signal("received", deep)][i].float(), width, k, self.alpha, self.wrap_rows)
+            sel = hiprune_select(signals[Signal("received", obj)][i].float(), deep_scores[i], width, k, self.alpha,
+                                 self.wrap_rows)
             out.append(sel.kept.to(grid.device))
         return out
 

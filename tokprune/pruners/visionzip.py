@@ -89,10 +89,16 @@ class VisionZip(Pruner):
                 "dominant / contextual, or neither for the paper's 54:10 split"
             ) from None
 
-    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        """The dominance score per token: head-summed [CLS] attention (received attention without [CLS])."""
         info = signals.ctx.info
         f = info.feature_layer
         score_sig = Signal("cls", f, heads="all") if info.has_cls else Signal("received", f)
+        return [s.float().sum(-1) if s.dim() == 2 else s.float() for s in signals[score_sig]]
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        f = signals.ctx.info.feature_layer
+        scores = self.vision_scores(signals)
         out: list[torch.Tensor | VisionDecision] = []
         for i, k in enumerate(ks):
             feats = signals.features[i]
@@ -106,8 +112,7 @@ class VisionZip(Pruner):
             patches = (~is_cls).nonzero()[:, 0].to(dev)
             if dom < cls_pos.numel():
                 raise ValueError(f"visionzip: dominant={dom} must be >= 1 to count the [CLS] token; raise it")
-            score = signals[score_sig][i].float()
-            score = score.sum(-1) if score.dim() == 2 else score  # head sum of the [CLS] row
+            score = scores[i]
             sel = visionzip_select(score[patches][None].to(dev), signals[Signal("keys", f)][i][patches][None].to(dev),
                                    feats[patches][None].float(), dom - int(cls_pos.numel()), ctx, with_cls=False)
             kept = torch.cat([cls_pos, patches[sel.dominant[0]]]).sort().values

@@ -108,14 +108,16 @@ class HiPrune(Pruner):
         out = []
         for i, k in enumerate(ks):
             grid = signals.grid[i]
-            if grid[:, 2].unique().numel() > 1:
+            n = int(grid.shape[0])
+            # sync: once per image, the extent of its grid (width of the buffers' +-W)
+            r0, r1, c0, c1, p0, p1 = torch.stack([*grid.aminmax(dim=0)], 1).flatten().tolist()
+            if p0 != p1:
                 raise UnsupportedError(
                     "hiprune selects within one token grid, but this budget part spans several tiles; use "
                     "tile_budget='per_tile' (the default) on LLaVA-NeXT"
                 )
-            n = int(grid.shape[0])
-            width = int(grid[:, 1].unique().numel())
-            if n % width or int(grid[:, 0].unique().numel()) * width != n:
+            width = c1 - c0 + 1
+            if (r1 - r0 + 1) * width != n:
                 raise RuntimeError(f"hiprune: the {n} tokens of image {i} do not form a rectangular grid")
             if k >= n:
                 out.append(torch.arange(n, device=grid.device))

@@ -108,8 +108,8 @@ class VisionZip(Pruner):
                 continue
             dom, ctx = self.split(k)
             is_cls = signals.grid[i][:, 0] < 0  # LLaVA "full": the [CLS] token, at (-1, -1)
-            cls_pos = is_cls.nonzero()[:, 0].to(dev)
-            patches = (~is_cls).nonzero()[:, 0].to(dev)
+            cls_pos = is_cls.nonzero()[:, 0].to(dev)  # sync: once per image, where the [CLS] token is (if any)
+            patches = (~is_cls).nonzero()[:, 0].to(dev)  # sync: once per image, its patches
             if dom < cls_pos.numel():
                 raise ValueError(f"visionzip: dominant={dom} must be >= 1 to count the [CLS] token; raise it")
             score = scores[i]

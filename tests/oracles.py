@@ -289,3 +289,113 @@ def eager_rows_under_cuts(model, x, cuts: list[tuple[int, torch.Tensor]], layer:
     finally:
         model.set_attn_implementation(impl)
 
+
+
+# ---------------------------------------------------------------------------------------------- VisionZip / HiPrune
+@torch.no_grad()
+def eager_weights_and_keys(model, x, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(attention probabilities (n_seq, H, n, n), keys (n_seq, H, n, d)) of vision layer ``layer`` per attention call,
+    captured from the family's own eager kernel (CLIP: every image / tile in one call; Qwen: per image or window)."""
+    import importlib
+
+    inner = model.model
+    qwen = hasattr(inner, "visual")
+    vt = inner.visual if qwen else inner.vision_tower
+    attn = vt.blocks[layer].attn if qwen else getattr(vt, "vision_model", vt).encoder.layers[layer].self_attn
+    mod = importlib.import_module(type(attn).__module__)
+    orig, seen = mod.eager_attention_forward, []
+
+    def capture(module, query, key, *args, **kwargs):
+        out, weights = orig(module, query, key, *args, **kwargs)
+        if module is attn:
+            seen.append((weights, key))
+        return out, weights
+
+    impl = vt.config._attn_implementation
+    vt.set_attn_implementation("eager")
+    mod.eager_attention_forward = capture
+    try:
+        if qwen:
+            vt(x["pixel_values"], grid_thw=x["image_grid_thw"])
+        else:
+            vt(clip_pixels(model, x))
+    finally:
+        mod.eager_attention_forward = orig
+        vt.set_attn_implementation(impl)
+    return seen
+
+
+def visionzip_groups(s: torch.Tensor, metric: torch.Tensor, dominant: int, contextual_num: int
+                     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """VisionZip on one image (or tile), as the reference's ``CLIPVisionTower_VisionZip.forward`` writes it: the top
+    ``dominant`` patches by ``s``; among the rest (raster order) ``contextual_num`` uniform targets and an argmax
+    assignment on L2-normalised ``metric``. Returns (dominant indices, [(slot, target, members)] per contextual
+    token), a contextual token sitting at the lowest-index free patch among its sources."""
+    n = s.shape[0]
+    topk_indices = s.topk(dominant).indices
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[topk_indices] = False
+    rest = mask.nonzero()[:, 0]  # raster order
+    metric_filtered = metric[rest][None]
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    others = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, others, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    member_of = similarity.argmax(dim=2)[0]
+    groups = []
+    free = torch.ones(n, dtype=torch.bool)
+    free[topk_indices] = False
+    for c in range(contextual_num):
+        target, members = rest[target_indices[c]], rest[others][member_of == c]
+        src = torch.cat([target.view(1), members]).sort().values
+        cand = src[free[src]]
+        slot = cand[0] if cand.numel() else free.nonzero()[0, 0]
+        free[slot] = False
+        groups.append((slot, target, members))
+    return topk_indices, groups
+
+
+def merge_groups(full: torch.Tensor, groups: list, index: torch.Tensor | None = None) -> torch.Tensor:
+    """``full`` (n, D) features (or a DeepStack level) with each contextual token, (target + mean of its members) / 2
+    (tokprune's normalised form of the reference's target + mean), in its slot; ``index`` maps group indices."""
+    new = full.clone()
+    at = (lambda i: i) if index is None else (lambda i: index[i])
+    for slot, target, members in groups:
+        t = full[at(target)].float()
+        new[at(slot)] = (t if not members.numel() else (t + full[at(members)].float().mean(0)) / 2).to(full.dtype)
+    return new
+
+
+@torch.no_grad()
+def visionzip_inputs(model, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image: VisionZip's dominance score (head-summed [CLS] row of the feature layer; Qwen: received attention)
+    and metric (head-mean keys), per LLM token from eager maps (LLaVA-NeXT: packed, NaN at newlines)."""
+    inner = model.model
+    qwen = hasattr(inner, "visual")
+    cfg = model.config
+    layer = (len(inner.visual.blocks) - 1 if qwen
+             else cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1) - 1)
+    calls = eager_weights_and_keys(model, x, layer)
+    if qwen:
+        scores = per_token(model, x, [w.mean(1).mean(-2) for w, _ in calls])
+    else:
+        scores = per_token(model, x, [w[:, :, 0].sum(1) for w, _ in calls])
+    return scores, per_token(model, x, [k.float().mean(1) for _, k in calls])
+
+
+@torch.no_grad()
+def visionzip_reference(model, x, keep: int, contextual: int | None = None) -> list[tuple[torch.Tensor, object]]:
+    """VisionZip on eager maps, one budget per image (LLaVA, Qwen): per image (kept slots sorted, ``merged(full)``
+    putting the contextual tokens of any per-token tensor in their slots). Split: ``contextual`` or the paper's
+    54:10 scaled; the [CLS] slot of HF's "default" LLaVA features goes to one more patch."""
+    scores, keys = visionzip_inputs(model, x)
+    contextual_num = keep - round(keep * 54 / 64) if contextual is None else contextual
+    out = []
+    for s, metric in zip(scores, keys):
+        dom, groups = visionzip_groups(s, metric, keep - contextual_num, contextual_num)
+        slots = torch.cat([dom] + [g[0].view(1) for g in groups]).sort().values
+        out.append((slots, lambda full, groups=groups: merge_groups(full, groups)))
+    return out

@@ -267,13 +267,32 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(zoo, family, method, pos_mo
         gen = fam.model.generate(**x, **GEN)
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
-        ref = kept_tokens_reference(fam, x, rec.kept[0], original=original)
-        ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True, original=original)
+        replace = merged_replace(fam, x, rec, k)
+        ref = kept_tokens_reference(fam, x, rec.kept[0], original=original, replace=replace)
+        ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True, original=original, replace=replace)
     n_newlines = [0, 0] if fam.qwen else [n_visual_newlines(fam, x, j) for j in range(2)]
     assert rec.n_kept == [[k + n for n in n_newlines]]
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
     assert_same_generation(gen, ref_gen)
+
+
+#: independent references of the methods that add new (merged) tokens: (model, x, keep) -> per image (slots, merge)
+MERGE_ORACLES = {"visionzip": oracles.visionzip_reference}
+
+
+def merged_replace(fam: Fam, x, rec, k: int) -> Any:
+    """None when the method added no tokens; else the ``replace`` of :func:`kept_tokens_reference` that puts the
+    method's independent reference tokens in their slots (a merging method without a reference fails here)."""
+    if rec.merged is None:
+        return None
+    ref = MERGE_ORACLES[rec.method](fam.model, x, k)
+    assert [torch.equal(slots, kept) for (slots, _), kept in zip(ref, rec.kept[0])] == [True] * len(ref)
+
+    def replace(j, full, fed):
+        return ref[j][1](full)[ref[j][0]]
+
+    return replace
 
 
 def n_visual_newlines(fam: Fam, x, j: int) -> int:
@@ -351,7 +370,7 @@ def test_next_split_budget_spreads_what_a_tile_cannot_use():
 
 def test_next_family_options_are_validated(zoo):
     fam = zoo["llava_next"]
-    with pytest.raises(ValueError, match=r"tile_budget must be one of \('per_tile', 'global'\)"):
+    with pytest.raises(ValueError, match=r"tile_budget must be one of \('per_tile', 'global', 'per_tile_reference'\)"):
         tokprune.apply(fam.model, "cls", keep=4, tile_budget="per_crop")
     assert not tokprune.is_patched(fam.model)
 

@@ -16,6 +16,8 @@ ALL = tokprune.methods()
 # methods whose schedule is a single vision stage, asked from each method (never a list of names)
 PRE_LLM = [m for m in ALL if [st.kind for st in tokprune.api.schedule(tiny_model("llava")[0], m, keep=1,
                                                                          n_visual=N_VIS).stages] == ["vision"]]
+#: independent references of the methods that add new (merged) tokens: (model, x, keep) -> per image (slots, merge)
+MERGE_ORACLES = {"visionzip": oracles.visionzip_reference}
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
 
 
@@ -75,9 +77,14 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
         tokprune.apply(model, method, keep=k, positions=positions)
         out = model(**x).logits
         no_cache = model(**x, use_cache=False).logits
-        kept = tokprune.last_record(model).kept[0]
+        rec = tokprune.last_record(model)
+        kept = rec.kept[0]
         tokprune.remove(model)
         feats = oracles.features(model, x["pixel_values"])
+        if rec.merged is not None:  # new tokens in their slots, from the method's independent reference
+            merged = MERGE_ORACLES[method](model, x, k)
+            assert all(torch.equal(slots, kp) for (slots, _), kp in zip(merged, kept))
+            feats = [fn(f) for (_, fn), f in zip(merged, feats)]
         ref, _ = oracles.run_kept(model, x["input_ids"], feats, kept, compact=positions == "compact")
     assert kept[0].numel() == k
     assert out.shape == ref.shape
@@ -142,9 +149,12 @@ def test_pre_llm_generate_equals_unpatched_on_kept_tokens(tiny, method, position
     with torch.no_grad():
         tokprune.apply(model, method, keep=5, positions=positions)
         gen = model.generate(**x, **GEN)
-        kept = tokprune.last_record(model).kept[0]
+        rec = tokprune.last_record(model)
+        kept = rec.kept[0]
         tokprune.remove(model)
         feats = oracles.features(model, x["pixel_values"])
+        if rec.merged is not None:
+            feats = [fn(f) for (_, fn), f in zip(MERGE_ORACLES[method](model, x, 5), feats)]
         _, keep = oracles.run_kept(model, x["input_ids"], feats, kept, compact=True)
         mm = {"image": type(model.model.get_image_features(pixel_values=x["pixel_values"]))(
             pooler_output=[f[k] for f, k in zip(feats, kept)])}

@@ -22,6 +22,13 @@ budget is spread:
   is presented with owner index ``i * TILE_STRIDE + t``, so per-image seeded rules (``random``) draw independently
   per tile.
 * ``"global"``: one top-k over all content tokens of the image.
+* ``"per_tile_reference"``: FasterVLM's live code path (its anyres branch): ``keep`` is the count ``T`` *every*
+  tile keeps, the base tile included (``keep_ratio``: that share of a full tile, ``round(ratio * 576)`` on
+  LLaVA-NeXT-7B), so an image keeps about ``n_tiles * T`` content tokens; the paper's NeXT numbers ("29 per crop
+  -> 145 total") use this count. One deviation: the reference picks ``T`` among a crop's 576 positions and then
+  unpads, losing the picks that fall on padding, while here a tile picks ``min(T, its visible tokens)`` among
+  the tokens HF's unpadded layout keeps (the scores of padded positions never reach the packed sequence).
+  Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning).
 
 **Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget, as
 FasterVLM and HiPrune do; a method whose paper drops them (VisionZip, FlowCut) declares ``keep_newlines = False``
@@ -78,11 +85,16 @@ class LlavaNextAdapter(LlavaAdapter):
     """LLaVA-NeXT: LLaVA's CLIP taps and sequence handling, plus tile-aware vision budgets (see the module doc)."""
 
     model_classes = ("LlavaNextForConditionalGeneration",)
-    options = {"tile_budget": ("per_tile", "global")}
+    options = {"tile_budget": ("per_tile", "global", "per_tile_reference")}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._packing: _Packing | None = None
+        if self.opts["tile_budget"] == "per_tile_reference" and self.pruner.llm_layers(self.info):
+            raise ValueError(
+                f"tile_budget='per_tile_reference' sets a count per tile for a vision stage, but {self.pruner.name} "
+                "prunes inside the LLM; use tile_budget='per_tile' or 'global'"
+            )
 
     def fixed_visual_tokens(self) -> int | None:
         return None  # varies with each image's size
@@ -186,11 +198,19 @@ class LlavaNextAdapter(LlavaAdapter):
                      ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
         if self.opts["tile_budget"] == "global":
             return super().budget_parts(signals, image_budget)
+        reference = self.opts["tile_budget"] == "per_tile_reference"
         parts = []
         for j, (grid, sp, owner) in enumerate(zip(signals.grid, signals.special, signals.owners)):
-            k = image_budget(sp)
+            k = image_budget(sp)  # validates the budget against the image's content tokens
             tile = grid[:, 2].masked_fill(sp, -1)
             tiles = [(tile == t).nonzero()[:, 0] for t in range(int(tile.max()) + 1)]
-            for t, (idx, kt) in enumerate(zip(tiles, split_budget(k, [int(p.numel()) for p in tiles]))):
+            sizes = [int(p.numel()) for p in tiles]
+            if reference:  # T in every tile, base included (FasterVLM's count)
+                per = self.budget.keep if self.budget.keep is not None else round(
+                    self.budget.keep_ratio * self._packing.per_tile)
+                shares = [min(per, n) if k < sum(sizes) else n for n in sizes]
+            else:
+                shares = split_budget(k, sizes)
+            for t, (idx, kt) in enumerate(zip(tiles, shares)):
                 parts.append((j, idx, kt, (owner[0], owner[1] * TILE_STRIDE + t)))
         return parts

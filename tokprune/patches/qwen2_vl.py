@@ -120,9 +120,13 @@ class Qwen2VLAdapter(Adapter):
                                                                             list[torch.Tensor]]:
         special = [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
         grid_thw = kw.get("image_grid_thw")
+        m = self.vision_tower.spatial_merge_size
+        if grid_thw is None:  # generate() pre-encodes the images and passes no grid: the ViT's last call saw it
+            grid_thw = getattr(self, "_vit_grid", None)
+            if grid_thw is not None and [int(f.shape[0]) for f in features] != (grid_thw.prod(-1) // m**2).tolist():
+                grid_thw = None
         if grid_thw is None or len(grid_thw) != len(features):
             return None, special
-        m = self.vision_tower.spatial_merge_size
         grids = []
         # sync: once per prefill, the patch grids (the model's own forward reads image_grid_thw to the host too)
         for (t, h, w), f in zip(grid_thw.tolist(), features):

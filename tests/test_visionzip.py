@@ -1,0 +1,155 @@
+"""VisionZip end to end on every family: kept slots, contextual tokens, record.merged and logits against a reference
+written from the reference code's rule (dvlab-research/VisionZip ``CLIPVisionTower_VisionZip.forward``) on eager
+attention maps and keys of the tiny models (tests/oracles.py ``visionzip_reference``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_families import GEN, TOL, ZOO, assert_same_generation, inputs, kept_tokens_reference, next_tile_scores
+
+import oracles
+import tokprune
+from tokprune.pruners.visionzip import VisionZip
+from tokprune.testing import families, tiny_model
+
+FAMILIES = [f for f in families() if f != "llava_next"]  # LLaVA-NeXT: per tile, below
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dominant_and_contextual_tokens_equal_the_reference_rule(family):
+    fam = ZOO[family]
+    x = inputs(fam) if family != "llava" else inputs(fam, sizes=[(64, 48), (56, 56)])
+    k, c = 8, 3
+    with torch.no_grad():
+        tokprune.apply(fam.model, "visionzip", keep=k, contextual=c)
+        out = fam.model(**x).logits
+        gen = fam.model.generate(**x, **GEN)
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref = oracles.visionzip_reference(fam.model, x, k, contextual=c)
+
+        def replace(j, full, fed):
+            return ref[j][1](full)[ref[j][0]]
+
+        logits = kept_tokens_reference(fam, x, rec.kept[0], replace=replace)
+        ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True, replace=replace)
+        scores, keys = oracles.visionzip_inputs(fam.model, x)
+    for j, (slots, _) in enumerate(ref):
+        assert torch.equal(rec.kept[0][j], slots)
+        _, groups = oracles.visionzip_groups(scores[j], keys[j], k - c, c)
+        merged = rec.merged[0][j]
+        assert len(merged.sources) == c
+        for src, slot, (g_slot, target, members) in zip(merged.sources, merged.slots, groups):
+            assert torch.equal(src, torch.cat([target.view(1), members]).sort().values)
+            assert int(slot) == int(g_slot)
+    assert rec.n_kept[0] == [k, k]
+    assert (out - logits).abs().max() <= TOL
+    assert_same_generation(gen, ref_gen)
+
+
+def test_next_selects_dominant_and_contextual_per_tile_and_keeps_newlines():
+    fam = ZOO["llava_next"]
+    x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 full 2 x 2 tiles per image
+    k = 15  # 3 per tile = 2 dominant + 1 contextual
+    with torch.no_grad():
+        tokprune.apply(fam.model, "visionzip", keep=k, dominant=2)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        scores, keys = oracles.visionzip_inputs(fam.model, x)
+        tiles = [t for t, _ in next_tile_scores(fam, x, [1])]
+    expected, tile_groups = [], []
+    for j, tile in enumerate(tiles):
+        kept, groups = [(tile < 0).nonzero()[:, 0]], []
+        for t in range(int(tile.max()) + 1):
+            idx = (tile == t).nonzero()[:, 0]
+            dom, g = oracles.visionzip_groups(scores[j][idx], keys[j][idx], 2, 1)
+            kept += [idx[dom], idx[g[0][0]].view(1)]
+            groups.append((idx, g))
+        expected.append(torch.cat(kept).sort().values)
+        tile_groups.append(groups)
+        assert torch.equal(rec.kept[0][j], expected[-1])
+        assert len(rec.merged[0][j].sources) == 5  # one contextual token per tile, inside its tile
+        for src, (idx, g) in zip(rec.merged[0][j].sources, groups):
+            assert torch.equal(src, idx[torch.cat([g[0][1].view(1), g[0][2]])].sort().values)
+
+    def replace(j, full, fed):
+        for idx, g in tile_groups[j]:
+            full = oracles.merge_groups(full, g, idx)
+        return full[expected[j]]
+
+    with torch.no_grad():
+        ref = kept_tokens_reference(fam, x, rec.kept[0], replace=replace)
+    assert rec.n_kept[0] == [k + int(s.sum()) for s in rec.special[0]]
+    assert (out - ref).abs().max() <= TOL
+
+
+def test_llava_full_features_keep_the_cls_token_first():
+    """With ``vision_feature_select_strategy="full"`` the [CLS] token is a visual token: it is kept (and counted in
+    ``dominant``), the patches are the reference's top ``dominant - 1``."""
+    model, proc = tiny_model("llava")
+    model.config.vision_feature_select_strategy = "full"
+    proc.vision_feature_select_strategy, proc.num_additional_image_tokens = "full", 1  # 1 + 16 placeholders
+    fam = type(ZOO["llava"])("llava", model, proc)
+    x = inputs(fam, sizes=[(56, 56)])
+    k, c = 6, 2
+    with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=k, contextual=c):
+        model(**x)
+        rec = tokprune.last_record(model)
+    scores, _ = oracles.visionzip_inputs(model, x)  # per patch (the [CLS] column dropped)
+    kept = rec.kept[0][0]
+    assert rec.n_visual[0] == [17] and kept[0] == 0 and kept.numel() == k
+    dominant = set((oracles.topk_sorted(scores[0], k - c - 1) + 1).tolist())
+    assert dominant <= set(kept.tolist())
+    assert set(kept.tolist()) - dominant - {0} == set(rec.merged[0][0].slots.tolist())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_sdpa_and_eager_select_the_same_tokens(family):
+    got = []
+    for attn in ("sdpa", "eager"):
+        model, proc = tiny_model(family, attn=attn)
+        fam = type(ZOO[family])(family, model, proc)
+        with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=6, contextual=2):
+            model(**inputs(fam))
+            rec = tokprune.last_record(model)
+            got.append((rec.kept[0], [m.sources for m in rec.merged[0]]))
+    assert all(torch.equal(a, b) for a, b in zip(got[0][0], got[1][0]))
+    assert all(torch.equal(a, b) for sa, sb in zip(got[0][1], got[1][1]) for a, b in zip(sa, sb))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_static_cache_matches_dynamic(family):
+    fam = ZOO[family]
+    x = inputs(fam)
+    with torch.no_grad(), tokprune.pruned(fam.model, "visionzip", keep=6, contextual=2):
+        dyn = fam.model.generate(**x, **GEN)
+        sta = fam.model.generate(**x, cache_implementation="static", **GEN)
+    assert_same_generation(dyn, sta)
+
+
+def test_split_defaults_to_the_papers_ratio_and_options_are_validated():
+    assert VisionZip().split(64) == (54, 10)
+    assert VisionZip().split(128) == (108, 20)
+    assert VisionZip().split(192) == (162, 30)
+    assert VisionZip(dominant=60).split(64) == (60, 4)
+    assert VisionZip(contextual=0).split(64) == (64, 0)
+    with pytest.raises(ValueError, match="non-negative int"):
+        VisionZip(dominant=-1)
+    with pytest.raises(ValueError, match="pass keep=64"):
+        VisionZip(dominant=54, contextual=10).split(128)
+    fam = ZOO["llava"]
+    with tokprune.pruned(fam.model, "visionzip", keep=6, dominant=5, contextual=2), \
+            pytest.raises(ValueError, match="must sum to the budget of each image"):
+        fam.model(**inputs(fam))
+
+
+def test_record_scores_hold_the_dominance_score():
+    fam = ZOO["llava"]
+    x = inputs(fam)
+    with torch.no_grad(), tokprune.pruned(fam.model, "visionzip", keep=6, record_scores=True):
+        fam.model(**x)
+        scores = tokprune.last_record(fam.model).stages[0].scores[0]
+    for got, want in zip(scores, oracles.visionzip_inputs(fam.model, x)[0]):
+        assert torch.allclose(got, want.float(), atol=1e-6)

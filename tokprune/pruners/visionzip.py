@@ -1,0 +1,125 @@
+"""VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged from the rest by key similarity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionDecision, VisionRequest, VisionSignals
+from tokprune.registry import register_method
+from tokprune.rules.visionzip import PAPER_SPLIT, visionzip_select, visionzip_split
+
+
+def _count(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"visionzip: {name} must be a non-negative int or None (None: the paper's "
+                         f"{PAPER_SPLIT[0]}:{PAPER_SPLIT[1]} split scaled to keep), got {value!r}")
+
+
+@register_method("visionzip")
+@dataclass
+class VisionZip(Pruner):
+    """VisionZip (CVPR'25, reference code dvlab-research/VisionZip), a pre-LLM baseline, text-agnostic.
+
+    Per image (per tile on LLaVA-NeXT), ``keep = dominant + contextual`` tokens:
+
+    * **dominant**: the patches with the most [CLS] attention at the feature layer, summed over heads, plus the
+      [CLS] token itself (``dominant`` counts it, as the reference's ``visionzip(model, dominant=54)``);
+    * **contextual**: the remaining patches' head-mean keys of the feature layer, L2-normalised; ``contextual``
+      targets uniform over them (``step = max(1, M // C)``); every other remaining patch joins its most similar
+      target (:func:`tokprune.rules.visionzip.visionzip_select`).
+
+    ``dominant`` / ``contextual``: None (both) = the paper's 54:10 split scaled to each part's budget
+    (``dominant = round(keep * 54 / 64)``: 108+20 at 128, 162+30 at 192); give one to fix it (the other is the
+    rest) or both (they must sum to the budget of each image, or of each tile on LLaVA-NeXT).
+
+    Where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep their slots (raster
+    order); each contextual token takes the slot (and position id) of the lowest-index patch it absorbed, so it
+    sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's sources.
+
+    Deviations from the reference, on purpose and for every family:
+
+    * the reference merges the feature layer's hidden states *before* the projector and projects
+      ``[CLS] + dominant + contextual``, in that order; the seam merges the tokens the LLM receives (after the
+      projector / Qwen's merger), as a weighted mean so that Qwen3-VL's DeepStack levels merge alike. The
+      contextual token keeps the reference's relative weights (target 1, each of its n members 1/n) normalised:
+      ``(target + mean(members)) / 2`` (the reference's ``target + mean`` has weights summing to 2); a target
+      nobody joined stays itself. Contextual tokens sit at their first source's slot, not after the dominant ones;
+    * the [CLS] token reaches the LLM only where the model's features carry it (LLaVA's
+      ``vision_feature_select_strategy="full"``: it is kept first, at its own slot). With HF's default ``"default"``
+      strategy the projector never sees [CLS], so its slot goes to one more dominant patch (``dominant`` patches);
+    * LLaVA-NeXT: each tile (base included) selects its own ``dominant + contextual`` in HF's unpadded layout
+      (the model's trained layout) and the newlines are kept on top, as for ``cls`` / ``hiprune``; the reference's
+      NeXT path emits no newline and reads the crops in the "spatial" layout (keep-all must equal the model, so
+      the newlines stay);
+    * CLS-free encoders (Qwen2/2.5/3-VL): dominant tokens by the attention each merged token receives at the
+      feature layer (the last block; mean over heads and all queries, 2x2 merge unit averaged), the variant
+      HiPrune and VFlowOpt report as VisionZip on Qwen; keys are the block's post-RoPE keys, merge-unit mean.
+
+    Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64`` (162+30, 108+20, 54+10); LLaVA-NeXT 5 tiles x
+    (``keep=640 / 320 / 160`` per image).
+    """
+
+    summary = "dominant tokens by [CLS] attention (+[CLS]) and contextual tokens merged by key similarity"
+    paper = "VisionZip, arXiv 2412.04467"
+
+    dominant: int | None = None
+    contextual: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _count("dominant", self.dominant)
+        _count("contextual", self.contextual)
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        f = info.feature_layer
+        score = Signal("cls", f, heads="all") if info.has_cls else Signal("received", f)
+        return VisionRequest((score, Signal("keys", f)))
+
+    def split(self, keep: int) -> tuple[int, int]:
+        """(dominant, contextual) for a budget of ``keep`` tokens; the error names the fix."""
+        try:
+            return visionzip_split(keep, self.dominant, self.contextual)
+        except ValueError:
+            total = (self.dominant or 0) + (self.contextual or 0)
+            raise ValueError(
+                f"visionzip: dominant={self.dominant} + contextual={self.contextual} must sum to the budget of each "
+                f"image (each tile on LLaVA-NeXT), here {keep}; pass keep={total}, or give only one of "
+                "dominant / contextual, or neither for the paper's 54:10 split"
+            ) from None
+
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        """The dominance score per token: head-summed [CLS] attention (received attention without [CLS])."""
+        info = signals.ctx.info
+        f = info.feature_layer
+        score_sig = Signal("cls", f, heads="all") if info.has_cls else Signal("received", f)
+        return [s.float().sum(-1) if s.dim() == 2 else s.float() for s in signals[score_sig]]
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        f = signals.ctx.info.feature_layer
+        scores = self.vision_scores(signals)
+        out: list[torch.Tensor | VisionDecision] = []
+        for i, k in enumerate(ks):
+            feats = signals.features[i]
+            n, dev = int(feats.shape[0]), feats.device
+            if k >= n:
+                out.append(torch.arange(n, device=dev))
+                continue
+            dom, ctx = self.split(k)
+            is_cls = signals.grid[i][:, 0] < 0  # LLaVA "full": the [CLS] token, at (-1, -1)
+            cls_pos = is_cls.nonzero()[:, 0].to(dev)  # sync: once per image, where the [CLS] token is (if any)
+            patches = (~is_cls).nonzero()[:, 0].to(dev)  # sync: once per image, its patches
+            if dom < cls_pos.numel():
+                raise ValueError(f"visionzip: dominant={dom} must be >= 1 to count the [CLS] token; raise it")
+            score = scores[i]
+            sel = visionzip_select(score[patches][None].to(dev), signals[Signal("keys", f)][i][patches][None].to(dev),
+                                   feats[patches][None].float(), dom - int(cls_pos.numel()), ctx, with_cls=False)
+            kept = torch.cat([cls_pos, patches[sel.dominant[0]]]).sort().values
+            assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+            assign[patches] = sel.assignment[0]
+            weights = torch.ones(n, dtype=torch.float32, device=dev)
+            members = torch.bincount(sel.assignment[0][sel.assignment[0] >= 0], minlength=ctx) - 1  # minus target
+            weights[patches[sel.targets[0]]] = members.clamp(min=1).float()
+            out.append(VisionDecision(kept, assign, weights) if ctx else kept)
+        return out

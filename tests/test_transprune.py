@@ -218,3 +218,18 @@ def test_flops_ratio_applies_to_a_model_and_the_record_averages_layers():
     n = rec.n_visual[0][0]
     counts = [int(st.kept[0][0].numel()) for st in rec.stages]
     assert rec.layer_average()[0][0] == pytest.approx((n + sum(counts)) / 4)
+
+
+def test_eval_runs_flops_ratio_cells_for_the_methods_that_take_them(tmp_path):
+    """``tokprune eval --flops-ratio`` on the offline reference model: cells for pdrop and transprune, none for the
+    baselines that take no flops_ratio budget."""
+    import json
+
+    from tokprune.cli import main
+
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", "llava-shapes", "--methods", "pdrop,transprune", "--flops-ratio", "0.5",
+                 "--tasks", "shapes", "--limit", "4", "--batch-size", "4", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["options"], r.get("error")) for r in rows] == [
+        ("unpruned", {}, None), ("pdrop", {"flops_ratio": 0.5}, None), ("transprune", {"flops_ratio": 0.5}, None)]

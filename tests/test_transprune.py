@@ -233,3 +233,43 @@ def test_eval_runs_flops_ratio_cells_for_the_methods_that_take_them(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["method"], r["options"], r.get("error")) for r in rows] == [
         ("unpruned", {}, None), ("pdrop", {"flops_ratio": 0.5}, None), ("transprune", {"flops_ratio": 0.5}, None)]
+
+
+class _Known(torch.nn.Module):
+    """Stands in for a decoder module: y = fn(x) per token (attention modules return (y, None))."""
+
+    def __init__(self, fn, attn: bool) -> None:
+        super().__init__()
+        self.fn, self.attn = fn, attn
+
+    def forward(self, hidden_states, *args, **kwargs):
+        y = self.fn(hidden_states)
+        return (y, None) if self.attn else y
+
+
+def test_ttv_through_the_hooks_on_modules_of_known_magnitude_and_direction():
+    """Layer 0's attention scales token j by j + 1 (magnitude j + 1, 1 - cos = 0) and its FFN flips every other
+    token (magnitude 1, 1 - cos = 2 or 0): TTV_j = (j + 1) / n + e^{d_j} / sum e^d, read through the forward hooks of
+    the observed modules; with alpha = 1 the cut before layer 1 ranks by it alone."""
+    fam = ZOO["llava"]
+    model, proc = fam.model, fam.proc
+    x = proc(images=[make_image(64, 48, seed=2)], text=image_prompt(proc, 1, "what is it ?"), return_tensors="pt")
+    n = x["input_ids"].shape[1]
+    scale = (torch.arange(n) + 1.0)[None, :, None]
+    sign = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0)[None, :, None]
+    layer = model.model.language_model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    layer.self_attn, layer.mlp = _Known(lambda h: h * scale, True), _Known(lambda h: h * sign, False)
+    try:
+        with torch.no_grad(), tokprune.pruned(model, TransPrune(layers=(1,), ratios=(0.25,), accumulate_layers=(0,),
+                                                                 alpha=1.0), record_scores=True):
+            model(**x, use_cache=False)
+            rec = tokprune.last_record(model)
+    finally:
+        layer.self_attn, layer.mlp = attn, mlp
+    d = torch.where(torch.arange(n) % 2 == 0, 2.0, 0.0)
+    ttv = (torch.arange(n) + 1.0) / n + d.exp() / d.exp().sum()
+    img = oracles.image_positions(x["input_ids"][0], model.config.image_token_id)
+    expect = ttv[img] / (ttv[img].sum() + 1e-8)
+    assert torch.allclose(rec.stages[0].scores[0][0], expect, atol=1e-5)
+    assert torch.equal(rec.stages[0].kept[0][0], topk_sorted(expect, int(img.numel()) // 4))

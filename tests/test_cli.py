@@ -52,7 +52,7 @@ BAD = [
     (["flops", "--config", "bogus", "--method", "fastv", "--keep", "4"], "--config: no config 'bogus'"),
     (["flops", "--config", "llava-1.5-7b"], "pass a budget"),
     (["flops", "--config", "llava-1.5-7b", "--method", "fastv"], "pass a budget"),
-    (["flops", "--config", "llava-1.5-7b", "--method", "pdrop", "--keep", "64"], "unknown method 'pdrop'"),
+    (["flops", "--config", "llava-1.5-7b", "--method", "nosuch", "--keep", "64"], "unknown method 'nosuch'"),
     (["flops", "--config", "llava-1.5-7b", "--method", "bogus", "--keep", "64"], "unknown method 'bogus'"),
     (["flops", "--config", "llava-1.5-7b", "--stages", "foo"], "argument --stages: expected LAYER:KEPT"),
     (["flops", "--config", "llava-1.5-7b", "--stages", "2:1.5"], "argument --stages"),

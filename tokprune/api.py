@@ -11,6 +11,7 @@ from torch import nn
 
 import tokprune.patches  # noqa: F401  (registers the built-in model families)
 import tokprune.pruners  # noqa: F401  (registers the built-in methods)
+from tokprune import budget_solver
 from tokprune.config import Budget
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
@@ -66,7 +67,9 @@ def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_
 
     ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
     own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
-    exactly one. ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;
+    exactly one, or (progressive methods, ``pdrop`` / ``transprune``) ``schedule={layer: kept fraction of the
+    original tokens}`` or ``flops_ratio=`` (fraction of the unpruned LLM FLOPs, see :mod:`tokprune.budget_solver`).
+    ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;
     only with a name) and the model family's options (e.g. ``tile_budget="global"`` for LLaVA-NeXT, see
     ``docs/families.md``). ``record_scores``: also store in every stage of the record the score the method gave
     each visual token (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies
@@ -75,9 +78,10 @@ def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_
     wrong.
     """
     check_transformers()
-    budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
+    if "schedule" in options:  # {layer: kept fraction of the original tokens}, progressive methods
+        options = budget_solver.schedule_options(options.pop("schedule"), options)
     if isinstance(method, Pruner):
         if options:
             raise TypeError(f"pass the options {', '.join(sorted(options))} to the {type(method).__name__} "
@@ -85,6 +89,8 @@ def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_
         pruner = method
     else:
         pruner = make_pruner(method, options)
+    keep, keep_ratio = budget_solver.resolve(model, pruner, keep, keep_ratio)
+    budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter = adapter_cls(model, pruner, budget, **family_options)
     adapter.record_scores = bool(record_scores)
     fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
@@ -164,8 +170,11 @@ def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None
     default those of an image of ``image_size`` (the family default) for that config. ``options``: the method's
     hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot run."""
     info = model_info(model_or_config)
+    if "schedule" in options:
+        options = budget_solver.schedule_options(options.pop("schedule"), options)
     pruner = method if isinstance(method, Pruner) else make_pruner(method, options)
     pruner.check(info)
+    keep, keep_ratio = budget_solver.resolve(model_or_config, pruner, keep, keep_ratio)
     if n_visual is None:
         from tokprune.configs import load
         from tokprune.flops import image_work

@@ -85,6 +85,24 @@ class PruneRecord:
     def n_kept(self) -> list[list[int]]:
         return [[int(k.numel()) for k in row] for row in self.kept]
 
+    def layer_average(self, llm_layers: int | None = None) -> list[list[float]]:
+        """Per sample and image: the visual tokens averaged over the LLM's decoder layers (the budget progressive
+        methods' papers compare on); ``llm_layers`` defaults to the recorded config's depth."""
+        if llm_layers is None:
+            if self.config is None:
+                raise ValueError("this record has no config: pass llm_layers")
+            llm_layers = int(self.config.get_text_config().num_hidden_layers)
+        out = []
+        for b, row in enumerate(self.n_visual):
+            out.append([])
+            for i, n in enumerate(row):
+                counts = [n] * llm_layers
+                for st in self.stages:
+                    start = 0 if st.kind == "vision" else int(st.layer)
+                    counts[start:] = [int(st.kept[b][i].numel())] * (llm_layers - start)
+                out[-1].append(sum(counts) / llm_layers)
+        return out
+
     def summary(self) -> str:
         parts = [f"method={self.method}"]
         for b, (nv, nk) in enumerate(zip(self.n_visual, self.n_kept)):

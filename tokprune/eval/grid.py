@@ -50,11 +50,14 @@ class GridSpec:
 
     def variants(self) -> list[Variant]:
         """The unpruned model, then each method at each budget (``flops_ratio`` as a method option)."""
+        from tokprune.eval.validate import supports_flops_ratio
+
         out = [Variant()]
         for m in self.all_methods():
             out += [Variant(m, keep=k) for k in self.keeps]
             out += [Variant(m, keep_ratio=r) for r in self.keep_ratios]
-            out += [Variant(m, options=(("flops_ratio", r),)) for r in self.flops_ratios]
+            if supports_flops_ratio(m):  # baselines without a flops_ratio budget get no such cells
+                out += [Variant(m, options=(("flops_ratio", r),)) for r in self.flops_ratios]
         return out
 
 

@@ -128,4 +128,4 @@ class LLMTaps:
             return
         x = args[0] if args else kw["hidden_states"]
         y = out[0] if isinstance(out, tuple) else out
-        self.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone())
+        self.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())

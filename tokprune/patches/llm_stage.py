@@ -84,11 +84,12 @@ class LLMStages:
         self.idx = torch.arange(n0, device=ids.device).expand(b, n0)  # current slots -> prompt positions
         self.dead = torch.zeros(b, n0, dtype=torch.bool, device=ids.device)
         real = mask2d.bool() if mask2d is not None else torch.ones(b, n0, dtype=torch.bool, device=ids.device)
+        self.real0 = real
         self.spans0 = prompt_spans(self.visual0, self.q0, real)
         if self.taps is not None:
             self.taps.reset()
         self.stage: list[dict] = []
-        self._decode_cache: dict[tuple[int, int], Any] = {}
+        self._decode_cache: dict[int, Any] = {}
 
     def owns(self, cache: Any) -> bool:
         return self.active and (self.cache is None or cache is self.cache)
@@ -100,6 +101,10 @@ class LLMStages:
     def current_spans(self) -> dict[str, torch.Tensor]:
         """The prompt spans (see :func:`~tokprune.patches.llm_signals.prompt_spans`) over the current slots."""
         return {name: torch.gather(m, 1, self.idx) & ~self.dead for name, m in self.spans0.items()}
+
+    def valid_slots(self) -> torch.Tensor:
+        """(B, n) bool: current slots holding a real token (neither left padding nor dead)."""
+        return torch.gather(self.real0, 1, self.idx) & ~self.dead
 
     def visual_slots(self, n: int) -> torch.Tensor:
         """(B, n) bool: current slots holding a surviving visual token."""
@@ -232,13 +237,15 @@ class LLMStages:
         mask = kw.get("attention_mask")
         pkv = get_cache(kw)
         hidden_dtype = kw["position_embeddings"][0].dtype
-        key = (s, id(kw["position_embeddings"]))
         if self.adapter.positions == "compact":
-            if key not in self._decode_cache:
-                self._decode_cache = {k: v for k, v in self._decode_cache.items() if k[1] == key[1]}
+            # one rotary per stage and decode step; the step's own (cos, sin) object is held in the entry, so an id
+            # can never be reused by a later step's tuple while the entry lives
+            src = kw["position_embeddings"]
+            hit = self._decode_cache.get(s)
+            if hit is None or hit[0] is not src:
                 pos = kw["position_ids"] - st["dropped"][:, None]
-                self._decode_cache[key] = (self.adapter.rotary(kw["position_embeddings"][0], pos), pos)
-            out["position_embeddings"], out["position_ids"] = self._decode_cache[key]
+                self._decode_cache[s] = (src, self.adapter.rotary(src[0], pos), pos)
+            _, out["position_embeddings"], out["position_ids"] = self._decode_cache[s]
         q = kw["position_embeddings"][0].shape[1]
         out["attention_mask"] = self._remap_decode_mask(st, mask, pkv, i, q, hidden_dtype)
         return out

@@ -227,11 +227,13 @@ class LLMRequest:
 @dataclass
 class Observed:
     """What one decoder module saw during the prefill: ``input`` (B, n, D) after the norm, ``output`` (B, n, D)
-    before the residual, and ``positions`` (B, n): the prompt position of each slot when it ran."""
+    before the residual, ``positions`` (B, n): the prompt position of each slot when it ran, and ``valid`` (B, n)
+    bool: the slots that held a real token then (not left padding, not a dead slot of a shorter row)."""
 
     input: torch.Tensor
     output: torch.Tensor
     positions: torch.Tensor
+    valid: torch.Tensor | None = None
 
 
 @dataclass

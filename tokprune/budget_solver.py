@@ -1,0 +1,87 @@
+"""Budgets beyond ``keep`` / ``keep_ratio`` for the progressive methods: an explicit ``schedule={layer: kept
+fraction of the original tokens}`` and ``flops_ratio=`` (the fraction of the unpruned LLM FLOPs).
+
+``flops_ratio`` is solved once, at ``apply``, for an image of the family's default size: the final count ``keep``
+whose schedule (:meth:`tokprune.Pruner.schedule`, the one the adapter runs) costs the fraction closest to the
+target under the papers' convention (``tokprune.flops``, ``"3ndm"``: LLM prefill of the visual tokens), which
+must be within 1% of the target; the budget then becomes ``keep_ratio = keep / n_visual``, so other image sizes
+scale with it. Works for any method whose schedule grows with ``keep``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the FLOPs convention ``flops_ratio`` is solved in (see :mod:`tokprune.flops`)
+CONVENTION = "3ndm"
+#: the largest relative miss of the requested fraction
+TOLERANCE = 0.01
+
+
+def schedule_options(schedule: dict[int, float], options: dict[str, Any]) -> dict[str, Any]:
+    """``schedule={layer: kept fraction}`` as the method options ``layers`` and ``ratios``."""
+    if "layers" in options or "ratios" in options:
+        raise TypeError("pass schedule= or layers=/ratios=, not both")
+    if not isinstance(schedule, dict) or not schedule:
+        raise TypeError(f"schedule must be a non-empty dict {{layer: kept fraction of the original tokens}}, "
+                        f"got {schedule!r}")
+    layers = sorted(schedule)
+    return {**options, "layers": tuple(int(x) for x in layers), "ratios": tuple(float(schedule[x]) for x in layers)}
+
+
+def flops_of(config: Any, pruner: Any, info: Any, n_visual: int, keep: int, convention: str = CONVENTION) -> float:
+    """The fraction of the unpruned LLM prefill FLOPs that ``pruner`` costs at ``keep`` on one image."""
+    from tokprune.flops import for_budget
+
+    report = for_budget(config, schedule=pruner.schedule(info, n_visual, keep), convention=convention)
+    return report.ratio(part="llm_prefill")
+
+
+def solve_keep(config: Any, pruner: Any, info: Any, n_visual: int, target: float,
+               convention: str = CONVENTION) -> tuple[int, float]:
+    """The final count (and its FLOPs fraction) whose schedule costs the fraction closest to ``target``; raises
+    when no count comes within :data:`TOLERANCE` (relative)."""
+    lo, hi = 1, n_visual
+    while lo < hi:  # smallest keep whose fraction >= target (the fraction never falls as keep grows)
+        mid = (lo + hi) // 2
+        if flops_of(config, pruner, info, n_visual, mid, convention) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    cands = {k: flops_of(config, pruner, info, n_visual, k, convention) for k in {max(1, lo - 1), lo}}
+    keep = min(cands, key=lambda k: (abs(cands[k] - target), k))
+    got = cands[keep]
+    if abs(got / target - 1) > TOLERANCE:
+        lowest = flops_of(config, pruner, info, n_visual, 1, convention)
+        raise ValueError(f"{pruner.name}: flops_ratio={target} cannot be met within 1% ({got:.4f} is the closest; "
+                         f"this schedule spans {lowest:.4f}..1 of the LLM FLOPs); give explicit ratios or a "
+                         "schedule= whose earlier cuts keep fewer tokens")
+    return keep, got
+
+
+def resolve(model_or_config: Any, pruner: Any, keep: int | None, keep_ratio: float | None
+            ) -> tuple[int | None, float | None]:
+    """The ``(keep, keep_ratio)`` budget of ``pruner``: a ``flops_ratio`` option solved into a ``keep_ratio``;
+    without any budget, a method's :meth:`default_keep_ratio` (explicit ratios / schedule: their last fraction)."""
+    target = getattr(pruner, "flops_ratio", None)
+    if target is not None:
+        if keep is not None or keep_ratio is not None:
+            raise ValueError("pass flops_ratio or keep/keep_ratio, not both")
+        from torch import nn
+
+        from tokprune.api import model_info
+        from tokprune.configs import load
+        from tokprune.flops import image_work
+
+        config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
+        config = load(config) if isinstance(config, str) else config
+        info = model_info(model_or_config)
+        pruner.check(info)
+        n_visual = image_work(config).llm_tokens
+        k, _ = solve_keep(config, pruner, info, n_visual, float(target))
+        return None, k / n_visual
+    if keep is None and keep_ratio is None:
+        default = getattr(pruner, "default_keep_ratio", lambda: None)()
+        if default is not None:
+            return None, default
+    return keep, keep_ratio

@@ -113,9 +113,11 @@ class LLMTaps:
             return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
         span = st.current_spans()[self.request.queries][:, :n]
         counts = span.sum(1)
+        # sync: once per LLM stage: an empty instruction span is an error, not a silent empty row
         if bool(((counts == 0) & st.has_images()).any()):
             raise ValueError(f"a row's {self.request.queries} span is empty (the prompt ends with its image); "
                              "ask for queries='last' or put the question after the image")
+        # sync: once per LLM stage, the widest instruction span (an output shape)
         r = int(counts.max().clamp_min(1))
         order = torch.sort((~span).to(torch.int8), dim=1, stable=True).indices[:, :r]  # span positions first
         weights = torch.gather(span, 1, order).float()

@@ -219,6 +219,7 @@ class Placement:
 
     def sources(self) -> list[torch.Tensor]:
         """Original indices each new token absorbed."""
+        # sync: per new token, the sources the record lists (variable-size)
         return [(self.assign == m).nonzero()[:, 0] for m in range(self.n_new)]
 
     def build(self, f: torch.Tensor, level: str = "features") -> torch.Tensor:
@@ -266,15 +267,19 @@ class _ImageChoice:
         if pick.kept.numel() + m > n_part:
             raise RuntimeError(f"{who}: {pick.kept.numel()} kept + {m} new tokens exceed the part's {n_part}")
         a = pick.assign.to(idx.device).long()
+        # sync: once per image part: validating the pruner's decision (a clear error)
         if a.shape != (n_part,) or bool((a < -1).any()) or bool((a >= m).any()):
             raise RuntimeError(f"{who}: assign must be ({n_part},) long with values in [-1, {m})")
+        # sync: once per image part: validating the pruner's decision
         if pick.kept.numel() and bool((a[pick.kept.to(idx.device)] >= 0).any()):
             raise RuntimeError(f"{who}: a kept token cannot also be merged into a new token")
+        # sync: once per image part: validating the pruner's decision
         if pick.features is None and m and bool((torch.bincount(a[a >= 0], minlength=m) == 0).any()):
             raise RuntimeError(f"{who}: every new token needs at least one source (or pass features)")
         if (pick.features is None) != (not self.features) and self.m:
             raise RuntimeError(f"{who}: give explicit features for the new tokens of every part or of none")
         self.kept.append(idx[pick.kept.to(idx.device)])
+        # sync: once per image part, the new tokens' sources (variable-size)
         self.assign[idx[a >= 0]] = a[a >= 0] + self.m
         if pick.weights is not None:
             if self.weights is None:
@@ -295,7 +300,9 @@ class _ImageChoice:
         free[kept_all] = False
         new_slots = []
         for m in range(self.m):
+            # sync: per new token, its slot: a dropped slot of its own image (variable)
             src = (self.assign == m).nonzero()[:, 0]
+            # sync: per new token, its slot (variable)
             cand = src[free[src]]
             slot = cand[0] if cand.numel() else free.nonzero()[0, 0]
             free[slot] = False

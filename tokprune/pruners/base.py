@@ -187,6 +187,7 @@ class VisionDecision:
     def n_new(self) -> int:
         if self.features is not None:
             return int(self.features.shape[0])
+        # sync: once per decision, the number of new tokens (an output shape)
         return int(self.assign.max()) + 1 if self.assign.numel() and bool((self.assign >= 0).any()) else 0
 
 

@@ -86,11 +86,13 @@ class TransPrune(Progressive):
         b, n = signals.hidden.shape[:2]
         out = torch.zeros(b, n, dtype=torch.float32, device=signals.hidden.device)
         layers = sorted({lay for lay, _ in signals.observed if lay < signals.layer})
+        # sync: once per LLM stage, the prompt length the TTV vectors are indexed by
         n0 = int(signals.positions.max()) + 1
         for lay in layers:
             for part in PARTS:
                 obs = signals.observed[(lay, part)]
                 w = rules.transition_weight(obs.input, obs.output, valid=obs.valid, direction=self.direction)
+                # sync: once per observed module, the prompt length (as above)
                 n0 = max(n0, int(obs.positions.max()) + 1)
                 by_pos = torch.zeros(b, n0, dtype=torch.float32, device=w.device)
                 valid = obs.valid if obs.valid is not None else torch.ones_like(w, dtype=torch.bool)

@@ -119,6 +119,7 @@ class VisionZip(Pruner):
             assign = torch.full((n,), -1, dtype=torch.long, device=dev)
             assign[patches] = sel.assignment[0]
             weights = torch.ones(n, dtype=torch.float32, device=dev)
+            # sync: once per image, the members per contextual token (merge weights)
             members = torch.bincount(sel.assignment[0][sel.assignment[0] >= 0], minlength=ctx) - 1  # minus target
             weights[patches[sel.targets[0]]] = members.clamp(min=1).float()
             out.append(VisionDecision(kept, assign, weights) if ctx else kept)

@@ -145,6 +145,7 @@ def hiprune_select(
     buf_mask.scatter_(1, torch.where(buffers >= 0, buffers, own), True)
     chosen = buf_mask | anchor_mask
     n_chosen = chosen.sum(dim=1)
+    # sync: once per call: anchors + buffers exceeding keep is a different branch
     if int(n_chosen.max()) > keep:
         raise ValueError(
             f"{int(n_chosen.max())} anchors+buffers exceed keep={keep}; lower alpha (now {alpha}) or raise keep"

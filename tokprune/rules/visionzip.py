@@ -84,6 +84,7 @@ def contextual_merge(
     tpos = torch.arange(0, m, step, device=dev)[:contextual]
     is_target = torch.zeros(m, dtype=torch.bool, device=dev)
     is_target[tpos] = True
+    # sync: once per image, the non-target tokens (variable-size)
     mpos = torch.nonzero(~is_target).flatten()
     key = torch.gather(metric.float(), 1, rest[..., None].expand(-1, -1, metric.shape[-1]))
     key = key / key.norm(dim=-1, keepdim=True)
@@ -142,7 +143,9 @@ def visionzip_select(
     for b in range(assign.shape[0]):  # record bookkeeping: one pass per contextual slot, not per token
         per = []
         for c in range(targets.shape[1]):
+            # sync: once per contextual token, its sources for the record (variable-size)
             t = int(targets[b, c])
+            # sync: once per contextual token, its sources for the record (variable-size)
             members = torch.nonzero(assign[b] == c).flatten().tolist()
             per.append([t] + [j for j in members if j != t])
         sources.append(per)

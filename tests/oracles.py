@@ -16,6 +16,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 @torch.no_grad()
+
+def _cache(kw: dict):
+    """The KV cache of a forward call's kwargs (named ``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    return kw["cache"] if kw.get("cache") is not None else kw.get("past_key_values")
+
 def features(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     return list(model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output)
 
@@ -248,7 +253,7 @@ class CutMask:
             h.remove()
 
     def _top(self, module, args, kw):
-        pkv = kw.get("past_key_values", kw.get("cache"))
+        pkv = _cache(kw)
         if pkv is None or pkv.get_seq_length() == 0:
             am = kw.get("attention_mask")
             n = self.cuts[0][1].shape[1]
@@ -263,7 +268,7 @@ class CutMask:
                 if layer <= i:
                     keep &= k
             n = keep.shape[1]
-            pkv = kw.get("past_key_values", kw.get("cache"))
+            pkv = _cache(kw)
             past = pkv.get_seq_length(module.self_attn.layer_idx) if pkv is not None else 0
             kv = past + q
             ok = torch.cat([keep, torch.ones(b, kv - n, dtype=torch.bool)], 1)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokprune.patches.compat import cache_kwargs
 from tokprune.pruners.base import LLMRequest, Observed
 from tokprune.signals import TAPS, attention_rows
 
@@ -87,7 +88,7 @@ class LLMTaps:
         self._probing = True
         try:
             layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=kw.get("attention_mask"),
-                            position_embeddings=kw["position_embeddings"], past_key_values=None)
+                            position_embeddings=kw["position_embeddings"], **cache_kwargs(None))
         finally:
             self._probing = False
 

@@ -163,11 +163,13 @@ def model_info(model_or_config: Any) -> ModelInfo:
 
 
 def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
-             *, n_visual: int | None = None, image_size: tuple[int, int] | None = None,
+             *, n_visual: int | None = None, image_size: tuple[int, int] | None = None, newlines: int = 0,
              **options: Any) -> Schedule:
     """The per-stage budgets ``method`` runs for one image at ``keep`` / ``keep_ratio`` (what the adapter checks
     and ``tokprune.flops.for_budget(config, schedule)`` counts). ``n_visual``: the image's visual tokens; by
-    default those of an image of ``image_size`` (the family default) for that config. ``options``: the method's
+    default those of an image of ``image_size`` (the family default) for that config, whose LLaVA-NeXT row newlines
+    the schedule counts as kept on top of the budget when the method keeps them; with an explicit ``n_visual``,
+    ``newlines`` says how many of them are newlines (default 0). ``options``: the method's
     hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot run."""
     info = model_info(model_or_config)
     if "schedule" in options:
@@ -181,5 +183,7 @@ def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None
 
         config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
         config = load(config) if isinstance(config, str) else config
-        n_visual = image_work(config, image_size=image_size).llm_tokens
-    return pruner.schedule(info, n_visual, Budget(keep=keep, keep_ratio=keep_ratio).count(n_visual))
+        work = image_work(config, image_size=image_size)
+        n_visual, newlines = work.llm_tokens, work.newlines
+    sched = pruner.schedule(info, n_visual, Budget(keep=keep, keep_ratio=keep_ratio).count(n_visual))
+    return dataclasses.replace(sched, special=newlines) if pruner.keep_newlines and newlines else sched

@@ -33,12 +33,15 @@ class Schedule:
 
     ``pooled``: each stage's budgets are pooled over the images of a prompt (CATP): the method may move tokens
     between a row's images, and the adapter checks the row's total instead of each image's count.
+    ``special``: special tokens of the image (LLaVA-NeXT's row newlines, part of ``n_visual``) that the method keeps
+    on top of every stage's content budget, so the LLM sees ``min(keep, n_visual - special) + special`` tokens.
     """
 
     n_visual: int
     stages: tuple[StageBudget, ...]
     meaning: str = "final"
     pooled: bool = False
+    special: int = 0
 
     def __post_init__(self) -> None:
         if self.meaning not in MEANINGS:
@@ -59,10 +62,15 @@ class Schedule:
         return [st.keep for st in self.stages if st.kind == kind][index]
 
     def plan(self) -> list[tuple[int, int]]:
-        """(LLM layer from which the count applies, visual tokens kept) per stage; a vision stage applies from 0."""
-        return [(0 if st.kind == "vision" else int(st.layer), st.keep) for st in self.stages]
+        """(LLM layer from which the count applies, visual tokens the LLM sees) per stage, kept special tokens
+        included; a vision stage applies from 0."""
+        content = self.n_visual - self.special
+        return [(0 if st.kind == "vision" else int(st.layer), min(st.keep, content) + self.special)
+                for st in self.stages]
 
     def describe(self) -> str:
         parts = [f"{st.keep} {'before the LLM' if st.kind == 'vision' else f'before LLM layer {st.layer}'}"
                  for st in self.stages]
-        return f"{self.n_visual} -> " + ", ".join(parts) + f" (keep means the {self.meaning.replace('_', ' ')} count)"
+        extra = f", plus {self.special} newlines kept at every stage" if self.special else ""
+        return (f"{self.n_visual} -> " + ", ".join(parts)
+                + f" (keep means the {self.meaning.replace('_', ' ')} count{extra})")

@@ -52,8 +52,8 @@ def check(args: argparse.Namespace) -> None:
     a budget or schedule is given, and the ``--json`` file can be written."""
     types.check_config(args.config, args.image_size)
     if args.method is not None:
-        types.check_methods([args.method], "--method", hint=" (planned ones such as pdrop are in docs/methods.md; "
-                            "count a planned schedule with --stages, e.g. PyramidDrop --stages 8:0.5,16:0.25,24:0.125)")
+        types.check_methods([args.method], "--method", hint=" (planned ones are listed in docs/methods.md; count any "
+                            "schedule with --stages, e.g. --stages 8:0.5,16:0.25,24:0.125)")
     has_budget = args.keep is not None or args.keep_ratio is not None
     if args.stages is not None and (has_budget or args.method is not None or args.layer is not None):
         raise ValueError("--stages is the whole schedule: pass it without --method, --keep, --keep-ratio and --layer")

@@ -147,7 +147,7 @@ class VisionWork:
     patch embedding; ``projector_tokens`` ViT-level tokens (all sequences) enter the projector/merger;
     ``windows`` are the token counts of the attention windows of one sequence (Qwen2.5-VL, unpruned);
     ``llm_tokens`` is how many visual tokens the image gives the LLM when nothing is pruned; ``grid`` is the
-    (t, h, w) patch grid of a Qwen image.
+    (t, h, w) patch grid of a Qwen image; ``newlines`` the LLaVA-NeXT row newlines among ``llm_tokens``.
     """
 
     layer_tokens: tuple[int, ...]
@@ -158,6 +158,7 @@ class VisionWork:
     cls: int = 0
     windows: tuple[int, ...] = ()
     grid: tuple[int, int, int] | None = None
+    newlines: int = 0
 
     def cut(self, vit_layer: int, kept: int) -> VisionWork:
         """The same image when only ``kept`` of its ``llm_tokens`` survive from ViT layer ``vit_layer`` on.
@@ -237,8 +238,9 @@ def _qwen25_windows(vc: Any, h: int, w: int) -> tuple[int, ...]:
     return tuple(r * c * merge**2 for r in rows for c in cols)
 
 
-def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, int]:
-    """(tiles through CLIP, visual tokens after unpadding + newlines) of one LLaVA-NeXT image of size (H, W)."""
+def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(tiles through CLIP, visual tokens after unpadding + newlines, newlines) of one LLaVA-NeXT image of size
+    (H, W)."""
     import torch
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
@@ -253,7 +255,7 @@ def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, in
     # unpad_image only looks at shapes: a meta tensor gives the unpadded grid without allocating
     grid = unpad_image(torch.empty(1, gh * side, gw * side, device="meta"), list(image_size))
     rows, cols = grid.shape[1:]
-    return tiles, side * side + rows * (cols + 1)
+    return tiles, side * side + rows * (cols + 1), rows
 
 
 def image_work(config: Any, *, image_size: tuple[int, int] | None = None,
@@ -278,9 +280,10 @@ def image_work(config: Any, *, image_size: tuple[int, int] | None = None,
         return VisionWork((patches + 1,) * layers, patches, proj, proj, cls=1)
     if arch.family == "llava_next":
         size = tuple(image_size) if image_size is not None else (2 * vc.image_size, 2 * vc.image_size)
-        tiles, n_llm = _llava_next_tiles(config, size)
+        tiles, n_llm, newlines = _llava_next_tiles(config, size)
         patches = (vc.image_size // vc.patch_size) ** 2
-        return VisionWork((patches + 1,) * layers, patches, tiles * patches, n_llm, sequences=tiles, cls=1)
+        return VisionWork((patches + 1,) * layers, patches, tiles * patches, n_llm, sequences=tiles, cls=1,
+                          newlines=newlines)
     merge = vc.spatial_merge_size
     if grid_thw is not None:
         t, h, w = (int(x) for x in grid_thw)

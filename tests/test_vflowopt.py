@@ -269,16 +269,18 @@ def _counts(model, n: int, keep: int) -> tuple[int, int, int]:
     return oracles.vflowopt_counts(n, keep, OPTS["r2"], OPTS["r3"], spans)
 
 
-def test_llava_every_stage_equals_the_layer_loop_and_generates_like_it():
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_llava_every_stage_equals_the_layer_loop_and_generates_like_it(positions):
     """LLaVA-1.5: the vision stage's cells and weights, both LLM cuts (vision importance of the survivors) and the
     logits / greedy ids equal the decoder run layer by layer (tests/progressive_ref.py) on the recycled features,
-    each stage's tokens removed from its layer on, original positions."""
+    each stage's tokens removed from its layer on; original positions (the default) or re-indexed (an option)."""
+    compact = positions == "compact"
     model, proc = ZOO["llava"].model, ZOO["llava"].proc
     x = proc(images=[make_image(64, 48, seed=1)], text=image_prompt(proc, 1, "what color is the big shape ?"),
              return_tensors="pt")
     keep = 5
     with torch.no_grad():
-        tokprune.apply(model, "vflowopt", keep=keep, **opts("llava"))
+        tokprune.apply(model, "vflowopt", keep=keep, positions=None if not compact else positions, **opts("llava"))
         out = model(**x).logits
         rec = tokprune.last_record(model)
         gen = model.generate(**x, **GEN)
@@ -299,11 +301,11 @@ def test_llava_every_stage_equals_the_layer_loop_and_generates_like_it():
             m[img] = False
             m[img[k]] = True
             masks.append((layer, m))
-        ref, _, _ = llava_loop(model, oracles.embed(model, ids, [merged]), img, masks, compact=False)
+        ref, _, _ = llava_loop(model, oracles.embed(model, ids, [merged]), img, masks, compact=compact)
         seq = ids
         for _ in range(GEN["max_new_tokens"]):
             ext = [(c, torch.cat([m, torch.ones(seq.shape[1] - ids.shape[1], dtype=torch.bool)])) for c, m in masks]
-            logits, _, _ = llava_loop(model, oracles.embed(model, seq, [merged]), img, ext, compact=False)
+            logits, _, _ = llava_loop(model, oracles.embed(model, seq, [merged]), img, ext, compact=compact)
             seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert [st.kept[0][0].tolist() for st in rec.stages] == [kept.tolist(), cut1.tolist(), cut2.tolist()]
     assert [(int(s), src.tolist()) for s, src in zip(rec.merged[0][0].slots, rec.merged[0][0].sources)] == groups

@@ -223,7 +223,7 @@ def test_search_space_is_the_tuner_contract():
     options = {f for f in VFlowOpt.__dataclass_fields__}
     assert set(space) <= options and set(space) == {"t", "alpha", "cell", "r2", "r3"}
     rng = random.Random(0)
-    for name, (kind, low, high) in space.items():
+    for kind, low, high in space.values():
         assert kind in ("float", "int", "log") and low < high
     for _ in range(5):  # any point meets the layer-averaged target (the tuner's constraint)
         point = {k: rng.uniform(lo, hi) for k, (_, lo, hi) in space.items()}
@@ -238,7 +238,8 @@ def test_search_space_is_the_tuner_contract():
 
 def test_bad_options_raise_naming_the_fix():
     for bad, match in [(dict(t=-1), "t must be"), (dict(cell=0.5), "cell must be"), (dict(r2=1.5), "r2 must be"),
-                       (dict(ratios=(0.5, 0.5)), "three kept fractions"), (dict(ratios=(0.5, 1, 1), r2=0.5), "not both"),
+                       (dict(ratios=(0.5, 0.5)), "three kept fractions"),
+                       (dict(ratios=(0.5, 1, 1), r2=0.5), "not both"),
                        (dict(layers=(3,)), "two 0-based decoder layers"),
                        (dict(ratios=(0.5, 1, 1), flops_ratio=0.3), "without ratios"), (dict(alpha="x"), "alpha")]:
         with pytest.raises((ValueError, TypeError), match=match):

@@ -306,8 +306,8 @@ class _ImageChoice:
             self.features.append(pick.features)
         if pick.slots is not None:
             sl = pick.slots.to(idx.device).long()
-            # sync: once per image part: validating the pruner's decision (a clear error)
             own = a[sl.clamp(0, n_part - 1)] == torch.arange(m, device=a.device)
+            # sync: once per image part: validating the pruner's decision (a clear error)
             if sl.shape != (m,) or bool(((sl < 0) | (sl >= n_part) | ~own).any()):
                 raise RuntimeError(f"{who}: slots must be ({m},) long, each new token's slot one of its own sources")
             self.slots.append(idx[sl])
@@ -325,7 +325,8 @@ class _ImageChoice:
         free = ~special.to(kept_all.device).clone()
         free[kept_all] = False
         chosen = torch.cat(self.slots).to(kept_all.device)
-        free[chosen[chosen >= 0]] = False  # slots the pruner chose are taken first
+        # sync: once per image with new tokens, the slots the pruner chose (taken first)
+        free[chosen[chosen >= 0]] = False
         new_slots = []
         for m in range(self.m):
             if chosen[m] >= 0:  # sync: per new token, whether the pruner chose its slot

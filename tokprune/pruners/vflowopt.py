@@ -258,10 +258,14 @@ class VFlowOpt(Pruner):
             for i, (pos, org) in enumerate(zip(row, orow)):
                 if not pos.numel():
                     continue
-                parts = store[(bi, i)]
-                size = max(int(idx.max()) + 1 for idx, _ in parts if idx.numel())
-                full = torch.full((size,), float("nan"), device=out.device)
-                for idx, imp in parts:
-                    full[idx.to(out.device)] = imp.to(out.device)
+                full = store[(bi, i)]
+                if isinstance(full, list):  # the first LLM stage joins the image's parts once per prefill
+                    parts = [(idx.to(out.device), imp.to(out.device)) for idx, imp in full if idx.numel()]
+                    # sync: once per image per prefill, the extent of its scored tokens (a tensor size)
+                    size = int(torch.stack([idx.max() for idx, _ in parts]).max()) + 1
+                    full = torch.full((size,), float("nan"), device=out.device)
+                    for idx, imp in parts:
+                        full[idx] = imp.float()
+                    store[(bi, i)] = full
                 out[bi, pos] = full[org.to(out.device)]
         return out

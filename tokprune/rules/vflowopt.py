@@ -227,46 +227,49 @@ def recycle_to(
     if keep >= n:
         return Recycling(torch.arange(n, device=dev), assign[:0], assign, torch.ones(n, device=dev))
     g = torch.zeros(n, dtype=torch.long, device=dev) if group is None else group.long()
-    key = torch.stack([g, (rows.float() / cell).floor().long(), (cols.float() / cell).floor().long()], dim=1)
-    _, cell_of = torch.unique(key, dim=0, return_inverse=True)
+    rc, cc = (rows.float() / cell).floor().long(), (cols.float() / cell).floor().long()
+    lo = torch.stack([rc.min(), cc.min()])
+    rc, cc = rc - lo[0], cc - lo[1]  # >= 0 (LLaVA "full": the [CLS] token sits at row -1)
+    # sync: once per image, the extent of its cell grid (the size of the per-cell tables)
+    n_g, n_r, n_c = (torch.stack([g.max(), rc.max(), cc.max()]) + 1).tolist()
+    cell_of = (g * n_r + rc) * n_c + cc  # dense cell id, < n_cells
+    n_cells = n_g * n_r * n_c
     order = torch.sort(imp, stable=True).indices  # ascending, ties -> lower index first
-    n_cells = int(cell_of.max()) + 1
     ranks = torch.arange(n, device=dev)
     first = torch.full((n_cells,), n, dtype=torch.long, device=dev).scatter_reduce(0, cell_of[order], ranks, "amin")
-    opened = torch.zeros(n, dtype=torch.long, device=dev)
-    opened[first] = 1
+    opened = torch.zeros(n + 1, dtype=torch.long, device=dev).scatter_(0, first, 1)[:n]  # (slot n: empty cells)
     cells_at = torch.cat([opened.new_zeros(1), opened.cumsum(0)])  # cells among the n_low lowest, n_low = 0..n
     total = n - torch.arange(n + 1, device=dev) + cells_at  # tokens left after dropping n_low (non-increasing)
-    hit = (total == keep).nonzero()
-    # sync: once per image, how many tokens are dropped (an output shape)
-    n_low = int(hit[0, 0]) if hit.numel() else n
+    hit = total == keep
+    n_low_t = torch.where(hit.any(), hit.long().argmax(), torch.tensor(n, device=dev))
+    # sync: once per image, how many tokens are dropped and how many cells they cover (output shapes)
+    n_low, m = torch.stack([n_low_t, cells_at[n_low_t]]).tolist()
     low = order[:n_low]
-    keep_mask = torch.ones(n, dtype=torch.bool, device=dev)
-    keep_mask[low] = False
-    _, cid = torch.unique(cell_of[low], return_inverse=True)
-    m = int(cid.max()) + 1 if n_low else 0
     w = imp[low]
-    cmax = torch.full((m,), float("-inf"), device=dev).scatter_reduce(0, cid, w, "amax")
+    cid = cell_of[low]
+    cmax = torch.full((n_cells,), float("-inf"), device=dev).scatter_reduce(0, cid, w, "amax")
     cand = torch.where(w == cmax[cid], low, torch.full_like(low, n))
-    reps = torch.full((m,), n, dtype=torch.long, device=dev).scatter_reduce(0, cid, cand, "amin")
+    rep_of = torch.full((n_cells,), n, dtype=torch.long, device=dev).scatter_reduce(0, cid, cand, "amin")
     if m > keep:  # fewer slots than cells: recycle the cells of the best representatives
-        best = torch.sort(-imp[reps], stable=True).indices[:keep]
-        remap = torch.full((m,), -1, dtype=torch.long, device=dev)
-        remap[best] = torch.arange(keep, device=dev)
-        cid, reps, m = remap[cid], reps[best], keep
-    # new tokens numbered in the order of their representatives (ascending slot)
-    rank = torch.empty(m, dtype=torch.long, device=dev)
-    rank[torch.argsort(reps)] = torch.arange(m, device=dev)
-    live = cid >= 0
-    assign[low[live]] = rank[cid[live]]
-    reps = reps.sort().values
+        score = torch.where(rep_of < n, imp[rep_of.clamp(max=n - 1)], float("-inf"))
+        best = torch.sort(-score, stable=True).indices[:keep]
+        drop = torch.ones(n_cells, dtype=torch.bool, device=dev)
+        drop[best] = False
+        rep_of = rep_of.masked_fill(drop, n)
+        m = keep
+    reps, by_slot = torch.sort(rep_of)  # present cells first, by ascending slot
+    reps = reps[:m]
+    rank = torch.empty(n_cells, dtype=torch.long, device=dev)
+    rank[by_slot] = torch.arange(n_cells, device=dev)
+    rank = torch.where(rep_of < n, rank, -1)  # new-token index of each recycled cell, -1 for none
+    assign[low] = rank[cid]
     weights = imp.clamp(min=0)
-    src = assign >= 0
-    sums = torch.zeros(m, device=dev).index_add_(0, assign[src], weights[src])
-    flat = torch.zeros(n, dtype=torch.bool, device=dev)
-    flat[src] = sums[assign[src]] <= 0
-    weights = torch.where(flat, torch.ones_like(weights), weights)
-    return Recycling(torch.nonzero(keep_mask).flatten(), reps, assign, weights)
+    if m:
+        src = assign >= 0
+        at = assign.clamp(min=0)
+        sums = torch.zeros(m, device=dev).index_add_(0, at, torch.where(src, weights, 0.0))
+        weights = torch.where(src & (sums[at] <= 0), torch.ones_like(weights), weights)
+    return Recycling(order[n_low:].sort().values, reps, assign, weights)
 
 
 def stage_counts(k1: int, r2: float, r3: float) -> tuple[int, int, int]:

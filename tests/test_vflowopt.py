@@ -396,3 +396,28 @@ def test_sdpa_and_eager_select_the_same_tokens(family):
             model(**inputs(fam))
             kept.append([st.kept[0] for st in tokprune.last_record(model).stages])
     assert all(torch.equal(a, b) for sa, sb in zip(*kept) for a, b in zip(sa, sb))
+
+
+@pytest.mark.parametrize("tile_budget", ["per_tile", "global"])
+def test_llava_next_budgets_newlines_and_the_schedule_reference(tile_budget):
+    """LLaVA-NeXT: the layer-averaged budget counts content tokens, newlines ride on top at every stage, and the
+    logits equal the unpatched model fed the recycled tokens (weights from eager maps) under the cut masks;
+    ``tile_budget="global"`` is the reference's one budget over the image (base and stitched crops as two grids)."""
+    from test_families import schedule_reference
+
+    fam = ZOO["llava_next"]
+    x = inputs(fam)
+    with torch.no_grad():
+        tokprune.apply(fam.model, "vflowopt", keep=5, tile_budget=tile_budget, cell=2.0, r2=0.6, r3=0.5)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        ref, final = schedule_reference(fam, x, rec)
+    assert rec.merged is not None
+    for j, sp in enumerate(rec.special[0]):
+        n = int((~sp).sum())
+        plan = api.schedule(fam.model, "vflowopt", keep=5, n_visual=n, cell=2.0, r2=0.6, r3=0.5)
+        for st, want in zip(rec.stages, plan.stages):
+            kept = st.kept[0][j]
+            assert int((~sp[kept]).sum()) == want.keep and sp[kept].sum() == sp.sum()  # newlines all kept
+    assert (out[0] - ref[0, final]).abs().max() <= 1e-5

@@ -2,6 +2,7 @@
 
     python benchmarks/reference_accuracy.py            # writes benchmarks/reference_accuracy.{md,json}
     python benchmarks/reference_accuracy.py --n 200 --models llava-shapes --out /tmp/ref
+    python benchmarks/reference_accuracy.py --methods vflowopt --flops-matched   # add / replace only these rows
 
 For each shipped model: unpruned accuracy per question type, then every method of ``tokprune.methods()`` (with
 its default options) at keep ratios 50 / 25 / 12.5 %. ``random`` is the floor: its subset depends only on its
@@ -48,10 +49,20 @@ class LowestCLS(CLSAttention):
         return [-s for s in super().vision_scores(signals)]
 
 
+#: a row whose column ratio is the method's ``flops_ratio`` (fraction of the unpruned LLM FLOPs), not a keep ratio
+FLOPS_ROW = "flops_ratio=column"
+
+
 def run_one(model: Any, processor: Any, samples: list, method: str, ratio: float, **options: Any) -> dict[str, Any]:
+    flops_row = options.pop(FLOPS_ROW, False)
+    budget = {"flops_ratio": ratio} if flops_row else {"keep_ratio": ratio}
     try:
-        tokprune.apply(model, method, keep_ratio=ratio, **options)
+        tokprune.apply(model, method, **budget, **options)
     except (tokprune.UnsupportedError, NotImplementedError) as e:
+        return {"n/a": str(e)}
+    except ValueError as e:  # a FLOPs fraction this small model's token counts cannot meet within 1%
+        if not flops_row:
+            raise
         return {"n/a": str(e)}
     try:
         kept: list[torch.Tensor] = []
@@ -70,7 +81,8 @@ def mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "kept": runs[0]["kept"], "seeds": len(runs), "all_min": min(alls), "all_max": max(alls)}
 
 
-def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int) -> dict[str, Any]:
+def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int, only: list[str] | None = None,
+                flops_matched: bool = False) -> dict[str, Any]:
     model, processor = load(name)
     meta = read_meta(name)
     samples = list(ShapesVQA("test", n=n, types=tuple(meta["question_types"])))
@@ -79,6 +91,11 @@ def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int)
                               "unpruned": accuracy(model, processor, samples).as_dict(), "methods": {}}
     runs = [(m, {}) for m in tokprune.methods() if m != DIAGNOSTIC]
     runs += [(m, o) for m, _ in list(runs) for o in VARIANTS.get(m, [])] + [(DIAGNOSTIC, {})]
+    if flops_matched:  # methods with a flops_ratio budget: one more row, the column ratio as the FLOPs fraction
+        runs += [(m, {FLOPS_ROW: True}) for m, o in list(runs) if not o and m in METHODS
+                 and "flops_ratio" in getattr(METHODS[m], "__dataclass_fields__", {})]
+    if only is not None:
+        runs = [(m, o) for m, o in runs if m in only]
     for method, options in runs:
         rows = {}
         for r in ratios:
@@ -86,10 +103,10 @@ def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int)
                 seeds = [run_one(model, processor, samples, method, r, seed=s) for s in range(random_seeds)]
                 rows[str(r)] = seeds[0] if "n/a" in seeds[0] else mean_runs(seeds)
             else:
-                rows[str(r)] = run_one(model, processor, samples, method, r, **options)
+                rows[str(r)] = run_one(model, processor, samples, method, r, **dict(options))
         if method == DIAGNOSTIC and all("n/a" in v for v in rows.values()):
             continue  # no [CLS]: the diagnostic says nothing the cls row does not
-        label = method + "".join(f" {k}={v}" for k, v in options.items())
+        label = method + "".join(f" {k}" if k == FLOPS_ROW else f" {k}={v}" for k, v in options.items())
         result["methods"][label] = rows
         print(f"{name} {label}: " + ", ".join(
             f"{r}: {v['accuracy']['all']:.3f}" if "accuracy" in v else f"{r}: n/a" for r, v in rows.items()),
@@ -146,6 +163,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                         cell += f" [{pct(v['all_min'])}-{pct(v['all_max'])}]"
                     cells.append(cell)
             label = f"`{method}`" + (" (diagnostic: lowest [CLS])" if method == DIAGNOSTIC else "")
+            label = label.replace(f" {FLOPS_ROW}`", "` (FLOPs-matched: the column's ratio is `flops_ratio`)")
             label += f" (mean of {rows[ratios[0]]['seeds']} seeds, [min-max])" if "seeds" in rows[ratios[0]] else ""
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if notes:
@@ -163,6 +181,22 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the method rows of ``new`` added or replaced (same samples required), rows in table order:
+    the methods by name, then variants and FLOPs-matched rows, the diagnostic last."""
+    if old["n"] != new["n"]:
+        raise SystemExit(f"--n {new['n']} differs from the {old['n']} samples of the existing table; "
+                         f"pass --n {old['n']}")
+    for name, m in new["models"].items():
+        if name not in old["models"]:
+            raise SystemExit(f"{name} is not in the existing table: run it with every method first")
+        rows = {**old["models"][name]["methods"], **m["methods"]}
+        base = sorted(k for k in rows if " " not in k and k != DIAGNOSTIC)
+        rest = [k for k in rows if k not in base and k != DIAGNOSTIC] + [k for k in rows if k == DIAGNOSTIC]
+        old["models"][name]["methods"] = {k: rows[k] for k in base + rest}
+    return old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llava-shapes,qwen2vl-shapes")
@@ -171,7 +205,12 @@ def main() -> None:
     p.add_argument("--random-seeds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reference_accuracy")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to run; their rows replace / join those already in --out.json")
+    p.add_argument("--flops-matched", action="store_true",
+                   help="also a row per method that takes flops_ratio, the column ratio as its FLOPs fraction")
     a = p.parse_args()
+    only = a.methods.split(",") if a.methods else None
     torch.set_num_threads(a.threads)
     import transformers
 
@@ -186,9 +225,11 @@ def main() -> None:
         }
         for name in a.models.split(","):
             res["models"][name] = bench_model(name, a.n, tuple(float(r) for r in a.ratios.split(",")),
-                                              a.random_seeds)
+                                              a.random_seeds, only, a.flops_matched)
     finally:
         METHODS.pop(DIAGNOSTIC, None)
+    if only is not None and a.out.with_suffix(".json").exists():  # merge: the other rows stay as they were
+        res = merge(json.loads(a.out.with_suffix(".json").read_text()), res)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(to_markdown(res))
     print(f"wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}")

@@ -404,3 +404,120 @@ def visionzip_reference(model, x, keep: int, contextual: int | None = None) -> l
         slots = torch.cat([dom] + [g[0].view(1) for g in groups]).sort().values
         out.append((slots, lambda full, groups=groups: merge_groups(full, groups)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- VFlowOpt
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _feature_layer(model) -> int:
+    inner, cfg = model.model, model.config
+    if hasattr(inner, "visual"):
+        return len(inner.visual.blocks) - 1
+    return cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1) - 1
+
+
+def _entropy_bits(grey: torch.Tensor) -> torch.Tensor:
+    """(n, V) integer grey levels 0..255 -> (n,) Shannon entropy in bits, 256 bins (log2(p + 1e-10))."""
+    out = []
+    for row in grey:
+        p = torch.bincount(row, minlength=256).float() / row.numel()
+        out.append(-(p * torch.log2(p + 1e-10)).sum())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def raw_token_pixels(model, x) -> list[torch.Tensor]:
+    """Per image (LLaVA, Qwen), each LLM token's raw RGB values in 0..255: ``255 * (pixel_values * std + mean)``
+    (CLIP's mean / std), (n, 3, V): a CLIP patch, or a Qwen merge unit's 4 consecutive patches (both frames)."""
+    pv = x["pixel_values"].float()
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    if hasattr(model.model, "visual"):
+        rows = pv.reshape(pv.shape[0], 3, -1) * std.view(1, 3, 1) + mean.view(1, 3, 1)
+        units = rows.unflatten(0, (-1, 4)).permute(0, 2, 1, 3).flatten(2)  # (units, 3, 4 * V)
+        return list(torch.split(255 * units, (x["image_grid_thw"].prod(-1) // 4).tolist()))
+    p = model.config.vision_config.patch_size
+    img = pv * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)
+    patches = img.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(-2)
+    return list(255 * patches)
+
+
+@torch.no_grad()
+def vflowopt_importance(model, x, t: float, alpha: float = 0.0) -> list[torch.Tensor]:
+    """VFlowOpt's importance per LLM token of each image from eager maps of the feature layer: per attention
+    call, received r = column mean of the head-mean map; hubs r > t * mean(r); c = mean of the hub rows (r when
+    there is no hub); + alpha * softmax over the image of the grey-level entropy of raw 0..255 pixels."""
+    calls = []
+    for a in vision_attention(model, x, _feature_layer(model)):
+        a = a.float().mean(1)  # (n_seq, n, n)
+        r = a.mean(1)
+        c = []
+        for seq_a, seq_r in zip(a, r):
+            hub = seq_r > t * seq_r.mean()
+            c.append(seq_a[hub].mean(0) if hub.any() else seq_r)
+        calls.append(torch.stack(c))
+    imp = per_token(model, x, calls)
+    if alpha:
+        grey = [((px * 0.3333).sum(1)).round().clamp(0, 255).long() for px in raw_token_pixels(model, x)]
+        imp = [i + alpha * _entropy_bits(g).softmax(0) for i, g in zip(imp, grey)]
+    return imp
+
+
+def vflowopt_recycle(imp: torch.Tensor, rows: list[int], cols: list[int], keep: int, a: float,
+                     group: list[int] | None = None) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """VFlowOpt's stage 1 on one image, written as loops: drop the n_low lowest-importance tokens (ties: lower
+    index first), n_low the smallest with ``n - n_low + (non-empty cells among them) == keep``; each cell's
+    highest-importance dropped token comes back. Returns (kept indices incl. representatives, [(rep, members)])."""
+    import math
+
+    n = imp.shape[0]
+    if keep >= n:
+        return list(range(n)), []
+    group = group or [0] * n
+    order = sorted(range(n), key=lambda j: (float(imp[j]), j))
+    cell_of = [(group[j], math.floor(rows[j] / a), math.floor(cols[j] / a)) for j in range(n)]
+    for n_low in range(n - keep, n + 1):
+        cells: dict = {}
+        for j in order[:n_low]:
+            cells.setdefault(cell_of[j], []).append(j)
+        if n - n_low + len(cells) == keep:
+            break
+    else:
+        raise AssertionError("the oracle covers budgets of at least one token per cell")
+    groups = [(max(m, key=lambda j: (float(imp[j]), -j)), sorted(m)) for m in cells.values()]
+    kept = sorted(set(range(n)) - set(order[:n_low]) | {rep for rep, _ in groups})
+    return kept, sorted(groups)
+
+
+def vflowopt_merge(full: torch.Tensor, groups: list[tuple[int, list[int]]], imp: torch.Tensor) -> torch.Tensor:
+    """``full`` (n, D) with each representative replaced by the importance-weighted mean of its cell's members."""
+    new = full.clone()
+    for rep, members in groups:
+        w = imp[members].float().clamp(min=0)
+        w = torch.ones_like(w) if w.sum() <= 0 else w
+        new[rep] = ((w[:, None] * full[members].float()).sum(0) / w.sum()).to(full.dtype)
+    return new
+
+
+def vflowopt_counts(n: int, keep: int, r2: float, r3: float, spans: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Brute force: the pre-LLM count k1 whose stages (each LLM cut keeps ``n - round(n (1 - r))``) average
+    closest to ``keep`` over the decoder's layers (ties: fewer tokens)."""
+    def stages(k1):
+        k2 = max(1, k1 - round(k1 * (1 - r2)))
+        return k1, k2, max(1, k2 - round(k2 * (1 - r3)))
+
+    def err(c):
+        return abs(sum(k * s for k, s in zip(c, spans)) / sum(spans) - keep)
+
+    return min((stages(k1) for k1 in range(1, n + 1)), key=lambda c: (err(c), c))
+
+
+def vflowopt_record_merges(model, x, rec, t: float) -> list:
+    """Per image of a one-row record: ``full -> full`` putting each recycled token the record lists (its sources
+    and slot) as the weighted mean of its sources, weights = the independent importance (alpha = 0)."""
+    imp = vflowopt_importance(model, x, t)
+    out = []
+    for j, merged in enumerate(rec.merged[0]):
+        groups = [] if merged is None else [(int(s), src.tolist()) for s, src in zip(merged.slots, merged.sources)]
+        out.append(lambda full, groups=groups, w=imp[j]: vflowopt_merge(full, groups, w))
+    return out

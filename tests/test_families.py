@@ -429,19 +429,31 @@ def test_keep_k_equals_the_reference_of_its_schedule(zoo, family, method):
     assert (out[0] - ref[0, final]).abs().max() <= TOL
 
 
+#: methods with LLM stages whose vision stage adds tokens: (model, x, rec) -> per image ``full -> full`` putting
+#: the new tokens, computed independently from the record's sources and slots, into any per-token tensor
+RECORD_MERGES = {"vflowopt": lambda model, x, rec: oracles.vflowopt_record_merges(model, x, rec, t=34.76)}
+
+
 @torch.no_grad()
 def schedule_reference(fam: Fam, x, rec) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference of any schedule of a one-row record, at original positions: the unpatched model fed the
-    tokens the vision stage kept (all without one), with every LLM cut hidden from its layer on by the multi-cut
-    masking oracle. Returns (logits over the fed prompt, mask of the tokens that survive every stage)."""
+    tokens the vision stage kept (all without one; new tokens in their slots), with every LLM cut hidden from its
+    layer on by the multi-cut masking oracle. Returns (logits over the fed prompt, mask of the tokens that survive
+    every stage)."""
     ids = x["input_ids"]
     vision = [st for st in rec.stages if st.kind == "vision"]
     fed = vision[0].kept[0] if vision else [torch.arange(n) for n in rec.n_visual[0]]
+    replace = None
+    if rec.merged is not None:
+        merges = RECORD_MERGES[rec.method](fam.model, x, rec)
+
+        def replace(j, full, got):
+            return merges[j](full)[fed[j]]
     prompt_keep = keep_mask(fam, ids, rec.n_visual[0], fed)
     cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
             for st in rec.stages if st.kind == "llm"]
     with oracles.CutMask(fam.model, cuts) if cuts else torch.no_grad():
-        ref = kept_tokens_reference(fam, x, fed, original=True)
+        ref = kept_tokens_reference(fam, x, fed, original=True, replace=replace)
     final = cuts[-1][1][0] if cuts else torch.ones(ref.shape[1], dtype=torch.bool)
     return ref, final
 

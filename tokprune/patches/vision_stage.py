@@ -73,13 +73,29 @@ def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, va
         elif sig.kind == "received":
             out[sig] = _heads(received, sig.heads)
         elif sig.kind == "rows":
-            rows = sig.queries(received.mean(1)).to(query.device).long()
-            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False).mean(2), sig.heads)
+            out[sig] = _heads(chosen_rows(sig.queries(received.mean(1)), query, key, mask, scaling), sig.heads)
         elif sig.kind == "keys":
             out[sig] = _states(key, sig.heads)
         elif sig.kind == "values":
             out[sig] = _states(value, sig.heads)
     return out
+
+
+def chosen_rows(chosen: torch.Tensor, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                scaling: float) -> torch.Tensor:
+    """(B, H, K): the mean attention row of the chosen query patches, ``chosen`` (B, R) long indices or a (B, Q)
+    bool mask (a different number per sequence; a sequence choosing none gets NaN)."""
+    chosen = chosen.to(query.device)
+    if chosen.dtype != torch.bool:
+        return attention_rows(query, key, mask, scaling, chosen.long(), causal=False).mean(2)
+    cnt = chosen.sum(-1)  # (B,)
+    # sync: once per attention call, the most queries any sequence chose (a shape)
+    r = max(int(cnt.max()), 1)
+    rows = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[:, :r]  # chosen first, in order
+    live = torch.arange(r, device=query.device)[None] < cnt[:, None]  # (B, R)
+    a = attention_rows(query, key, mask, scaling, rows, causal=False)  # (B, H, R, K)
+    mean = (a * live[:, None, :, None]).sum(2) / cnt.clamp(min=1)[:, None, None]
+    return mean.masked_fill((cnt == 0)[:, None, None], float("nan"))
 
 
 class VisionStage:
@@ -252,6 +268,7 @@ class _ImageChoice:
         self.assign = torch.full((n,), -1, dtype=torch.long, device=device)
         self.weights: torch.Tensor | None = None
         self.features: list[torch.Tensor] = []
+        self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
         self.m = 0
 
     def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
@@ -287,6 +304,15 @@ class _ImageChoice:
             self.weights[idx] = pick.weights.to(idx.device).float()
         if pick.features is not None:
             self.features.append(pick.features)
+        if pick.slots is not None:
+            sl = pick.slots.to(idx.device).long()
+            own = a[sl.clamp(0, n_part - 1)] == torch.arange(m, device=a.device)
+            # sync: once per image part: validating the pruner's decision (a clear error)
+            if sl.shape != (m,) or bool(((sl < 0) | (sl >= n_part) | ~own).any()):
+                raise RuntimeError(f"{who}: slots must be ({m},) long, each new token's slot one of its own sources")
+            self.slots.append(idx[sl])
+        elif m:
+            self.slots.append(torch.full((m,), -1, dtype=torch.long, device=idx.device))
         self.m += m
         return int(pick.kept.numel()) + m
 
@@ -298,8 +324,14 @@ class _ImageChoice:
             return Placement(kept_all, kept_all.new_zeros(0))
         free = ~special.to(kept_all.device).clone()
         free[kept_all] = False
+        chosen = torch.cat(self.slots).to(kept_all.device)
+        # sync: once per image with new tokens, the slots the pruner chose (taken first)
+        free[chosen[chosen >= 0]] = False
         new_slots = []
         for m in range(self.m):
+            if chosen[m] >= 0:  # sync: per new token, whether the pruner chose its slot
+                new_slots.append(chosen[m])
+                continue
             # sync: per new token, its slot: a dropped slot of its own image (variable)
             src = (self.assign == m).nonzero()[:, 0]
             # sync: per new token, its slot (variable)

@@ -66,7 +66,9 @@ class Signal:
     normalisation, CLIP's for every built-in family). ``heads``: ``"mean"`` (one value,
     or one vector for keys/values, per token) or ``"all"`` (a trailing head axis). ``queries`` (kind ``"rows"``):
     a function from the received attention of the same layer and encoder sequence, (n_seq, n_patches) head mean,
-    to the query patches whose rows are wanted, (n_seq, R) long (VFlowOpt's hubs). The adapter aligns every
+    to the query patches whose rows are wanted: (n_seq, R) long indices, or a (n_seq, n_patches) bool mask when
+    the number varies per sequence (VFlowOpt's hubs ``received > t * mean``); a sequence whose mask chooses no
+    query gets NaN (the method decides the fallback). The adapter aligns every
     signal with the visual tokens the LLM receives (per image, first axis = token).
     """
 
@@ -139,6 +141,9 @@ class VisionSignals:
     grid: list[torch.Tensor] | None = None
     special: list[torch.Tensor] | None = None
     ctx: PrefillContext | None = None
+    #: per entry, set by :meth:`subset`: (owner of the whole image, indices of this part's tokens into it), so a
+    #: method can keep per-image state (VFlowOpt's importance, reused by its LLM stages) across budget parts
+    source: list[tuple[tuple[int, int], torch.Tensor]] | None = None
 
     def __getitem__(self, signal: Signal) -> list[torch.Tensor]:
         if signal not in self.values:
@@ -157,6 +162,7 @@ class VisionSignals:
             grid=pick(self.grid),
             special=pick(self.special),
             ctx=self.ctx,
+            source=[(self.owners[j], idx) for j, idx in parts] if self.owners else None,
         )
 
 
@@ -170,18 +176,22 @@ class VisionDecision:
     (default: plain mean) of the tokens assigned to it, computed by the adapter with
     :func:`tokprune.kernels.merge_tokens` on the features and, on Qwen3-VL, on every DeepStack level alike.
     ``features`` (m, D): explicit new tokens instead (e.g. a projected [CLS]); ``assign`` then only records their
-    sources, and a model with DeepStack levels refuses them. ``len(kept) + m`` must equal the budget.
+    sources, and a model with DeepStack levels refuses them. ``len(kept) + m`` must equal the budget. ``slots``
+    (m,) long, optional: the dropped token (one of its sources) whose place each new token takes (VFlowOpt's
+    recycled token sits at its cell's representative).
 
-    Position policy (the adapter's, documented in docs/design.md): every new token takes a *dropped slot of its
-    own image*: the lowest-index dropped token among its sources not taken by an earlier new token, else the
-    lowest free dropped slot. It sits at that slot's place in the sequence with that slot's position id (M-RoPE:
-    that patch's (t, h, w)), so re-padding, positions and decode bookkeeping are those of a plain keep set.
+    Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
+    *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
+    token, else the lowest free dropped slot. Either way it sits at that slot's place in the sequence with that
+    slot's position id (M-RoPE: that patch's (t, h, w)), so re-padding, positions and decode bookkeeping are
+    those of a plain keep set.
     """
 
     kept: torch.Tensor
     assign: torch.Tensor
     weights: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:

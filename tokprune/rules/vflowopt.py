@@ -42,6 +42,11 @@ __all__ = [
     "patch_entropy",
     "recycle",
     "solve_last_ratio",
+    "solve_stages",
+    "stage_counts",
+    "token_entropy",
+    "Recycling",
+    "recycle_to",
 ]
 
 # The released 25% configuration for LLaVA-OneVision-7B (28 LLM layers, cuts before layers 9 and 18).
@@ -79,6 +84,18 @@ def patch_entropy(
     grey = (p * wt).sum(dim=1).flatten(3).round().clamp(0, 255).long()  # (B, nh, nw, patch*patch)
     grey = grey.flatten(1, 2)
     hist = torch.zeros(*grey.shape[:2], 256, device=pixels.device).scatter_add_(2, grey, torch.ones_like(grey).float())
+    prob = hist / hist.sum(dim=-1, keepdim=True)
+    return -(prob * torch.log2(prob + 1e-10)).sum(dim=-1)
+
+
+def token_entropy(pixels: torch.Tensor, weights: tuple[float, float, float] = (0.3333, 0.3333, 0.3333)
+                  ) -> torch.Tensor:
+    """Shannon entropy (bits) of each token's grey levels. pixels (n, 3, V) raw RGB in [0, 255], the V pixel values
+    of each token's patch (a Qwen merge unit: its 4 patches x 2 frames); grey = the weighted channel sum rounded
+    to 0..255, 256 bins, ``log2(p + 1e-10)`` as :func:`patch_entropy`. Returns (n,)."""
+    wt = torch.tensor(weights, dtype=torch.float32, device=pixels.device).view(1, -1, 1)
+    grey = (pixels.float() * wt).sum(dim=1).round().clamp(0, 255).long()  # (n, V)
+    hist = torch.zeros(grey.shape[0], 256, device=pixels.device).scatter_add_(1, grey, torch.ones_like(grey).float())
     prob = hist / hist.sum(dim=-1, keepdim=True)
     return -(prob * torch.log2(prob + 1e-10)).sum(dim=-1)
 
@@ -168,3 +185,127 @@ def solve_last_ratio(target: float, r1: float, r2: float, spans: tuple[int, int,
     l1, l2, l3 = spans
     r3 = (target * (l1 + l2 + l3) - r1 * l1 - r1 * r2 * l2) / (r1 * r2 * l3)
     return min(max(r3, 0.0), 1.0)
+
+
+@dataclass
+class Recycling:
+    """Output of :func:`recycle_to` for one image of n tokens, in the form of a vision decision: ``kept`` (ascending
+    indices kept as they are), ``reps`` (m,) the representative of each recycled cell (where its new token sits),
+    ``assign`` (n,) the recycled token each dropped token is merged into (-1: kept, or dropped for good),
+    ``weights`` (n,) the merge weights (the importance, see :func:`recycle_to`)."""
+
+    kept: torch.Tensor
+    reps: torch.Tensor
+    assign: torch.Tensor
+    weights: torch.Tensor
+
+
+def recycle_to(
+    importance: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    keep: int,
+    cell: float,
+    group: torch.Tensor | None = None,
+) -> Recycling:
+    """Stage-1 prune + grid-cell recycling with an exact budget: ``keep`` = kept + recycled tokens.
+
+    As :func:`recycle`, except for the number of dropped tokens: the reference drops ``round(N (1 - R1)) +
+    int(N / a^2)`` (the extra ones approximately pay for the recycled tokens, so the count varies with the image);
+    here the n_low lowest-importance tokens are dropped with n_low the smallest count such that ``N - n_low +
+    cells(n_low) == keep`` (cells: the non-empty grid cells among the dropped). That count exists whenever
+    ``keep >= cells(N)`` (each added drop lowers the total by 0 or 1); below that every token is dropped and only
+    the ``keep`` cells whose representatives have the highest importance are recycled (the others' tokens are
+    dropped for good). Merge weights: the importance (the reference's ``sum I_i t_i / sum I_i``) clamped at 0,
+    a cell whose weights sum to 0 merging with equal weights (the reference divides by zero or by a negative sum
+    when ``alpha < 0`` makes importance negative; identical whenever importance is positive).
+    """
+    n = importance.shape[0]
+    dev = importance.device
+    imp = importance.float()
+    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+    if keep >= n:
+        return Recycling(torch.arange(n, device=dev), assign[:0], assign, torch.ones(n, device=dev))
+    g = torch.zeros(n, dtype=torch.long, device=dev) if group is None else group.long()
+    rc, cc = (rows.float() / cell).floor().long(), (cols.float() / cell).floor().long()
+    lo = torch.stack([rc.min(), cc.min()])
+    rc, cc = rc - lo[0], cc - lo[1]  # >= 0 (LLaVA "full": the [CLS] token sits at row -1)
+    # sync: once per image, the extent of its cell grid (the size of the per-cell tables)
+    n_g, n_r, n_c = (torch.stack([g.max(), rc.max(), cc.max()]) + 1).tolist()
+    cell_of = (g * n_r + rc) * n_c + cc  # dense cell id, < n_cells
+    n_cells = n_g * n_r * n_c
+    order = torch.sort(imp, stable=True).indices  # ascending, ties -> lower index first
+    ranks = torch.arange(n, device=dev)
+    first = torch.full((n_cells,), n, dtype=torch.long, device=dev).scatter_reduce(0, cell_of[order], ranks, "amin")
+    opened = torch.zeros(n + 1, dtype=torch.long, device=dev).scatter_(0, first, 1)[:n]  # (slot n: empty cells)
+    cells_at = torch.cat([opened.new_zeros(1), opened.cumsum(0)])  # cells among the n_low lowest, n_low = 0..n
+    total = n - torch.arange(n + 1, device=dev) + cells_at  # tokens left after dropping n_low (non-increasing)
+    hit = total == keep
+    n_low_t = torch.where(hit.any(), hit.long().argmax(), torch.tensor(n, device=dev))
+    # sync: once per image, how many tokens are dropped and how many cells they cover (output shapes)
+    n_low, m = torch.stack([n_low_t, cells_at[n_low_t]]).tolist()
+    low = order[:n_low]
+    w = imp[low]
+    cid = cell_of[low]
+    cmax = torch.full((n_cells,), float("-inf"), device=dev).scatter_reduce(0, cid, w, "amax")
+    cand = torch.where(w == cmax[cid], low, torch.full_like(low, n))
+    rep_of = torch.full((n_cells,), n, dtype=torch.long, device=dev).scatter_reduce(0, cid, cand, "amin")
+    if m > keep:  # fewer slots than cells: recycle the cells of the best representatives
+        score = torch.where(rep_of < n, imp[rep_of.clamp(max=n - 1)], float("-inf"))
+        best = torch.sort(-score, stable=True).indices[:keep]
+        drop = torch.ones(n_cells, dtype=torch.bool, device=dev)
+        drop[best] = False
+        rep_of = rep_of.masked_fill(drop, n)
+        m = keep
+    reps, by_slot = torch.sort(rep_of)  # present cells first, by ascending slot
+    reps = reps[:m]
+    rank = torch.empty(n_cells, dtype=torch.long, device=dev)
+    rank[by_slot] = torch.arange(n_cells, device=dev)
+    rank = torch.where(rep_of < n, rank, -1)  # new-token index of each recycled cell, -1 for none
+    assign[low] = rank[cid]
+    weights = imp.clamp(min=0)
+    if m:
+        src = assign >= 0
+        at = assign.clamp(min=0)
+        sums = torch.zeros(m, device=dev).index_add_(0, at, torch.where(src, weights, 0.0))
+        weights = torch.where(src & (sums[at] <= 0), torch.ones_like(weights), weights)
+    return Recycling(order[n_low:].sort().values, reps, assign, weights)
+
+
+def stage_counts(k1: int, r2: float, r3: float) -> tuple[int, int, int]:
+    """Counts after the three stages from the pre-LLM count ``k1``: each LLM stage drops ``round(n (1 - R))`` of
+    its current n (the reference's rule), never below 1 token."""
+    k2 = max(1, k1 - round(k1 * (1 - r2)))
+    k3 = max(1, k2 - round(k2 * (1 - r3)))
+    return k1, k2, k3
+
+
+def solve_stages(n: int, keep: int, r2: float, r3: float, spans: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Stage counts whose layer average ``(k1 L1 + k2 L2 + k3 L3) / L`` is the closest to ``keep`` (within half a
+    token: one more pre-LLM token moves the average by at most one), the LLM stages keeping ``r2`` / ``r3`` of
+    their current tokens. When even ``k1 = n`` falls short, the earlier stages saturate (k1 = n, then k2 = n)."""
+    l1, l2, l3 = spans
+    total = l1 + l2 + l3
+
+    def avg(c: tuple[int, int, int]) -> float:
+        return (c[0] * l1 + c[1] * l2 + c[2] * l3) / total
+
+    if keep >= n:
+        return n, n, n
+
+    def closest(make, lo: int, hi: int) -> tuple[int, int, int]:
+        a, b = lo, hi  # smallest x in [lo, hi] with avg >= keep (avg grows with x)
+        while a < b:
+            mid = (a + b) // 2
+            if avg(make(mid)) >= keep:
+                b = mid
+            else:
+                a = mid + 1
+        cands = [make(x) for x in {max(lo, a - 1), a}]
+        return min(cands, key=lambda c: (abs(avg(c) - keep), c))
+
+    if avg(stage_counts(n, r2, r3)) >= keep:
+        return closest(lambda x: stage_counts(x, r2, r3), 1, n)
+    if avg((n, n, stage_counts(n, 1.0, r3)[2])) >= keep:
+        return closest(lambda x: (n, x, max(1, x - round(x * (1 - r3)))), 1, n)
+    return closest(lambda x: (n, n, x), 1, n)

@@ -155,6 +155,11 @@ class CATP(Pruner):
         query = s1[-1] if stage == 1 else min(s1[-1], self.final(n_visual[-1], keep[-1]))
         return [*spread, query]
 
+    def default_positions(self, info: ModelInfo) -> str:
+        """Original positions on every family (the paper is silent; M-RoPE needs them; ``positions="compact"``
+        re-indexes on LLaVA)."""
+        return "original"
+
     # ------------------------------------------------------------------ stage 1
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         if signals.paired_text is None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 
-import oracles
 import pytest
 import torch
 import torch.nn.functional as F
 from progressive_ref import next_layer_rows
 
+import oracles
 import tokprune
 import tokprune.kernels as kernels
-from tokprune.rules.catp import facility_location_greedy
 from tokprune.prompts import icl, icl_batch
+from tokprune.rules.catp import facility_location_greedy
 from tokprune.testing import make_image, tiny_model
 
 TOL = 1e-5

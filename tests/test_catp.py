@@ -334,3 +334,34 @@ def test_paired_text_is_found_from_token_ids():
     assert [p.tolist() for p in paired_text_positions(ids2, None, adjacent, {1, 2, 9, 0})[0]] == [[5, 6], [5, 6]]
     with pytest.raises(ValueError, match="put the question"):
         paired_text_positions(torch.tensor([[1, 5, 9, 9]]), None, [[torch.tensor([2, 3])]], {1, 9})
+
+
+def test_qwen2_5_vl_stage_1_equals_the_slow_greedy_on_features_and_paired_text():
+    fam = ZOO["qwen2_5_vl"]
+    x = prompt("qwen2_5_vl", sizes=[112, 224, 112, 224, 112]).inputs
+    r = 0.6
+    with torch.no_grad():
+        tokprune.apply(fam.model, "catp", prune_ratio=r)
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        feats = list(fam.model.model.get_image_features(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"],
+                                                        return_dict=True).pooler_output)
+        ids = x["input_ids"][0]
+        texts = paired_text_embeddings(fam.model, ids, image_runs(fam.model, ids, [f.shape[0] for f in feats]))
+    assert len({f.shape[0] for f in feats}) == 2  # images of different sizes
+    for f, t, kept in zip(feats, texts, rec.stages[0].kept[0]):
+        assert kept.tolist() == sorted(slow_greedy(f, t, math.floor(f.shape[0] * (1 - r / 2) + 1e-9)))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_sdpa_and_eager_select_the_same_tokens(family):
+    kept = []
+    x = None
+    for attn in ("sdpa", "eager"):
+        model, proc = tiny_model(family, attn=attn)
+        x = icl(proc, *episode(family, 4)).inputs if x is None else x
+        with torch.no_grad(), tokprune.pruned(model, "catp", keep_ratio=0.3):
+            model(**x)
+            kept.append([st.kept[0] for st in tokprune.last_record(model).stages])
+    assert all(torch.equal(a, b) for sa, sb in zip(*kept) for a, b in zip(sa, sb))

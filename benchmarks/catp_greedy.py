@@ -88,20 +88,21 @@ def main() -> None:
         t0 = time.perf_counter()
         picks = stage1_select(x, text, a.prune_ratio)
         times.append(time.perf_counter() - t0)
-    vec = sorted(times)[len(times) // 2]
+    vec = min(times)
     t0 = time.perf_counter()
     ref = plain_loop(x[0], text[0], k)
     loop_one = time.perf_counter() - t0
     assert sorted(ref) == picks[0].tolist(), "the plain loop and the vectorised greedy disagree"
     n_prefill = a.images * k + a.text
-    lt = layer_time(n_prefill, a.dim)
+    layer_runs = [layer_time(n_prefill, a.dim) for _ in range(2)]
+    lt = min(layer_runs)
     prefill = 32 * lt
     import transformers
 
     res = {"images": a.images, "tokens": a.tokens, "dim": a.dim, "prune_ratio": a.prune_ratio, "kept_per_image": k,
            "vectorised_s": round(vec, 3), "vectorised_all_s": [round(t, 3) for t in times],
            "plain_loop_one_image_s": round(loop_one, 2), "plain_loop_scaled_s": round(loop_one * a.images, 1),
-           "prefill_tokens": n_prefill, "llama7b_layer_s": round(lt, 2), "prefill_32_layers_s": round(prefill, 1),
+           "prefill_tokens": n_prefill, "llama7b_layer_s": round(lt, 2), "llama7b_layer_runs_s": [round(t, 2) for t in layer_runs], "prefill_32_layers_s": round(prefill, 1),
            "share_of_prefill": round(vec / prefill, 5),
            "device": f"CPU ({platform.processor() or platform.machine()}), {a.threads} threads",
            "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -115,14 +116,15 @@ def main() -> None:
         "",
         "| what | time | note |",
         "|---|---|---|",
-        f"| vectorised greedy, all {a.images} images (one call) | {vec:.2f} s | median of {a.repeats} |",
+        f"| vectorised greedy, all {a.images} images (one call) | {vec:.2f} s | fastest of {a.repeats} |",
         f"| plain-loop reference | {loop_one * a.images:.0f} s | one image timed ({loop_one:.1f} s) x {a.images} |",
-        f"| LLM prefill, LLaMA-7B width, {n_prefill} tokens | {prefill:.0f} s | one layer timed ({lt:.1f} s) x 32 |",
+        f"| LLM prefill, LLaMA-7B width, {n_prefill} tokens | {prefill:.0f} s | one layer timed (fastest of 2: {lt:.1f} s) x 32 |",
         f"| **greedy / prefill** | **{100 * vec / prefill:.2f} %** | speed-up over the loop: "
         f"{loop_one * a.images / vec:.0f}x |",
         "",
-        "The machine was shared with other work (2 cores), so absolute times are noisy; the ratio of the greedy to a",
-        "layer measured in the same run is the figure to read.",
+        "The machine was shared with other work (2 cores): absolute times are noisy (fastest runs kept; an earlier run",
+        "gave 14.1 s against a 23 s layer, 1.9 %). The greedy is memory-bound on the (8, 576, 576) similarity block",
+        "(one pass per pick); the plain loop is a per-candidate Python loop of vector ops, hence only ~5x slower.",
     ]
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

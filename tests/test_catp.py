@@ -345,8 +345,9 @@ def test_qwen2_5_vl_stage_1_equals_the_slow_greedy_on_features_and_paired_text()
         fam.model(**x)
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
-        feats = list(fam.model.model.get_image_features(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"],
-                                                        return_dict=True).pooler_output)
+        enc = fam.model.model.get_image_features(pixel_values=x["pixel_values"], image_grid_thw=x["image_grid_thw"],
+                                                 return_dict=True)
+        feats = list(enc.pooler_output)
         ids = x["input_ids"][0]
         texts = paired_text_embeddings(fam.model, ids, image_runs(fam.model, ids, [f.shape[0] for f in feats]))
     assert len({f.shape[0] for f in feats}) == 2  # images of different sizes

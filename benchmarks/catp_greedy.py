@@ -102,7 +102,8 @@ def main() -> None:
     res = {"images": a.images, "tokens": a.tokens, "dim": a.dim, "prune_ratio": a.prune_ratio, "kept_per_image": k,
            "vectorised_s": round(vec, 3), "vectorised_all_s": [round(t, 3) for t in times],
            "plain_loop_one_image_s": round(loop_one, 2), "plain_loop_scaled_s": round(loop_one * a.images, 1),
-           "prefill_tokens": n_prefill, "llama7b_layer_s": round(lt, 2), "llama7b_layer_runs_s": [round(t, 2) for t in layer_runs], "prefill_32_layers_s": round(prefill, 1),
+           "prefill_tokens": n_prefill, "llama7b_layer_s": round(lt, 2),
+           "llama7b_layer_runs_s": [round(t, 2) for t in layer_runs], "prefill_32_layers_s": round(prefill, 1),
            "share_of_prefill": round(vec / prefill, 5),
            "device": f"CPU ({platform.processor() or platform.machine()}), {a.threads} threads",
            "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
@@ -118,7 +119,8 @@ def main() -> None:
         "|---|---|---|",
         f"| vectorised greedy, all {a.images} images (one call) | {vec:.2f} s | fastest of {a.repeats} |",
         f"| plain-loop reference | {loop_one * a.images:.0f} s | one image timed ({loop_one:.1f} s) x {a.images} |",
-        f"| LLM prefill, LLaMA-7B width, {n_prefill} tokens | {prefill:.0f} s | one layer timed (fastest of 2: {lt:.1f} s) x 32 |",
+        f"| LLM prefill, LLaMA-7B width, {n_prefill} tokens | {prefill:.0f} s | "
+        f"one layer timed (fastest of 2: {lt:.1f} s) x 32 |",
         f"| **greedy / prefill** | **{100 * vec / prefill:.2f} %** | speed-up over the loop: "
         f"{loop_one * a.images / vec:.0f}x |",
         "",

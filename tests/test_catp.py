@@ -366,3 +366,14 @@ def test_sdpa_and_eager_select_the_same_tokens(family):
             model(**x)
             kept.append([st.kept[0] for st in tokprune.last_record(model).stages])
     assert all(torch.equal(a, b) for sa, sb in zip(*kept) for a, b in zip(sa, sb))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_static_cache_matches_dynamic(family):
+    fam = ZOO[family]
+    x = prompt(family).inputs
+    with torch.no_grad(), tokprune.pruned(fam.model, "catp", keep_ratio=0.25):
+        dyn = fam.model.generate(**x, **GEN)
+        sta = fam.model.generate(**x, cache_implementation="static", **GEN)
+    assert torch.equal(dyn.sequences, sta.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(dyn.logits, sta.logits)) <= TOL

@@ -23,7 +23,9 @@ from tokprune.pruners.base import (
 from tokprune.registry import register_method
 from tokprune.rules import catp as rules
 
-#: the paper's stage-2 layer for LLaVA-NeXT-7B / Qwen2.5-VL-7B, on their 32-/28-layer LLMs (scaled elsewhere)
+#: the paper's stage-2 layer by LLM depth: K = 6 for LLaVA-NeXT-7B / InternVL2.5-8B (32 layers) and Qwen2.5-VL-7B
+#: (28), K = 10 for LLaVA-NeXT-13B (40); other depths: 6 scaled from 32 layers
+PAPER_LAYERS = {28: 6, 32: 6, 40: 10}
 PAPER_LAYER, REFERENCE_DEPTH = 6, 32
 SIMILARITIES = ("rescaled", "cosine")
 CONTEXT_SUMMARIES = ("tokens", "images")
@@ -45,8 +47,8 @@ class CATP(Pruner):
       the image's paired text (:func:`tokprune.kernels.facility_location`, vectorised); similarities are the cosine
       rescaled to [0, 1] (``similarity="cosine"``: raw cosine). The paired text comes from token ids (the adapter's
       ``VisionSignals.paired_text``: the text after the image up to the next one; the query image: its question).
-    * **stage 2a, before 0-based decoder layer** ``layer`` (K; default 6 on a 32-layer LLM as in the paper, the
-      same relative depth elsewhere: ``round(6 L / 32)``, at least 1): all demonstration image tokens of a row are
+    * **stage 2a, before 0-based decoder layer** ``layer`` (K; default the paper's: 6 on 28- and 32-layer LLMs,
+      10 on 40 layers, else ``round(6 L / 32)``, at least 1): all demonstration image tokens of a row are
       ranked together by ``max(0, A_K - A_{K-1}) + lambda2 cos(h, v_q)`` (lambda2 = 0.6) and the pool is cut to
       ``floor(N_ctx (1 - R))`` (``N_ctx`` the demonstrations' original tokens; with ``keep_ratio``: the sum of
       their ``keep``), so the per-demonstration counts adapt. ``A`` is the head-mean attention row of the query's
@@ -95,6 +97,8 @@ class CATP(Pruner):
         """K: the 0-based decoder layer before which the demonstration tokens are cut."""
         if self.layer is not None:
             return self.layer
+        if info.llm_layers in PAPER_LAYERS:
+            return PAPER_LAYERS[info.llm_layers]
         return max(1, round(PAPER_LAYER * info.llm_layers / REFERENCE_DEPTH))
 
     def check(self, info: ModelInfo) -> None:

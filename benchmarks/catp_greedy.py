@@ -126,7 +126,8 @@ def main() -> None:
         "",
         "The machine was shared with other work (2 cores): absolute times are noisy (fastest runs kept; an earlier run",
         "gave 14.1 s against a 23 s layer, 1.9 %). The greedy is memory-bound on the (8, 576, 576) similarity block",
-        "(one pass per pick); the plain loop is a per-candidate Python loop of vector ops, hence only 3-7x slower. Read the share as 0.6-1.9 % of the prefill.",
+        "(one pass per pick); the plain loop is a per-candidate Python loop of vector ops, hence only 3-7x slower.",
+        "Read the share as 0.6-1.9 % of the prefill.",
     ]
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -24,10 +24,11 @@ from tokprune.rules.catp import facility_location_greedy
 from tokprune.testing import make_image, tiny_model
 
 TOL = 1e-5
-N_NEW = 8  # as tests/test_families.py (its kept_tokens_reference generates with its GEN)
+N_NEW = 8
 GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, output_logits=True,
            return_dict_in_generate=True)
-SIDE = {"llava": 56, "llava_next": 56, "qwen2_vl": 112, "qwen2_5_vl": 112, "qwen3_vl": 112}  # qwen: 112 px -> 16 merged tokens per image
+#: image side per family (Qwen: 112 px -> 16 merged tokens per image)
+SIDE = {"llava": 56, "llava_next": 56, "qwen2_vl": 112, "qwen2_5_vl": 112, "qwen3_vl": 112}
 FAMS = ("llava", "llava_next", "qwen2_5_vl")
 
 

@@ -80,6 +80,9 @@ def resolve(model_or_config: Any, pruner: Any, keep: int | None, keep_ratio: flo
         n_visual = image_work(config).llm_tokens
         k, _ = solve_keep(config, pruner, info, n_visual, float(target))
         return None, k / n_visual
+    if getattr(pruner, "prune_ratio", None) is not None and (keep is not None or keep_ratio is not None):
+        raise ValueError(f"{pruner.name}: pass prune_ratio (the fraction of image tokens removed, the paper's R) or "
+                         "keep / keep_ratio (what is kept), not both")
     if keep is None and keep_ratio is None:
         default = getattr(pruner, "default_keep_ratio", lambda: None)()
         if default is not None:

@@ -61,6 +61,8 @@ class PruneRecord:
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None
     image_grid_thw: list[list[tuple[int, ...]]] | None = None
+    #: what the method said about this prefill (e.g. CATP: "row 0: one image, stage 1 only")
+    notes: list[str] = field(default_factory=list)
     config: Any = field(default=None, repr=False, compare=False)
     _flops: Any = field(default=None, init=False, repr=False, compare=False)
 

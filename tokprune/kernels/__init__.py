@@ -17,6 +17,7 @@ from .dispatch import resolve_backend, triton_available
 
 __all__ = [
     "PruneResult",
+    "facility_location",
     "gather_tokens",
     "merge_tokens",
     "prune",
@@ -75,6 +76,20 @@ def select_topk(
     if resolve_backend(scores.device) == "triton":
         return _triton().select_topk(scores, k, mask, max_k=max_k, check=check)
     return reference.select_topk(scores, k, mask, max_k=max_k, check=check)
+
+
+def facility_location(
+    sim: torch.Tensor,
+    align: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    floor: float = 0.0,
+) -> torch.Tensor:
+    """Batched greedy facility location + per-token bonus (CATP's stage 1): (B, max k) picks in pick order, -1
+    padded. sim (B, S, S), align (B, S), k (B,), valid (B, S); see :func:`tokprune.kernels.reference.facility_location`.
+    One vectorised step per pick (batched gains, incremental cover update), no per-token loop; the PyTorch
+    implementation serves every device (its steps are already single batched kernels on CUDA)."""
+    return reference.facility_location(sim, align, k, valid, floor)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from tokprune.config import Budget
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_stage import LLMStages
-from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
+from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
 from tokprune.patches.vision_stage import Placement, VisionStage, content_label
 from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
 from tokprune.record import Merged, PruneRecord, Stage
@@ -160,15 +160,38 @@ class Adapter:
         return [(j, (~sp).nonzero()[:, 0], image_budget(sp), owner)
                 for j, (sp, owner) in enumerate(zip(signals.special, signals.owners))]
 
-    def schedule(self, special: torch.Tensor) -> Schedule:
-        """The method's per-stage budgets for an image with this special-token mask: ``keep`` / ``keep_ratio``
+    def image_budget(self, special: torch.Tensor) -> tuple[int, int]:
+        """(content tokens, user budget) of an image with this special-token mask: ``keep`` / ``keep_ratio``
         count its content tokens (an error names both counts when a count budget exceeds them)."""
         n = int((~special).sum())  # sync: once per image per prefill, the content-token count sizes every budget
         try:
             keep = self.budget.count(n)
         except ValueError:  # the error names what was counted (reads the mask again, on the error path only)
             keep = self.budget.count(n, content_label(special))
-        return self.pruner.schedule(self.info, n, keep)
+        return n, keep
+
+    def schedule(self, special: torch.Tensor) -> Schedule:
+        """The method's per-stage budgets for an image with this special-token mask (see :meth:`image_budget`)."""
+        return self.pruner.schedule(self.info, *self.image_budget(special))
+
+    def special_token_ids(self) -> set[int]:
+        """The ids the model config names as special (``*_token_id`` of the config and its text config: image,
+        video, vision start/end, bos, eos, pad), never part of an image's paired text."""
+        ids: set[int] = set()
+        for cfg in (self.model.config, self.model.config.get_text_config()):
+            for name, value in vars(cfg).items():
+                vals = value if isinstance(value, (list, tuple)) else [value]
+                if name.endswith(("_token_id", "_token_index")):
+                    ids |= {int(v) for v in vals if isinstance(v, int) and not isinstance(v, bool)}
+        return ids
+
+    def paired_text(self, ids: torch.Tensor, mask2d: torch.Tensor | None,
+                    spans: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Per image (row-major), the LLM input embeddings of its paired text (see
+        :attr:`~tokprune.pruners.base.VisionSignals.paired_text`): found from token ids, never from offsets."""
+        embed = self.model.get_input_embeddings()
+        positions = paired_text_positions(ids, mask2d, spans, self.special_token_ids() | {self.image_token_id})
+        return [embed(ids[bi, pos]) for bi, row in enumerate(positions) for pos in row]
 
     def default_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor | None, kw: dict) -> torch.Tensor:
         """The position ids the unpatched model would use when none are passed."""  # family hook
@@ -285,11 +308,14 @@ class Adapter:
         ctx = PrefillContext(self.info, self.vision_request, self.positions)
         grid, special = self.token_layout(feats, kw)
         record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
+        record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
 
         if self.vision is not None:
             t0 = time.perf_counter()
             owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
             signals = self.vision.signals(feats, owners, ctx, grid, special)
+            if self.vision_request.paired_text:
+                signals.paired_text = self.paired_text(ids, mask2d, spans)
             placements, self._vision_scores = self.vision.select(signals, self.record_scores)
             keeps = [p.slots.to(ids.device) for p in placements]
             if any(p.n_new for p in placements):

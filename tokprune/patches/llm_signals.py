@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
     """(B, N) bool masks over the prompt: "instruction" (after the row's last visual token up to its last prompt
-    token) and "sample" (from the first token of its last image up to its last prompt token)."""
+    token), "sample" (from the first token of its last image up to its last prompt token) and "context" (the real
+    tokens before the sample: a few-shot prompt's demonstrations)."""
     b, n = visual0.shape
     pos = torch.arange(n, device=visual0.device).expand(b, n)
     last_visual = torch.where(visual0, pos, -1).max(1).values
@@ -40,7 +41,8 @@ def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) ->
     start = torch.where(last_visual >= 0, start, n)
     upto = pos <= q0[:, None]
     return {"instruction": (pos > last_visual[:, None]) & upto & real,
-            "sample": (pos >= start[:, None]) & upto & real}
+            "sample": (pos >= start[:, None]) & upto & real,
+            "context": (pos < start[:, None]) & real}
 
 
 class LLMTaps:
@@ -55,6 +57,7 @@ class LLMTaps:
 
     def reset(self) -> None:
         self.rows: dict[int, torch.Tensor] = {}
+        self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
         self.values: dict[int, torch.Tensor] = {}
         self.observed: dict[tuple[int, str], Observed] = {}
 
@@ -71,6 +74,14 @@ class LLMTaps:
         for k in self.stages.layers:
             mod = layers[k if probe else k - 1].self_attn
             TAPS.add(mod, partial(self._tap, k), skip=(lambda: self._probing) if probe else None)
+            self._tapped.append(mod)
+        for lay in self.request.row_layers:
+            if not 0 <= lay < n:
+                raise ValueError(f"LLMRequest records the rows of layer {lay}; the LLM has {n} layers")
+            mod = layers[lay].self_attn
+            if mod in self._tapped:
+                raise ValueError(f"LLMRequest row_layers: layer {lay} is already tapped for a stage's rows")
+            TAPS.add(mod, partial(self._tap_ran, lay))
             self._tapped.append(mod)
 
     def remove(self) -> None:
@@ -97,15 +108,38 @@ class LLMTaps:
         if not st.active or st.phase != "prefill" or (self.request.source == "probe" and not self._probing):
             return
         n = query.shape[2]
+        self.rows[k] = self._rows(query, key, mask, scaling)
+        if self.request.values:
+            self.values[k] = value[:, :, :n].float().mean(1)
+
+    def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:
+        """A ``row_layers`` layer as it runs: its rows, stored over the prompt positions of the current slots."""
+        st = self.stages
+        if not st.active or st.phase != "prefill" or self._probing:
+            return
+        n = query.shape[2]
+        rows = self._rows(query, key, mask, scaling)
+        idx = st.idx[:, :n]
+        full = rows.new_zeros(*rows.shape[:-1], st.n0)
+        self.ran[layer] = full.scatter(-1, idx if rows.dim() == 2 else idx[:, None].expand_as(rows), rows)
+
+    def rows_at(self) -> dict[int, torch.Tensor]:
+        """The recorded ``row_layers`` rows over the current slots (see :attr:`LLMSignals.rows_at`)."""
+        idx = self.stages.idx
+        return {lay: torch.gather(r, -1, idx if r.dim() == 2 else idx[:, None].expand(-1, r.shape[1], -1))
+                for lay, r in self.ran.items()}
+
+    def _rows(self, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
+        """The requested rows of one attention call over the current sequence, (B, n) or (B, H, n)."""
+        st = self.stages
+        n = query.shape[2]
         rows, weights = self._query_rows(n)
         keys = st.visual_slots(n) if self.request.domain == "visual" else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
             mask = mask[..., :n]
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys)[..., :n]
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
-        self.rows[k] = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
-        if self.request.values:
-            self.values[k] = value[:, :, :n].float().mean(1)
+        return rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
 
     def _query_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""

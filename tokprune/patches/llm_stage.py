@@ -142,14 +142,20 @@ class LLMStages:
                              visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
                              origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
                              ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
-                             spans=self.current_spans(), observed=dict(taps.observed) if taps else {})
+                             spans=self.current_spans(), observed=dict(taps.observed) if taps else {},
+                             rows_at=taps.rows_at() if taps else {})
         if taps is not None and k not in taps.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
-        ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
-              for crow, srow0 in zip(content, self.record.special)]
         pooled = any(a.schedule(sp0).pooled for srow0 in self.record.special for sp0 in srow0[:1])
+        if pooled:  # the method spreads each row's budget over the row's images; only the row's sum binds
+            budgets = [[a.image_budget(sp0) for sp0 in srow0] for srow0 in self.record.special]
+            ks = [pruner.row_budgets(a.info, stage, [n for n, _ in brow], [k for _, k in brow]) if brow else []
+                  for brow in budgets]
+        else:
+            ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
+                  for crow, srow0 in zip(content, self.record.special)]
         with capture_scores(pruner, a.record_scores) as seen:
             picked = pruner.select_llm(signals, ks)
         scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]

@@ -102,3 +102,33 @@ def last_real_index(mask2d: torch.Tensor | None, b: int, n: int, device: torch.d
         return torch.full((b,), n - 1, dtype=torch.long, device=device)
     ar = torch.arange(n, device=device)
     return torch.where(mask2d.bool(), ar, -1).max(1).values
+
+
+def paired_text_positions(input_ids: torch.Tensor, mask2d: torch.Tensor | None, spans: list[list[torch.Tensor]],
+                          special_ids: set[int]) -> list[list[torch.Tensor]]:
+    """Per row and image, the positions of the image's *paired text*, found from token ids: the real tokens after
+    its span up to the next image's span (the last image: up to the row's last real token) whose ids are not in
+    ``special_ids``. Images with no such text between them share the text after the later one; a row whose last
+    image has no text after it raises (nothing to pair it with)."""
+    b, n = input_ids.shape
+    real = mask2d.bool() if mask2d is not None else torch.ones(b, n, dtype=torch.bool, device=input_ids.device)
+    ok = real & ~torch.isin(input_ids, torch.tensor(sorted(special_ids), dtype=input_ids.dtype,
+                                                    device=input_ids.device))
+    out: list[list[torch.Tensor]] = []
+    for bi, row in enumerate(spans):
+        # sync: once per image per prefill, the span ends (host bounds of the text between images)
+        bounds = [(int(sp[-1]) + 1, int(row[i + 1][0]) if i + 1 < len(row) else n) for i, sp in enumerate(row)]
+        texts: list[torch.Tensor] = []
+        following = None
+        for lo, hi in reversed(bounds):
+            pos = torch.arange(lo, hi, device=input_ids.device)
+            pos = pos[ok[bi, lo:hi]]
+            if pos.numel() == 0:
+                if following is None:
+                    raise ValueError(f"row {bi}'s last image has no text after it to pair it with; put the "
+                                     "question (or the demonstration's answer) after the image")
+                pos = following
+            texts.append(pos)
+            following = pos
+        out.append(texts[::-1])
+    return out

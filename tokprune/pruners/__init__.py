@@ -1,6 +1,16 @@
 """Built-in pruning methods, one per file; importing this package registers them."""
 
-from tokprune.pruners import cls_attention, fastv, hiprune, pdrop, random, transprune, vflowopt, visionzip  # noqa: F401
+from tokprune.pruners import (  # noqa: F401
+    catp,
+    cls_attention,
+    fastv,
+    hiprune,
+    pdrop,
+    random,
+    transprune,
+    vflowopt,
+    visionzip,
+)
 from tokprune.pruners.base import (
     LLMSignals,
     ModelInfo,

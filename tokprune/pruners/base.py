@@ -95,9 +95,13 @@ class Signal:
 
 @dataclass(frozen=True)
 class VisionRequest:
-    """The encoder signals a vision stage needs; an empty request still makes a vision stage (e.g. ``random``)."""
+    """The encoder signals a vision stage needs; an empty request still makes a vision stage (e.g. ``random``).
+
+    ``paired_text``: also hand the stage, per image, the LLM input embeddings of its *paired text* (CATP's
+    alignment target; see :attr:`VisionSignals.paired_text`)."""
 
     signals: tuple[Signal, ...] = ()
+    paired_text: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "signals", tuple(self.signals))
@@ -120,6 +124,8 @@ class PrefillContext:
     request: VisionRequest | None = None
     positions: str = "original"
     state: dict[str, Any] = field(default_factory=dict)
+    #: what the method says about this prefill (e.g. CATP: "row 0: one image, stage 1 only"); the record's ``notes``
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -132,7 +138,12 @@ class VisionSignals:
     tile; Qwen frame); ``special[i]`` (n_i,) bool: tokens that carry no patch (LLaVA-NeXT's ``image_newline``),
     which are never scored and never counted in a budget. ``owners[i]``: (row in the batch, image index within that
     row, or the part's index), so a rule can depend on an image's place in its own prompt but never on what else
-    shares the batch. ``ctx``: the per-prefill context.
+    shares the batch. ``ctx``: the per-prefill context. ``paired_text[i]`` (m_i, D), with
+    ``VisionRequest(paired_text=True)``: the LLM input embeddings of the image's paired text, found by the adapter
+    from token ids: the row's real text tokens after the image's run up to the next image's run (the last image:
+    up to the row's last real token), without the ids the model config names as special (``*_token_id``: image,
+    video, vision start/end, bos, eos, pad); images with no text between them share the text after the later one.
+    A LLaVA-NeXT tile part carries its image's paired text.
     """
 
     features: list[torch.Tensor]
@@ -144,6 +155,7 @@ class VisionSignals:
     #: per entry, set by :meth:`subset`: (owner of the whole image, indices of this part's tokens into it), so a
     #: method can keep per-image state (VFlowOpt's importance, reused by its LLM stages) across budget parts
     source: list[tuple[tuple[int, int], torch.Tensor]] | None = None
+    paired_text: list[torch.Tensor] | None = None
 
     def __getitem__(self, signal: Signal) -> list[torch.Tensor]:
         if signal not in self.values:
@@ -163,6 +175,7 @@ class VisionSignals:
             special=pick(self.special),
             ctx=self.ctx,
             source=[(self.owners[j], idx) for j, idx in parts] if self.owners else None,
+            paired_text=None if self.paired_text is None else [self.paired_text[j] for j, _ in parts],
         )
 
 
@@ -218,7 +231,9 @@ class LLMRequest:
     ``queries`` / ``source`` / ``domain``: see :data:`QUERIES`, :data:`SOURCES`, :data:`DOMAINS`; rows of several
     query tokens are averaged. ``heads``: "mean" or "all" (a head axis). ``values``: also the layer's value states
     (head mean). ``observe``: decoder layers whose ``self_attn`` and ``mlp`` inputs (after the norm) and outputs
-    (before the residual) are recorded during the prefill (TransPrune's transitions).
+    (before the residual) are recorded during the prefill (TransPrune's transitions). ``row_layers``: decoder
+    layers whose rows (same queries, heads and domain) are also recorded *as they run* in the prefill, for a stage
+    that compares layers (CATP's attention increase); a stage reads them as ``LLMSignals.rows_at[layer]``.
     """
 
     queries: str = "last"
@@ -227,12 +242,14 @@ class LLMRequest:
     domain: str = "causal"
     values: bool = False
     observe: tuple[int, ...] = ()
+    row_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
         object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
+        object.__setattr__(self, "row_layers", tuple(int(x) for x in self.row_layers))
 
 
 @dataclass
@@ -257,7 +274,10 @@ class LLMSignals:
     of the surviving visual tokens of image ``i`` of row ``b`` (special tokens such as LLaVA-NeXT newlines are not
     listed: they are never scored); ``origin[b][i]``: the original index of each of them within its image.
     ``positions`` (B, n): the prompt position of every current slot; ``spans``: (B, n) bool masks over the current
-    sequence, "instruction" and "sample" (see :data:`QUERIES`); ``observed[(layer, "attn" | "mlp")]``: the
+    sequence, "instruction" and "sample" (see :data:`QUERIES`) and "context" (the real tokens before the
+    sample: the demonstrations of a few-shot prompt); ``rows_at[layer]`` (B, n) or (B, H, n): the rows of a
+    ``LLMRequest.row_layers`` layer as it ran, over the current slots (0 where that layer saw no token);
+    ``observed[(layer, "attn" | "mlp")]``: the
     requested module inputs/outputs so far. ``ctx``: the per-prefill context (``ctx.state`` carries a method's
     scores from stage to stage).
     """
@@ -272,6 +292,7 @@ class LLMSignals:
     positions: torch.Tensor | None = None
     spans: dict[str, torch.Tensor] = field(default_factory=dict)
     observed: dict[tuple[int, str], Observed] = field(default_factory=dict)
+    rows_at: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -383,6 +404,12 @@ class Pruner:
         if keep >= n_visual and any(st.keep != n_visual for st in stages):
             raise RuntimeError(f"{self.name}: keep-all must keep all {n_visual} tokens at every stage")
         return sched
+
+    def row_budgets(self, info: ModelInfo, stage: int, n_visual: list[int], keep: list[int]) -> list[int]:
+        """With ``pooled_budget``: per image of one prompt row (``n_visual`` content tokens and user budget ``keep``
+        each, prompt order), the tokens it keeps after schedule stage ``stage``; only the row's sum is binding (the
+        method may move tokens between the row's images). Default: each image's own schedule."""
+        return [self.schedule(info, n, k).stages[stage].keep for n, k in zip(n_visual, keep)]
 
     # ------------------------------------------------------------------ LLM stages
 

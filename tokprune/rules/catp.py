@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokprune.kernels import select_topk
+from tokprune.kernels import facility_location, select_topk
 
 __all__ = [
     "attention_increase",
@@ -98,24 +98,10 @@ def facility_location_greedy(
     ks = torch.full((b,), int(k), device=dev) if not isinstance(k, torch.Tensor) else k.to(dev).long()
     if bool((ks > valid.sum(1)).any()):
         raise ValueError("k exceeds the number of valid tokens of an image")
-    sim = similarity_matrix(tokens, tokens, similarity) * valid[:, None, :]  # (B, cand, covered)
+    sim = similarity_matrix(tokens, tokens, similarity)  # (B, candidate, covered)
     align = lambda1 * similarity_matrix(tokens, text[:, None], similarity)[..., 0]  # (B, S)
     floor = 0.0 if similarity == "rescaled" else -1.0  # the value of an empty cover
-    cover = torch.full((b, s), floor, device=dev)
-    picked = ~valid
-    width = int(ks.max()) if b else 0
-    out = torch.full((b, width), -1, dtype=torch.long, device=dev)
-    rows = torch.arange(b, device=dev)
-    for step in range(width):
-        gain = (sim - cover[:, None, :]).clamp(min=0).mul(valid[:, None, :]).sum(dim=-1) + align
-        gain = gain.masked_fill(picked, float("-inf"))
-        best = gain.argmax(dim=1)
-        active = ks > step
-        out[:, step] = torch.where(active, best, torch.full_like(best, -1))
-        upd = torch.maximum(cover, sim[rows, best])
-        cover = torch.where(active[:, None], upd, cover)
-        picked = picked | (F.one_hot(best, s).bool() & active[:, None])
-    return out
+    return facility_location(sim, align, ks, valid, floor)
 
 
 def stage1_select(

@@ -1,0 +1,227 @@
+"""CATP: contextually adaptive token pruning for multimodal in-context learning (interleaved few-shot prompts).
+
+Stage 1 (after the projector) selects, per image, a diverse and text-aligned subset by greedy facility location;
+stage 2 (inside the LLM) ranks all demonstration image tokens of a prompt together, then prunes the query image by
+its similarity to the distilled context. Rules: :mod:`tokprune.rules.catp`; paper-vs-choice table: docs/rules.md
+and docs/methods.md (the paper has no public code, so it is the spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokprune.pruners.base import (
+    LLMRequest,
+    LLMSignals,
+    ModelInfo,
+    Pruner,
+    VisionRequest,
+    VisionSignals,
+)
+from tokprune.registry import register_method
+from tokprune.rules import catp as rules
+
+#: the paper's stage-2 layer by LLM depth: K = 6 for LLaVA-NeXT-7B / InternVL2.5-8B (32 layers) and Qwen2.5-VL-7B
+#: (28), K = 10 for LLaVA-NeXT-13B (40); other depths: 6 scaled from 32 layers
+PAPER_LAYERS = {28: 6, 32: 6, 40: 10}
+PAPER_LAYER, REFERENCE_DEPTH = 6, 32
+SIMILARITIES = ("rescaled", "cosine")
+CONTEXT_SUMMARIES = ("tokens", "images")
+
+
+@register_method("catp")
+@dataclass
+class CATP(Pruner):
+    """CATP (AAAI'26, arXiv 2508.07871; no public code, the paper is the spec): for interleaved few-shot prompts
+    (demonstrations (image, text) followed by a query image and question), removes a fraction R of all image tokens
+    of a prompt, R/2 in each of two stages.
+
+    Budget: ``keep_ratio`` is the kept fraction (``R = 1 - keep / n`` per image, ``keep`` the count the budget gives
+    an image); ``prune_ratio=R`` (the paper's number, the *pruned* fraction, e.g. 0.778) uses the paper's counts
+    exactly. Never both. Per image ``i`` of ``S_i`` tokens:
+
+    * **stage 1** (after the projector, before the LLM): keep ``floor(S_i (1 - R/2))`` tokens by greedy
+      facility location (diversity) plus ``lambda1`` (0.7) times the similarity to the mean LLM input embedding of
+      the image's paired text (:func:`tokprune.kernels.facility_location`, vectorised); similarities are the cosine
+      rescaled to [0, 1] (``similarity="cosine"``: raw cosine). The paired text comes from token ids (the adapter's
+      ``VisionSignals.paired_text``: the text after the image up to the next one; the query image: its question).
+    * **stage 2a, before 0-based decoder layer** ``layer`` (K; default the paper's: 6 on 28- and 32-layer LLMs,
+      10 on 40 layers, else ``round(6 L / 32)``, at least 1): all demonstration image tokens of a row are
+      ranked together by ``max(0, A_K - A_{K-1}) + lambda2 cos(h, v_q)`` (lambda2 = 0.6) and the pool is cut to
+      ``floor(N_ctx (1 - R))`` (``N_ctx`` the demonstrations' original tokens; with ``keep_ratio``: the sum of
+      their ``keep``), so the per-demonstration counts adapt. ``A`` is the head-mean attention row of the query's
+      last prompt token: ``A_K`` with layer K's own q/k on the hidden states entering K (what K would compute,
+      HF ``attentions[K]``), ``A_{K-1}`` layer K-1's as it ran; ``h``: the hidden states entering layer K (HF
+      ``hidden_states[K]``); ``v_q``: their mean over the query sample (its image and the text after it).
+    * **stage 2b, before layer K+1**: the query image keeps ``floor(S_q (1 - R))`` (``keep``) of its tokens, by
+      ``cos(h, v_c)`` with ``v_c`` the mean hidden state entering K+1 of the retained context
+      (``context_summary="tokens"``: every real token before the query sample, demonstration texts included;
+      ``"images"``: the retained demonstration image tokens only). From layer K+1 on, ``1 - R`` of the image
+      tokens remain.
+
+    The last image of a row is the query, the earlier ones demonstrations (:func:`tokprune.prompts.icl` builds such
+    prompts). A row with one image runs stage 1 only (no context to rank, no context vector) and says so in
+    ``record.notes``. Survivors keep their original positions by default (the paper is silent; M-RoPE needs them).
+    """
+
+    summary = "multimodal ICL: facility location + text alignment per image, then context-adaptive cuts at K, K+1"
+    paper = "CATP, arXiv 2508.07871"
+    pooled_budget = True
+
+    prune_ratio: float | None = None
+    layer: int | None = None
+    lambda1: float = 0.7
+    lambda2: float = 0.6
+    similarity: str = "rescaled"
+    context_summary: str = "tokens"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.prune_ratio is not None:
+            rules.prune_ratio(prune_ratio=self.prune_ratio)  # validates: in [0, 1)
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"catp: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.context_summary not in CONTEXT_SUMMARIES:
+            raise ValueError(f"catp: context_summary must be one of {CONTEXT_SUMMARIES}, got {self.context_summary!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
+            raise TypeError(f"catp: layer must be an int (0-based decoder layer), got {self.layer!r}")
+
+    # ------------------------------------------------------------------ schedule
+    def default_keep_ratio(self) -> float | None:
+        """With ``prune_ratio=R`` and no other budget: the adapter's budget is ``keep_ratio = 1 - R``."""
+        return None if self.prune_ratio is None else 1 - self.prune_ratio
+
+    def stage_layer(self, info: ModelInfo) -> int:
+        """K: the 0-based decoder layer before which the demonstration tokens are cut."""
+        if self.layer is not None:
+            return self.layer
+        if info.llm_layers in PAPER_LAYERS:
+            return PAPER_LAYERS[info.llm_layers]
+        return max(1, round(PAPER_LAYER * info.llm_layers / REFERENCE_DEPTH))
+
+    def check(self, info: ModelInfo) -> None:
+        k = self.stage_layer(info)
+        if not 1 <= k <= info.llm_layers - 2:
+            raise ValueError(f"catp: layer={k} needs layers K-1, K and K+1; the LLM has {info.llm_layers} layers, "
+                             f"pass a layer in [1, {info.llm_layers - 2}]")
+        super().check(info)
+
+    def vision_request(self, info: ModelInfo) -> VisionRequest:
+        return VisionRequest(paired_text=True)
+
+    def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        k = self.stage_layer(info)
+        return (k, k + 1)
+
+    def llm_request(self, info: ModelInfo) -> LLMRequest:
+        k = self.stage_layer(info)
+        return LLMRequest(queries="last", source="probe", heads="mean", domain="causal", row_layers=(k - 1,))
+
+    def ratio(self, n_visual: int, keep: int) -> float:
+        """R for an image of ``n_visual`` tokens and user budget ``keep``."""
+        if keep >= n_visual:
+            return 0.0
+        return self.prune_ratio if self.prune_ratio is not None else 1 - keep / n_visual
+
+    def final(self, n_visual: int, keep: int) -> int:
+        """An image's count after both stages when it is pruned by stage 2."""
+        if self.prune_ratio is None or keep >= n_visual:
+            return min(keep, n_visual)
+        return rules.pool_keep(n_visual, self.prune_ratio)
+
+    def stage1(self, n_visual: int, keep: int) -> int:
+        return int(rules.stage1_counts(n_visual, self.ratio(n_visual, keep)))
+
+    def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
+        """One image alone (stage 1 only): ``floor(S (1 - R/2))`` at every stage. In a row of several images the
+        budgets are pooled (:meth:`row_budgets`)."""
+        return self.stage1(n_visual, keep)
+
+    def row_budgets(self, info: ModelInfo, stage: int, n_visual: list[int], keep: list[int]) -> list[int]:
+        """Per image of a row: stage 0 ``floor(S_i (1 - R/2))``; stage 1 (K) the demonstrations' pool
+        ``floor(N_ctx (1 - R))`` spread over them (only the sum binds: the ranking moves it), the query unchanged;
+        stage 2 (K+1) the query's final count. A row of one image keeps its stage-1 count."""
+        s1 = [self.stage1(n, k) for n, k in zip(n_visual, keep)]
+        if stage == 0 or len(n_visual) < 2:
+            return s1
+        ctx_n, ctx_k = n_visual[:-1], keep[:-1]
+        if self.prune_ratio is not None and all(k < n for n, k in zip(ctx_n, ctx_k)):
+            pool = rules.pool_keep(sum(ctx_n), self.prune_ratio)
+        else:
+            pool = sum(self.final(n, k) for n, k in zip(ctx_n, ctx_k))
+        pool = min(pool, sum(s1[:-1]))
+        spread = [min(s, self.final(n, k)) for s, n, k in zip(s1[:-1], ctx_n, ctx_k)]
+        for i in range(len(spread)):  # the pool's remainder on the first images with room (the sum is what binds)
+            extra = min(pool - sum(spread), s1[i] - spread[i])
+            spread[i] += max(extra, 0)
+        query = s1[-1] if stage == 1 else min(s1[-1], self.final(n_visual[-1], keep[-1]))
+        return [*spread, query]
+
+    def default_positions(self, info: ModelInfo) -> str:
+        """Original positions on every family (the paper is silent; M-RoPE needs them; ``positions="compact"``
+        re-indexes on LLaVA)."""
+        return "original"
+
+    # ------------------------------------------------------------------ stage 1
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
+        if signals.paired_text is None:
+            raise RuntimeError("catp needs each image's paired text; the adapter did not provide it")
+        if not ks:
+            return []
+        feats = signals.features
+        dev = feats[0].device
+        width = max(int(f.shape[0]) for f in feats)
+        tokens = torch.zeros(len(feats), width, feats[0].shape[-1], device=dev)
+        valid = torch.zeros(len(feats), width, dtype=torch.bool, device=dev)
+        for j, f in enumerate(feats):
+            tokens[j, :f.shape[0]] = f.float()
+            valid[j, :f.shape[0]] = True
+        text = torch.stack([t.float().mean(0).to(dev) for t in signals.paired_text])
+        picks = rules.facility_location_greedy(tokens, text, torch.tensor(ks), self.lambda1, valid, self.similarity)
+        return [picks[j, :k].sort().values for j, k in enumerate(ks)]
+
+    # ------------------------------------------------------------------ stage 2
+    def select_llm(self, signals: LLMSignals, ks: list[list[int]]) -> list[list[torch.Tensor]]:
+        first = signals.ctx is None or signals.layer == self.stage_layer(signals.ctx.info)
+        out = []
+        for b, (vis, krow) in enumerate(zip(signals.visual, ks)):
+            keep_all = [torch.arange(int(p.numel()), device=p.device) for p in vis]
+            if len(vis) < 2:
+                if first and signals.ctx is not None and vis:
+                    signals.ctx.notes.append(f"row {b}: one image, stage 1 only (no demonstrations to rank at "
+                                             f"layer {signals.layer})")
+                out.append(keep_all)
+                continue
+            out.append(self._context_cut(signals, b, vis, krow) if first else self._query_cut(signals, b, vis, krow))
+        return out
+
+    def _context_cut(self, signals: LLMSignals, b: int, vis: list[torch.Tensor], krow: list[int]
+                     ) -> list[torch.Tensor]:
+        """Stage 2a: every demonstration image token of row ``b`` in one pool, the query image untouched."""
+        ctx_pos = torch.cat(vis[:-1])
+        hidden = signals.hidden[b]
+        v_q = rules.masked_mean(hidden[None], signals.spans["sample"][b][None])
+        prev = signals.rows_at[min(signals.rows_at)][b]
+        scores = rules.context_scores(signals.attention[b, ctx_pos][None], prev[ctx_pos][None],
+                                      hidden[ctx_pos][None], v_q, self.lambda2)
+        kept = rules.select_pool(scores, sum(krow[:-1]))[0]
+        image_of = torch.cat([torch.full((int(p.numel()),), i, device=kept.device) for i, p in enumerate(vis[:-1])])
+        starts = torch.cumsum(torch.tensor([0] + [int(p.numel()) for p in vis[:-1]]), 0).tolist()
+        out = [kept[image_of[kept] == i] - starts[i] for i in range(len(vis) - 1)]
+        return [*out, torch.arange(int(vis[-1].numel()), device=vis[-1].device)]
+
+    def _query_cut(self, signals: LLMSignals, b: int, vis: list[torch.Tensor], krow: list[int]
+                   ) -> list[torch.Tensor]:
+        """Stage 2b: the query image's tokens by similarity to the distilled context vector."""
+        hidden = signals.hidden[b]
+        if self.context_summary == "tokens":
+            ctx_mask = signals.spans["context"][b]
+        else:
+            ctx_mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            ctx_mask[torch.cat(vis[:-1])] = True
+        v_c = rules.masked_mean(hidden[None], ctx_mask[None])
+        scores = rules.query_scores(hidden[vis[-1]][None], v_c)
+        query = rules.select_pool(scores, krow[-1])[0]
+        return [*(torch.arange(int(p.numel()), device=p.device) for p in vis[:-1]), query]

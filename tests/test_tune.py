@@ -58,20 +58,27 @@ def reference_objective(model, batches, method, keep_ratio, options) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the search
-@pytest.mark.parametrize("method", ["hiprune", "visionzip"])
-def test_the_tuner_beats_the_default_config_and_reports_the_true_objective(shapes, method):
+@pytest.mark.parametrize("method, target", [("hiprune", 0.25), ("visionzip", 0.25), ("pdrop", 0.5)])
+def test_the_tuner_beats_the_default_config_and_reports_the_true_objective(shapes, method, target):
     model, batches = shapes
-    result = tuning.tune(model, batches, method, target_ratio=0.25, trials=TRIALS, seed=0)
+    result = tuning.tune(model, batches, method, target_ratio=target, trials=TRIALS, seed=0)
     assert not tokprune.is_patched(model)
     assert result.default_objective is not None and result.objective > result.default_objective
-    assert result.keep_ratio == 0.25 and result.layer_average_ratio == 0.25  # pre-LLM: the contract's call as is
+    if method == "pdrop":  # cuts before layers 1, 2, 3 of 4: (64 + a + b + k) / 256 <= 0.5, by hand
+        k = round(result.keep_ratio * 64)
+        a, b = (max(k, int(64 * result.options["lam"] ** i)) for i in (1, 2))
+        assert result.layer_average_ratio == (64 + a + b + k) / 256 <= 0.5
+    else:  # pre-LLM: the contract's call as is
+        assert result.keep_ratio == 0.25 and result.layer_average_ratio == 0.25
     space = tuning.search_space(method)
     assert set(result.options) == set(space)
     assert all(space[k][1] <= v <= space[k][2] for k, v in result.options.items())
     # the numbers it reports are what plain forwards give
-    assert result.objective == pytest.approx(reference_objective(model, batches, method, 0.25, result.options),
-                                             abs=1e-5)
-    assert result.default_objective == pytest.approx(reference_objective(model, batches, method, 0.25, {}), abs=1e-5)
+    assert result.objective == pytest.approx(
+        reference_objective(model, batches, method, result.keep_ratio, result.options), abs=1e-5)
+    if method != "pdrop":  # (pdrop's default runs at its own solved final count)
+        assert result.default_objective == pytest.approx(reference_objective(model, batches, method, 0.25, {}),
+                                                         abs=1e-5)
     assert result.samples == N_SAMPLES and result.trials == TRIALS == len(result.history)
 
 
@@ -311,6 +318,30 @@ def test_vtc_cls_span_counts_layers_back_from_the_feature_layer():
     assert torch.equal(kept["span"], kept["layers"])
     with pytest.raises(ValueError, match="layers= or span="):
         tokprune.apply(model, "vtc_cls", keep=4, span=2, layers=(0,))
+
+
+def test_pdrop_lam_is_the_papers_lambda():
+    from tokprune.api import schedule
+    from tokprune.testing import image_prompt, make_image
+
+    # lam=0.5 without a budget is the paper's default schedule; with a budget the stages are max(r, lam^i)
+    assert schedule("llava-1.5-7b", "pdrop", lam=0.5) == schedule("llava-1.5-7b", "pdrop")
+    assert [s.keep for s in schedule("llava-1.5-7b", "pdrop", lam=0.8, keep_ratio=0.125).stages] == [
+        int(576 * 0.8), int(576 * 0.64), 72]
+    assert [s.keep for s in schedule("llava-1.5-7b", "pdrop", lam=0.3, keep_ratio=0.125).stages] == [172, 72, 72]
+    # it runs exactly as the same explicit ratios (whose exactness tests/test_families.py checks)
+    model, processor = tokprune.testing.tiny_model("llava")
+    enc = processor(images=make_image(), text=image_prompt(processor), return_tensors="pt")
+    out = {}
+    for name, options in {"lam": {"lam": 0.8, "keep_ratio": 0.125}, "ratios": {"ratios": (0.8, 0.64, 0.125)}}.items():
+        with tokprune.pruned(model, "pdrop", **options), torch.no_grad():
+            out[name] = (model(**enc).logits, [st.kept[0][0] for st in tokprune.last_record(model).stages])
+    assert torch.equal(out["lam"][0], out["ratios"][0])
+    assert all(torch.equal(a, b) for a, b in zip(out["lam"][1], out["ratios"][1]))
+    with pytest.raises(ValueError, match="lam or ratios"):
+        tokprune.apply(model, "pdrop", lam=0.5, ratios=(0.5, 0.25, 0.125))
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        tokprune.apply(model, "pdrop", lam=1.5)
 
 
 # ------------------------------------------------------------------------------------------------ the command

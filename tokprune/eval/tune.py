@@ -23,14 +23,14 @@ the unpruned one under a budget:
   both samplers read), so the sampler learns the feasible region and the best trial is always a feasible one.
   When no trial is feasible, :func:`tune` raises, naming the target to raise.
 
-Why Optuna: it has both the paper's kind of optimiser (``GPSampler``: Gaussian-process Bayesian optimisation, the
-paper uses scikit-optimize's GP) and TPE, both seeded, both with constraints, and int / float / log dimensions.
-The default is **TPE** (``sampler="tpe"``): it needs nothing beyond Optuna (the GP sampler needs SciPy, about 140 MB
-more, and costs more per trial as the history grows), handles integer options (FastV's layer) natively, and at the
-paper's 50 trials over 1-2 dimensions finds the same optima in our runs; ``sampler="gp"`` is the paper's choice
-(``pip install scipy``). scikit-optimize (the reference code's library) is unmaintained. Both samplers start with
-``min(10, max(2, trials // 4))`` random trials (the paper's code: 27 of 300). With the method's defaults inside the
-search space, the first trial is the default configuration, so the best is never worse than the default.
+Why Optuna: it has both the paper's kind of optimiser (``GPSampler``: Gaussian-process Bayesian optimisation; the
+paper uses scikit-optimize's GP, which would bring scikit-learn and SciPy) and TPE, both seeded, both with
+constraints, and int / float / log dimensions. The default is **TPE** (``sampler="tpe"``): it needs nothing beyond
+Optuna (the GP sampler needs SciPy, about 140 MB installed), stays cheap per trial (the GP is refitted on the whole
+history every trial) and handles integer options (FastV's layer) natively; ``sampler="gp"`` is the paper's kind
+(``pip install scipy``). Both samplers start with ``min(10, max(2, trials // 4))`` random trials (the paper's
+code: 27 of 300). With the method's defaults inside the search space, the first trial is the default
+configuration, so the best is never worse than the default.
 
 Reproducible: the same seed, samples and model on the same machine give the same trials and the same best point.
 The tuned configuration is written as JSON (:meth:`TuneResult.save`) that ``tokprune.apply(model, config=path)``

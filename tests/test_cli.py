@@ -82,7 +82,7 @@ BAD = [
     # tune (checked before the model loads)
     (["tune", "--out", "c.json"], "required: --method"),
     (["tune", "--method", "bogus", "--out", "c.json"], "unknown method 'bogus'"),
-    (["tune", "--method", "pdrop", "--out", "c.json"], "--method pdrop: declares no search space"),
+    (["tune", "--method", "random", "--out", "c.json"], "--method random: declares no search space"),
     (["tune", "--method", "hiprune", "--out", "c.txt"], "--out c.txt: pass a .json file"),
     (["tune", "--method", "hiprune", "--out", "/nonexistent/dir/c.json"], "/nonexistent"),
     (["tune", "--method", "hiprune", "--out", "c.json", "--target-ratio", "0"], "argument --target-ratio"),

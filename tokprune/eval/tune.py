@@ -11,8 +11,9 @@ the unpruned one under a budget:
   definition, the one progressive methods are compared on): the content tokens each LLM layer sees, averaged over
   the layers, divided by the image's content tokens (LLaVA-NeXT newlines are not counted, as in every budget).
 * **trials**: each trial calls ``tokprune.apply(model, method=M, keep_ratio=TARGET, **point)``. Where the method's
-  ``keep`` is the count after its last stage and its schedule averages above the target (FastV, PyramidDrop,
-  TransPrune: full early layers), ``keep_ratio`` is instead the largest final fraction whose schedule
+  ``keep`` is the count after its last stage and its schedule averages above the target by more than one token of
+  rounding (FastV, PyramidDrop, TransPrune: full early layers), ``keep_ratio`` is instead the largest final
+  fraction whose schedule
   (:func:`tokprune.api.schedule`, the one the adapters run) meets the target for every image size of the data:
   points are compared at equal layer-averaged cost, so a later FastV layer pays for itself with fewer final tokens.
   The record of the forward is then checked: a trial whose layer-averaged ratio exceeds the target by more than
@@ -199,13 +200,14 @@ def schedule_ratio(model: torch.nn.Module, method: str, point: dict[str, Any], k
 
 def solve_keep_ratio(model: torch.nn.Module, method: str, point: dict[str, Any], target: float,
                      sizes: Sequence[int]) -> float | None:
-    """The ``keep_ratio`` a trial runs at: ``target`` where the schedule averages within it for every image size
-    (``sizes``: content tokens), else the largest final fraction ``k / n`` that meets it for all sizes; None when
-    even one token per image cannot (an infeasible point)."""
+    """The ``keep_ratio`` a trial runs at: ``target`` (the contract's call) where the schedule averages within it,
+    up to one token of rounding, for every image size (``sizes``: content tokens; a method whose ``keep`` is the
+    layer average, or a pre-LLM one), else the largest final fraction ``k / n`` that meets it for all sizes; None
+    when even one token per image cannot (an infeasible point)."""
     from tokprune.config import Budget
 
     tol = 1e-9
-    if all(schedule_ratio(model, method, point, Budget(keep_ratio=target).count(n), n) <= target + tol
+    if all(schedule_ratio(model, method, point, Budget(keep_ratio=target).count(n), n) <= target + 1 / n + tol
            for n in sizes):
         return target
     best: float | None = None

@@ -79,6 +79,19 @@ BAD = [
     (["bench", "--config", "tiny-llava", "--keep", "4", "--out", "/dev/null/x"], "--out /dev/null/x"),
     (["bench", "--config", "tiny-llava", "--keep", "4", "--batch", "0"], "argument --batch"),
     (["bench", "--config", "tiny-qwen2-vl", "--keep", "2", "--n-text", "1", "--images", "2"], "--n-text"),
+    # tune (checked before the model loads)
+    (["tune", "--out", "c.json"], "required: --method"),
+    (["tune", "--method", "bogus", "--out", "c.json"], "unknown method 'bogus'"),
+    (["tune", "--method", "random", "--out", "c.json"], "--method random: declares no search space"),
+    (["tune", "--method", "hiprune", "--out", "c.txt"], "--out c.txt: pass a .json file"),
+    (["tune", "--method", "hiprune", "--out", "/nonexistent/dir/c.json"], "/nonexistent"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--target-ratio", "0"], "argument --target-ratio"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--trials", "0"], "argument --trials"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--samples", "x"], "argument --samples"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--sampler", "cmaes"], "argument --sampler"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--data", "/nonexistent"], "--data /nonexistent"),
+    (["tune", "--method", "hiprune", "--out", "c.json", "--model", "no-such-model-dir/"], "--model no-such-model-dir"),
+    (["tune", "--method", "vtc_cls", "--out", "c.json", "--model", "qwen2vl-shapes"], "no [CLS] token"),
 ]
 
 

@@ -27,6 +27,7 @@ FASTER = {
     "show": [],
     "eval": ["--limit", "20"],
     "report": [],
+    "tune": ["--no-progress"],
 }
 SKIPPED = ("pip install", "python -m pytest")  # installs, and the suite this test belongs to
 WRITES = ("--save", "--out", "--json")

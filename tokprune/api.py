@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -61,8 +62,9 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     return cls(**options)
 
 
-def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
-          record_scores: bool = False, **options: Any) -> nn.Module:
+def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None = None,
+          keep_ratio: float | None = None, record_scores: bool = False, config: str | Path | dict | None = None,
+          **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
     ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
@@ -75,8 +77,23 @@ def apply(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_
     each visual token (``Stage.scores``; for the heat-maps of :mod:`tokprune.viz`), off by default since it copies
     scores to the CPU. Applying to a patched model replaces the previous patch. Refuses a transformers release
     outside the tested window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently
-    wrong.
+    wrong. ``config``: a configuration written by ``tokprune tune --out`` (a JSON path, or its dict; validated by
+    :func:`tokprune.eval.tune.read_config`): its method (``method`` may be left out; a different one is an error),
+    its options, and its ``keep_ratio`` when no budget is passed; keyword options and a budget passed here
+    override the file's.
     """
+    if config is not None:
+        from tokprune.eval.tune import read_config
+
+        if isinstance(method, Pruner):
+            raise TypeError("config= holds options for a registered method; pass method by name, not an instance")
+        method, tuned, tuned_ratio = read_config(config, method)
+        options = {**tuned, **options}
+        if keep is None and keep_ratio is None and not {"flops_ratio", "schedule"} & set(options):
+            keep_ratio = tuned_ratio
+    if method is None:
+        raise TypeError("pass method= (a name from tokprune.methods() or a Pruner instance), or config= from "
+                        "tokprune tune")
     check_transformers()
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}

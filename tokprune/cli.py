@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import tokprune
 
-COMMANDS = ("demo", "flops", "bench", "show", "eval", "report")
+COMMANDS = ("demo", "flops", "bench", "show", "eval", "report", "tune")
 #: exceptions that describe bad input, not a bug: shown as one line, exit code 2
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, NotImplementedError)
 EXIT_USAGE = 2

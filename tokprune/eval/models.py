@@ -35,6 +35,7 @@ class ModelBundle:
 
     @property
     def family(self) -> str:
+        import tokprune.api  # noqa: F401  (fills the registry of families)
         from tokprune.registry import adapter_for
 
         return adapter_for(self.model).family

@@ -326,6 +326,12 @@ class Pruner:
     budget_meaning: ClassVar[str] = "final"
     #: whether each stage's budget is pooled over a prompt's images (counts may move between them; CATP)
     pooled_budget: ClassVar[bool] = False
+    #: hyper-parameters ``tokprune tune`` may search (:mod:`tokprune.eval.tune`): each key is a scalar keyword option
+    #: of ``tokprune.apply`` for this method, each value ``("float", low, high)``, ``("int", low, high)`` or
+    #: ``("log", low, high)`` (a float searched on a log scale, ``low > 0``), bounds inclusive. Keep it small and
+    #: model-independent; a point the method refuses on a model (its own validation) is an infeasible trial, and
+    #: ``apply(config=...)`` refuses values outside these bounds. Empty: the method has nothing to tune.
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     positions: str | None = None
 

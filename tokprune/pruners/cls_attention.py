@@ -70,16 +70,26 @@ class VTCCLS(Pruner):
     layers" to ``s = 20`` came from a secondary summary and is flagged there as unverified; the paper's text we
     could check says only that scores of several layers are ensembled (averaged, which ranks as the code's sum)
     and gives no start layer, so the only stated default is the code's. ``layers=(20, 21, 22)`` restores the
-    3-layer ensemble.
+    3-layer ensemble. ``span`` (what ``tokprune tune`` searches, in [1, 12]): without ``layers``, the number of
+    layers summed up to the feature layer (default 7: 16..22; clipped at layer 0 on shallower encoders), the
+    reference's ``--layer`` start counted back from the feature layer.
     """
 
     summary = "[CLS]->patch attention summed over several encoder layers, top-k, original order"
     paper = "VTC-CLS, arXiv 2412.05819"
 
+    search_space = {"span": ("int", 1, 12)}
+
     layers: tuple[int, ...] | None = None
+    span: int = DEFAULT_SPAN
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.span, bool) or not isinstance(self.span, int) or self.span < 1:
+            raise ValueError(f"vtc_cls: span is the number of encoder layers summed up to the feature layer, an "
+                             f"int >= 1; got {self.span!r}")
+        if self.layers is not None and self.span != DEFAULT_SPAN:
+            raise ValueError("vtc_cls: pass layers= or span=, not both")
         if self.layers is not None:
             self.layers = tuple(int(x) for x in self.layers)
             if not self.layers:
@@ -88,7 +98,7 @@ class VTCCLS(Pruner):
     def _layers(self, info: ModelInfo) -> tuple[int, ...]:
         if self.layers is None:
             f = info.feature_layer
-            return tuple(range(max(0, f - DEFAULT_SPAN + 1), f + 1))
+            return tuple(range(max(0, f - self.span + 1), f + 1))
         return tuple(sorted({_resolve_layer(x, info) for x in self.layers}))
 
     def check(self, info: ModelInfo) -> None:

@@ -20,6 +20,10 @@ class FastV(Pruner):
     summary = "last prompt token's head-mean attention in LLM layer K-1; drop before layer K"
     paper = "FastV, arXiv 2403.06764"
 
+    #: ``tokprune tune``: the cut layer K (the paper ablates K = 2, 3; later layers cost more at a layer-averaged
+    #: budget, which the tuner pays for with fewer final tokens)
+    search_space = {"layer": ("int", 1, 3)}
+
     layer: int = 2
 
     def __post_init__(self) -> None:

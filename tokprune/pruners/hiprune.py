@@ -61,6 +61,9 @@ class HiPrune(Pruner):
     summary = "anchors (object-layer received attention) + 4-neighbour buffers + registers (deep layer)"
     paper = "HiPrune, arXiv 2508.00553"
 
+    #: ``tokprune tune``: the anchors' share (the paper's 0.1 gives no anchor below keep=25; 1 = all anchors)
+    search_space = {"alpha": ("float", 0.0, 1.0)}
+
     alpha: float = 0.1
     object_layer: int | None = None
     deep_layer: int | None = None

@@ -39,6 +39,9 @@ class TransPrune(Progressive):
     DEFAULT_ACCUMULATE = rules.DEFAULT_ACCUMULATE_LAYERS
     REFERENCE_DEPTH = 32
 
+    #: ``tokprune tune``: the paper's TTV / IGA balance (``alpha TTV + (1 - alpha) IGA``; 0.5 ranks as the default sum)
+    search_space = {"alpha": ("float", 0.0, 1.0)}
+
     accumulate_layers: tuple[int, ...] | None = None
     direction: str = "code"
     alpha: float | None = None

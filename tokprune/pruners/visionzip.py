@@ -33,6 +33,9 @@ class VisionZip(Pruner):
     ``dominant`` / ``contextual``: None (both) = the paper's 54:10 split scaled to each part's budget
     (``dominant = round(keep * 54 / 64)``: 108+20 at 128, 162+30 at 192); give one to fix it (the other is the
     rest) or both (they must sum to the budget of each image, or of each tile on LLaVA-NeXT).
+    ``dominant_share`` (not in the paper; what ``tokprune tune`` searches, in [0.5, 1]): the split as a fraction of
+    each part's budget, ``dominant = round(keep * dominant_share)``, the rest contextual (None: 54/64 = 0.84375,
+    the paper's); exclusive with ``dominant`` / ``contextual``.
 
     Where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep their slots (raster
     order); each contextual token takes the slot (and position id) of the lowest-index patch it absorbed, so it
@@ -64,13 +67,24 @@ class VisionZip(Pruner):
     summary = "dominant tokens by [CLS] attention (+[CLS]) and contextual tokens merged by key similarity"
     paper = "VisionZip, arXiv 2412.04467"
 
+    search_space = {"dominant_share": ("float", 0.5, 1.0)}
+
     dominant: int | None = None
     contextual: int | None = None
+    dominant_share: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _count("dominant", self.dominant)
         _count("contextual", self.contextual)
+        if self.dominant_share is not None:
+            s = self.dominant_share
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1:
+                raise ValueError(f"visionzip: dominant_share is the dominant tokens' fraction of keep, in [0, 1]; "
+                                 f"got {s!r}")
+            if self.dominant is not None or self.contextual is not None:
+                raise ValueError("visionzip: pass dominant_share or dominant/contextual, not both")
+            self.dominant_share = float(s)
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         f = info.feature_layer
@@ -79,6 +93,8 @@ class VisionZip(Pruner):
 
     def split(self, keep: int) -> tuple[int, int]:
         """(dominant, contextual) for a budget of ``keep`` tokens; the error names the fix."""
+        if self.dominant_share is not None:
+            return visionzip_split(keep, round(keep * self.dominant_share), None)
         try:
             return visionzip_split(keep, self.dominant, self.contextual)
         except ValueError:

@@ -13,6 +13,7 @@ import tokprune
 from tokprune import configs
 from tokprune.eval import bench
 from tokprune.eval.bench import Case, Prompt
+from tokprune.eval.progress import Progress
 
 FAST = dict(new_tokens=3, warmup=1, repeats=2, progress=False)
 ONCE = dict(new_tokens=3, warmup=0, repeats=1, progress=False)  # for the slower real-core runs
@@ -117,7 +118,7 @@ def test_kv_cache_bytes() -> None:
 
 def test_progress_counter_without_tqdm(monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails -> the stderr counter
-    bar = bench._Progress(2, enabled=True)
+    bar = Progress(2, True, "bench", "run")
     bar.step("cls keep=4")
     bar.step("cls keep=4")
     bar.close()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import tokprune
+from tokprune.eval.progress import Progress
 from tokprune.pruners.base import Pruner
 
 optuna = pytest.importorskip("optuna", reason="tokprune tune needs the 'tune' extra (optuna)")
@@ -194,7 +195,7 @@ def test_right_padding_is_refused(shapes):
 
 def test_the_progress_counter_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
-    bar = tuning._Progress(2, True)
+    bar = Progress(2, True, "tune", "trial")
     bar.step("best 0.9")
     bar.close()
     assert "[tune] 1/2 best 0.9" in capsys.readouterr().err

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from tokprune import flops
 from tokprune.eval.bench_report import BenchReport
+from tokprune.eval.progress import Progress
 from tokprune.patches.compat import output_cache
 
 
@@ -83,34 +83,6 @@ class CaseResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class _Progress:
-    """tqdm when installed, else a one-line counter on stderr; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, leave=False)
-            except ImportError:
-                pass
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"\r[bench] {self.done}/{self.total} {label}   ", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
 
 
 Timer = Callable[[Callable[[], Any]], tuple[float, Any]]
@@ -196,7 +168,7 @@ class _Context:
     warmup: int
     repeats: int
     api: Any
-    bar: _Progress
+    bar: Progress
 
 
 def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt = Prompt(), *, new_tokens: int = 16,
@@ -225,7 +197,7 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt = Prompt()
     base = flops.TokenSchedule.unpruned(config, n_text=prompt.n_text, n_images=prompt.n_images,
                                         image_size=prompt.image_size)
     ctx = _Context(model, inputs, base, _timer(param.device), param.device, new_tokens, warmup, repeats, api,
-                   _Progress(len(cases) * (warmup + repeats), progress))
+                   Progress(len(cases) * (warmup + repeats), progress, "bench", "run"))
     results = []
     try:
         for case in cases:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from tokprune.eval.progress import Progress
 
 #: search-space dimension kinds (see :attr:`tokprune.Pruner.search_space`)
 KINDS = ("float", "int", "log")
@@ -364,34 +365,6 @@ def _defaults(method: str, space: dict[str, tuple]) -> tuple[dict[str, Any], boo
     return defaults, all(_in_space(v, space[k]) for k, v in defaults.items())
 
 
-class _Progress:
-    """tqdm when installed, else a one-line counter on stderr; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="tune", unit="trial", file=sys.stderr, leave=False)
-            except ImportError:
-                pass
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label)
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"\r[tune] {self.done}/{self.total} {label}   ", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
 def tune(model: torch.nn.Module, batches: Sequence[dict[str, Any]], method: str, target_ratio: float = 0.25,
          trials: int = 50, seed: int = 0, sampler: str = "tpe", progress: bool = False,
          on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
@@ -413,7 +386,7 @@ def tune(model: torch.nn.Module, batches: Sequence[dict[str, Any]], method: str,
     default_options, expressible = _defaults(method, space)
     default = evaluate({}, -1)  # the method's own defaults, at the same budget
     history: list[Trial] = []
-    bar = _Progress(trials, progress)
+    bar = Progress(trials, progress, "tune", "trial")
 
     def objective(trial: optuna.Trial) -> float:
         point: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """Independent references for the exactness tests, written without any tokprune code.
 
 * :func:`features` runs the unpatched encoder; :func:`cls_scores` reads [CLS] rows from *eager* attention maps.
-* :func:`run_kept` feeds the unpatched model only the kept tokens (pre-LLM reference).
+* :func:`run_kept` feeds the unpatched model only the kept tokens (pre-LLM reference); :func:`greedy_decode`
+  generates from such a prompt by hand, with explicit positions at every step (no ``generate()`` bookkeeping).
 * :func:`layer_loop` / :func:`cuts_loop` run the language model layer by layer with explicit masks and positions
   per layer, which gives the in-LLM references for any number of cuts: pruned keys masked from each cut's layer on
   ("original" positions), or only the surviving tokens at re-indexed positions ("compact").
@@ -61,6 +62,53 @@ def run_kept(model, ids: torch.Tensor, feats: list[torch.Tensor], kept: list[tor
     pos = torch.arange(ids.shape[1])[keep] if not compact else torch.arange(int(keep.sum()))
     mm = {"image": BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(feats, kept)])}
     return model(input_ids=ids[:, keep], position_ids=pos[None], mm_encoder_outputs=mm).logits, keep
+
+
+def next_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """The position of the first generated token after a prompt at ``position_ids``: one past the prompt's largest
+    position, per row. Qwen's (4, B, N) = [text row; t; h; w]: the M-RoPE rows all continue from the largest of
+    their prompt values (text after an image restarts at the image's max + 1, so this is the last token's), the
+    text row (masks only) from its own last value. (B, N) or (1, N): the largest value + 1. Returns (..., B, 1)."""
+    if position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        rope = position_ids[1:].amax(dim=(0, 2))[None, :, None].expand(3, -1, 1)
+        return torch.cat([position_ids[:1, :, -1:], rope]) + 1
+    if position_ids.dim() == 3:
+        return position_ids.amax(dim=(0, 2))[None, :, None].expand(position_ids.shape[0], -1, 1) + 1
+    return position_ids.amax(-1, keepdim=True) + 1
+
+
+@torch.no_grad()
+def greedy_decode(model, n_new: int, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, shift: int = 0, **prefill):
+    """Greedy decoding by hand on the unpatched model, with explicit positions at every step and no ``generate()``
+    bookkeeping: prefill ``input_ids`` at ``position_ids`` (with the ``prefill`` kwargs: encoder outputs, token
+    types), then feed each argmax token at :func:`next_positions` + step (+ ``shift`` on the position rows, to
+    show a wrong decode rule is visible). Returns ``sequences`` (B, N + n_new) and per-step ``logits`` (the raw
+    last-token logits), the fields ``generate(return_dict_in_generate=True, output_logits=True)`` returns."""
+    import inspect
+    from types import SimpleNamespace
+
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=True,
+                **prefill)
+    nxt = next_positions(position_ids)
+    if shift:
+        nxt = torch.cat([nxt[:1], nxt[1:] + shift]) if nxt.shape[0] == 4 and nxt.dim() == 3 else nxt + shift
+    seq, logits = input_ids, []
+    for step in range(n_new):
+        last = out.logits[:, -1]
+        logits.append(last)
+        token = last.argmax(-1, keepdim=True)
+        seq = torch.cat([seq, token], 1)
+        if step == n_new - 1:
+            break
+        cache = getattr(out, "cache", None)
+        cache = cache if cache is not None else out.past_key_values
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+        out = model(input_ids=token, position_ids=nxt + step, attention_mask=attention_mask, use_cache=True,
+                    **{cache_name: cache})
+    return SimpleNamespace(sequences=seq, logits=tuple(logits))
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ Every reference is built here without tokprune code: the unpatched model fed onl
 original positions (pre-LLM methods, the "no-hook" variant of hooks-guide §4), a masking oracle that keeps the
 whole sequence and hides the pruned keys from layer K on (FastV, hooks-guide §5), and method scores read from
 eager attention maps. Generation is compared on the per-step logits, not only the ids: tiny random models often
-repeat one token, which would hide a wrong position.
+repeat one token, which would hide a wrong position. The generation references are decoded by hand
+(``oracles.greedy_decode``: explicit positions at every step, the prompt's attention mask), not by ``generate()``.
 """
 
 from __future__ import annotations
@@ -157,13 +158,14 @@ def positions(fam: Fam, x) -> torch.Tensor:
 
 @torch.no_grad()
 def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool = False,
-                          original: bool = False, replace: Any = None) -> Any:
+                          original: bool = False, replace: Any = None, shift: int = 0) -> Any:
     """The unpatched model fed only the kept visual tokens of a one-row prompt.
 
     Qwen: kept tokens at their original M-RoPE positions. LLaVA-NeXT: re-indexed contiguously (the pre-LLM
     default, "compact": what the model does when no positions are passed), or at their ``original`` positions.
     ``replace(image, features)``: rewrites the kept features of an image (every DeepStack level too), e.g. to put
-    a merged token in a slot.
+    a merged token in a slot. ``generate``: :func:`oracles.greedy_decode` (explicit positions at every step: the
+    kept prompt's largest position + 1 + step; ``shift`` moves them, to show a wrong decode rule fails).
     """
     out = encode(fam, x)
     ids = x["input_ids"]
@@ -179,7 +181,13 @@ def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool 
         kw["position_ids"] = positions(fam, x)[..., keep]
     if fam.qwen:
         kw["mm_token_type_ids"] = x["mm_token_type_ids"][:, keep]
-    return fam.model.generate(**kw, **GEN) if generate else fam.model(**kw).logits
+    if not generate:
+        return fam.model(**kw).logits
+    # by hand, never generate(): without the prompt's attention_mask generate() infers one from the pad id and
+    # hides real prompt tokens that share it (the tiny Qwen tokenizers map every unknown word to pad = 0)
+    mask = x.get("attention_mask", torch.ones_like(ids))[:, keep]
+    pos = kw.pop("position_ids", torch.arange(int(keep.sum()))[None])
+    return oracles.greedy_decode(fam.model, N_NEW, attention_mask=mask, position_ids=pos, **kw, shift=shift)
 
 
 def MaskingOracle(model: Any, layer: int, keep: torch.Tensor) -> oracles.CutMask:  # noqa: N802 (a context)
@@ -416,17 +424,22 @@ def test_fastv_keep_k_equals_masking_oracle(zoo, family, layer):
 @pytest.mark.parametrize("family, method", WITH_LLM)
 def test_keep_k_equals_the_reference_of_its_schedule(zoo, family, method):
     """Every method with LLM stages, from its record alone: the unpatched model fed the tokens its vision stage
-    kept (if any), with every LLM cut applied by the multi-cut masking oracle (original positions)."""
+    kept (if any), with every LLM cut applied by the multi-cut masking oracle (original positions); logits, and
+    ``generate()`` against that reference decoded by hand."""
     fam = zoo[family]
     x = inputs(fam)
     with torch.no_grad():
         tokprune.apply(fam.model, method, keep=4, positions="original")
         out = fam.model(**x).logits
         rec = tokprune.last_record(fam.model)
+        gen = fam.model.generate(**x, **GEN)
+        gen_rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
         ref, final = schedule_reference(fam, x, rec)
+        ref_gen, _ = schedule_reference(fam, x, gen_rec, generate=True)
     assert [st.kind for st in rec.stages] == list(KINDS[(family, method)])
     assert (out[0] - ref[0, final]).abs().max() <= TOL
+    assert_same_generation(gen, ref_gen)
 
 
 #: methods with LLM stages whose vision stage adds tokens: (model, x, rec) -> per image ``full -> full`` putting
@@ -435,11 +448,11 @@ RECORD_MERGES = {"vflowopt": lambda model, x, rec: oracles.vflowopt_record_merge
 
 
 @torch.no_grad()
-def schedule_reference(fam: Fam, x, rec) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule_reference(fam: Fam, x, rec, generate: bool = False) -> tuple[Any, torch.Tensor]:
     """The reference of any schedule of a one-row record, at original positions: the unpatched model fed the
     tokens the vision stage kept (all without one; new tokens in their slots), with every LLM cut hidden from its
-    layer on by the multi-cut masking oracle. Returns (logits over the fed prompt, mask of the tokens that survive
-    every stage)."""
+    layer on by the multi-cut masking oracle. Returns (logits over the fed prompt, or with ``generate`` its greedy
+    decode by hand, mask of the tokens that survive every stage)."""
     ids = x["input_ids"]
     vision = [st for st in rec.stages if st.kind == "vision"]
     fed = vision[0].kept[0] if vision else [torch.arange(n) for n in rec.n_visual[0]]
@@ -453,8 +466,8 @@ def schedule_reference(fam: Fam, x, rec) -> tuple[torch.Tensor, torch.Tensor]:
     cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
             for st in rec.stages if st.kind == "llm"]
     with oracles.CutMask(fam.model, cuts) if cuts else torch.no_grad():
-        ref = kept_tokens_reference(fam, x, fed, original=True, replace=replace)
-    final = cuts[-1][1][0] if cuts else torch.ones(ref.shape[1], dtype=torch.bool)
+        ref = kept_tokens_reference(fam, x, fed, generate=generate, original=True, replace=replace)
+    final = cuts[-1][1][0] if cuts else prompt_keep[prompt_keep]
     return ref, final
 
 
@@ -524,6 +537,39 @@ def test_qwen_manual_decode_without_positions_continues_after_pruning(zoo, famil
             logits.append(step.logits[:, -1])
             token = step.logits[:, -1:].argmax(-1)
     assert max((a - b).abs().max().item() for a, b in zip(logits, gen.logits[1:4])) <= TOL
+
+
+@pytest.mark.parametrize("method", ["random", "hiprune"])
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_generate_after_pre_llm_cut_decodes_past_the_kept_prompt(zoo, family, method):
+    """Every decode step of ``generate()`` after a pre-LLM cut (original M-RoPE positions) equals the unpatched
+    model decoded by hand at the kept prompt's largest position + 1 + step. That is also the unpruned prompt's
+    (its last token is text, never dropped), so generate()'s own rule (last position + 1) is the same; a decode
+    at the pruned length (positions shifted down by the dropped count, what a cache-length rule would give)
+    differs. The question names an object the tiny tokenizers do not know, i.e. tokens equal to the pad id: a
+    reference ``generate()`` without an attention mask would infer one from the pad id and hide them."""
+    fam = zoo[family]
+    x = fam.proc(images=[make_image(w, h, seed=j) for j, (w, h) in enumerate(SIZES)],
+                 text=prompt(fam, 2, "which shape is left of the circle ?"), return_tensors="pt")
+    ids = x["input_ids"]
+    assert (ids == fam.model.generation_config.pad_token_id).any()
+    with torch.no_grad():
+        tokprune.apply(fam.model, method, keep=4)
+        gen = fam.model.generate(**x, **GEN)
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        keep = keep_mask(fam, ids, rec.n_visual[0], rec.kept[0])
+        full = positions(fam, x)
+        assert full[1:, :, keep].max() == full[1:].max() == full[1:, 0, -1].max()  # kept max = unpruned max = last
+        ref = kept_tokens_reference(fam, x, rec.kept[0], generate=True)
+        wrong = kept_tokens_reference(fam, x, rec.kept[0], generate=True, shift=-int((~keep).sum()))
+        hf = fam.model.generate(input_ids=ids[:, keep], attention_mask=x["attention_mask"][:, keep],
+                                mm_token_type_ids=x["mm_token_type_ids"][:, keep], position_ids=full[..., keep],
+                                mm_encoder_outputs={"image": subset(encode(fam, x), rec.kept[0])}, **GEN)
+    assert rec.n_kept == [[4, 4]]
+    assert_same_generation(gen, ref)
+    assert_same_generation(hf, ref)  # HF's generate on the fed tokens (mask passed) follows the same rule
+    assert max((a - b).abs().max().item() for a, b in zip(gen.logits[1:], wrong.logits[1:])) > 1e-3
 
 
 @pytest.mark.parametrize("family", QWEN)

@@ -159,7 +159,9 @@ def test_pre_llm_generate_equals_unpatched_on_kept_tokens(tiny, method, position
         mm = {"image": type(model.model.get_image_features(pixel_values=x["pixel_values"]))(
             pooler_output=[f[k] for f, k in zip(feats, kept)])}
         extra = {} if positions == "compact" else {"position_ids": torch.arange(keep.numel())[keep][None]}
-        ref = model.generate(input_ids=x["input_ids"][:, keep], mm_encoder_outputs=mm, **extra, **GEN)
+        # the mask is passed: without it generate() infers one from the pad id, hiding prompt tokens equal to it
+        ref = model.generate(input_ids=x["input_ids"][:, keep], attention_mask=x["attention_mask"][:, keep],
+                             mm_encoder_outputs=mm, **extra, **GEN)
     assert torch.equal(gen[:, -8:], ref[:, -8:])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -343,5 +345,8 @@ def test_bfloat16_model(method):
             assert torch.equal(model(**x).logits, ref)
         with tokprune.pruned(model, method, keep=3):
             out = model.generate(**x, **GEN)
-            assert tokprune.last_record(model).n_kept == [[3]]
+            # catp on one image runs its stage 1 only: floor(S (1 - R/2)) with R = 1 - 3/S, the rest of R is its LLM
+            # stages' (which need demonstrations)
+            expected = math.floor(N_VIS * (1 - (1 - 3 / N_VIS) / 2)) if method == "catp" else 3
+            assert tokprune.last_record(model).n_kept == [[expected]]
     assert out.shape[1] == x["input_ids"].shape[1] + 8  # generate() returns the caller's unpruned prompt

@@ -76,10 +76,11 @@ def hub_attention(attn: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Ten
 
 
 def pixel_levels(pixels: torch.Tensor) -> torch.Tensor:
-    """Integer 0..255 levels of raw pixels un-normalised in floating point (float32 or bf16 ``pixel_values`` give
-    255 * (x * std + mean) within a fraction of a level of the image's integers): rounded and clamped, per channel,
-    as the reference's uint8 cast of each channel before the grey sum (it truncates; on integer-valued input
-    the same)."""
+    """Integer 0..255 levels of raw pixels un-normalised in floating point: rounded and clamped, per channel, as
+    the reference's uint8 cast of each channel before the grey sum (it truncates; on integer-valued input the
+    same). With CLIP's mean / std, 255 * (x * std + mean) is within 3e-5 of the image's integers from float32
+    ``pixel_values``, 0.06 from float16, 0.53 from bfloat16 (rounding recovers all but 1 of the 768 channel
+    levels there; summing unrounded channels shifts many grey levels)."""
     return pixels.float().round().clamp(0, 255)
 
 

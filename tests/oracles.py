@@ -494,7 +494,8 @@ def raw_token_pixels(model, x) -> list[torch.Tensor]:
 def vflowopt_importance(model, x, t: float, alpha: float = 0.0) -> list[torch.Tensor]:
     """VFlowOpt's importance per LLM token of each image from eager maps of the feature layer: per attention
     call, received r = column mean of the head-mean map; hubs r > t * mean(r); c = mean of the hub rows (r when
-    there is no hub); + alpha * softmax over the image of the grey-level entropy of raw 0..255 pixels."""
+    there is no hub); + alpha * softmax over the image of the grey-level entropy of raw 0..255 pixels (each channel
+    rounded to its integer level before the grey sum)."""
     calls = []
     for a in vision_attention(model, x, _feature_layer(model)):
         a = a.float().mean(1)  # (n_seq, n, n)
@@ -506,7 +507,8 @@ def vflowopt_importance(model, x, t: float, alpha: float = 0.0) -> list[torch.Te
         calls.append(torch.stack(c))
     imp = per_token(model, x, calls)
     if alpha:
-        grey = [((px * 0.3333).sum(1)).round().clamp(0, 255).long() for px in raw_token_pixels(model, x)]
+        # each channel at its integer level first (the reference's per-channel uint8 cast), then the grey sum
+        grey = [((px.round().clamp(0, 255) * 0.3333).sum(1)).round().long() for px in raw_token_pixels(model, x)]
         imp = [i + alpha * _entropy_bits(g).softmax(0) for i, g in zip(imp, grey)]
     return imp
 

@@ -20,6 +20,7 @@ import tokprune.api as api
 from tokprune import flops
 from tokprune.configs import load
 from tokprune.patches.vision_stage import chosen_rows
+from tokprune.pruners.base import Signal, VisionSignals
 from tokprune.pruners.vflowopt import Hubs, VFlowOpt
 from tokprune.rules import vflowopt as rules
 from tokprune.testing import families, image_prompt, make_image, tiny_model
@@ -138,6 +139,68 @@ def test_entropy_of_raw_0_255_token_pixels():
     img[..., 7:, 14:] = 255.0
     patches = img.unfold(2, 14, 14).unfold(3, 14, 14).permute(0, 2, 3, 1, 4, 5).reshape(2, 3, 196)
     torch.testing.assert_close(rules.token_entropy(patches), rules.patch_entropy(img)[0])
+
+
+def test_entropy_takes_each_channel_to_its_integer_level_first():
+    """The reference casts each channel to uint8 before the grey sum: un-normalised pixels a fraction of a level
+    off their integers (float error, bf16 pixel_values) have the entropy of the integer image. Half the patch is
+    (10, 10, 11) -> grey 10, half (10, 10, 12) -> grey 11: 1 bit; summing the unrounded (10.3, 10.3, 11.3) first
+    would give grey 11 everywhere, 0 bits."""
+    px = torch.empty(1, 3, 196)
+    px[0, :, :98] = torch.tensor([10.3, 10.3, 11.3])[:, None]
+    px[0, :, 98:] = torch.tensor([10.0, 10.0, 12.0])[:, None]
+    torch.testing.assert_close(rules.token_entropy(px), torch.tensor([1.0]), atol=1e-6, rtol=0)
+    img = torch.empty(1, 3, 14, 14)
+    img[..., :7, :] = torch.tensor([10.3, 10.3, 11.3]).view(1, 3, 1, 1)
+    img[..., 7:, :] = torch.tensor([9.8, 10.2, 12.4]).view(1, 3, 1, 1)
+    torch.testing.assert_close(rules.patch_entropy(img), torch.tensor([[1.0]]), atol=1e-6, rtol=0)
+    assert rules.pixel_levels(torch.tensor([-3.0, 0.4, 254.6, 300.0])).tolist() == [0.0, 0.0, 255.0, 255.0]
+
+
+def test_entropy_softmax_runs_per_encoder_tile():
+    """The reference's softmax(H) runs over each crop's patches (LLaVA-NeXT: base tile and each high-res tile on
+    its own): entropies (1, 1, 2, 2) on tiles (0, 0, 1, 1) give 1/2 each, not e/(2e + 2e^2) and e^2/(2e + 2e^2)."""
+    c = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    h = torch.tensor([[1.0, 1.0, 2.0, 2.0]])
+    got = rules.importance_map(c, h, 0.5, groups=torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(got, c + 0.25)
+    one = rules.importance_map(c, h, 0.5)  # one group: the whole row
+    torch.testing.assert_close(one, c + 0.5 * h.softmax(-1))
+    # the pruner hands each part's tile ids: a two-tile part scored with alpha = 1 and no hub (t = 1e9)
+    from types import SimpleNamespace
+
+    pr = VFlowOpt(t=1e9, alpha=1.0, cell=2.0)
+    received, hubs = Signal("received", 0), Signal("rows", 0, queries=Hubs(pr.t))
+    px = torch.zeros(4, 3, 196)
+    px[2:, :, 98:] = 1.0  # un-normalised [0, 1] pixels; tokens 2, 3: half black, half white (1 bit); 0, 1: 0 bits
+    grid = torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]])
+    sig = VisionSignals(features=[torch.zeros(4, 2)], grid=[grid], special=[torch.zeros(4, dtype=torch.bool)],
+                        values={received: [c[0]], hubs: [torch.full((4,), float("nan"))],
+                                Signal("pixels"): [px]},
+                        ctx=SimpleNamespace(info=SimpleNamespace(feature_layer=0, vision_layers=1), state={}))
+    torch.testing.assert_close(pr.vision_scores(sig)[0], c[0] + 0.5)
+
+
+def test_signed_merge_weights_are_the_reference_formula():
+    """``merge_weights="signed"``: the reference's ``sum I t / sum I`` with the signed importance (alpha < 0 can
+    make it negative); the default clamps at 0. Cell (0, 0) of the 4x4 grid drops tokens 2, 3, 6, 7 with
+    importance (-1, 3, 2, 4): signed (-1*2 + 3*3 + 2*6 + 4*7) / 8 = 47 / 8, clamped (9 + 12 + 28) / 9 = 49 / 9."""
+    from tokprune.kernels import merge_tokens
+
+    imp = torch.arange(1, 17, dtype=torch.float32)
+    imp[[0, 1, 4, 5]] = torch.tensor([20.0, 19, 18, 17])
+    imp[[2, 3, 6, 7]] = torch.tensor([-1.0, 3, 2, 4])
+    rows, cols = _grid4()
+    feats = torch.arange(16, dtype=torch.float32)[:, None]
+    signed = rules.recycle_to(imp, rows, cols, 7, 2.0, weights="signed")
+    clamped = rules.recycle_to(imp, rows, cols, 7, 2.0)
+    assert signed.reps.tolist() == clamped.reps.tolist() == [7, 13, 15]
+    assert merge_tokens(feats, signed.assign, signed.weights, num_targets=3)[0].item() == pytest.approx(47 / 8)
+    assert merge_tokens(feats, clamped.assign, clamped.weights, num_targets=3)[0].item() == pytest.approx(49 / 9)
+    ref = rules.recycle(imp, feats, rows, cols, keep_ratio=0.5, cell=2.0)  # the reference's loop, signed
+    torch.testing.assert_close(ref.features[ref.kept.tolist().index(7)], torch.tensor([47 / 8]))
+    with pytest.raises(ValueError, match="merge_weights must be 'clamped'"):
+        VFlowOpt(merge_weights="raw")
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

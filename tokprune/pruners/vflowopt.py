@@ -58,17 +58,22 @@ class VFlowOpt(Pruner):
     tokens with ``r > t * mean(r)`` in their attention call; context relevance ``c_j`` = the mean attention of
     the hub rows to j; ``I = c + alpha * softmax(H)`` with ``H`` the Shannon entropy (bits, 256 bins) of each
     token's grey levels on raw 0-255 pixels: ``255 * (x * std + mean)`` un-normalised from ``pixel_values`` with
-    the processor's mean/std (the reference scales the *normalised* tensor by 255 and wraps negatives through
-    uint8); softmax over the tokens of the image (LLaVA-NeXT: of the budget part). A call without hubs (large
-    ``t``) falls back to the received attention (the reference gives NaN). Pixels are read only when
-    ``alpha != 0`` (the released configurations have alpha = 0).
+    the processor's mean/std and rounded per channel to its integer level (the reference casts each channel to
+    uint8, but of the *normalised* tensor x 255, wrapping negatives); softmax over each encoder tile's tokens
+    (the reference: over each crop's patches; LLaVA-NeXT: the base tile and every high-res tile on its own,
+    after the model's unpadding). A call without hubs (large ``t``) falls back to the received attention (the
+    reference gives NaN). Pixels are read only when ``alpha != 0`` (the released configurations have alpha = 0).
 
     **Stage 1** (before the LLM): drop the lowest-importance tokens, group them by grid cell
     ``(floor(row / cell), floor(col / cell))`` (the base image and LLaVA-NeXT's stitched crops on their own grids);
     in each cell the dropped token of highest importance comes back carrying the importance-weighted mean of the
-    cell's dropped tokens, at its own sequence slot and position (``record.merged``). The reference drops
+    cell's dropped tokens, at its own sequence slot and position (``record.merged``); weights the importance
+    clamped at 0 (``merge_weights="clamped"``) or, as the reference, signed (``"signed"``: differs only where
+    ``alpha < 0`` makes an importance negative). The reference drops
     ``round(N (1 - R1)) + int(N / a^2)`` so its count varies per image; here exactly the stage budget remains
-    (:func:`tokprune.rules.vflowopt.recycle_to`). **Stages 2, 3** (before ``layers``, default ``floor(L/3)``
+    (:func:`tokprune.rules.vflowopt.recycle_to`): the schedule fixes every stage's count before the encoder runs
+    (cache sizes, batch padding, FLOPs), so a count set by how many cells the dropped tokens cover cannot be
+    served as an option. **Stages 2, 3** (before ``layers``, default ``floor(L/3)``
     and twice that: 9 / 18 on 28 layers as the reference, 10 / 20 on 32 as the paper's LLaVA-NeXT): keep the
     survivors of highest *vision* importance (a recycled token keeps its representative's), no recycling.
 
@@ -109,9 +114,13 @@ class VFlowOpt(Pruner):
     layers: tuple[int, int] | None = None
     vision_layer: int | None = None
     flops_ratio: float | None = None
+    merge_weights: str = "clamped"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.merge_weights not in ("clamped", "signed"):
+            raise ValueError(f"vflowopt: merge_weights must be 'clamped' (importance clamped at 0, the default) or "
+                             f"'signed' (the reference's signed importance), got {self.merge_weights!r}")
         self.t = _number("t", self.t, 0.0, math.inf, "hubs receive more than t times the mean attention")
         self.alpha = _number("alpha", self.alpha, -math.inf, math.inf, "the entropy term's weight")
         self.cell = _number("cell", self.cell, 1.0, math.inf, "the side a of a recycling grid cell, in tokens")
@@ -227,7 +236,8 @@ class VFlowOpt(Pruner):
             ent = None
             if self.alpha != 0:
                 ent = rules.token_entropy(255.0 * signals[Signal("pixels")][i].float())
-            out.append(rules.importance_map(c[None], None if ent is None else ent[None], self.alpha)[0])
+            tiles = signals.grid[i][:, 2] if signals.grid is not None else None
+            out.append(rules.importance_map(c[None], None if ent is None else ent[None], self.alpha, tiles)[0])
         return out
 
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
@@ -239,7 +249,8 @@ class VFlowOpt(Pruner):
             if signals.source is not None:
                 owner, idx = signals.source[i]
                 store.setdefault(owner, []).append((idx, imp))
-            res = rules.recycle_to(imp, grid[:, 0], grid[:, 1], k, self.cell, (grid[:, 2] > 0).long())
+            res = rules.recycle_to(imp, grid[:, 0], grid[:, 1], k, self.cell, (grid[:, 2] > 0).long(),
+                                   self.merge_weights)
             if res.reps.numel():
                 out.append(VisionDecision(res.kept, res.assign, res.weights, slots=res.reps))
             else:

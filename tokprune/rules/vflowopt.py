@@ -7,8 +7,9 @@ Reference code (sihany077/VFlowOpt: ``src/LLaVA-OneVision/llava/model/multimodal
 
 * importance map at one encoder layer: head-mean attention A (N x N); received ``r_j = mean_i A_ij``; hubs
   ``r_j > t * mean(r)``; ``c_j = mean_{k in hubs} A_kj`` (attention *from* the hubs); ``I = c + alpha *
-  softmax(H)`` with H the per-patch grey-level entropy in bits (256 bins, ``log2(p + 1e-10)``, grey = 0.3333 per
-  channel, rounded to an integer level);
+  softmax(H)`` with H the per-patch grey-level entropy in bits (256 bins, ``log2(p + 1e-10)``, each channel at its
+  integer level, grey = 0.3333 per channel, rounded to an integer level), the softmax over each encoder crop's
+  patches;
 * stage 1: drop ``reduce = round(N (1 - R1))`` plus ``int(N / a^2)`` extra lowest-importance tokens; group the
   dropped ones by grid cell ``(floor(row / a), floor(col / a))`` (base image and high-res part on their own
   grids: ``group``); in each non-empty cell the dropped token of highest importance comes back, carrying the
@@ -40,6 +41,7 @@ __all__ = [
     "layer_averaged_ratio",
     "llm_stage_keep",
     "patch_entropy",
+    "pixel_levels",
     "recycle",
     "solve_last_ratio",
     "solve_stages",
@@ -73,13 +75,23 @@ def hub_attention(attn: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Ten
     return torch.where(cnt > 0, c, received), hubs
 
 
+def pixel_levels(pixels: torch.Tensor) -> torch.Tensor:
+    """Integer 0..255 levels of raw pixels un-normalised in floating point: rounded and clamped, per channel, as
+    the reference's uint8 cast of each channel before the grey sum (it truncates; on integer-valued input the
+    same). With CLIP's mean / std, 255 * (x * std + mean) is within 3e-5 of the image's integers from float32
+    ``pixel_values``, 0.06 from float16, 0.53 from bfloat16 (rounding recovers all but 1 of the 768 channel
+    levels there; summing unrounded channels shifts many grey levels)."""
+    return pixels.float().round().clamp(0, 255)
+
+
 def patch_entropy(
     pixels: torch.Tensor, patch: int = 14, weights: tuple[float, float, float] = (0.3333, 0.3333, 0.3333)
 ) -> torch.Tensor:
     """Shannon entropy (bits) of each patch's grey levels. pixels (B, 3, H, W) raw RGB in [0, 255]; returns
-    (B, H // patch * W // patch) in raster order. grey = the weighted channel sum rounded to 0..255."""
+    (B, H // patch * W // patch) in raster order. Each channel is first taken to its integer level (rounded,
+    clamped to 0..255: the reference's uint8 cast), grey = the weighted channel sum rounded."""
     b, ch, h, w = pixels.shape
-    p = pixels.float().unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, nh, nw, patch, patch)
+    p = pixel_levels(pixels).unfold(2, patch, patch).unfold(3, patch, patch)  # (B, C, nh, nw, patch, patch)
     wt = torch.tensor(weights, dtype=torch.float32, device=pixels.device).view(1, ch, 1, 1, 1, 1)
     grey = (p * wt).sum(dim=1).flatten(3).round().clamp(0, 255).long()  # (B, nh, nw, patch*patch)
     grey = grey.flatten(1, 2)
@@ -91,20 +103,32 @@ def patch_entropy(
 def token_entropy(pixels: torch.Tensor, weights: tuple[float, float, float] = (0.3333, 0.3333, 0.3333)
                   ) -> torch.Tensor:
     """Shannon entropy (bits) of each token's grey levels. pixels (n, 3, V) raw RGB in [0, 255], the V pixel values
-    of each token's patch (a Qwen merge unit: its 4 patches x 2 frames); grey = the weighted channel sum rounded
-    to 0..255, 256 bins, ``log2(p + 1e-10)`` as :func:`patch_entropy`. Returns (n,)."""
+    of each token's patch (a Qwen merge unit: its 4 patches x 2 frames); each channel taken to its integer level
+    first (:func:`pixel_levels`), grey = the weighted channel sum rounded, 256 bins, ``log2(p + 1e-10)`` as
+    :func:`patch_entropy`. Returns (n,)."""
     wt = torch.tensor(weights, dtype=torch.float32, device=pixels.device).view(1, -1, 1)
-    grey = (pixels.float() * wt).sum(dim=1).round().clamp(0, 255).long()  # (n, V)
+    grey = (pixel_levels(pixels) * wt).sum(dim=1).round().clamp(0, 255).long()  # (n, V)
     hist = torch.zeros(grey.shape[0], 256, device=pixels.device).scatter_add_(1, grey, torch.ones_like(grey).float())
     prob = hist / hist.sum(dim=-1, keepdim=True)
     return -(prob * torch.log2(prob + 1e-10)).sum(dim=-1)
 
 
-def importance_map(context: torch.Tensor, entropy: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
-    """``I = c + alpha * softmax_j(H_j)`` per row (B, N); ``alpha = 0`` (all released configs) ignores entropy."""
+def importance_map(context: torch.Tensor, entropy: torch.Tensor | None = None, alpha: float = 0.0,
+                   groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``I = c + alpha * softmax_j(H_j)`` per row (B, N); ``alpha = 0`` (all released configs) ignores entropy.
+
+    ``groups`` (N,): the softmax runs separately over the tokens of each group id, as the reference's runs over
+    each encoder crop's patches (LLaVA-NeXT: the base tile and every high-res tile on its own); None: one group."""
     if entropy is None or alpha == 0:
         return context.float()
-    return context.float() + alpha * entropy.float().softmax(dim=-1)
+    h = entropy.float()
+    if groups is None:
+        return context.float() + alpha * h.softmax(dim=-1)
+    soft = torch.empty_like(h)
+    for gid in torch.unique(groups).tolist():  # sync: once per image part, its tile ids (a handful)
+        sel = groups == gid
+        soft[..., sel] = h[..., sel].softmax(dim=-1)
+    return context.float() + alpha * soft
 
 
 @dataclass
@@ -207,6 +231,7 @@ def recycle_to(
     keep: int,
     cell: float,
     group: torch.Tensor | None = None,
+    weights: str = "clamped",
 ) -> Recycling:
     """Stage-1 prune + grid-cell recycling with an exact budget: ``keep`` = kept + recycled tokens.
 
@@ -216,10 +241,14 @@ def recycle_to(
     cells(n_low) == keep`` (cells: the non-empty grid cells among the dropped). That count exists whenever
     ``keep >= cells(N)`` (each added drop lowers the total by 0 or 1); below that every token is dropped and only
     the ``keep`` cells whose representatives have the highest importance are recycled (the others' tokens are
-    dropped for good). Merge weights: the importance (the reference's ``sum I_i t_i / sum I_i``) clamped at 0,
-    a cell whose weights sum to 0 merging with equal weights (the reference divides by zero or by a negative sum
-    when ``alpha < 0`` makes importance negative; identical whenever importance is positive).
+    dropped for good). Merge weights (``weights``): ``"clamped"`` the importance (the reference's ``sum I_i t_i /
+    sum I_i``) clamped at 0, a cell whose weights sum to 0 merging with equal weights; ``"signed"`` the
+    reference's own, the signed importance (a negative importance, possible when ``alpha < 0``, extrapolates; a
+    cell summing to exactly 0, where the reference divides by zero, merges with equal weights). Both are identical
+    whenever importance is positive.
     """
+    if weights not in ("clamped", "signed"):
+        raise ValueError(f"vflowopt: merge weights must be 'clamped' or 'signed' (the reference's), got {weights!r}")
     n = importance.shape[0]
     dev = importance.device
     imp = importance.float()
@@ -263,13 +292,14 @@ def recycle_to(
     rank[by_slot] = torch.arange(n_cells, device=dev)
     rank = torch.where(rep_of < n, rank, -1)  # new-token index of each recycled cell, -1 for none
     assign[low] = rank[cid]
-    weights = imp.clamp(min=0)
+    w_all = imp.clamp(min=0) if weights == "clamped" else imp
     if m:
         src = assign >= 0
         at = assign.clamp(min=0)
-        sums = torch.zeros(m, device=dev).index_add_(0, at, torch.where(src, weights, 0.0))
-        weights = torch.where(src & (sums[at] <= 0), torch.ones_like(weights), weights)
-    return Recycling(order[n_low:].sort().values, reps, assign, weights)
+        sums = torch.zeros(m, device=dev).index_add_(0, at, torch.where(src, w_all, 0.0))
+        dead = sums[at] <= 0 if weights == "clamped" else sums[at] == 0
+        w_all = torch.where(src & dead, torch.ones_like(w_all), w_all)
+    return Recycling(order[n_low:].sort().values, reps, assign, w_all)
 
 
 def stage_counts(k1: int, r2: float, r3: float) -> tuple[int, int, int]:

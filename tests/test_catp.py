@@ -104,9 +104,10 @@ def image_runs(model, ids: torch.Tensor, counts: list[int]) -> list[torch.Tensor
 @torch.no_grad()
 def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lambda2: float = 0.6):
     """CATP on LLaVA-1.5 from the paper's formulas: stage 1 by the slow greedy, then the decoder layer by layer at
-    original positions; before layer K the demonstrations' tokens are pooled and ranked by the attention increase
-    of the last token (layers K-1 -> K, each computed by hand on its input) plus lambda2 cos(h, v_q); before K+1
-    the query image by cos(h, v_c). Returns logits over the survivors and the kept indices per image per stage."""
+    original positions; after layer K (0-based) has run on every token, the demonstrations' tokens are pooled and
+    ranked by the attention increase of the last token (layers K-1 -> K, each computed by hand on its input, as
+    it runs) plus lambda2 cos(h_K, v_q) with h_K layer K's output; after layer K+1 the query image by
+    cos(h_{K+1}, v_c). Returns logits over the survivors and the kept indices per image per stage."""
     ids = x["input_ids"][0]
     feats = oracles.features(model, x["pixel_values"])
     runs = image_runs(model, ids, [f.shape[0] for f in feats])
@@ -134,7 +135,8 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
         if i == k_layer - 1:
             prev = next_layer_rows(layer, h, pe, last)  # layer K-1 on its own input: its rows as it runs
         if i == k_layer:
-            a_k = next_layer_rows(layer, h, pe, last)
+            a_k = next_layer_rows(layer, h, pe, last)  # layer K on its own input: its rows as it runs
+        if i == k_layer + 1:  # h: layer K's output
             is_ctx = torch.isin(alive, ctx_pos)
             v_q = h[0, alive >= int(q_run[0])].mean(0)
             score = (a_k - prev).clamp(min=0) + lambda2 * F.cosine_similarity(h[0].float(), v_q[None].float())
@@ -144,7 +146,7 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
             h, alive = h[:, sel], alive[sel]
             pe = lm.rotary_emb(h, position_ids=alive[None])
             kept_k = [(run[:, None] == alive[None]).any(1).nonzero()[:, 0] for run in runs]
-        if i == k_layer + 1:
+        if i == k_layer + 2:  # h: layer K+1's output
             is_q = torch.isin(alive, q_run)
             v_c = h[0, alive < int(q_run[0])].mean(0)
             score = F.cosine_similarity(h[0, is_q].float(), v_c[None].float())
@@ -226,7 +228,7 @@ def test_budgets_prune_ratio_keep_ratio_and_conflicts():
     with pytest.raises(ValueError, match="pruned fraction must be in"):
         tokprune.apply(fam.model, "catp", prune_ratio=1.0)
     with pytest.raises(ValueError, match="pass a layer in"):
-        tokprune.apply(fam.model, "catp", keep_ratio=0.5, layer=3)  # needs K+1 < 4 layers
+        tokprune.apply(fam.model, "catp", keep_ratio=0.5, layer=2)  # needs K+2 < 4 layers
 
 
 # ---------------------------------------------------------------------------------------------- exactness
@@ -248,7 +250,8 @@ def test_keep_all_is_identical_on_a_4_shot_prompt(family):
 
 def test_llava_4_shot_equals_the_independent_reference():
     """Selection and logits: stage 1 (slow greedy on the features and the paired text from token ids), the pooled
-    demonstration cut before K and the query cut before K+1 (attention rows and hidden states by hand)."""
+    demonstration cut after K and the query cut after K+1 (attention rows and hidden states by hand). The cuts at
+    (1, 2) with layer K's input as h, as first written, fail this."""
     fam = ZOO["llava"]
     x = prompt("llava").inputs
     r = 0.75
@@ -258,7 +261,7 @@ def test_llava_4_shot_equals_the_independent_reference():
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
         ref, kept = llava_reference(fam.model, x, r, k_layer=1)
-    assert [(st.kind, st.layer) for st in rec.stages] == [("vision", None), ("llm", 1), ("llm", 2)]
+    assert [(st.kind, st.layer) for st in rec.stages] == [("vision", None), ("llm", 2), ("llm", 3)]
     for st, ref_kept in zip(rec.stages, kept):
         assert [k.tolist() for k in st.kept[0]] == [k.tolist() for k in ref_kept]
     assert out.shape == ref.shape and (out - ref).abs().max() <= TOL

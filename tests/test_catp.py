@@ -107,7 +107,9 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
     original positions; after layer K (0-based) has run on every token, the demonstrations' tokens are pooled and
     ranked by the attention increase of the last token (layers K-1 -> K, each computed by hand on its input, as
     it runs) plus lambda2 cos(h_K, v_q) with h_K layer K's output; after layer K+1 the query image by
-    cos(h_{K+1}, v_c). Returns logits over the survivors and the kept indices per image per stage."""
+    cos(h_{K+1}, v_c), v_c the mean over the retained demonstrations (from the first one's image to the query
+    sample: not the BOS and template tokens before it). Returns logits over the survivors and the kept indices per
+    image per stage."""
     ids = x["input_ids"][0]
     feats = oracles.features(model, x["pixel_values"])
     runs = image_runs(model, ids, [f.shape[0] for f in feats])
@@ -148,7 +150,7 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
             kept_k = [(run[:, None] == alive[None]).any(1).nonzero()[:, 0] for run in runs]
         if i == k_layer + 2:  # h: layer K+1's output
             is_q = torch.isin(alive, q_run)
-            v_c = h[0, alive < int(q_run[0])].mean(0)
+            v_c = h[0, (alive >= int(runs[0][0])) & (alive < int(q_run[0]))].mean(0)  # the demonstrations
             score = F.cosine_similarity(h[0, is_q].float(), v_c[None].float())
             top = oracles.topk_sorted(score, final_q)
             sel = ~is_q
@@ -325,6 +327,23 @@ def test_single_image_runs_stage_1_only_and_says_so():
     n = rec.n_visual[0][0]
     assert [len(st.kept[0][0]) for st in rec.stages] == [math.floor(n * 0.75)] * 3
     assert any("stage 1 only" in note for note in rec.notes)
+
+
+def test_context_vector_is_the_demonstrations_not_the_prefix():
+    """Hand-made stage 2b: a BOS with a massive hidden state before the demonstration would pull v_c to itself;
+    the default summary (the demonstrations, from their first image on) keeps the query token aligned with them,
+    ``context_summary="tokens"`` (every token before the query sample) the one aligned with the BOS."""
+    from types import SimpleNamespace
+
+    from tokprune.pruners.catp import CATP
+
+    # slots: 0 BOS, 1 demonstration image, 2 its text, 3-4 query image, 5 question
+    hidden = torch.tensor([[[100.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.1], [0.1, 1.0], [1.0, 1.0]]])
+    context = torch.tensor([[True, True, True, False, False, False]])
+    sig = SimpleNamespace(hidden=hidden, spans={"context": context}, ctx=None, positions=None, layer=3)
+    vis = [torch.tensor([1]), torch.tensor([3, 4])]
+    assert CATP()._query_cut(sig, 0, vis, [1, 1])[1].tolist() == [1]
+    assert CATP(context_summary="tokens")._query_cut(sig, 0, vis, [1, 1])[1].tolist() == [0]
 
 
 def test_paired_text_is_found_from_token_ids():

@@ -28,7 +28,8 @@ from tokprune.rules import catp as rules
 PAPER_LAYERS = {28: 6, 32: 6, 40: 10}
 PAPER_LAYER, REFERENCE_DEPTH = 6, 32
 SIMILARITIES = ("rescaled", "cosine")
-CONTEXT_SUMMARIES = ("tokens", "images")
+CONTEXT_SUMMARIES = ("demonstrations", "tokens", "images")
+STATE = "catp"
 COVERAGES = ("sum", "mean")
 
 
@@ -62,10 +63,12 @@ class CATP(Pruner):
       attention increase).
     * **stage 2b, at layer K+1** (acting before K+2): the query image keeps ``floor(S_q (1 - R))`` (``keep``) of
       its tokens, by ``sim(h_{K+1}, v_c)`` with ``v_c`` the mean of layer K+1's output over the retained context
-      (``context_summary="tokens"``: every real token before the query sample, demonstration texts included;
-      ``"images"``: the retained demonstration image tokens only). From layer K+2 on, ``1 - R`` of the image
-      tokens remain (the paper's wording). The paper does not say whether its layers count from 0 or 1: ``layer``
-      is 0-based, the paper's K read 1-based is ``layer=K-1``.
+      (``context_summary="demonstrations"``: every retained token from the first demonstration image up to the
+      query sample, the demonstrations' texts included, not the BOS / system prompt before them, whose hidden states
+      in real LLMs carry massive activations that would dominate a mean; ``"tokens"``: every real token before the
+      query sample; ``"images"``: the retained demonstration image tokens only). From layer K+2 on, ``1 - R`` of
+      the image tokens remain (the paper's wording). The paper does not say whether its layers count from 0 or 1:
+      ``layer`` is 0-based, the paper's K read 1-based is ``layer=K-1``.
 
     The last image of a row is the query, the earlier ones demonstrations (:func:`tokprune.prompts.icl` builds such
     prompts). A row with one image runs stage 1 only (no context to rank, no context vector) and says so in
@@ -83,7 +86,7 @@ class CATP(Pruner):
     similarity: str = "rescaled"
     stage2_similarity: str = "cosine"
     coverage: str = "sum"
-    context_summary: str = "tokens"
+    context_summary: str = "demonstrations"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,6 +225,8 @@ class CATP(Pruner):
         scores = rules.context_scores(signals.attention[b, ctx_pos][None], prev[ctx_pos][None],
                                       hidden[ctx_pos][None], v_q, self.lambda2, self.stage2_similarity)
         kept = rules.select_pool(scores, sum(krow[:-1]))[0]
+        if signals.ctx is not None and signals.positions is not None:  # where the demonstrations start, for v_c
+            signals.ctx.state.setdefault(STATE, {})[b] = int(signals.positions[b, vis[0][0]])
         image_of = torch.cat([torch.full((int(p.numel()),), i, device=kept.device) for i, p in enumerate(vis[:-1])])
         starts = torch.cumsum(torch.tensor([0] + [int(p.numel()) for p in vis[:-1]]), 0).tolist()
         out = [kept[image_of[kept] == i] - starts[i] for i in range(len(vis) - 1)]
@@ -232,8 +237,10 @@ class CATP(Pruner):
         """Stage 2b (before K+2, ``hidden`` = layer K+1's output): the query image's tokens by similarity to the
         distilled context vector."""
         hidden = signals.hidden[b]
-        if self.context_summary == "tokens":
+        if self.context_summary in ("tokens", "demonstrations"):
             ctx_mask = signals.spans["context"][b]
+            if self.context_summary == "demonstrations":
+                ctx_mask = ctx_mask & self._from_first_demonstration(signals, b, vis)
         else:
             ctx_mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             ctx_mask[torch.cat(vis[:-1])] = True
@@ -241,3 +248,15 @@ class CATP(Pruner):
         scores = rules.query_scores(hidden[vis[-1]][None], v_c, self.stage2_similarity)
         query = rules.select_pool(scores, krow[-1])[0]
         return [*(torch.arange(int(p.numel()), device=p.device) for p in vis[:-1]), query]
+
+    @staticmethod
+    def _from_first_demonstration(signals: LLMSignals, b: int, vis: list[torch.Tensor]) -> torch.Tensor:
+        """(n,) bool: the current slots at or after the first demonstration image's first token (its prompt position,
+        noted by stage 2a: the cut may have removed every token of that image since)."""
+        n = signals.hidden.shape[1]
+        first = None if signals.ctx is None else signals.ctx.state.get(STATE, {}).get(b)
+        if first is not None and signals.positions is not None:
+            return signals.positions[b] >= first
+        starts = [int(p[0]) for p in vis[:-1] if p.numel()]  # no note (a hand-built call): the surviving tokens
+        start = min(starts) if starts else int(vis[-1][0])
+        return torch.arange(n, device=signals.hidden.device) >= start

@@ -113,7 +113,7 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"{env['threads']}; {env['date']}.", "",
              "**How to read it.** The reference models were trained on single-image prompts only, so here "
              "demonstrations *hurt* (compare the zero-shot line): these models do not learn in context, they are "
-             "distracted by it. CATP's lead, growing with R, comes from where it spends the budget: it cuts the "
+             "distracted by it. CATP's lead comes from where it spends the budget: it cuts the "
              "demonstrations hardest (pooled, by the query's attention increase) and the query image last, which "
              "brings the prompt back towards the single-image case the models know. That is the mechanism working "
              "as specified, not a reproduction of the paper's ICL gains, which need a model that uses its "

@@ -104,9 +104,12 @@ def image_runs(model, ids: torch.Tensor, counts: list[int]) -> list[torch.Tensor
 @torch.no_grad()
 def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lambda2: float = 0.6):
     """CATP on LLaVA-1.5 from the paper's formulas: stage 1 by the slow greedy, then the decoder layer by layer at
-    original positions; before layer K the demonstrations' tokens are pooled and ranked by the attention increase
-    of the last token (layers K-1 -> K, each computed by hand on its input) plus lambda2 cos(h, v_q); before K+1
-    the query image by cos(h, v_c). Returns logits over the survivors and the kept indices per image per stage."""
+    original positions; after layer K (0-based) has run on every token, the demonstrations' tokens are pooled and
+    ranked by the attention increase of the last token (layers K-1 -> K, each computed by hand on its input, as
+    it runs) plus lambda2 cos(h_K, v_q) with h_K layer K's output; after layer K+1 the query image by
+    cos(h_{K+1}, v_c), v_c the mean over the retained demonstrations (from the first one's image to the query
+    sample: not the BOS and template tokens before it). Returns logits over the survivors and the kept indices per
+    image per stage."""
     ids = x["input_ids"][0]
     feats = oracles.features(model, x["pixel_values"])
     runs = image_runs(model, ids, [f.shape[0] for f in feats])
@@ -134,7 +137,8 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
         if i == k_layer - 1:
             prev = next_layer_rows(layer, h, pe, last)  # layer K-1 on its own input: its rows as it runs
         if i == k_layer:
-            a_k = next_layer_rows(layer, h, pe, last)
+            a_k = next_layer_rows(layer, h, pe, last)  # layer K on its own input: its rows as it runs
+        if i == k_layer + 1:  # h: layer K's output
             is_ctx = torch.isin(alive, ctx_pos)
             v_q = h[0, alive >= int(q_run[0])].mean(0)
             score = (a_k - prev).clamp(min=0) + lambda2 * F.cosine_similarity(h[0].float(), v_q[None].float())
@@ -144,9 +148,9 @@ def llava_reference(model, x, r: float, k_layer: int, lambda1: float = 0.7, lamb
             h, alive = h[:, sel], alive[sel]
             pe = lm.rotary_emb(h, position_ids=alive[None])
             kept_k = [(run[:, None] == alive[None]).any(1).nonzero()[:, 0] for run in runs]
-        if i == k_layer + 1:
+        if i == k_layer + 2:  # h: layer K+1's output
             is_q = torch.isin(alive, q_run)
-            v_c = h[0, alive < int(q_run[0])].mean(0)
+            v_c = h[0, (alive >= int(runs[0][0])) & (alive < int(q_run[0]))].mean(0)  # the demonstrations
             score = F.cosine_similarity(h[0, is_q].float(), v_c[None].float())
             top = oracles.topk_sorted(score, final_q)
             sel = ~is_q
@@ -226,7 +230,7 @@ def test_budgets_prune_ratio_keep_ratio_and_conflicts():
     with pytest.raises(ValueError, match="pruned fraction must be in"):
         tokprune.apply(fam.model, "catp", prune_ratio=1.0)
     with pytest.raises(ValueError, match="pass a layer in"):
-        tokprune.apply(fam.model, "catp", keep_ratio=0.5, layer=3)  # needs K+1 < 4 layers
+        tokprune.apply(fam.model, "catp", keep_ratio=0.5, layer=2)  # needs K+2 < 4 layers
 
 
 # ---------------------------------------------------------------------------------------------- exactness
@@ -248,7 +252,8 @@ def test_keep_all_is_identical_on_a_4_shot_prompt(family):
 
 def test_llava_4_shot_equals_the_independent_reference():
     """Selection and logits: stage 1 (slow greedy on the features and the paired text from token ids), the pooled
-    demonstration cut before K and the query cut before K+1 (attention rows and hidden states by hand)."""
+    demonstration cut after K and the query cut after K+1 (attention rows and hidden states by hand). The cuts at
+    (1, 2) with layer K's input as h, as first written, fail this."""
     fam = ZOO["llava"]
     x = prompt("llava").inputs
     r = 0.75
@@ -258,7 +263,7 @@ def test_llava_4_shot_equals_the_independent_reference():
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
         ref, kept = llava_reference(fam.model, x, r, k_layer=1)
-    assert [(st.kind, st.layer) for st in rec.stages] == [("vision", None), ("llm", 1), ("llm", 2)]
+    assert [(st.kind, st.layer) for st in rec.stages] == [("vision", None), ("llm", 2), ("llm", 3)]
     for st, ref_kept in zip(rec.stages, kept):
         assert [k.tolist() for k in st.kept[0]] == [k.tolist() for k in ref_kept]
     assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
@@ -322,6 +327,23 @@ def test_single_image_runs_stage_1_only_and_says_so():
     n = rec.n_visual[0][0]
     assert [len(st.kept[0][0]) for st in rec.stages] == [math.floor(n * 0.75)] * 3
     assert any("stage 1 only" in note for note in rec.notes)
+
+
+def test_context_vector_is_the_demonstrations_not_the_prefix():
+    """Hand-made stage 2b: a BOS with a massive hidden state before the demonstration would pull v_c to itself;
+    the default summary (the demonstrations, from their first image on) keeps the query token aligned with them,
+    ``context_summary="tokens"`` (every token before the query sample) the one aligned with the BOS."""
+    from types import SimpleNamespace
+
+    from tokprune.pruners.catp import CATP
+
+    # slots: 0 BOS, 1 demonstration image, 2 its text, 3-4 query image, 5 question
+    hidden = torch.tensor([[[100.0, 0.0], [0.0, 1.0], [0.1, 1.0], [1.0, 0.1], [0.1, 1.0], [1.0, 1.0]]])
+    context = torch.tensor([[True, True, True, False, False, False]])
+    sig = SimpleNamespace(hidden=hidden, spans={"context": context}, ctx=None, positions=None, layer=3)
+    vis = [torch.tensor([1]), torch.tensor([3, 4])]
+    assert CATP()._query_cut(sig, 0, vis, [1, 1])[1].tolist() == [1]
+    assert CATP(context_summary="tokens")._query_cut(sig, 0, vis, [1, 1])[1].tolist() == [0]
 
 
 def test_paired_text_is_found_from_token_ids():

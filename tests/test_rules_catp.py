@@ -140,3 +140,26 @@ def test_random_stage2_equals_loop():
     kept = select_pool(s, 7)
     for b in range(2):
         assert kept[b].tolist() == sorted(sorted(range(20), key=lambda j: -float(s[b, j]))[:7])
+
+
+def test_coverage_mean_weighs_the_alignment_by_the_token_count():
+    # e1 twice, e2, e3; text along e3. First pick, sum (the paper's F_div): e1 gains 3 + .7 * .5 = 3.35, e3
+    # gains 2.5 + .7 = 3.2 -> e1; mean: 3/4 + .35 = 1.1 vs 2.5/4 + .7 = 1.325 -> e3
+    x = _basis()
+    text = torch.tensor([[0.0, 0.0, 1.0]])
+    assert facility_location_greedy(x, text, 1, lambda1=0.7).tolist() == [[0]]
+    assert facility_location_greedy(x, text, 1, lambda1=0.7, coverage="mean").tolist() == [[3]]
+    with pytest.raises(ValueError, match="coverage"):
+        facility_location_greedy(x, text, 1, coverage="max")
+
+
+def test_stage2_similarity_rescaled_halves_its_weight_against_the_attention_increase():
+    # token 0: increase .5, cos -1; token 1: increase 0, cos 1. cosine: .5 - .6 < .6 -> token 1;
+    # rescaled: .5 + 0 < 0 + .6 -> token 1 too; with lambda2 = .4: cosine .1 < .4 (1), rescaled .5 > .4 (0)
+    v = torch.tensor([[1.0, 0.0]])
+    h = torch.tensor([[[-1.0, 0.0], [1.0, 0.0]]])
+    a_k, a_prev = torch.tensor([[0.6, 0.2]]), torch.tensor([[0.1, 0.3]])
+    cos = context_scores(a_k, a_prev, h, v, lambda2=0.4)
+    res = context_scores(a_k, a_prev, h, v, lambda2=0.4, similarity="rescaled")
+    assert torch.allclose(cos, torch.tensor([[0.1, 0.4]])) and torch.allclose(res, torch.tensor([[0.5, 0.4]]))
+    assert select_pool(cos, 1).tolist() == [[1]] and select_pool(res, 1).tolist() == [[0]]

@@ -28,7 +28,9 @@ from tokprune.rules import catp as rules
 PAPER_LAYERS = {28: 6, 32: 6, 40: 10}
 PAPER_LAYER, REFERENCE_DEPTH = 6, 32
 SIMILARITIES = ("rescaled", "cosine")
-CONTEXT_SUMMARIES = ("tokens", "images")
+CONTEXT_SUMMARIES = ("demonstrations", "tokens", "images")
+STATE = "catp"
+COVERAGES = ("sum", "mean")
 
 
 @register_method("catp")
@@ -45,21 +47,28 @@ class CATP(Pruner):
     * **stage 1** (after the projector, before the LLM): keep ``floor(S_i (1 - R/2))`` tokens by greedy
       facility location (diversity) plus ``lambda1`` (0.7) times the similarity to the mean LLM input embedding of
       the image's paired text (:func:`tokprune.kernels.facility_location`, vectorised); similarities are the cosine
-      rescaled to [0, 1] (``similarity="cosine"``: raw cosine). The paired text comes from token ids (the adapter's
+      rescaled to [0, 1] as ``(cos + 1)/2`` (``similarity="cosine"``: raw cosine). The diversity term is the
+      paper's sum over the image's tokens (``coverage="mean"``: divided by ``S_i``, which makes the alignment
+      term weigh ``S_i`` times more; the paper does not normalise). The paired text comes from token ids (the adapter's
       ``VisionSignals.paired_text``: the text after the image up to the next one; the query image: its question).
-    * **stage 2a, before 0-based decoder layer** ``layer`` (K; default the paper's: 6 on 28- and 32-layer LLMs,
-      10 on 40 layers, else ``round(6 L / 32)``, at least 1): all demonstration image tokens of a row are
-      ranked together by ``max(0, A_K - A_{K-1}) + lambda2 cos(h, v_q)`` (lambda2 = 0.6) and the pool is cut to
-      ``floor(N_ctx (1 - R))`` (``N_ctx`` the demonstrations' original tokens; with ``keep_ratio``: the sum of
-      their ``keep``), so the per-demonstration counts adapt. ``A`` is the head-mean attention row of the query's
-      last prompt token: ``A_K`` with layer K's own q/k on the hidden states entering K (what K would compute,
-      HF ``attentions[K]``), ``A_{K-1}`` layer K-1's as it ran; ``h``: the hidden states entering layer K (HF
-      ``hidden_states[K]``); ``v_q``: their mean over the query sample (its image and the text after it).
-    * **stage 2b, before layer K+1**: the query image keeps ``floor(S_q (1 - R))`` (``keep``) of its tokens, by
-      ``cos(h, v_c)`` with ``v_c`` the mean hidden state entering K+1 of the retained context
-      (``context_summary="tokens"``: every real token before the query sample, demonstration texts included;
-      ``"images"``: the retained demonstration image tokens only). From layer K+1 on, ``1 - R`` of the image
-      tokens remain.
+    * **stage 2a, at 0-based decoder layer** ``layer`` (K; default the paper's: 6 on 28- and 32-layer LLMs,
+      10 on 40 layers, else ``round(6 L / 32)``, at least 1): after layer K has run on every token, all
+      demonstration image tokens of a row are ranked together by ``max(0, A_K - A_{K-1}) + lambda2 sim(h_K, v_q)``
+      (lambda2 = 0.6) and the pool is cut to ``floor(N_ctx (1 - R))`` (``N_ctx`` the demonstrations' original
+      tokens; with ``keep_ratio``: the sum of their ``keep``), so the per-demonstration counts adapt; the cut acts
+      before layer K+1. ``A_K`` / ``A_{K-1}``: the head-mean attention rows of the query's last prompt token in
+      layers K and K-1 as they ran (HF ``attentions[K]``, ``attentions[K-1]``); ``h_K``: layer K's output (HF
+      ``hidden_states[K+1]``); ``v_q``: its mean over the query sample (its image and the text after it). ``sim``:
+      the plain cosine (``stage2_similarity="rescaled"``: ``(cos + 1)/2``, which halves its weight against the
+      attention increase).
+    * **stage 2b, at layer K+1** (acting before K+2): the query image keeps ``floor(S_q (1 - R))`` (``keep``) of
+      its tokens, by ``sim(h_{K+1}, v_c)`` with ``v_c`` the mean of layer K+1's output over the retained context
+      (``context_summary="demonstrations"``: every retained token from the first demonstration image up to the
+      query sample, the demonstrations' texts included, not the BOS / system prompt before them, whose hidden states
+      in real LLMs carry massive activations that would dominate a mean; ``"tokens"``: every real token before the
+      query sample; ``"images"``: the retained demonstration image tokens only). From layer K+2 on, ``1 - R`` of
+      the image tokens remain (the paper's wording). The paper does not say whether its layers count from 0 or 1:
+      ``layer`` is 0-based, the paper's K read 1-based is ``layer=K-1``.
 
     The last image of a row is the query, the earlier ones demonstrations (:func:`tokprune.prompts.icl` builds such
     prompts). A row with one image runs stage 1 only (no context to rank, no context vector) and says so in
@@ -75,7 +84,9 @@ class CATP(Pruner):
     lambda1: float = 0.7
     lambda2: float = 0.6
     similarity: str = "rescaled"
-    context_summary: str = "tokens"
+    stage2_similarity: str = "cosine"
+    coverage: str = "sum"
+    context_summary: str = "demonstrations"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +94,10 @@ class CATP(Pruner):
             rules.prune_ratio(prune_ratio=self.prune_ratio)  # validates: in [0, 1)
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"catp: similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.stage2_similarity not in SIMILARITIES:
+            raise ValueError(f"catp: stage2_similarity must be one of {SIMILARITIES}, got {self.stage2_similarity!r}")
+        if self.coverage not in COVERAGES:
+            raise ValueError(f"catp: coverage must be one of {COVERAGES}, got {self.coverage!r}")
         if self.context_summary not in CONTEXT_SUMMARIES:
             raise ValueError(f"catp: context_summary must be one of {CONTEXT_SUMMARIES}, got {self.context_summary!r}")
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)):
@@ -94,7 +109,7 @@ class CATP(Pruner):
         return None if self.prune_ratio is None else 1 - self.prune_ratio
 
     def stage_layer(self, info: ModelInfo) -> int:
-        """K: the 0-based decoder layer before which the demonstration tokens are cut."""
+        """K: the 0-based decoder layer whose attention and output rank the demonstration tokens (cut before K+1)."""
         if self.layer is not None:
             return self.layer
         if info.llm_layers in PAPER_LAYERS:
@@ -103,9 +118,9 @@ class CATP(Pruner):
 
     def check(self, info: ModelInfo) -> None:
         k = self.stage_layer(info)
-        if not 1 <= k <= info.llm_layers - 2:
-            raise ValueError(f"catp: layer={k} needs layers K-1, K and K+1; the LLM has {info.llm_layers} layers, "
-                             f"pass a layer in [1, {info.llm_layers - 2}]")
+        if not 1 <= k <= info.llm_layers - 3:
+            raise ValueError(f"catp: layer={k} needs layers K-1 to K+2 (the cuts act before K+1 and K+2); the LLM "
+                             f"has {info.llm_layers} layers, pass a layer in [1, {info.llm_layers - 3}]")
         super().check(info)
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
@@ -113,11 +128,12 @@ class CATP(Pruner):
 
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
         k = self.stage_layer(info)
-        return (k, k + 1)
+        return (k + 1, k + 2)
 
     def llm_request(self, info: ModelInfo) -> LLMRequest:
         k = self.stage_layer(info)
-        return LLMRequest(queries="last", source="probe", heads="mean", domain="causal", row_layers=(k - 1,))
+        # at the cut before K+1: "previous" is layer K as it ran; layer K-1's row is recorded as it ran
+        return LLMRequest(queries="last", source="previous", heads="mean", domain="causal", row_layers=(k - 1,))
 
     def ratio(self, n_visual: int, keep: int) -> float:
         """R for an image of ``n_visual`` tokens and user budget ``keep``."""
@@ -140,9 +156,9 @@ class CATP(Pruner):
         return self.stage1(n_visual, keep)
 
     def row_budgets(self, info: ModelInfo, stage: int, n_visual: list[int], keep: list[int]) -> list[int]:
-        """Per image of a row: stage 0 ``floor(S_i (1 - R/2))``; stage 1 (K) the demonstrations' pool
+        """Per image of a row: stage 0 ``floor(S_i (1 - R/2))``; stage 1 (after K) the demonstrations' pool
         ``floor(N_ctx (1 - R))`` spread over them (only the sum binds: the ranking moves it), the query unchanged;
-        stage 2 (K+1) the query's final count. A row of one image keeps its stage-1 count."""
+        stage 2 (after K+1) the query's final count. A row of one image keeps its stage-1 count."""
         s1 = [self.stage1(n, k) for n, k in zip(n_visual, keep)]
         if stage == 0 or len(n_visual) < 2:
             return s1
@@ -179,19 +195,20 @@ class CATP(Pruner):
             tokens[j, :f.shape[0]] = f.float()
             valid[j, :f.shape[0]] = True
         text = torch.stack([t.float().mean(0).to(dev) for t in signals.paired_text])
-        picks = rules.facility_location_greedy(tokens, text, torch.tensor(ks), self.lambda1, valid, self.similarity)
+        picks = rules.facility_location_greedy(tokens, text, torch.tensor(ks), self.lambda1, valid, self.similarity,
+                                               self.coverage)
         return [picks[j, :k].sort().values for j, k in enumerate(ks)]
 
     # ------------------------------------------------------------------ stage 2
     def select_llm(self, signals: LLMSignals, ks: list[list[int]]) -> list[list[torch.Tensor]]:
-        first = signals.ctx is None or signals.layer == self.stage_layer(signals.ctx.info)
+        first = signals.ctx is None or signals.layer == self.stage_layer(signals.ctx.info) + 1
         out = []
         for b, (vis, krow) in enumerate(zip(signals.visual, ks)):
             keep_all = [torch.arange(int(p.numel()), device=p.device) for p in vis]
             if len(vis) < 2:
                 if first and signals.ctx is not None and vis:
-                    signals.ctx.notes.append(f"row {b}: one image, stage 1 only (no demonstrations to rank at "
-                                             f"layer {signals.layer})")
+                    signals.ctx.notes.append(f"row {b}: one image, stage 1 only (no demonstrations to rank after "
+                                             f"layer {signals.layer - 1})")
                 out.append(keep_all)
                 continue
             out.append(self._context_cut(signals, b, vis, krow) if first else self._query_cut(signals, b, vis, krow))
@@ -199,14 +216,17 @@ class CATP(Pruner):
 
     def _context_cut(self, signals: LLMSignals, b: int, vis: list[torch.Tensor], krow: list[int]
                      ) -> list[torch.Tensor]:
-        """Stage 2a: every demonstration image token of row ``b`` in one pool, the query image untouched."""
+        """Stage 2a (before K+1, ``hidden`` = layer K's output): every demonstration image token of row ``b`` in
+        one pool, the query image untouched."""
         ctx_pos = torch.cat(vis[:-1])
         hidden = signals.hidden[b]
         v_q = rules.masked_mean(hidden[None], signals.spans["sample"][b][None])
-        prev = signals.rows_at[min(signals.rows_at)][b]
+        prev = signals.rows_at[signals.layer - 2][b]  # layer K-1 as it ran; signals.attention: layer K as it ran
         scores = rules.context_scores(signals.attention[b, ctx_pos][None], prev[ctx_pos][None],
-                                      hidden[ctx_pos][None], v_q, self.lambda2)
+                                      hidden[ctx_pos][None], v_q, self.lambda2, self.stage2_similarity)
         kept = rules.select_pool(scores, sum(krow[:-1]))[0]
+        if signals.ctx is not None and signals.positions is not None:  # where the demonstrations start, for v_c
+            signals.ctx.state.setdefault(STATE, {})[b] = int(signals.positions[b, vis[0][0]])
         image_of = torch.cat([torch.full((int(p.numel()),), i, device=kept.device) for i, p in enumerate(vis[:-1])])
         starts = torch.cumsum(torch.tensor([0] + [int(p.numel()) for p in vis[:-1]]), 0).tolist()
         out = [kept[image_of[kept] == i] - starts[i] for i in range(len(vis) - 1)]
@@ -214,14 +234,29 @@ class CATP(Pruner):
 
     def _query_cut(self, signals: LLMSignals, b: int, vis: list[torch.Tensor], krow: list[int]
                    ) -> list[torch.Tensor]:
-        """Stage 2b: the query image's tokens by similarity to the distilled context vector."""
+        """Stage 2b (before K+2, ``hidden`` = layer K+1's output): the query image's tokens by similarity to the
+        distilled context vector."""
         hidden = signals.hidden[b]
-        if self.context_summary == "tokens":
+        if self.context_summary in ("tokens", "demonstrations"):
             ctx_mask = signals.spans["context"][b]
+            if self.context_summary == "demonstrations":
+                ctx_mask = ctx_mask & self._from_first_demonstration(signals, b, vis)
         else:
             ctx_mask = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             ctx_mask[torch.cat(vis[:-1])] = True
         v_c = rules.masked_mean(hidden[None], ctx_mask[None])
-        scores = rules.query_scores(hidden[vis[-1]][None], v_c)
+        scores = rules.query_scores(hidden[vis[-1]][None], v_c, self.stage2_similarity)
         query = rules.select_pool(scores, krow[-1])[0]
         return [*(torch.arange(int(p.numel()), device=p.device) for p in vis[:-1]), query]
+
+    @staticmethod
+    def _from_first_demonstration(signals: LLMSignals, b: int, vis: list[torch.Tensor]) -> torch.Tensor:
+        """(n,) bool: the current slots at or after the first demonstration image's first token (its prompt position,
+        noted by stage 2a: the cut may have removed every token of that image since)."""
+        n = signals.hidden.shape[1]
+        first = None if signals.ctx is None else signals.ctx.state.get(STATE, {}).get(b)
+        if first is not None and signals.positions is not None:
+            return signals.positions[b] >= first
+        starts = [int(p[0]) for p in vis[:-1] if p.numel()]  # no note (a hand-built call): the surviving tokens
+        start = min(starts) if starts else int(vis[-1][0])
+        return torch.arange(n, device=signals.hidden.device) >= start

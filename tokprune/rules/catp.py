@@ -12,10 +12,11 @@ lambda1 sim(t, v_i)`` and updates ``cover(x) = max(cover(x), sim(t, x))``. ``sim
 [0, 1] as ``(cos + 1) / 2`` (the paper says "rescaled"; the exact map is our choice, ``similarity="cosine"``
 uses the raw cosine). Batched over images (padded with ``valid``), one vectorised step per pick.
 
-Stage 2 (in the LLM): at layer K the context (demonstration) image tokens are ranked together by
-``max(0, A_K - A_{K-1}) + lambda2 cos(h_c, v_q)`` (A = the query's last token's head-mean attention, v_q the
-mean layer-K hidden state of the query sample; lambda2 = 0.6), so per-demonstration counts adapt; at K+1 the
-query image's tokens are ranked by ``cos(h_q, v_c)`` with v_c the mean of the retained context at K+1.
+Stage 2 (in the LLM): after layer K the context (demonstration) image tokens are ranked together by
+``max(0, A_K - A_{K-1}) + lambda2 cos(h_c, v_q)`` (A = the query's last token's head-mean attention in layers K
+and K-1, h layer K's output, v_q its mean over the query sample; lambda2 = 0.6), so per-demonstration counts
+adapt; after layer K+1 the query image's tokens are ranked by ``cos(h_q, v_c)`` with v_c the mean of layer K+1's
+output over the retained context.
 Choices where the paper is silent (options, documented in docs/rules.md): each pool (all context image tokens;
 the query image) ends at ``floor(N0 (1 - R))`` of its original count N0; the stage-2 similarity is the plain
 cosine; which tokens form v_q and v_c is the caller's mask (default in the pruner: all tokens of the query
@@ -68,14 +69,18 @@ def pool_keep(n_original: int, r: float) -> int:
     return math.floor(n_original * (1 - r) + 1e-9)
 
 
-def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str = "rescaled") -> torch.Tensor:
-    """Pairwise similarity (B, Na, Nb) of a (B, Na, D) and b (B, Nb, D): ``(cos + 1)/2`` or ``cos``."""
-    cos = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
+def _rescale(cos: torch.Tensor, similarity: str) -> torch.Tensor:
     if similarity == "rescaled":
         return (cos + 1) / 2
     if similarity == "cosine":
         return cos
     raise ValueError(f"similarity must be 'rescaled' or 'cosine', got {similarity!r}")
+
+
+def similarity_matrix(a: torch.Tensor, b: torch.Tensor, similarity: str = "rescaled") -> torch.Tensor:
+    """Pairwise similarity (B, Na, Nb) of a (B, Na, D) and b (B, Nb, D): ``(cos + 1)/2`` or ``cos``."""
+    cos = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(1, 2)
+    return _rescale(cos, similarity)
 
 
 def facility_location_greedy(
@@ -85,12 +90,15 @@ def facility_location_greedy(
     lambda1: float = 0.7,
     valid: torch.Tensor | None = None,
     similarity: str = "rescaled",
+    coverage: str = "sum",
 ) -> torch.Tensor:
     """Greedy maximisation of facility location + lambda1 * alignment, batched.
 
     tokens (B, S, D) projected image tokens; text (B, D) paired-text mean embedding; k an int or (B,) per-image
-    counts; valid (B, S) marks real tokens (padding neither covers nor is picked). Returns (B, max k) token
-    indices **in pick order**, right-padded with -1. Ties go to the lower index.
+    counts; valid (B, S) marks real tokens (padding neither covers nor is picked). ``coverage="sum"``: the
+    facility-location term as written, ``sum_x max_y sim``; ``"mean"``: divided by the image's token count (the
+    same picks as multiplying lambda1 by it). Returns (B, max k) token indices **in pick order**, right-padded
+    with -1. Ties go to the lower index.
     """
     b, s, _ = tokens.shape
     dev = tokens.device
@@ -100,6 +108,10 @@ def facility_location_greedy(
         raise ValueError("k exceeds the number of valid tokens of an image")
     sim = similarity_matrix(tokens, tokens, similarity)  # (B, candidate, covered)
     align = lambda1 * similarity_matrix(tokens, text[:, None], similarity)[..., 0]  # (B, S)
+    if coverage == "mean":  # argmax of gain / S + align == argmax of gain + S * align
+        align = align * valid.sum(dim=1, keepdim=True).to(align.dtype)
+    elif coverage != "sum":
+        raise ValueError(f"coverage must be 'sum' or 'mean', got {coverage!r}")
     floor = 0.0 if similarity == "rescaled" else -1.0  # the value of an empty cover
     return facility_location(sim, align, ks, valid, floor)
 
@@ -138,15 +150,18 @@ def context_scores(
     hidden_ctx: torch.Tensor,
     query_summary: torch.Tensor,
     lambda2: float = 0.6,
+    similarity: str = "cosine",
 ) -> torch.Tensor:
-    """Stage-2 score of the context image tokens (B, N): attention increase + lambda2 * cos(h_c, v_q)."""
-    sim = F.cosine_similarity(hidden_ctx.float(), query_summary.float()[:, None], dim=-1)
+    """Stage-2 score of the context image tokens (B, N): attention increase + lambda2 * sim(h_c, v_q), ``sim`` the
+    cosine (``similarity="rescaled"``: ``(cos + 1)/2``)."""
+    sim = _rescale(F.cosine_similarity(hidden_ctx.float(), query_summary.float()[:, None], dim=-1), similarity)
     return attention_increase(attn_k, attn_k_minus_1) + lambda2 * sim
 
 
-def query_scores(hidden_query: torch.Tensor, context_vector: torch.Tensor) -> torch.Tensor:
-    """Stage-2 (K+1) score of the query image tokens (B, N): ``cos(h_q, v_c)``."""
-    return F.cosine_similarity(hidden_query.float(), context_vector.float()[:, None], dim=-1)
+def query_scores(hidden_query: torch.Tensor, context_vector: torch.Tensor, similarity: str = "cosine"
+                 ) -> torch.Tensor:
+    """Stage-2 (K+1) score of the query image tokens (B, N): ``sim(h_q, v_c)`` (the ranking is the same either way)."""
+    return _rescale(F.cosine_similarity(hidden_query.float(), context_vector.float()[:, None], dim=-1), similarity)
 
 
 def select_pool(scores: torch.Tensor, keep: int, valid: torch.Tensor | None = None) -> torch.Tensor:

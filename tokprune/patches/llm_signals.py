@@ -104,7 +104,9 @@ class LLMTaps:
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys)[..., :n]
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
         self.rows[k] = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
-        if self.request.values:
+        if self.request.values == "heads":
+            self.values[k] = value[:, :, :n].float()
+        elif self.request.values:
             self.values[k] = value[:, :, :n].float().mean(1)
 
     def _query_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

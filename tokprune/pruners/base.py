@@ -264,8 +264,9 @@ class LLMRequest:
 
     ``queries`` / ``source`` / ``domain``: see :data:`QUERIES`, :data:`SOURCES`, :data:`DOMAINS`; rows of several
     query tokens are averaged. ``heads``: "mean" or "all" (a head axis). ``values``: also the layer's value states
-    (True: head mean; "heads": per key/value head, (B, Hkv, n, d)). ``observe``: decoder layers whose ``self_attn`` and ``mlp`` inputs (after the norm) and outputs
-    (before the residual) are recorded during the prefill (TransPrune's transitions).
+    (True: head mean; "heads": per key/value head, (B, Hkv, n, d)). ``observe``: decoder layers whose
+    ``self_attn`` and ``mlp`` inputs (after the norm) and outputs (before the residual) are recorded during the
+    prefill (TransPrune's transitions).
     """
 
     queries: str = "last"
@@ -302,9 +303,10 @@ class LLMSignals:
 
     ``hidden`` (B, n, D): hidden states entering the layer. ``attention``: the requested rows over the current
     sequence, (B, n) or (B, H, n) with ``heads="all"`` (None without an :class:`LLMRequest`); ``values`` (B, n, d):
-    head-mean value states of the same layer, when requested ((B, Hkv, n, d) with ``values="heads"``). ``visual[b][i]``: positions in the current sequence
-    of the surviving visual tokens of image ``i`` of row ``b`` (special tokens such as LLaVA-NeXT newlines are not
-    listed: they are never scored); ``origin[b][i]``: the original index of each of them within its image.
+    head-mean value states of the same layer, when requested ((B, Hkv, n, d) with ``values="heads"``).
+    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``
+    (special tokens such as LLaVA-NeXT newlines are not listed: they are never scored); ``origin[b][i]``: the
+    original index of each of them within its image.
     ``positions`` (B, n): the prompt position of every current slot; ``spans``: (B, n) bool masks over the current
     sequence, "instruction" and "sample" (see :data:`QUERIES`); ``observed[(layer, "attn" | "mlp")]``: the
     requested module inputs/outputs so far. ``ctx``: the per-prefill context (``ctx.state`` carries a method's

@@ -47,9 +47,10 @@ class KeyMask:
             off = sum(c[0].shape[2] for c in self.calls)
             keys = self.alive[off: off + key.shape[2]][None, None, None]
         s = (query.float() @ key.float().transpose(-1, -2)) * scaling
-        p = s.masked_fill(~keys, float("-inf")).softmax(-1)
+        p = s.masked_fill(~keys, float("-inf")).softmax(-1).nan_to_num(0.0)  # a wholly dead window: zeros
         self.calls.append((query.float(), key.float(), value.float(), p))
-        return (p @ value.float()).to(query.dtype).transpose(1, 2).contiguous(), p
+        v = torch.where(keys.transpose(-1, -2), value.float(), 0.0)  # dead tokens never leak, not even as NaN
+        return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), p
 
 
 @contextmanager

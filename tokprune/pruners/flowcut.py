@@ -106,7 +106,8 @@ class FlowCut(Pruner):
         if info.family == "llava_next":
             raise UnsupportedError(
                 "flowcut on llava_next is not supported yet: the reference's per-tile ViT target leaves a "
-                "data-dependent token count after unpadding; use flowcut on llava, qwen2_vl, qwen2_5_vl or qwen3_vl"
+                "data-dependent token count after unpadding; on llava_next use cls, vtc_cls, fastv, random, hiprune "
+                "or visionzip, or run flowcut on llava, qwen2_vl, qwen2_5_vl or qwen3_vl"
             )
         if info.has_cls and info.feature_layer < 1:
             raise UnsupportedError("flowcut needs at least one encoder layer before the feature layer")

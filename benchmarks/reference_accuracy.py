@@ -2,6 +2,7 @@
 
     python benchmarks/reference_accuracy.py            # writes benchmarks/reference_accuracy.{md,json}
     python benchmarks/reference_accuracy.py --n 200 --models llava-shapes --out /tmp/ref
+    python benchmarks/reference_accuracy.py --methods flowcut   # adds / replaces only these rows in the tables
 
 For each shipped model: unpruned accuracy per question type, then every method of ``tokprune.methods()`` (with
 its default options) at keep ratios 50 / 25 / 12.5 %. ``random`` is the floor: its subset depends only on its
@@ -70,15 +71,17 @@ def mean_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "kept": runs[0]["kept"], "seeds": len(runs), "all_min": min(alls), "all_max": max(alls)}
 
 
-def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int) -> dict[str, Any]:
+def bench_model(name: str, n: int, ratios: tuple[float, ...], random_seeds: int,
+                methods: list[str] | None = None) -> dict[str, Any]:
     model, processor = load(name)
     meta = read_meta(name)
     samples = list(ShapesVQA("test", n=n, types=tuple(meta["question_types"])))
     t0 = time.time()
     result: dict[str, Any] = {"question_types": meta["question_types"], "n": n,
                               "unpruned": accuracy(model, processor, samples).as_dict(), "methods": {}}
-    runs = [(m, {}) for m in tokprune.methods() if m != DIAGNOSTIC]
-    runs += [(m, o) for m, _ in list(runs) for o in VARIANTS.get(m, [])] + [(DIAGNOSTIC, {})]
+    runs = [(m, {}) for m in (methods or tokprune.methods()) if m != DIAGNOSTIC]
+    runs += [(m, o) for m, _ in list(runs) for o in VARIANTS.get(m, [])]
+    runs += [(DIAGNOSTIC, {})] if methods is None or DIAGNOSTIC in methods else []
     for method, options in runs:
         rows = {}
         for r in ratios:
@@ -163,6 +166,25 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the method rows of ``new`` added or replaced (methods in registry order, then variants and the
+    diagnostic as before); the new run's unpruned accuracy must reproduce the old one (same samples, same model)."""
+    if old["n"] != new["n"]:
+        raise SystemExit(f"--methods merges into a run of n={old['n']}; pass --n {old['n']}")
+    for name, m in new["models"].items():
+        if name not in old["models"]:
+            old["models"][name] = m
+            continue
+        o = old["models"][name]
+        if o["unpruned"] != m["unpruned"]:
+            raise SystemExit(f"{name}: the unpruned accuracy differs from the stored run; re-run every method")
+        rows = {**o["methods"], **m["methods"]}
+        order = [k for k in tokprune.methods() if k in rows] + [k for k in rows if k not in tokprune.methods()]
+        o["methods"] = {k: rows[k] for k in order}
+        o["seconds_" + "_".join(sorted(m["methods"]))] = m["seconds"]
+    return old
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llava-shapes,qwen2vl-shapes")
@@ -171,7 +193,10 @@ def main() -> None:
     p.add_argument("--random-seeds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "reference_accuracy")
+    p.add_argument("--methods", help="comma-separated: run only these and merge their rows into an existing --out "
+                                     "json (the other rows are kept as they are)")
     a = p.parse_args()
+    methods = a.methods.split(",") if a.methods else None
     torch.set_num_threads(a.threads)
     import transformers
 
@@ -186,9 +211,11 @@ def main() -> None:
         }
         for name in a.models.split(","):
             res["models"][name] = bench_model(name, a.n, tuple(float(r) for r in a.ratios.split(",")),
-                                              a.random_seeds)
+                                              a.random_seeds, methods)
     finally:
         METHODS.pop(DIAGNOSTIC, None)
+    if methods and a.out.with_suffix(".json").exists():
+        res = merge(json.loads(a.out.with_suffix(".json").read_text()), res)
     a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(to_markdown(res))
     print(f"wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.json')}")

@@ -34,6 +34,15 @@ from tokprune.eval.proxy import reduce_depth  # noqa: E402
 from tokprune.eval.speed import cpu_model  # noqa: E402
 
 
+def encoder_flops(vc, text_hidden: int, layer_tokens: list[int], strip: int = 1) -> float:
+    """Multiply-adds x 2 of the CLIP layers at these token counts plus the 2-layer projector on the last count
+    (minus the [CLS] it never reads): 8 N d^2 (q, k, v, o) + 4 N d m (MLP) + 4 N^2 d (scores and mixing)."""
+    d, m = vc.hidden_size, vc.intermediate_size
+    layers = sum(8 * n * d * d + 4 * n * d * m + 4 * n * n * d for n in layer_tokens)
+    p = layer_tokens[-2] - strip  # the feature layer's output feeds the projector
+    return layers + 2 * p * (d * text_hidden + text_hidden * text_hidden)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llava-1.5-7b")
@@ -81,11 +90,14 @@ def main() -> None:
                     tokprune.remove(model)
     base = times["None"]
     rows = []
+    vc, th = model.config.vision_config, model.config.get_text_config().hidden_size
+    full = encoder_flops(vc, th, [tokens[str(keeps[0])][0]] * n_layers)
     for c in keeps:
         t = times[str(c)]
         rows.append({"keep": c, "encoder_ms": statistics.median(t),
                      "ratio_of_medians": statistics.median(t) / statistics.median(base),
                      "wall_ratio_of_medians": statistics.median(wall[str(c)]) / statistics.median(wall["None"]),
+                     "flops_ratio": encoder_flops(vc, th, tokens[str(c)]) / full,
                      "layer_tokens": tokens[str(c)]})
     res = {"config": a.config, "cpu": cpu_model(), "threads": a.threads, "repeats": a.repeats, "sharpen": a.sharpen,
            "unpruned_encoder_ms": statistics.median(base), "cpu_ms_per_thread": times, "wall_ms": wall, "rows": rows,
@@ -99,13 +111,15 @@ def main() -> None:
              f"{res['date']}; unpruned `get_image_features` {res['unpruned_encoder_ms']:.0f} ms of CPU time per "
              f"thread ({statistics.median(wall['None']):.0f} ms wall). `python benchmarks/flowcut_encoder.py`"
              f"{' --sharpen ' + format(a.sharpen, 'g') if a.sharpen != 1 else ''}.", "",
-             "| keep | encoder CPU ms | encoder / unpruned (CPU time) | (wall time) | tokens per encoder layer |",
-             "|---|---|---|---|---|"]
+             "| keep | encoder CPU ms | encoder / unpruned (CPU time) | (wall time) | analytic FLOPs ratio "
+             "| tokens per encoder layer |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lt = r["layer_tokens"]
         first = lt.count(lt[0])
         lines.append(f"| {r['keep']} | {r['encoder_ms']:.0f} | {r['ratio_of_medians']:.3f} | "
-                     f"{r['wall_ratio_of_medians']:.3f} | {lt[0]} x {first}, then {', '.join(map(str, lt[first:]))} |")
+                     f"{r['wall_ratio_of_medians']:.3f} | {r['flops_ratio']:.3f} | "
+                     f"{lt[0]} x {first}, then {', '.join(map(str, lt[first:]))} |")
     (a.out / f"flowcut-encoder-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

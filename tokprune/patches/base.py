@@ -9,7 +9,9 @@ An adapter knows *how* a model family runs and nothing about any method. It
   (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
 * at decode, rebuilds the 2D mask (``generate`` keeps the unpruned one) and shifts positions when kept tokens
   were re-indexed;
-* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder.
+* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder;
+* hands a method's in-encoder cuts to :class:`~tokprune.patches.encoder_cut.EncoderCutStage`, which drops tokens
+  between vision-encoder layers (family hooks ``cut_layout`` / ``cut_heads``).
 
 Family files subclass :class:`Adapter` and fill in the few hooks marked "family hook".
 """

@@ -190,6 +190,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for name, m in new["models"].items():
         if name not in old["models"]:
             raise SystemExit(f"{name} is not in the existing table: run it with every method first")
+        if old["models"][name]["unpruned"] != m["unpruned"]:
+            raise SystemExit(f"{name}: the unpruned accuracy differs from the stored run; re-run every method")
         rows = {**old["models"][name]["methods"], **m["methods"]}
         base = sorted(k for k in rows if " " not in k and k != DIAGNOSTIC)
         rest = [k for k in rows if k not in base and k != DIAGNOSTIC] + [k for k in rows if k == DIAGNOSTIC]

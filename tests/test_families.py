@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import flowcut_ref
 import oracles
 import tokprune
 import tokprune.api
@@ -158,7 +159,7 @@ def positions(fam: Fam, x) -> torch.Tensor:
 
 @torch.no_grad()
 def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool = False,
-                          original: bool = False, replace: Any = None, shift: int = 0) -> Any:
+                          original: bool = False, replace: Any = None, shift: int = 0, cuts: Any = None) -> Any:
     """The unpatched model fed only the kept visual tokens of a one-row prompt.
 
     Qwen: kept tokens at their original M-RoPE positions. LLaVA-NeXT: re-indexed contiguously (the pre-LLM
@@ -166,8 +167,10 @@ def kept_tokens_reference(fam: Fam, x, kept: list[torch.Tensor], generate: bool 
     ``replace(image, features)``: rewrites the kept features of an image (every DeepStack level too), e.g. to put
     a merged token in a slot. ``generate``: :func:`oracles.greedy_decode` (explicit positions at every step: the
     kept prompt's largest position + 1 + step; ``shift`` moves them, to show a wrong decode rule fails).
+    ``cuts``: a record's ``encoder_cuts``: the encoder outputs are those of an encoder that drops the same tokens
+    inside (the key-mask re-run of ``tests/flowcut_ref.py``).
     """
-    out = encode(fam, x)
+    out = encode(fam, x) if not cuts else flowcut_ref.run(fam.model, x, cuts=cuts)["features"]
     ids = x["input_ids"]
     keep = keep_mask(fam, ids, [f.shape[0] for f in out.pooler_output], kept)
     fed = subset(out, kept)
@@ -276,8 +279,10 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(zoo, family, method, pos_mo
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
         replace = merged_replace(fam, x, rec, k)
-        ref = kept_tokens_reference(fam, x, rec.kept[0], original=original, replace=replace)
-        ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True, original=original, replace=replace)
+        cuts = rec.encoder_cuts
+        ref = kept_tokens_reference(fam, x, rec.kept[0], original=original, replace=replace, cuts=cuts)
+        ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True, original=original, replace=replace,
+                                        cuts=cuts)
     n_newlines = [0, 0] if fam.qwen else [n_visual_newlines(fam, x, j) for j in range(2)]
     assert rec.n_kept == [[k + n for n in n_newlines]]
     assert out.shape == ref.shape
@@ -466,7 +471,8 @@ def schedule_reference(fam: Fam, x, rec, generate: bool = False) -> tuple[Any, t
     cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
             for st in rec.stages if st.kind == "llm"]
     with oracles.CutMask(fam.model, cuts) if cuts else torch.no_grad():
-        ref = kept_tokens_reference(fam, x, fed, generate=generate, original=True, replace=replace)
+        ref = kept_tokens_reference(fam, x, fed, generate=generate, original=True, replace=replace,
+                                    cuts=rec.encoder_cuts)
     final = cuts[-1][1][0] if cuts else prompt_keep[prompt_keep]
     return ref, final
 

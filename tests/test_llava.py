@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import flowcut_ref
 import oracles
 import tokprune
 import tokprune.api
@@ -83,6 +84,8 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
         kept = rec.kept[0]
         tokprune.remove(model)
         feats = oracles.features(model, x["pixel_values"])
+        if rec.encoder_cuts:  # dropped inside the encoder: an encoder that hides the same tokens (flowcut_ref)
+            feats = list(flowcut_ref.run(model, x, cuts=rec.encoder_cuts)["features"].pooler_output)
         if rec.merged is not None:  # new tokens in their slots, from the method's independent reference
             merged = MERGE_ORACLES[method](model, x, k)
             assert all(torch.equal(slots, kp) for (slots, _), kp in zip(merged, kept))
@@ -155,6 +158,8 @@ def test_pre_llm_generate_equals_unpatched_on_kept_tokens(tiny, method, position
         kept = rec.kept[0]
         tokprune.remove(model)
         feats = oracles.features(model, x["pixel_values"])
+        if rec.encoder_cuts:  # dropped inside the encoder: an encoder that hides the same tokens (flowcut_ref)
+            feats = list(flowcut_ref.run(model, x, cuts=rec.encoder_cuts)["features"].pooler_output)
         if rec.merged is not None:
             feats = [fn(f) for (_, fn), f in zip(MERGE_ORACLES[method](model, x, 5), feats)]
         _, keep = oracles.run_kept(model, x["input_ids"], feats, kept, compact=True)

@@ -58,6 +58,10 @@ class PruneRecord:
     #: (LLaVA-NeXT's ``image_newline``): never counted in a budget, kept on top of it by methods that keep them
     special: list[list[torch.Tensor]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: methods that drop inside the vision encoder (FlowCut): per cut layer ``(layer, kept)``, ``kept[s]`` the
+    #: indices of encoder sequence ``s`` (a LLaVA image or tile with [CLS] at 0, a Qwen image's patches in the ViT's
+    #: order) that survive after that layer, in encoder call order
+    encoder_cuts: list[tuple[int, list[torch.Tensor]]] | None = None
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None
     image_grid_thw: list[list[tuple[int, ...]]] | None = None

@@ -52,15 +52,17 @@ def make_tokenizer(special: list[str], unk: str, pad: str, bos: str | None = Non
 
 
 @_factory("llava")
-def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 56) -> tuple[Any, Any]:
-    """LLaVA-1.5 in miniature: CLIP (3 layers, 14 px patches, [CLS]) + MLP projector + Llama (4 layers, GQA)."""
+def tiny_llava(attn: str = "sdpa", seed: int = 0, image_size: int = 56,
+               vision_layers: int = 3) -> tuple[Any, Any]:
+    """LLaVA-1.5 in miniature: CLIP (``vision_layers`` = 3 layers, 14 px patches, [CLS]) + MLP projector + Llama
+    (4 layers, GQA)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tok = make_tokenizer(LLAVA_SPECIAL, unk="<unk>", pad="<pad>", bos="<s>", eos="</s>")
     n_patches = (image_size // 14) ** 2
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=image_size, patch_size=14, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=32)
     text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -9,7 +9,9 @@ An adapter knows *how* a model family runs and nothing about any method. It
   (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
 * at decode, rebuilds the 2D mask (``generate`` keeps the unpruned one) and shifts positions when kept tokens
   were re-indexed;
-* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder.
+* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder;
+* hands a method's in-encoder cuts to :class:`~tokprune.patches.encoder_cut.EncoderCutStage`, which drops tokens
+  between vision-encoder layers (family hooks ``cut_layout`` / ``cut_heads``).
 
 Family files subclass :class:`Adapter` and fill in the few hooks marked "family hook".
 """
@@ -27,6 +29,7 @@ from torch import nn
 
 from tokprune.config import Budget
 from tokprune.patches.compat import get_cache
+from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
 from tokprune.patches.vision_stage import Placement, VisionStage, content_label
@@ -76,6 +79,8 @@ class Adapter:
         self.positions = pruner.resolved_positions(self.info)
         self.vision_request = pruner.vision_request(self.info)
         self.vision = VisionStage(self, self.vision_request) if self.vision_request is not None else None
+        cut = pruner.encoder_cut(self.info)
+        self.encoder_cut = EncoderCutStage(self, cut) if cut is not None else None
         layers = pruner.llm_layers(self.info)
         self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
         self.record: PruneRecord | None = None
@@ -209,6 +214,25 @@ class Adapter:
         new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
         return new
 
+    def cut_layout(self) -> str:
+        """How the vision encoder holds its sequences for an in-encoder cut: "batch" ((B, N, D), one image or tile
+        per row, CLIP) or "packed" ((L, D), images packed with ``cu_seqlens``, Qwen). Family hook."""
+        raise NotImplementedError(f"the {self.family} adapter does not support dropping tokens inside its encoder")
+
+    def cut_heads(self) -> tuple[nn.Module | None, list[nn.Module]]:
+        """(module run right after the last encoder layer, whose input a cut after that layer shortens, or None;
+        modules whose per-token output is scattered back into the full token layout). Family hook."""
+        raise NotImplementedError(f"the {self.family} adapter does not support dropping tokens inside its encoder")
+
+    def cut_budgets(self, n_tokens: list[int]) -> list[int]:
+        """The user's budget resolved for each encoder sequence that becomes ``n_tokens[s]`` LLM tokens (one image
+        per sequence by default)."""
+        return [self.budget.count(n) for n in n_tokens]
+
+    def cut_strip(self) -> int:
+        """Leading encoder tokens that the batch-layout head never reads (LLaVA's [CLS] under "default")."""
+        return 0
+
     def encode_images(self, kw: dict) -> Any:
         """Run the model's own ``get_image_features`` with the pixel kwargs of a forward call."""
         fn = self.base.get_image_features
@@ -220,6 +244,8 @@ class Adapter:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if self.vision is not None:
             self.vision.install()
+        if self.encoder_cut is not None:
+            self.encoder_cut.install()
         if self.llm is not None:
             self.llm.install()
 
@@ -228,6 +254,8 @@ class Adapter:
             h.remove()
         if self.vision is not None:
             self.vision.remove()
+        if self.encoder_cut is not None:
+            self.encoder_cut.remove()
         if self.llm is not None:
             self.llm.remove()
         self._handles = []
@@ -309,6 +337,8 @@ class Adapter:
         grid, special = self.token_layout(feats, kw)
         record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
+        if self.encoder_cut is not None:
+            record.encoder_cuts = list(self.encoder_cut.history)
 
         if self.vision is not None:
             t0 = time.perf_counter()

@@ -60,6 +60,16 @@ class LlavaAdapter(Adapter):
         block = clip_encoder(self.vision_tower).layers[layer]
         return block, block.self_attn
 
+    def cut_layout(self) -> str:
+        return "batch"
+
+    def cut_heads(self) -> tuple[nn.Module | None, list[nn.Module]]:
+        """The projector reads the feature layer's (shortened) output; its output goes back to the full layout."""
+        return None, [self.base.multi_modal_projector]
+
+    def cut_strip(self) -> int:
+        return int(self.model.config.vision_feature_select_strategy == "default")
+
     def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
                   reduce: str = "mean") -> list[torch.Tensor]:
         per_image = self._drop_cls(torch.cat(calls))

@@ -109,7 +109,9 @@ class LLMTaps:
             return
         n = query.shape[2]
         self.rows[k] = self._rows(query, key, mask, scaling)
-        if self.request.values:
+        if self.request.values == "heads":
+            self.values[k] = value[:, :, :n].float()
+        elif self.request.values:
             self.values[k] = value[:, :, :n].float().mean(1)
 
     def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:

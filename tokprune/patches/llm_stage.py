@@ -143,7 +143,7 @@ class LLMStages:
                              origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
                              ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
                              spans=self.current_spans(), observed=dict(taps.observed) if taps else {},
-                             rows_at=taps.rows_at() if taps else {})
+                             rows_at=taps.rows_at() if taps else {}, last=self.qcur)
         if taps is not None and k not in taps.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")

@@ -80,6 +80,15 @@ class Qwen2VLAdapter(Adapter):
         block = self.vision_tower.blocks[layer]
         return block, block.attn
 
+    def cut_layout(self) -> str:
+        return "packed"
+
+    def cut_heads(self) -> tuple[nn.Module | None, list[nn.Module]]:
+        """The merger runs after the last block (a cut there shortens its input); it and Qwen3-VL's DeepStack
+        mergers write their merged tokens back into the full layout."""
+        vt = self.vision_tower
+        return vt.merger, [vt.merger, *getattr(vt, "deepstack_merger_list", [])]
+
     def install(self) -> None:
         super().install()
         if self.vision is not None:

@@ -4,6 +4,7 @@ from tokprune.pruners import (  # noqa: F401
     catp,
     cls_attention,
     fastv,
+    flowcut,
     hiprune,
     pdrop,
     random,

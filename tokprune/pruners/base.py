@@ -51,7 +51,10 @@ SIGNAL_KINDS: dict[str, str] = {
     "hidden_in": "hidden state entering the encoder layer",
     "hidden_out": "hidden state leaving the encoder layer",
     "pixels": "raw pixels of the token's patch(es), un-normalised, (channels, values) per token",
+    "encoder_kept": "1.0 where the token survived the method's in-encoder cuts (:class:`EncoderCut`), else 0.0",
 }
+#: vision signal kinds read at the encoder's input or output as a whole, named without a layer
+LAYERLESS_KINDS = ("pixels", "encoder_kept")
 #: kinds computed from attention probabilities (``heads`` chooses head mean or per head)
 ATTENTION_KINDS = ("cls", "received", "rows")
 HEADS = ("mean", "all")
@@ -84,9 +87,9 @@ class Signal:
             raise ValueError(f"unknown vision signal {self.kind!r}; known: {', '.join(SIGNAL_KINDS)}")
         if self.heads not in HEADS:
             raise ValueError(f"heads must be one of {HEADS}, got {self.heads!r}")
-        if self.kind == "pixels":
+        if self.kind in LAYERLESS_KINDS:
             if self.layer is not None:
-                raise ValueError("pixels are read at the encoder's input: pass no layer")
+                raise ValueError(f"{self.kind} describe the whole encoder call: pass no layer")
         elif isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"a vision signal names a 0-based encoder layer, got layer={self.layer!r}")
         if (self.kind == "rows") != (self.queries is not None):
@@ -109,6 +112,60 @@ class VisionRequest:
     def layers(self) -> list[int]:
         """Encoder layers that are tapped, sorted."""
         return sorted({s.layer for s in self.signals if s.layer is not None})
+
+
+#: per-sequence signals an in-encoder cut may request (computed from q/k/v in the attention tap of the layer)
+CUT_SIGNALS: dict[str, str] = {
+    "cls_row": "(n,) head-mean softmax row of the sequence's first token ([CLS]) over its n current tokens",
+    "mean_query_row": "(n,) head-mean softmax row of the token-mean query (per head) over the n current tokens",
+    "values": "(H, n, d) value states per head",
+    "value_mean": "(n, d) head-mean value states",
+    "keys": "(H, n, d) key states per head",
+}
+
+
+@dataclass(frozen=True)
+class EncoderCut:
+    """Where a method drops tokens *inside* the vision encoder (FlowCut; a ToMe-style method would use it too).
+
+    ``layers``: 0-based encoder layers after which :meth:`Pruner.cut_encoder` is asked (tokens it drops are gone
+    for every later layer); ``signals``: the keys of :data:`CUT_SIGNALS` it needs at each of them. The seam
+    (:mod:`tokprune.patches.encoder_cut`) computes them in the attention tap (no eager attention, no N x N map).
+    """
+
+    layers: tuple[int, ...]
+    signals: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted({int(x) for x in self.layers})))
+        object.__setattr__(self, "signals", tuple(self.signals))
+        unknown = [s for s in self.signals if s not in CUT_SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown encoder-cut signal(s) {unknown}; known: {', '.join(CUT_SIGNALS)}")
+
+
+@dataclass
+class EncoderStep:
+    """What :meth:`Pruner.cut_encoder` sees after encoder layer ``layer``, one entry per encoder *sequence* (a
+    LLaVA image or tile, a Qwen image) in the order the encoder holds them.
+
+    ``signals[name][s]``: the requested :data:`CUT_SIGNALS` over sequence ``s``'s current tokens, the ``prefix``
+    leading special tokens ([CLS]) included. ``origin[s]``: each current token's index in the sequence as it
+    entered the encoder. ``unit``: patches per LLM token (a Qwen 2x2 merge unit: 4; 1 on CLIP); the seam drops
+    whole units, so a pruner answers in units. ``keep[s]`` / ``n_tokens[s]``: the user's budget resolved for the
+    image this sequence becomes (LLM tokens) and its LLM tokens before any cut. ``state[s]``: a dict the steps of
+    one encoder call share (a method's running scores).
+    """
+
+    layer: int
+    info: ModelInfo
+    prefix: int
+    unit: int
+    keep: list[int]
+    n_tokens: list[int]
+    signals: dict[str, list[torch.Tensor]]
+    origin: list[torch.Tensor]
+    state: list[dict[str, Any]]
 
 
 @dataclass
@@ -230,21 +287,24 @@ class LLMRequest:
 
     ``queries`` / ``source`` / ``domain``: see :data:`QUERIES`, :data:`SOURCES`, :data:`DOMAINS`; rows of several
     query tokens are averaged. ``heads``: "mean" or "all" (a head axis). ``values``: also the layer's value states
-    (head mean). ``observe``: decoder layers whose ``self_attn`` and ``mlp`` inputs (after the norm) and outputs
-    (before the residual) are recorded during the prefill (TransPrune's transitions). ``row_layers``: decoder
-    layers whose rows (same queries, heads and domain) are also recorded *as they run* in the prefill, for a stage
-    that compares layers (CATP's attention increase); a stage reads them as ``LLMSignals.rows_at[layer]``.
+    (True: head mean; "heads": per key/value head, (B, Hkv, n, d)). ``observe``: decoder layers whose
+    ``self_attn`` and ``mlp`` inputs (after the norm) and outputs (before the residual) are recorded during the
+    prefill (TransPrune's transitions). ``row_layers``: decoder layers whose rows (same queries, heads and domain)
+    are also recorded *as they run* in the prefill, for a stage that compares layers (CATP's attention increase);
+    a stage reads them as ``LLMSignals.rows_at[layer]``.
     """
 
     queries: str = "last"
     source: str = "previous"
     heads: str = "mean"
     domain: str = "causal"
-    values: bool = False
+    values: bool | str = False
     observe: tuple[int, ...] = ()
     row_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.values not in (False, True, "heads"):
+            raise ValueError(f"LLMRequest values must be False, True (head mean) or 'heads', got {self.values!r}")
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -270,9 +330,10 @@ class LLMSignals:
 
     ``hidden`` (B, n, D): hidden states entering the layer. ``attention``: the requested rows over the current
     sequence, (B, n) or (B, H, n) with ``heads="all"`` (None without an :class:`LLMRequest`); ``values`` (B, n, d):
-    head-mean value states of the same layer, when requested. ``visual[b][i]``: positions in the current sequence
-    of the surviving visual tokens of image ``i`` of row ``b`` (special tokens such as LLaVA-NeXT newlines are not
-    listed: they are never scored); ``origin[b][i]``: the original index of each of them within its image.
+    head-mean value states of the same layer, when requested ((B, Hkv, n, d) with ``values="heads"``).
+    ``visual[b][i]``: positions in the current sequence of the surviving visual tokens of image ``i`` of row ``b``
+    (special tokens such as LLaVA-NeXT newlines are not listed: they are never scored); ``origin[b][i]``: the
+    original index of each of them within its image.
     ``positions`` (B, n): the prompt position of every current slot; ``spans``: (B, n) bool masks over the current
     sequence, "instruction" and "sample" (see :data:`QUERIES`) and "context" (the real tokens before the
     sample: the demonstrations of a few-shot prompt); ``rows_at[layer]`` (B, n) or (B, H, n): the rows of a
@@ -293,6 +354,8 @@ class LLMSignals:
     spans: dict[str, torch.Tensor] = field(default_factory=dict)
     observed: dict[tuple[int, str], Observed] = field(default_factory=dict)
     rows_at: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: (B,) current slot of each row's last prompt token (the "last" query)
+    last: torch.Tensor | None = None
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -343,6 +406,15 @@ class Pruner:
     def vision_request(self, info: ModelInfo) -> VisionRequest | None:
         """Signals of the vision stage, or None when the method has no vision stage."""
         return None
+
+    def encoder_cut(self, info: ModelInfo) -> EncoderCut | None:
+        """Encoder layers after which the method drops tokens inside the vision encoder, or None (the default)."""
+        return None
+
+    def cut_encoder(self, step: EncoderStep) -> list[torch.Tensor | None]:
+        """Per encoder sequence of ``step``, sorted positions among its current non-prefix units to keep (None
+        keeps all). Called after every layer of :meth:`encoder_cut`."""
+        raise NotImplementedError(f"{type(self).__name__} declares an encoder cut but no cut_encoder")
 
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
         """Decoder layers before which LLM stages drop tokens (0-indexed), in increasing order."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import flowcut_ref
 import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-import flowcut_ref
 import oracles
 import tokprune
 import tokprune.api

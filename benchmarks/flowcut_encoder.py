@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)  # peaked softmaxes (--sharpen) produce subnormal floats, slow on CPU
     config, _ = reduce_depth(configs.load(a.config), 1, None)
     torch.manual_seed(0)
     model = configs.build_model(config, "cpu", torch.float32).eval()
@@ -107,7 +108,8 @@ def main() -> None:
     (a.out / f"flowcut-encoder-{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     sharp = "" if a.sharpen == 1 else f", q/k scaled x{a.sharpen:g} (`--sharpen`)"
     lines = [f"# FlowCut encoder time, {a.config} vision tower (full size, random weights{sharp})", "",
-             f"{res['cpu']}, {a.threads} threads, fp32, batch 1, {a.repeats} round-robin repeats (medians), "
+             f"{res['cpu']}, {a.threads} threads, fp32 (subnormals flushed), batch 1, "
+             f"{a.repeats} round-robin repeats (medians), "
              f"{res['date']}; unpruned `get_image_features` {res['unpruned_encoder_ms']:.0f} ms of CPU time per "
              f"thread ({statistics.median(wall['None']):.0f} ms wall). `python benchmarks/flowcut_encoder.py`"
              f"{' --sharpen ' + format(a.sharpen, 'g') if a.sharpen != 1 else ''}.", "",

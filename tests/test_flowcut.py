@@ -394,3 +394,27 @@ def test_remove_restores_the_encoder():
         tokprune.remove(model)
         assert torch.equal(model(**x).logits, ref)
     assert hooks() == before
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_batch_with_padding_matches_single_runs(family):
+    """Two rows (two images, one image) packed in one ViT call with early cuts: each image's cuts, and every
+    output, equal its single run."""
+    model, proc = cached(family)
+    tag = QWEN_IMAGE_TAG
+    texts = [f"user {tag} {tag} compare the first and second picture ? assistant :", f"user {tag} what ? assistant :"]
+    images = [make_image(w, h, seed=s) for s, (w, h) in enumerate([(224, 112), (112, 168), (168, 168)])]
+    with torch.no_grad(), tokprune.pruned(model, "flowcut", keep=3):
+        batch = proc(images=images, text=texts, return_tensors="pt", padding=True)
+        assert (batch["attention_mask"] == 0).any()
+        gen = model.generate(**batch, **GEN)
+        joined = tokprune.last_record(model).encoder_cuts
+        singles, cuts = [], {}
+        for t, ims in zip(texts, (images[:2], images[2:])):
+            singles.append(model.generate(**proc(images=ims, text=t, return_tensors="pt"), **GEN))
+            for layer, kk in tokprune.last_record(model).encoder_cuts:
+                cuts.setdefault(layer, []).extend(k.tolist() for k in kk)
+    assert len(joined) == 2 and [(layer, [k.tolist() for k in kk]) for layer, kk in joined] == sorted(cuts.items())
+    for b, g in enumerate(singles):
+        assert torch.equal(gen.sequences[b, -N_NEW:], g.sequences[0, -N_NEW:])
+        assert max((la[b] - lb[0]).abs().max().item() for la, lb in zip(gen.logits, g.logits)) <= TOL

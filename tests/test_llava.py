@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import flowcut_ref
 import oracles
 import tokprune
 import tokprune.api

@@ -418,3 +418,43 @@ def test_qwen_batch_with_padding_matches_single_runs(family):
     for b, g in enumerate(singles):
         assert torch.equal(gen.sequences[b, -N_NEW:], g.sequences[0, -N_NEW:])
         assert max((la[b] - lb[0]).abs().max().item() for la, lb in zip(gen.logits, g.logits)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_record_flops_count_the_tokens_each_encoder_layer_saw(family):
+    """``record.flops`` (``tokprune.flops.from_record``) counts every ViT layer at the tokens its images really ran
+    on, read here by hooks on the encoder layers (registered after tokprune's, so they see the shortened input)."""
+    from tokprune import flops
+
+    model, proc = cached(family)
+    x = llava_inputs(proc, seeds=(0, 1)) if family == "llava" else qwen_inputs(proc)
+    base = model.model
+    layers = base.visual.blocks if family != "llava" else base.vision_tower.encoder.layers
+    head = base.visual.merger if family != "llava" else base.multi_modal_projector
+    seen: list[int] = []
+    into_head: list[tuple[int, ...]] = []
+    tokprune.apply(model, "flowcut", keep=K if family == "llava" else 4)
+    hooks = [m.register_forward_pre_hook(lambda mod, args, kw: seen.append(
+        (args[0] if args else kw["hidden_states"]).shape[-2]), with_kwargs=True) for m in layers]
+    hooks.append(head.register_forward_pre_hook(lambda mod, args: into_head.append(tuple(args[0].shape[:-1]))))
+    try:
+        with torch.no_grad():
+            model(**x)
+        rec = tokprune.last_record(model)
+    finally:
+        for h in hooks:
+            h.remove()
+        tokprune.remove(model)
+    works = flops.from_record(model.config, rec, **flops.geometry_from_inputs(x))[0].images
+    per_layer = [[w.layer_tokens[i] for w in works] for i in range(len(layers))]
+    # LLaVA: the images are rows of one batch, padded to the longest (the hook sees that row length; the record
+    # counts each image's own tokens); Qwen: one packed sequence of all images
+    counted = [max(n) if family == "llava" else sum(n) for n in per_layer]
+    assert seen == counted and counted[-1] < counted[0]
+    # the projector / merger runs on the survivors of the last cut only ([CLS] excluded)
+    assert [math.prod(shape) for shape in into_head] == [sum(w.projector_tokens for w in works)]
+    unpruned = flops.from_record(model.config, type(rec)(**{**rec.__dict__, "encoder_cuts": None}),
+                                 **flops.geometry_from_inputs(x))[0].images
+    assert all(w.layer_tokens[-1] < u.layer_tokens[-1] for w, u in zip(works, unpruned))
+    assert rec.flops.vision < rec.flops.baseline.vision

@@ -18,7 +18,8 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
     """One :class:`TokenSchedule` per sample of a pruning record (``tokprune.record.PruneRecord``).
 
     Stages apply in order: kind ``"vision"`` shrinks every LLM layer (and, when ``stage.layer`` is a ViT layer,
-    the ViT from that layer on); kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. New (merged) tokens
+    the ViT from that layer on); ``record.encoder_cuts`` (tokens dropped between encoder layers) shrink the ViT
+    layers after each cut; kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. New (merged) tokens
     take dropped slots of their image (``record.merged[b][i].slots``), which are part of the stage's kept indices,
     so a stage's kept count is its LLM token count. ``n_text`` defaults to
     ``record.seq_len[b]`` minus the sample's visual tokens. Per-image sizes (LLaVA-NeXT: (H, W); Qwen: grid t,h,w)
@@ -29,6 +30,8 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
     arch = describe(config)
     image_sizes = image_sizes if image_sizes is not None else getattr(record, "image_sizes", None)
     image_grid_thw = image_grid_thw if image_grid_thw is not None else getattr(record, "image_grid_thw", None)
+    cuts = getattr(record, "encoder_cuts", None) or []
+    first = 0  # index of sample b's first image among the encoder's sequences (images in batch order)
     out = []
     for b, n_vis in enumerate(record.n_visual):
         n_vis = [int(n) for n in n_vis]
@@ -38,6 +41,9 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
             text = int(n_text) if isinstance(n_text, int) else int(n_text[b])
         visual = [sum(n_vis)] * arch.llm.layers
         works, notes = _record_images(config, arch, b, n_vis, image_sizes, image_grid_thw)
+        if cuts and works:
+            works = [_encoder_cut(w, cuts, first + i) for i, w in enumerate(works)]
+        first += len(n_vis)
         for st in record.stages:
             counts = [int(k.numel()) for k in st.kept[b]]
             if st.kind == "vision":
@@ -52,6 +58,17 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
             visual[start:] = [total] * (len(visual) - start)
         out.append(TokenSchedule(tuple(visual), text, tuple(works), tuple(notes)))
     return out
+
+
+def _encoder_cut(work: VisionWork, cuts: Sequence[tuple[int, Sequence[Any]]], seq: int) -> VisionWork:
+    """``work`` when encoder sequence ``seq`` kept ``len(kept[seq])`` tokens after each cut layer (FlowCut-style
+    dropping inside the encoder, ``record.encoder_cuts``): every later ViT layer and the projector/merger run on
+    the survivors (the seam writes the projector's output back into the full layout afterwards)."""
+    tokens = list(work.layer_tokens)
+    for layer, kept in cuts:
+        tokens[int(layer) + 1:] = [int(kept[seq].numel())] * (len(tokens) - int(layer) - 1)
+    last = int(cuts[-1][1][seq].numel()) - work.cls  # the [CLS] token (kept at 0) does not enter the projector
+    return replace(work, layer_tokens=tuple(tokens), projector_tokens=min(work.projector_tokens, last))
 
 
 def geometry_from_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

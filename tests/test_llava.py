@@ -251,8 +251,11 @@ def test_remove_restores_and_apply_replaces(tiny):
     model, proc = tiny
     x = inputs(proc)
     local = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
-    n_hooks = _hooks(model)
     with torch.no_grad():
+        # transformers installs its own output-recording hooks on the first call that asks for hidden states
+        # (as the CLS methods' vision stage does) and keeps them: count from there
+        model.model.vision_tower(x["pixel_values"], output_hidden_states=True)
+        n_hooks = _hooks(model)
         ref = model(**x).logits
         tokprune.apply(model, "cls", keep=4)
         n_cls = _hooks(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -184,3 +185,12 @@ class AttentionTaps:
 
 
 TAPS = AttentionTaps()
+
+
+def remove_installed(handles: list[Any], tapped: list[nn.Module]) -> None:
+    """Undo what one seam installed on a model: its hook handles and its attention taps (the caller then drops
+    the lists; they may be shared with the adapter, so they are not emptied here)."""
+    for h in handles:
+        h.remove()
+    for mod in tapped:
+        TAPS.discard(mod)

@@ -37,7 +37,7 @@ from torch import nn
 
 from tokprune.patches.vision_stage import check_indices
 from tokprune.pruners.base import EncoderCut, EncoderStep, Signal
-from tokprune.signals import TAPS, _repeat_kv
+from tokprune.signals import TAPS, _repeat_kv, remove_installed
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -117,10 +117,7 @@ class EncoderCutStage:
             self._handles.append(mod.register_forward_hook(self._scatter))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
+        remove_installed(self._handles, self._tapped)
         self._handles, self._tapped = [], []
         self.reset()
 

@@ -22,7 +22,7 @@ import torch
 
 from tokprune.patches.compat import cache_kwargs
 from tokprune.pruners.base import LLMRequest, Observed
-from tokprune.signals import TAPS, attention_rows
+from tokprune.signals import TAPS, attention_rows, remove_installed
 
 if TYPE_CHECKING:
     from tokprune.patches.llm_stage import LLMStages
@@ -85,10 +85,7 @@ class LLMTaps:
             self._tapped.append(mod)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
+        remove_installed(self._handles, self._tapped)
         self._handles, self._tapped = [], []
         self.reset()
 

@@ -41,7 +41,7 @@ from tokprune.pruners.base import (
     VisionSignals,
 )
 from tokprune.record import capture_scores
-from tokprune.signals import TAPS, attention_rows, received_attention, varlen_chunks
+from tokprune.signals import TAPS, attention_rows, received_attention, remove_installed, varlen_chunks
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -131,10 +131,7 @@ class VisionStage:
                     self._handles.append(block.register_forward_hook(partial(self._hidden_out, s)))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for mod in self._tapped:
-            TAPS.discard(mod)
+        remove_installed(self._handles, self._tapped)
         self._handles, self._tapped = [], []
         self.raw = {}
 

@@ -137,17 +137,15 @@ def test_qwen_form_counts_whole_merge_units_with_the_global_query():
     assert torch.equal(kept, torch.sort(-a_unit, stable=True).indices[: n - count].sort().values)
 
 
-def test_options_are_validated_and_llava_next_is_refused():
+def test_options_are_validated():
     with pytest.raises(ValueError, match="semantic must be 'dot'"):
         FlowCut(semantic="cos")
     with pytest.raises(ValueError, match="history must be a number in"):
         FlowCut(history=2)
     with pytest.raises(ValueError, match="llm_layer must be"):
         FlowCut(llm_layer=-1)
-    model, _ = tiny_model("llava_next")
-    with pytest.raises(tokprune.UnsupportedError, match="flowcut on llava_next"):
-        tokprune.apply(model, "flowcut", keep=4)
-    assert not tokprune.is_patched(model)
+    with pytest.raises(ValueError, match="newlines must be True"):
+        FlowCut(newlines="no")
 
 
 # ---------------------------------------------------------------------------------------------- LLaVA-1.5
@@ -275,16 +273,20 @@ def llm_cut_reference(model, x, ref: dict, vision_kept: list[torch.Tensor], keep
     fed.pooler_output = [f[k] for f, k in zip(ref["features"].pooler_output, vision_kept)]
     if getattr(fed, "deepstack_features", None) is not None:
         fed.deepstack_features = [[f[k] for f, k in zip(lv, vision_kept)] for lv in fed.deepstack_features]
-    mrope, _ = model.model.get_rope_index(ids, mm_token_type_ids=x["mm_token_type_ids"],
-                                          image_grid_thw=x["image_grid_thw"])
-    position_ids = torch.cat([torch.arange(ids.shape[1])[None, None], mrope])[..., keep_mask]
+    if "image_grid_thw" in x:
+        mrope, _ = model.model.get_rope_index(ids, mm_token_type_ids=x["mm_token_type_ids"],
+                                              image_grid_thw=x["image_grid_thw"])
+        position_ids = torch.cat([torch.arange(ids.shape[1])[None, None], mrope])[..., keep_mask]
+        extra = dict(mm_token_type_ids=x["mm_token_type_ids"][:, keep_mask])
+    else:  # LLaVA-NeXT at original positions
+        position_ids, extra = torch.arange(ids.shape[1])[None, keep_mask], {}
     layer = model.model.language_model.layers[1]
     got = {}
     h = layer.self_attn.v_proj.register_forward_hook(lambda m, a, o: got.setdefault("v", o))
     model.set_attn_implementation("eager")
     try:
         att = model(input_ids=ids[:, keep_mask], mm_encoder_outputs={"image": fed}, position_ids=position_ids,
-                    mm_token_type_ids=x["mm_token_type_ids"][:, keep_mask], output_attentions=True).attentions[1]
+                    output_attentions=True, **extra).attentions[1]
     finally:
         model.set_attn_implementation("sdpa")
         h.remove()
@@ -458,3 +460,81 @@ def test_record_flops_count_the_tokens_each_encoder_layer_saw(family):
                                  **flops.geometry_from_inputs(x))[0].images
     assert all(w.layer_tokens[-1] < u.layer_tokens[-1] for w, u in zip(works, unpruned))
     assert rec.flops.vision < rec.flops.baseline.vision
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT (§3.2)
+def next_vision_kept(model, x, alive: torch.Tensor, newlines: bool) -> list[torch.Tensor]:
+    """The packed positions of the tiles' surviving patches: the alive mask ([CLS] dropped) pushed through HF's
+    own stitching and unpadding (newline slots alive when ``newlines``), as the reference scatters its keep-mask."""
+    base = model.model
+    tiles = alive[:, 1:].float()[..., None]  # (n_tiles, patches, 1)
+    packed, _ = base.pack_image_features([tiles], x["image_sizes"], "default",
+                                         image_newline=torch.full((1,), float(newlines)))
+    return [packed[0][:, 0].nonzero()[:, 0]]
+
+
+@pytest.mark.parametrize("newlines", [False, True])
+def test_llava_next_per_tile_cut_unpadding_and_llm_cut_match_the_reference(newlines):
+    """A non-square image (5 tiles; unpadding removes 2 of the stitched grid's 4 rows): every tile is cut to
+    ceil(keep / 2) patches by the key-mask reference's rule, the vision stage keeps the survivors in the unpadded
+    layout, LLM layer 1's rule cuts to exactly ``keep`` (on eager maps of the unpatched model fed the survivors),
+    and the logits equal that model with the cut hidden from layer 2 on; generate with and without cache agree."""
+    import oracles
+
+    model, proc = cached("llava_next")
+    x = proc(images=[make_image(100, 70, seed=3)], text="user <image> what is in the image ? assistant :",
+             return_tensors="pt")
+    keep = 6
+    with torch.no_grad(), tokprune.pruned(model, "flowcut", keep=keep, newlines=newlines, positions="original"):
+        out = model(**x).logits
+        rec = tokprune.last_record(model)
+        gen = model.generate(**x, **GEN)
+        nocache = model.generate(**x, **GEN, use_cache=False)
+    n_tiles = x["pixel_values"].shape[1]
+    assert n_tiles == 5
+    ref = flowcut_ref.run(model, x, keep=[math.ceil(keep / 2)] * n_tiles)
+    assert [(layer, [k.tolist() for k in kk]) for layer, kk in rec.encoder_cuts] == \
+        [(layer, [k.tolist() for k in kk]) for layer, kk in ref["history"]]
+    assert [int(a.sum()) for a in ref["alive"]] == [1 + math.ceil(keep / 2)] * n_tiles
+    vision_kept = next_vision_kept(model, x, ref["alive"], newlines)
+    n_newlines = int(rec.special[0][0].sum())
+    content = rec.n_visual[0][0] - n_newlines
+    assert n_newlines == 2 and content == 12  # 4 base + 8 visible of the 16 stitched crop patches
+    assert keep < int(vision_kept[0].numel()) - newlines * n_newlines < n_tiles * math.ceil(keep / 2)
+    assert [k.tolist() for k in rec.stages[0].kept[0]] == [k.tolist() for k in vision_kept]
+    # the LLM cut: the rule on the survivors' content tokens (newlines, kept on top, are never scored)
+    sp = rec.special[0][0][vision_kept[0]]
+    content_kept = [vision_kept[0][~sp]]
+    llm = llm_cut_reference(model, x, ref, content_kept, keep)
+    final = torch.cat([content_kept[0][llm[0]], vision_kept[0][sp]]).sort().values
+    assert rec.stages[1].kept[0][0].tolist() == final.tolist()
+    assert rec.n_kept == [[keep + newlines * n_newlines]]
+    ids = x["input_ids"]
+    image = model.config.image_token_id
+    run = (ids[0] == image).nonzero()[:, 0]
+    fed_mask, final_mask = ids[0] != image, ids[0] != image
+    fed_mask[run[vision_kept[0]]] = True
+    final_mask[run[final]] = True
+    with oracles.CutMask(model, [(2, final_mask[fed_mask][None])]), torch.no_grad():
+        fed = BaseModelOutputWithPooling(pooler_output=[ref["features"].pooler_output[0][vision_kept[0]]])
+        expect = model(input_ids=ids[:, fed_mask], mm_encoder_outputs={"image": fed},
+                       position_ids=torch.arange(ids.shape[1])[None, fed_mask]).logits
+    assert (out[0] - expect[0, final_mask[fed_mask]]).abs().max() <= TOL
+    assert torch.equal(gen.sequences, nocache.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(gen.logits, nocache.logits)) <= TOL
+
+
+def test_llava_next_keep_all_is_identical_and_keep_ratio_counts_content_tokens():
+    model, proc = cached("llava_next")
+    x = proc(images=[make_image(100, 70, seed=3)], text="user <image> what ? assistant :", return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**x).logits
+        with tokprune.pruned(model, "flowcut", keep_ratio=1.0):
+            out = model(**x).logits
+            rec = tokprune.last_record(model)
+        assert torch.equal(out, ref) and rec.encoder_cuts == [] and rec.n_kept == rec.n_visual
+        with tokprune.pruned(model, "flowcut", keep_ratio=0.5, newlines=False):
+            model(**x)
+            rec = tokprune.last_record(model)
+    assert rec.n_kept == [[6]]  # half of the 12 content tokens
+    assert [int(k.numel()) for k in rec.encoder_cuts[-1][1]] == [1 + 3] * 5  # ceil(6 / 2) per tile + [CLS]

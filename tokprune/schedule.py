@@ -20,11 +20,16 @@ KINDS = ("vision", "llm")
 @dataclass(frozen=True)
 class StageBudget:
     """One stage: ``kind`` "vision" (before the LLM, ``layer`` None) or "llm" (before decoder layer ``layer``);
-    ``keep``: the image's visual tokens that survive it (content tokens; special tokens ride on top)."""
+    ``keep``: the image's visual tokens that survive it (content tokens; special tokens ride on top).
+    ``at_most``: ``keep`` is an upper bound, not the exact count (a vision stage whose survivors are decided inside
+    the encoder and depend on the image, FlowCut on LLaVA-NeXT: per-tile cuts, then the unpadding); the adapter
+    then checks ``<= keep`` and a later LLM stage keeps ``min(its keep, the tokens alive)``. FLOPs plans use the
+    bound."""
 
     kind: str
     layer: int | None
     keep: int
+    at_most: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ every method.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,9 +105,13 @@ class LlavaNextAdapter(LlavaAdapter):
         super().install()
         # always: the packed layout marks newlines (special tokens) for vision and LLM stages alike
         self.base.pack_image_features = self._recording(self.base.pack_image_features)
+        if self.encoder_cut is not None:  # per-tile cut budgets need each image's size before the encoder runs
+            self._sizes: torch.Tensor | None = None
+            self.base.get_image_features = self._sizing(self.base.get_image_features)
 
     def remove(self) -> None:
         vars(self.base).pop("pack_image_features", None)
+        vars(self.base).pop("get_image_features", None)
         self._packing = None
         super().remove()
 
@@ -118,6 +123,44 @@ class LlavaNextAdapter(LlavaAdapter):
             return out
 
         return pack_image_features
+
+    def _sizing(self, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def get_image_features(pixel_values, image_sizes, *args, **kwargs):
+            self._sizes = torch.as_tensor(image_sizes).cpu()
+            try:
+                return fn(pixel_values, image_sizes, *args, **kwargs)
+            finally:
+                self._sizes = None
+
+        return get_image_features
+
+    def cut_budgets(self, n_tokens: list[int]) -> list[int]:
+        """Per encoder sequence (a tile), the user's budget of the tile's *image*: ``keep``, or ``keep_ratio`` of
+        the image's content tokens in HF's unpadded layout (counted by the model's own packing of a dummy). A
+        budget that keeps all of an image's content tokens is passed as twice each tile's tokens, so a per-tile
+        target such as FlowCut's ``ceil(keep / 2)`` cuts nothing and keep-all is the unpatched model."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if self._sizes is None:
+            raise RuntimeError(f"{self.pruner.name} on llava_next: the vision tower ran outside get_image_features, "
+                               "so the tiles' images are unknown; call the model (or get_image_features) with "
+                               "pixel_values and image_sizes")
+        cfg = self.model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        out: list[int] = []
+        for j, size in enumerate(self._sizes):
+            tiles = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            ones = torch.ones(tiles, side * side, 1)
+            packed, _ = type(self.base).pack_image_features(self.base, [ones], self._sizes[j:j + 1], "default",
+                                                            image_newline=torch.zeros(1))
+            content = int(packed[0].sum())
+            out += [self.budget.count(content)] * tiles
+            if out[-1] >= content:  # the budget keeps every content token: no tile is cut (keep-all is the model)
+                out[-tiles:] = [2 * n for n in n_tokens[len(out) - tiles:len(out)]]
+        if len(out) != len(n_tokens):
+            raise RuntimeError(f"{len(n_tokens)} tiles reached the vision tower but image_sizes describe {len(out)}")
+        return out
 
     # ------------------------------------------------------------------ packed layout
     def _pack(self, per_tile: torch.Tensor, j: int, newline: float) -> torch.Tensor:

@@ -188,6 +188,7 @@ class VisionStage:
         pruner = self.adapter.pruner
         budget = self.adapter.schedule
         pooled = bool(signals.special) and budget(signals.special[0]).pooled
+        at_most = bool(signals.special) and budget(signals.special[0]).stages[0].at_most  # a bound, not a count
         parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision"))
                  if p[2] > 0 or pooled]
         sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
@@ -203,10 +204,12 @@ class VisionStage:
         images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
         rows: dict[int, list[int]] = {}
         for (j, idx, k, owner), pick in zip(parts, picks):
-            got = images[j].add(pick, idx, None if pooled else k, pruner.name)
+            got = images[j].add(pick, idx, None if pooled or at_most else k, pruner.name)
+            if at_most and got > k:
+                raise RuntimeError(f"{pruner.name}.select_vision returned {got} kept tokens where the bound is {k}")
             rows.setdefault(owner[0], [0, 0])
             rows[owner[0]][0] += got
-            rows[owner[0]][1] += k
+            rows[owner[0]][1] += got if at_most else k
         check_pooled(rows, f"{pruner.name}.select_vision")
         return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)], scores
 

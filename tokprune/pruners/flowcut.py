@@ -57,12 +57,19 @@ class FlowCut(Pruner):
       target ``2 * keep`` merged tokens (``8 * keep`` patches) in the ViT, then at LLM layer ``llm_layer`` (1) the
       last prompt token's score ``(rel/Σrel + sem/Σsem) * ||mean_h v_j||_1`` (softmaxes over the visual keys,
       ``sem`` from value dot products scaled by ``1/sqrt(d_head)``) keeps ``keep``, removed before layer 2.
-    * **LLaVA-NeXT**: raises :class:`~tokprune.UnsupportedError` (see docs/methods.md: the reference's per-tile ViT
-      target leaves a data-dependent count after unpadding, which this package's schedules cannot express yet).
+    * **LLaVA-NeXT** (§3.2): every tile (base and crops, one CLIP row each) is cut as on LLaVA-1.5 to
+      ``ceil(keep / 2)`` patches (+[CLS]; ``keep`` the image's budget, so ``keep_ratio`` counts its unpadded content
+      tokens); the vision stage keeps the survivors that lie in HF's unpadded layout, in its raster order (base
+      tile first), a data-dependent count (the schedule's vision stage is an upper bound,
+      ``at_most``); then LLM layer ``llm_layer`` scores as on Qwen and keeps ``min(keep, survivors)``, removed
+      before layer 2. The reference scatters the crops' kept patches into the stitched grid and unpads the mask,
+      the same set. Newlines: ``newlines=True`` (default) keeps the row newlines on top of every stage, as for
+      ``visionzip`` (keep-all must equal the model, and it is the trained layout); ``newlines=False`` inserts none,
+      as the reference.
 
     Options: ``semantic`` ("dot", the code's unscaled value dot product; "cosine", the paper's wording);
-    ``history`` (0.5, the EMA weight of the past; the paper's 5:5); ``llm_layer`` (1, Qwen: the LLM layer whose
-    attention scores the LLM cut).
+    ``history`` (0.5, the EMA weight of the past; the paper's 5:5); ``llm_layer`` (1, Qwen and LLaVA-NeXT: the LLM
+    layer whose attention scores the LLM cut); ``newlines`` (LLaVA-NeXT, above).
 
     Code vs paper and our choices (code is the default): per-image prune counts (the reference takes the batch
     maximum of ``P``, which makes a count depend on what shares the batch; ours never does, equal to the reference
@@ -77,16 +84,16 @@ class FlowCut(Pruner):
     LLM cut's softmaxes run over all visual tokens of the row (one image in the reference).
 
     Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64`` (and 32); Qwen2-VL ``keep_ratio=0.333 / 0.222 /
-    0.111``; LLaVA-NeXT ``keep=640 / 320 / 160`` (not supported here).
+    0.111``; LLaVA-NeXT ``keep=640 / 320 / 160``.
     """
 
     summary = "in-encoder progressive drop: [CLS]/value information-flow score, EMA, entropy-adaptive counts"
     paper = "FlowCut, arXiv 2505.19536"
-    keep_newlines = False
 
     semantic: str = "dot"
     history: float = 0.5
     llm_layer: int = 1
+    newlines: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,18 +104,16 @@ class FlowCut(Pruner):
             raise ValueError(f"flowcut: history must be a number in [0, 1] (the EMA weight of the past; the paper "
                              f"uses 0.5), got {self.history!r}")
         self.history = float(self.history)
+        if not isinstance(self.newlines, bool):
+            raise ValueError(f"flowcut: newlines must be True (LLaVA-NeXT's row newlines kept on top of the budget, "
+                             f"the model's trained layout) or False (none, the reference), got {self.newlines!r}")
+        self.keep_newlines = self.newlines
         if isinstance(self.llm_layer, bool) or not isinstance(self.llm_layer, int) or self.llm_layer < 0:
             raise ValueError(f"flowcut: llm_layer must be a 0-based LLM layer (the reference uses 1), "
                              f"got {self.llm_layer!r}")
 
     # ------------------------------------------------------------------ schedule
     def check(self, info: ModelInfo) -> None:
-        if info.family == "llava_next":
-            raise UnsupportedError(
-                "flowcut on llava_next is not supported yet: the reference's per-tile ViT target leaves a "
-                "data-dependent token count after unpadding; on llava_next use cls, vtc_cls, fastv, random, hiprune "
-                "or visionzip, or run flowcut on llava, qwen2_vl, qwen2_5_vl or qwen3_vl"
-            )
         if info.has_cls and info.feature_layer < 1:
             raise UnsupportedError("flowcut needs at least one encoder layer before the feature layer")
         super().check(info)
@@ -122,21 +127,26 @@ class FlowCut(Pruner):
         return VisionRequest((KEPT,))
 
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
-        return () if info.has_cls else (self.llm_layer + 1,)
+        return () if info.has_cls and info.family != "llava_next" else (self.llm_layer + 1,)
 
     def llm_request(self, info: ModelInfo) -> LLMRequest | None:
-        if info.has_cls:
+        if not self.llm_layers(info):
             return None
         return LLMRequest(queries="last", source="previous", heads="mean", domain="visual", values="heads")
 
     def encoder_keep(self, info: ModelInfo, n_tokens: int, keep: int) -> int:
-        """LLM tokens of an image the encoder keeps: ``keep`` on CLIP, ``2 * keep`` merged tokens on Qwen."""
+        """LLM tokens of an encoder sequence the encoder keeps: ``keep`` on CLIP, ``2 * keep`` merged tokens on Qwen,
+        ``ceil(keep / 2)`` per tile on LLaVA-NeXT (``keep``: the budget of the tile's image)."""
+        if info.family == "llava_next":
+            return min(n_tokens, (keep + 1) // 2)
         return min(n_tokens, keep if info.has_cls else 2 * keep)
 
     def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
         keep = min(keep, n_visual)
-        vis = self.encoder_keep(info, n_visual, keep)
-        stages = [StageBudget("vision", None, vis)]
+        if info.family == "llava_next":  # per-tile cuts, then unpadding: at most every content token survives
+            stages = [StageBudget("vision", None, n_visual, at_most=True)]
+        else:
+            stages = [StageBudget("vision", None, self.encoder_keep(info, n_visual, keep))]
         stages += [StageBudget("llm", layer, keep) for layer in self.llm_layers(info)]
         return Schedule(n_visual, tuple(stages), self.budget_meaning, self.pooled_budget)
 
@@ -178,9 +188,10 @@ class FlowCut(Pruner):
         out = []
         for m, k in zip(signals[KEPT], ks):
             idx = (m > 0.5).nonzero()[:, 0]  # sync: once per image, the survivors (a variable-size output)
-            if idx.numel() != k:
+            # the vision stage checks the exact count (or the bound, LLaVA-NeXT); this names the likely cause
+            if idx.numel() > k:
                 raise RuntimeError(f"flowcut: the vision encoder kept {idx.numel()} tokens of an image where the "
-                                   f"schedule says {k} (were the image features computed before tokprune.apply?)")
+                                   f"schedule allows {k} (were the image features computed before tokprune.apply?)")
             out.append(idx)
         return out
 

@@ -538,3 +538,26 @@ def test_llava_next_keep_all_is_identical_and_keep_ratio_counts_content_tokens()
             rec = tokprune.last_record(model)
     assert rec.n_kept == [[6]]  # half of the 12 content tokens
     assert [int(k.numel()) for k in rec.encoder_cuts[-1][1]] == [1 + 3] * 5  # ceil(6 / 2) per tile + [CLS]
+
+
+def test_llava_next_static_cache_eager_selection_and_flops():
+    """Static cache equals the dynamic one, an eager-attention copy selects the same tokens at every stage, the
+    record's FLOPs count the cut tiles, and the schedule states its vision stage as a bound."""
+    model, proc = cached("llava_next")
+    x = proc(images=[make_image(100, 70, seed=3)], text="user <image> what ? assistant :", return_tensors="pt")
+    with torch.no_grad(), tokprune.pruned(model, "flowcut", keep=6):
+        model(**x)
+        rec = tokprune.last_record(model)  # a forward's record (it has the image sizes the FLOPs need)
+        dyn = model.generate(**x, **GEN)
+        sta = model.generate(**x, cache_implementation="static", **GEN)
+    assert torch.equal(dyn.sequences, sta.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(dyn.logits, sta.logits)) <= TOL
+    assert 0 < rec.flops.vision < rec.flops.baseline.vision
+    eager, _ = tiny_model("llava_next", attn="eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad(), tokprune.pruned(eager, "flowcut", keep=6):
+        eager(**x)
+        got = tokprune.last_record(eager)
+    assert [[k.tolist() for k in st.kept[0]] for st in got.stages] == \
+        [[k.tolist() for k in st.kept[0]] for st in rec.stages]
+    assert "at most 14 before the LLM" in tokprune.api.schedule(model, "flowcut", keep=6, n_visual=14).describe()

@@ -74,7 +74,8 @@ class Schedule:
                 for st in self.stages]
 
     def describe(self) -> str:
-        parts = [f"{st.keep} {'before the LLM' if st.kind == 'vision' else f'before LLM layer {st.layer}'}"
+        parts = [f"{'at most ' if st.at_most else ''}{st.keep} "
+                 f"{'before the LLM' if st.kind == 'vision' else f'before LLM layer {st.layer}'}"
                  for st in self.stages]
         extra = f", plus {self.special} newlines kept at every stage" if self.special else ""
         return (f"{self.n_visual} -> " + ", ".join(parts)

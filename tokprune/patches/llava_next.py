@@ -31,9 +31,9 @@ budget is spread:
   Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning).
 
 **Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget, as
-FasterVLM and HiPrune do; a method whose paper drops them (VisionZip, FlowCut) declares ``keep_newlines = False``
-on its class and then none are kept. So ``keep_ratio=0.5`` keeps half of the content tokens plus the newlines with
-every method.
+FasterVLM and HiPrune do; a method may set ``keep_newlines = False`` (on its class, or per instance as FlowCut's
+``newlines=False``, its reference's layout) and then none are kept. By default ``keep_ratio=0.5`` keeps half of the
+content tokens plus the newlines with every method.
 
 ``tokprune.apply(model, "cls", keep=160, tile_budget="global")`` selects the mode.
 """

@@ -163,6 +163,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                         cell += f" [{pct(v['all_min'])}-{pct(v['all_max'])}]"
                     cells.append(cell)
             label = f"`{method}`" + (" (diagnostic: lowest [CLS])" if method == DIAGNOSTIC else "")
+            if method == "catp":  # single-image prompts: only its stage 1 runs, which keeps 1 - R/2 of the tokens
+                kept = " / ".join(f"{(1 - (1 - float(r)) / 2) * 100:g}%" for r in ratios)
+                label += (f" (one image: stage 1 only, keeps 1 - R/2 = {kept}; "
+                          "few-shot: [icl_accuracy.md](icl_accuracy.md))")
             label = label.replace(f" {FLOPS_ROW}`", "` (FLOPs-matched: the column's ratio is `flops_ratio`)")
             label += f" (mean of {rows[ratios[0]]['seeds']} seeds, [min-max])" if "seeds" in rows[ratios[0]] else ""
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

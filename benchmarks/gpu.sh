@@ -15,7 +15,7 @@
 #                                  prefill and of the vision encoder (round-robin medians)
 #   profile-<model>.md, trace-*.json.gz   one profiled prefill per method kind (batch 1)
 #   syncs.md                       host syncs tokprune's code runs per method on this device (tiny models)
-#   kernels_cuda.{json,md}         benchmarks/kernels.py: Triton vs the PyTorch chain at real shapes (needs triton)
+#   kernels_cuda.{json,md}         benchmarks/kernel_speed.py: Triton vs the PyTorch chain at real shapes (needs triton)
 #   README-snippet.md              the README "Speed" table
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +70,7 @@ if want syncs; then
 fi
 if want kernels; then
     echo "== kernels: Triton vs PyTorch"
-    $PY benchmarks/kernels.py "${KERNELS[@]}" --out "$OUT"
+    $PY benchmarks/kernel_speed.py "${KERNELS[@]}" --out "$OUT"
 fi
 $PY -c "import sys, glob; from tokprune.eval.speed import readme_snippet
 print(readme_snippet(sorted(glob.glob(sys.argv[1] + '/speed-*.json'))))" "$OUT" > "$OUT/README-snippet.md"

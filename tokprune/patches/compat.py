@@ -17,7 +17,7 @@ import transformers
 from packaging.version import Version
 
 #: the release of each tested minor that CI installs (oldest first; CI runs the whole suite on each)
-TESTED_RELEASES: dict[str, str] = {"5.22": "5.22.2", "5.23": "5.23.0", "5.24": "5.24.0"}
+TESTED_RELEASES: dict[str, str] = {"5.23": "5.23.0", "5.24": "5.24.0", "5.25": "5.25.0"}
 #: minor releases of transformers the full test suite passes on
 TESTED: tuple[str, ...] = tuple(TESTED_RELEASES)
 #: the environment variable that lets a user run on an untested release (with one warning)

@@ -72,3 +72,114 @@ def test_no_import_circle_runs_through_flops_or_registry():
             assert m not in {x for x in reach(g, m) if x not in members}, m
             # nothing it reaches comes back to it
             assert not any(m in reach(g, x) for x in reach(g, m) if not x.startswith(leaf)), m
+
+
+def _all_imports(path: Path, module: str, known: set[str]) -> set[str]:
+    """tokprune modules ``module`` (at ``path``) imports anywhere, relative imports resolved; ``from pkg import
+    name`` counts as an import of ``pkg.name`` when that is a module, else of ``pkg`` (type-only imports skipped)."""
+    tree = ast.parse(path.read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                out.add(sub if sub in known else mod)
+    return {m for m in out if m in known and m != module}
+
+
+def test_no_import_cycle_among_tokprune_modules():
+    """No circle of imports among tokprune's modules, function-level imports included (a lazy import that closes
+    a circle is a layering fault hidden until run time)."""
+    files = {_module(p): p for p in PKG.rglob("*.py")}
+    g = {m: _all_imports(p, m, set(files)) for m, p in files.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_cycle_check_sees_a_function_level_cycle(tmp_path):
+    """The walker above reads imports inside functions and relative ones (a check that could not fail is none)."""
+    known = {"tokprune.a", "tokprune.b"}
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f():\n    from tokprune.b import g\n")
+    b.write_text("from . import a\n")
+    assert _all_imports(a, "tokprune.a", known) == {"tokprune.b"}
+    assert _all_imports(b, "tokprune.b", known) == {"tokprune.a"}
+
+
+#: modules a serving engine may import without transformers
+NO_TRANSFORMERS = ("tokprune.pruners", "tokprune.rules", "tokprune.kernels", "tokprune.schedule",
+                   "tokprune.selection", "tokprune.attention", "tokprune.config", "tokprune.tuned", "tokprune.record")
+
+
+def test_core_modules_import_without_transformers():
+    """With ``import transformers`` made to fail, the method side of tokprune (pruners, rules, kernels, schedule,
+    the selection core) still imports: the seam a serving-engine plugin uses."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("transformers is blocked in this test")
+sys.meta_path.insert(0, Block())
+import importlib
+for name in {NO_TRANSFORMERS!r}:
+    importlib.import_module(name)
+try:
+    import transformers  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the block did not work")
+assert not any(m == "transformers" or m.startswith("transformers.") for m in sys.modules)
+import tokprune.pruners
+assert len(tokprune.pruners.__all__ if hasattr(tokprune.pruners, "__all__") else [1]) > 0
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

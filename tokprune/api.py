@@ -14,12 +14,14 @@ import tokprune.patches  # noqa: F401  (registers the built-in model families)
 import tokprune.pruners  # noqa: F401  (registers the built-in methods)
 from tokprune import budget_solver
 from tokprune.config import Budget
+from tokprune.info import model_info  # noqa: F401  (re-exported: tokprune.api.model_info)
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
-from tokprune.pruners.base import ModelInfo, Pruner
+from tokprune.pruners.base import Pruner
 from tokprune.record import PruneRecord
 from tokprune.registry import METHODS, MODELS, adapter_for, get_method
 from tokprune.schedule import Schedule
+from tokprune.tuned import read_config
 
 ATTR = "tokprune"
 
@@ -78,13 +80,11 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     scores to the CPU. Applying to a patched model replaces the previous patch. Refuses a transformers release
     outside the tested window (see ``tokprune.patches.compat``), since a hook on a changed forward can be silently
     wrong. ``config``: a configuration written by ``tokprune tune --out`` (a JSON path, or its dict; validated by
-    :func:`tokprune.eval.tune.read_config`): its method (``method`` may be left out; a different one is an error),
+    :func:`tokprune.tuned.read_config`): its method (``method`` may be left out; a different one is an error),
     its options, and its ``keep_ratio`` when no budget is passed; keyword options and a budget passed here
     override the file's.
     """
     if config is not None:
-        from tokprune.eval.tune import read_config
-
         if isinstance(method, Pruner):
             raise TypeError("config= holds options for a registered method; pass method by name, not an instance")
         method, tuned, tuned_ratio = read_config(config, method)
@@ -110,7 +110,7 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     budget = Budget(keep=keep, keep_ratio=keep_ratio)
     adapter = adapter_cls(model, pruner, budget, **family_options)
     adapter.record_scores = bool(record_scores)
-    fixed = getattr(adapter, "fixed_visual_tokens", lambda: None)()
+    fixed = adapter.fixed_visual_tokens()
     if fixed:
         budget.count(fixed)  # fail now, not at the first forward
     if is_patched(model):
@@ -165,18 +165,6 @@ def methods() -> list[str]:
 def models() -> list[str]:
     """Names of the supported model families."""
     return sorted(MODELS)
-
-
-def model_info(model_or_config: Any) -> ModelInfo:
-    """What a pruner may know about a model, read by its family adapter; a transformers config (or a shipped
-    config name) is built on the meta device first, so no weights are needed."""
-    model = model_or_config
-    if not isinstance(model, nn.Module):
-        from tokprune.configs import build_model, load
-
-        config = load(model) if isinstance(model, str) else model
-        model = build_model(config, device="meta")
-    return adapter_for(model).describe(model)
 
 
 def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,

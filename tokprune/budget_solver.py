@@ -63,15 +63,15 @@ def resolve(model_or_config: Any, pruner: Any, keep: int | None, keep_ratio: flo
             ) -> tuple[int | None, float | None]:
     """The ``(keep, keep_ratio)`` budget of ``pruner``: a ``flops_ratio`` option solved into a ``keep_ratio``;
     without any budget, a method's :meth:`default_keep_ratio` (explicit ratios / schedule: their last fraction)."""
-    target = getattr(pruner, "flops_ratio", None)
+    target = pruner.flops_ratio
     if target is not None:
         if keep is not None or keep_ratio is not None:
             raise ValueError("pass flops_ratio or keep/keep_ratio, not both")
         from torch import nn
 
-        from tokprune.api import model_info
         from tokprune.configs import load
         from tokprune.flops import image_work
+        from tokprune.info import model_info
 
         config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
         config = load(config) if isinstance(config, str) else config
@@ -80,11 +80,11 @@ def resolve(model_or_config: Any, pruner: Any, keep: int | None, keep_ratio: flo
         n_visual = image_work(config).llm_tokens
         k, _ = solve_keep(config, pruner, info, n_visual, float(target))
         return None, k / n_visual
-    if getattr(pruner, "prune_ratio", None) is not None and (keep is not None or keep_ratio is not None):
+    if pruner.prune_ratio is not None and (keep is not None or keep_ratio is not None):
         raise ValueError(f"{pruner.name}: pass prune_ratio (the fraction of image tokens removed, the paper's R) or "
                          "keep / keep_ratio (what is kept), not both")
     if keep is None and keep_ratio is None:
-        default = getattr(pruner, "default_keep_ratio", lambda: None)()
+        default = pruner.default_keep_ratio()
         if default is not None:
             return None, default
     return keep, keep_ratio

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,37 +112,6 @@ class PruneRecord:
         for b, (nv, nk) in enumerate(zip(self.n_visual, self.n_kept)):
             parts.append(f"sample {b}: " + ", ".join(f"{k}/{n}" for n, k in zip(nv, nk)))
         return "; ".join(parts)
-
-
-@contextmanager
-def capture_scores(pruner: Any, enabled: bool) -> Iterator[list[Any]]:
-    """While active (and ``enabled``), every value the pruner's ``vision_scores`` / ``llm_scores`` returns is appended
-    to the yielded list, so the adapter can store what the selection saw; the pruner itself is not changed. A method
-    that selects without scoring leaves the list empty."""
-    seen: list[Any] = []
-    if not enabled:
-        yield seen
-        return
-    names = ("vision_scores", "llm_scores")
-    originals = {n: getattr(pruner, n) for n in names}
-    own = {n: vars(pruner)[n] for n in names if n in vars(pruner)}
-
-    def spy(fn: Any) -> Any:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            out = fn(*args, **kwargs)
-            seen.append(out)
-            return out
-
-        return wrapped
-
-    for n in names:
-        setattr(pruner, n, spy(originals[n]))
-    try:
-        yield seen
-    finally:
-        for n in names:
-            vars(pruner).pop(n, None)
-        vars(pruner).update(own)
 
 
 def spread(n: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Cheap attention rows computed from q/k inside any attention backend (no eager attention needed).
 
 Every attention module in transformers 5.x looks its kernel up by name in ``ALL_ATTENTION_FUNCTIONS`` at each
-call. :class:`AttentionTaps` wraps those entries once per process; a tap registered on a module receives the
+call. :class:`AttentionTaps` wraps those entries while any tap exists; a tap registered on a module receives the
 post-RoPE query and key (cache included), the mask and the scaling after the real attention has run, so a method
 can compute only the rows it needs (CLS->patches, last token->image) at O(rows x keys) cost while SDPA or
 FlashAttention do the actual work.
@@ -14,6 +14,7 @@ sequence) can be split per sequence with :func:`varlen_chunks` before any statis
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,129 +22,56 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tokprune.attention import (  # noqa: F401  (re-exported: the taps' statistics live there)
+    RECEIVED_CHUNK,
+    _repeat_kv,
+    attention_rows,
+    received_attention,
+    varlen_chunks,
+)
+
 TapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, dict], None]
 
-#: query rows per block when received attention is accumulated (memory O(heads x chunk x keys))
-RECEIVED_CHUNK = 256
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
-
-
-def attention_rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    rows: torch.Tensor,
-    causal: bool,
-    keys: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Softmax attention probabilities of selected query rows over all keys, in float32.
-
-    ``query`` (B, H, Q, d) and ``key`` (B, Hkv, K, d) as the attention function receives them; ``rows`` (B, R)
-    long: per batch row, the query positions wanted. The mask may be a 4D bool (SDPA) or additive float (eager)
-    mask, a 2D key-padding mask (FlashAttention) or None (then causality is rebuilt when ``causal``). ``keys``
-    (B, K) bool, optional: the softmax domain is restricted to those keys (e.g. visual tokens only).
-    Returns (B, H, R, K).
-    """
-    b, h, q_len, d = query.shape
-    kv = key.shape[2]
-    r = rows.shape[1]
-    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, r, d)).float()
-    k = _repeat_kv(key, h // key.shape[1]).float()
-    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if attention_mask is not None and attention_mask.dim() == 4:
-        m = attention_mask[..., :kv].expand(b, -1, -1, -1)
-        m = torch.gather(m, 2, rows[:, None, :, None].expand(b, m.shape[1], r, kv))
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    else:
-        if attention_mask is not None:  # 2D key padding mask
-            s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
-        if causal and q_len > 1:
-            qpos = (rows + (kv - q_len))[:, None, :, None]
-            s = s.masked_fill(torch.arange(kv, device=s.device) > qpos, float("-inf"))
-    if keys is not None:
-        s = s.masked_fill(~keys[:, None, None, :kv].to(s.device), float("-inf"))
-    return s.softmax(-1).nan_to_num(0.0)  # a row with no allowed key is all zero
-
-
-def received_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    chunk: int = RECEIVED_CHUNK,
-) -> torch.Tensor:
-    """Attention each key *receives*: the column mean of softmax(q k^T) over all queries, per head, in float32.
-
-    Bidirectional (encoder) attention only. ``query`` (B, H, Q, d), ``key`` (B, Hkv, K, d); a 4D bool / additive
-    mask is honoured, and queries that see no key at all (padding) do not count. The softmax is computed for
-    ``chunk`` query rows at a time, so memory stays O(B x H x chunk x K): never a Q x K matrix per head.
-    Returns (B, H, K).
-    """
-    b, h, q_len, _ = query.shape
-    kv = key.shape[2]
-    k = _repeat_kv(key, h // key.shape[1]).float()
-    total = torch.zeros(b, h, kv, dtype=torch.float32, device=query.device)
-    counted = torch.zeros(b, h, 1, dtype=torch.float32, device=query.device)
-    for start in range(0, q_len, chunk):
-        q = query[:, :, start:start + chunk].float()
-        s = torch.matmul(q, k.transpose(-1, -2)) * scaling
-        if attention_mask is not None and attention_mask.dim() == 4:
-            m = attention_mask[:, :, start:start + chunk, :kv]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-        elif attention_mask is not None:  # 2D key padding mask
-            s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
-        live = torch.isfinite(s).any(-1, keepdim=True)
-        p = s.softmax(-1).masked_fill(~live, 0.0)
-        total += p.sum(2)
-        counted += live.sum(2).float()
-    return total / counted.clamp_min(1.0)
-
-
-def varlen_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The separate sequences of one attention call: a FlashAttention varlen call packs several (``cu_seq_lens_q``
-    / ``cu_seq_lens_k`` in its kwargs, batch 1) and is split along the sequence axis; any other call is one."""
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None:
-        return [(query, key, value)]
-    if query.shape[0] != 1:
-        raise RuntimeError("a varlen attention call must have batch size 1")
-    cu_k = cu_q if cu_k is None else cu_k
-    lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-    return list(zip(torch.split(query, lq, 2), torch.split(key, lk, 2), torch.split(value, lk, 2)))
+#: attribute of a tapped attention module holding its (tap, skip) pair: the tap lives on the module, so the model
+#: owns it and nothing global keeps a patched model alive
+TAP_ATTR = "_tokprune_tap"
 
 
 class AttentionTaps:
-    """Process-wide registry of per-module attention taps; wraps the attention functions while any tap exists."""
+    """Per-module attention taps, and the wrapper of the attention functions installed while any tap exists.
+
+    A tap is stored on the module it taps (attribute :data:`TAP_ATTR`); the process-wide object holds the tapped
+    modules only weakly, so a patched model dropped without ``tokprune.remove`` is still garbage-collected.
+    """
 
     def __init__(self) -> None:
-        self._taps: dict[nn.Module, TapFn] = {}
-        self._skips: dict[nn.Module, Callable[[], bool]] = {}
+        self._modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._saved: dict[str, tuple[bool, Callable | None]] = {}
 
     def add(self, module: nn.Module, fn: TapFn, skip: Callable[[], bool] | None = None) -> None:
         """Tap ``module``'s attention calls with ``fn``; while ``skip()`` is true the kernel itself is not run
         (the module gets zeros): a probe that wants only q/k."""
-        if module in self._taps:
+        if TAP_ATTR in vars(module):
             raise RuntimeError(f"{type(module).__name__} already has an attention tap")
-        if not self._taps:
+        if not self._saved:
             self._install()
-        self._taps[module] = fn
-        if skip is not None:
-            self._skips[module] = skip
+        object.__setattr__(module, TAP_ATTR, (fn, skip))
+        self._modules.add(module)
 
     def discard(self, module: nn.Module) -> None:
-        self._taps.pop(module, None)
-        self._skips.pop(module, None)
-        if not self._taps and self._saved:
+        vars(module).pop(TAP_ATTR, None)
+        self._modules.discard(module)
+        if not len(self._modules) and self._saved:
             self._uninstall()
+
+    def items(self) -> list[tuple[nn.Module, TapFn]]:
+        """The live taps, (module, tap) each."""
+        return [(m, vars(m)[TAP_ATTR][0]) for m in list(self._modules) if TAP_ATTR in vars(m)]
+
+    def replace(self, module: nn.Module, fn: TapFn) -> None:
+        """Swap the tap function of an already tapped ``module`` (its skip is kept)."""
+        if TAP_ATTR in vars(module):
+            object.__setattr__(module, TAP_ATTR, (fn, vars(module)[TAP_ATTR][1]))
 
     def _install(self) -> None:
         keys = set(ALL_ATTENTION_FUNCTIONS.keys()) | {"eager"}
@@ -151,7 +79,7 @@ class AttentionTaps:
             had_local = name in ALL_ATTENTION_FUNCTIONS._local_mapping
             orig = ALL_ATTENTION_FUNCTIONS[name] if name != "eager" or had_local else None
             self._saved[name] = (had_local, ALL_ATTENTION_FUNCTIONS._local_mapping.get(name))
-            ALL_ATTENTION_FUNCTIONS[name] = self._wrap(orig)
+            ALL_ATTENTION_FUNCTIONS[name] = _wrap(orig)
 
     def _uninstall(self) -> None:
         for name, (had_local, fn) in self._saved.items():
@@ -161,27 +89,27 @@ class AttentionTaps:
                 ALL_ATTENTION_FUNCTIONS._local_mapping.pop(name, None)
         self._saved.clear()
 
-    def _wrap(self, orig: Callable | None) -> Callable:
-        taps, skips = self._taps, self._skips
 
-        def attention_with_taps(module, query, key, value, attention_mask, *args, **kwargs):
-            skip = skips.get(module)
-            if skip is not None and skip():
-                b, h, q_len, _ = query.shape
-                out = (query.new_zeros(b, q_len, h, value.shape[-1]), None)
-            else:
-                fn = orig or importlib.import_module(type(module).__module__).eager_attention_forward
-                out = fn(module, query, key, value, attention_mask, *args, **kwargs)
-            tap = taps.get(module)
-            if tap is not None:
-                scaling = kwargs.get("scaling")
-                if scaling is None:
-                    scaling = getattr(module, "scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
-                with torch.no_grad():
-                    tap(module, query, key, value, attention_mask, float(scaling), kwargs)
-            return out
+def _wrap(orig: Callable | None) -> Callable:
+    """``orig`` (None: the module's own eager function) followed by the module's tap, if it has one."""
 
-        return attention_with_taps
+    def attention_with_taps(module, query, key, value, attention_mask, *args, **kwargs):
+        tap, skip = getattr(module, "__dict__", {}).get(TAP_ATTR, (None, None))
+        if skip is not None and skip():
+            b, h, q_len, _ = query.shape
+            out = (query.new_zeros(b, q_len, h, value.shape[-1]), None)
+        else:
+            fn = orig or importlib.import_module(type(module).__module__).eager_attention_forward
+            out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if tap is not None:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", getattr(module, "scale", query.shape[-1] ** -0.5))
+            with torch.no_grad():
+                tap(module, query, key, value, attention_mask, float(scaling), kwargs)
+        return out
+
+    return attention_with_taps
 
 
 TAPS = AttentionTaps()

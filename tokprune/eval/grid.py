@@ -50,7 +50,7 @@ class GridSpec:
 
     def variants(self) -> list[Variant]:
         """The unpruned model, then each method at each budget (``flops_ratio`` as a method option)."""
-        from tokprune.eval.validate import supports_flops_ratio
+        from tokprune.eval.variants import supports_flops_ratio
 
         out = [Variant()]
         for m in self.all_methods():

@@ -67,7 +67,7 @@ class TokPruneLMM(lmms):
 
                 variant = Variant(str(method), keep=keep, keep_ratio=keep_ratio,
                                   options=tuple(sorted(method_options.items())))
-                from tokprune.eval.validate import visual_tokens
+                from tokprune.eval.models import visual_tokens
 
                 self.options, self._undo = variant.start(bundle, visual_tokens(str(pretrained)))
             elif keep is not None or keep_ratio is not None or method_options:

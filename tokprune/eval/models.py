@@ -125,3 +125,18 @@ def _prompt_builder(processor: Any, template: str | None) -> tuple[Callable[[str
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     return chat, "chat template: " + chat("{question}")
+
+
+def visual_tokens(model: str) -> int | None:
+    """Visual tokens per image of MODEL when the family fixes them (LLaVA, the reference models), else None
+    (dynamic resolution: the budget is checked per image at run time)."""
+    from tokprune import flops
+
+    if is_reference(model):
+        from tokprune.reference.arch import GRID
+
+        return GRID * GRID
+    config = resolve_config(model)
+    if getattr(config, "model_type", None) != "llava":
+        return None
+    return flops.image_work(config).llm_tokens

@@ -92,7 +92,7 @@ def wrap_taps(around: Callable[[], AbstractContextManager]) -> Callable[[], None
     adds the taps)."""
     from tokprune.signals import TAPS
 
-    saved = dict(TAPS._taps)
+    saved = TAPS.items()
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
         def wrapped_tap(*args: Any, **kwargs: Any) -> None:
@@ -101,13 +101,12 @@ def wrap_taps(around: Callable[[], AbstractContextManager]) -> Callable[[], None
 
         return wrapped_tap
 
-    for module, fn in saved.items():
-        TAPS._taps[module] = wrap(fn)
+    for module, fn in saved:
+        TAPS.replace(module, wrap(fn))
 
     def restore() -> None:
-        for module, fn in saved.items():
-            if module in TAPS._taps:
-                TAPS._taps[module] = fn
+        for module, fn in saved:
+            TAPS.replace(module, fn)
 
     return restore
 

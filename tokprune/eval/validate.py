@@ -4,47 +4,22 @@ model has loaded."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from tokprune.eval import tasks as offline
 from tokprune.eval.grid import GridSpec
-from tokprune.eval.variants import DOWNSAMPLE
+from tokprune.eval.models import visual_tokens  # noqa: F401  (re-exported)
+from tokprune.eval.variants import DOWNSAMPLE, supports_flops_ratio  # noqa: F401  (re-exported)
 
 
 class EvalArgumentError(ValueError):
     """A bad argument of ``tokprune eval`` (exit code 2)."""
 
 
-def visual_tokens(model: str) -> int | None:
-    """Visual tokens per image of MODEL when the family fixes them (LLaVA, the reference models), else None
-    (dynamic resolution: the budget is checked per image at run time)."""
-    from tokprune import flops
-    from tokprune.eval.models import is_reference, resolve_config
-
-    if is_reference(model):
-        from tokprune.reference.arch import GRID
-
-        return GRID * GRID
-    config = resolve_config(model)
-    if getattr(config, "model_type", None) != "llava":
-        return None
-    return flops.image_work(config).llm_tokens
-
-
 def method_names() -> list[str]:
     import tokprune
 
     return [*tokprune.methods(), DOWNSAMPLE]
-
-
-def supports_flops_ratio(method: str) -> bool:
-    """Whether a method takes a ``flops_ratio`` budget (a field of its dataclass)."""
-    if method == DOWNSAMPLE:
-        return False
-    from tokprune.registry import get_method
-
-    return any(f.name == "flops_ratio" for f in dataclasses.fields(get_method(method)))
 
 
 def check(spec: GridSpec) -> dict[str, Any]:

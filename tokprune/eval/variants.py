@@ -8,6 +8,7 @@ to a smaller grid, 2x2 pooling at 25%, with the prompt carrying that many image 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -97,3 +98,12 @@ def downsample(bundle: Any, budget: Budget, n_visual: int | None) -> tuple[dict[
 
     handle = bundle.model.model.multi_modal_projector.register_forward_hook(pool)
     return {"image_tokens": rows * cols}, handle.remove
+
+
+def supports_flops_ratio(method: str) -> bool:
+    """Whether a method takes a ``flops_ratio`` budget (a field of its dataclass)."""
+    if method == DOWNSAMPLE:
+        return False
+    from tokprune.registry import get_method
+
+    return any(f.name == "flops_ratio" for f in dataclasses.fields(get_method(method)))

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+import tokprune.kernels.reference as reference
+
 from .dispatch import interpreter_enabled
 
 ENV_GUARD = "TOKPRUNE_KERNELS_GUARD"

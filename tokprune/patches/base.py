@@ -32,10 +32,11 @@ from tokprune.patches.compat import get_cache
 from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
-from tokprune.patches.vision_stage import Placement, VisionStage, content_label
+from tokprune.patches.vision_stage import VisionStage
 from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.schedule import Schedule
+from tokprune.selection import Budgets, Placement, image_budget
 
 #: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -168,12 +169,8 @@ class Adapter:
     def image_budget(self, special: torch.Tensor) -> tuple[int, int]:
         """(content tokens, user budget) of an image with this special-token mask: ``keep`` / ``keep_ratio``
         count its content tokens (an error names both counts when a count budget exceeds them)."""
-        n = int((~special).sum())  # sync: once per image per prefill, the content-token count sizes every budget
-        try:
-            keep = self.budget.count(n)
-        except ValueError:  # the error names what was counted (reads the mask again, on the error path only)
-            keep = self.budget.count(n, content_label(special))
-        return n, keep
+        got = image_budget(self.pruner, self.info, self.budget, special)
+        return got.n, got.keep
 
     def schedule(self, special: torch.Tensor) -> Schedule:
         """The method's per-stage budgets for an image with this special-token mask (see :meth:`image_budget`)."""
@@ -232,6 +229,11 @@ class Adapter:
     def cut_strip(self) -> int:
         """Leading encoder tokens that the batch-layout head never reads (LLaVA's [CLS] under "default")."""
         return 0
+
+    def fixed_visual_tokens(self) -> int | None:
+        """Visual tokens of every image when the family fixes them (LLaVA-1.5: 576), so ``apply`` can check a count
+        budget at once; None (the default) when they depend on the image."""
+        return None
 
     def encode_images(self, kw: dict) -> Any:
         """Run the model's own ``get_image_features`` with the pixel kwargs of a forward call."""
@@ -336,6 +338,8 @@ class Adapter:
         ctx = PrefillContext(self.info, self.vision_request, self.positions)
         grid, special = self.token_layout(feats, kw)
         record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
+        # the method's budgets for this prefill: one schedule per image size, computed once
+        budgets = Budgets.build(self.pruner, self.info, self.budget, special)
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
         if self.encoder_cut is not None:
             record.encoder_cuts = list(self.encoder_cut.history)
@@ -346,7 +350,7 @@ class Adapter:
             signals = self.vision.signals(feats, owners, ctx, grid, special)
             if self.vision_request.paired_text:
                 signals.paired_text = self.paired_text(ids, mask2d, spans)
-            placements, self._vision_scores = self.vision.select(signals, self.record_scores)
+            placements, self._vision_scores = self.vision.select(signals, budgets, self.record_scores)
             keeps = [p.slots.to(ids.device) for p in placements]
             if any(p.n_new for p in placements):
                 record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])
@@ -381,7 +385,7 @@ class Adapter:
         if self.llm is not None:
             if kw.get("labels") is not None:
                 raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
-            self.llm.begin(new, spans, origin, mask_pruned, record, ctx)
+            self.llm.begin(new, spans, origin, mask_pruned, record, ctx, budgets.rows(rows_images))
         self.record = record
         return new
 

@@ -22,9 +22,9 @@ import torch
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
-from tokprune.patches.vision_stage import check_indices, check_pooled
 from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
-from tokprune.record import PruneRecord, Stage, capture_scores, spread
+from tokprune.record import PruneRecord, Stage, spread
+from tokprune.selection import Budgets, ImageBudget, llm_budgets, select_llm
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -64,8 +64,15 @@ class LLMStages:
 
     # ------------------------------------------------------------------ state
     def begin(self, kw: dict, visual: list[list[torch.Tensor]], origin: list[list[torch.Tensor]],
-              mask2d: torch.Tensor | None, record: PruneRecord, ctx: PrefillContext) -> None:
-        """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see."""
+              mask2d: torch.Tensor | None, record: PruneRecord, ctx: PrefillContext,
+              budgets: list[list[ImageBudget]] | None = None) -> None:
+        """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see;
+        ``budgets``: the prefill's per-row image budgets (:class:`tokprune.selection.Budgets`)."""
+        if budgets is None:
+            a = self.adapter
+            every = Budgets(a.pruner, a.info, a.budget)
+            budgets = [[every.of(sp) for sp in srow] for srow in record.special]
+        self.budgets = budgets
         ids = kw["input_ids"]
         b, n0 = ids.shape
         self.active, self.phase = True, "prefill"
@@ -148,29 +155,13 @@ class LLMStages:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
-        pooled = any(a.schedule(sp0).pooled for srow0 in self.record.special for sp0 in srow0[:1])
-        if pooled:  # the method spreads each row's budget over the row's images; only the row's sum binds
-            budgets = [[a.image_budget(sp0) for sp0 in srow0] for srow0 in self.record.special]
-            ks = [pruner.row_budgets(a.info, stage, [n for n, _ in brow], [k for _, k in brow]) if brow else []
-                  for brow in budgets]
-        else:
-            ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
-                  for crow, srow0 in zip(content, self.record.special)]
-        with capture_scores(pruner, a.record_scores) as seen:
-            picked = pruner.select_llm(signals, ks)
-        scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
+        budgets = self.budgets
+        pooled = any(brow[0].schedule.pooled for brow in budgets if brow)
+        ks = llm_budgets(pruner, a.info, stage, content, budgets, pooled)
+        rel, seen = select_llm(pruner, signals, ks, content, self.special, pooled, a.record_scores)
+        scores = ([[spread(n, o, seen[bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
                    for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
-                  if seen else None)
-        rel = []
-        who = f"{pruner.name}.select_llm"
-        for crow, prow, krow, srow in zip(content, picked, ks, self.special):
-            rel.append([])
-            for c, p, kk, sp in zip(crow, prow, krow, srow):
-                check_indices(p, int(c.numel()), None if pooled else kk, who)
-                extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []  # sync: per stage, variable-size
-                rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
-        check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
-                      enumerate(zip(picked, ks))}, who)
+                  if seen is not None else None)
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):

@@ -18,29 +18,34 @@ and a Qwen merge unit concatenates its patches' pixels instead of averaging them
 
 :class:`VisionStage` then builds :class:`~tokprune.pruners.base.VisionSignals` (with each token's grid
 coordinates and special-token mask from ``adapter.token_layout``), splits the budget into the parts the family
-defines (``adapter.budget_parts``: one per image, or LLaVA-NeXT tiles), asks the pruner and checks its answer.
+defines (``adapter.budget_parts``: one per image, or LLaVA-NeXT tiles) and hands them to the selection core
+(:mod:`tokprune.selection`), which asks the pruner, checks its answer and places new tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from tokprune.kernels import merge_tokens
 from tokprune.pruners.base import (
     ATTENTION_KINDS,
     PrefillContext,
     Signal,
     UnsupportedError,
-    VisionDecision,
     VisionRequest,
     VisionSignals,
 )
-from tokprune.record import capture_scores
+from tokprune.selection import (  # noqa: F401  (check_* and content_label re-exported from their old home)
+    Budgets,
+    Placement,
+    check_indices,
+    check_pooled,
+    content_label,
+    select_vision,
+)
 from tokprune.signals import TAPS, attention_rows, received_attention, remove_installed, varlen_chunks
 
 if TYPE_CHECKING:
@@ -178,198 +183,13 @@ class VisionStage:
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
-    def select(self, signals: VisionSignals, record_scores: bool = False
+    def select(self, signals: VisionSignals, budgets: Budgets | None = None, record_scores: bool = False
                ) -> tuple[list[Placement], list[torch.Tensor] | None]:
-        """Per image, where its surviving tokens sit: the pruner's choice within each budget part (kept indices,
-        or a :class:`VisionDecision` with new tokens), plus the special tokens when the method keeps them; and,
-        with ``record_scores``, the score it gave each original token (NaN where it scored none). Raises when the
-        pruner returns the wrong count (per image, or per row when the schedule pools its budget), unsorted
-        indices or an inconsistent merge."""
-        pruner = self.adapter.pruner
-        budget = self.adapter.schedule
-        pooled = bool(signals.special) and budget(signals.special[0]).pooled
-        at_most = bool(signals.special) and budget(signals.special[0]).stages[0].at_most  # a bound, not a count
-        parts = [p for p in self.adapter.budget_parts(signals, lambda sp: budget(sp).keep_of("vision"))
-                 if p[2] > 0 or pooled]
-        sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
-        with capture_scores(pruner, record_scores) as seen:
-            picks = pruner.select_vision(sub, [k for _, _, k, _ in parts]) if parts else []
-        scores = None
-        if seen:
-            scores = [torch.full((f.shape[0],), float("nan")) for f in signals.features]
-            for (j, idx, _, _), sc in zip(parts, seen[0]):
-                scores[j][idx.cpu()] = sc.detach().float().cpu()
-        if len(picks) != len(parts):
-            raise RuntimeError(f"{pruner.name}.select_vision returned {len(picks)} index sets for {len(parts)} images")
-        images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
-        rows: dict[int, list[int]] = {}
-        for (j, idx, k, owner), pick in zip(parts, picks):
-            got = images[j].add(pick, idx, None if pooled or at_most else k, pruner.name)
-            if at_most and got > k:
-                raise RuntimeError(f"{pruner.name}.select_vision returned {got} kept tokens where the bound is {k}")
-            rows.setdefault(owner[0], [0, 0])
-            rows[owner[0]][0] += got
-            rows[owner[0]][1] += got if at_most else k
-        check_pooled(rows, f"{pruner.name}.select_vision")
-        return [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, signals.special)], scores
-
-
-@dataclass
-class Placement:
-    """Where one image's surviving tokens sit in the LLM sequence.
-
-    ``slots``: sorted original indices whose places stay in the sequence; ``new_at`` (m,): positions within
-    ``slots`` that carry a new token instead of the original one, built from ``assign`` / ``weights`` (a weighted
-    mean of the original tokens assigned to it) or taken from ``features``.
-    """
-
-    slots: torch.Tensor
-    new_at: torch.Tensor
-    assign: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    features: torch.Tensor | None = None
-
-    @property
-    def n_new(self) -> int:
-        return int(self.new_at.numel())
-
-    def sources(self) -> list[torch.Tensor]:
-        """Original indices each new token absorbed."""
-        # sync: per new token, the sources the record lists (variable-size)
-        return [(self.assign == m).nonzero()[:, 0] for m in range(self.n_new)]
-
-    def build(self, f: torch.Tensor, level: str = "features") -> torch.Tensor:
-        """The image's tokens after the stage: ``f[slots]`` with the new tokens in their slots. ``f`` is the
-        image's (n, D) features or any per-token encoder output merged the same way (a DeepStack level)."""
-        out = f[self.slots.to(f.device)]
-        if not self.n_new:
-            return out
-        if self.features is not None:
-            if level != "features":
-                raise UnsupportedError(
-                    f"explicit new token features cannot be merged into the {level} of this model; return a "
-                    "VisionDecision with assign / weights (a weighted mean of original tokens) instead"
-                )
-            new = self.features
-        else:
-            w = None if self.weights is None else self.weights.to(f.device)
-            new = merge_tokens(f, self.assign.to(f.device), w, num_targets=self.n_new)
-        out = out.clone()
-        out[self.new_at.to(f.device)] = new.to(device=f.device, dtype=f.dtype)
-        return out
-
-
-class _ImageChoice:
-    """Collects the pruner's answers for the budget parts of one image and places its new tokens."""
-
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.n = n
-        self.kept: list[torch.Tensor] = []
-        self.assign = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.weights: torch.Tensor | None = None
-        self.features: list[torch.Tensor] = []
-        self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
-        self.m = 0
-
-    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
-        """Take one part's answer (``k``: its budget, None when pooled); returns the tokens it keeps or adds."""
-        n_part = int(idx.numel())
-        if not isinstance(pick, VisionDecision):
-            check_indices(pick, n_part, k, who)
-            self.kept.append(idx[pick.to(idx.device)])
-            return int(pick.numel())
-        m = pick.n_new
-        check_indices(pick.kept, n_part, None if k is None else k - m,
-                      f"{who} (kept tokens of a decision with {m} new tokens)")
-        if pick.kept.numel() + m > n_part:
-            raise RuntimeError(f"{who}: {pick.kept.numel()} kept + {m} new tokens exceed the part's {n_part}")
-        a = pick.assign.to(idx.device).long()
-        # sync: once per image part: validating the pruner's decision (a clear error)
-        if a.shape != (n_part,) or bool((a < -1).any()) or bool((a >= m).any()):
-            raise RuntimeError(f"{who}: assign must be ({n_part},) long with values in [-1, {m})")
-        # sync: once per image part: validating the pruner's decision
-        if pick.kept.numel() and bool((a[pick.kept.to(idx.device)] >= 0).any()):
-            raise RuntimeError(f"{who}: a kept token cannot also be merged into a new token")
-        # sync: once per image part: validating the pruner's decision
-        if pick.features is None and m and bool((torch.bincount(a[a >= 0], minlength=m) == 0).any()):
-            raise RuntimeError(f"{who}: every new token needs at least one source (or pass features)")
-        if (pick.features is None) != (not self.features) and self.m:
-            raise RuntimeError(f"{who}: give explicit features for the new tokens of every part or of none")
-        self.kept.append(idx[pick.kept.to(idx.device)])
-        # sync: once per image part, the new tokens' sources (variable-size)
-        self.assign[idx[a >= 0]] = a[a >= 0] + self.m
-        if pick.weights is not None:
-            if self.weights is None:
-                self.weights = torch.ones(self.n, dtype=torch.float32, device=idx.device)
-            self.weights[idx] = pick.weights.to(idx.device).float()
-        if pick.features is not None:
-            self.features.append(pick.features)
-        if pick.slots is not None:
-            sl = pick.slots.to(idx.device).long()
-            own = a[sl.clamp(0, n_part - 1)] == torch.arange(m, device=a.device)
-            # sync: once per image part: validating the pruner's decision (a clear error)
-            if sl.shape != (m,) or bool(((sl < 0) | (sl >= n_part) | ~own).any()):
-                raise RuntimeError(f"{who}: slots must be ({m},) long, each new token's slot one of its own sources")
-            self.slots.append(idx[sl])
-        elif m:
-            self.slots.append(torch.full((m,), -1, dtype=torch.long, device=idx.device))
-        self.m += m
-        return int(pick.kept.numel()) + m
-
-    def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
-        # sync: once per image, the kept special tokens' indices (a variable-size output)
-        kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
-        kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)
-        if not self.m:
-            return Placement(kept_all, kept_all.new_zeros(0))
-        free = ~special.to(kept_all.device).clone()
-        free[kept_all] = False
-        chosen = torch.cat(self.slots).to(kept_all.device)
-        # sync: once per image with new tokens, the slots the pruner chose (taken first)
-        free[chosen[chosen >= 0]] = False
-        new_slots = []
-        for m in range(self.m):
-            if chosen[m] >= 0:  # sync: per new token, whether the pruner chose its slot
-                new_slots.append(chosen[m])
-                continue
-            # sync: per new token, its slot: a dropped slot of its own image (variable)
-            src = (self.assign == m).nonzero()[:, 0]
-            # sync: per new token, its slot (variable)
-            cand = src[free[src]]
-            slot = cand[0] if cand.numel() else free.nonzero()[0, 0]
-            free[slot] = False
-            new_slots.append(slot)
-        new_slots_t = torch.stack(new_slots)
-        slots = torch.cat([kept_all, new_slots_t]).sort().values
-        return Placement(slots, torch.searchsorted(slots, new_slots_t), self.assign, self.weights,
-                         torch.cat(self.features) if self.features else None)
-
-
-def check_pooled(rows: dict[int, list[int]], who: str) -> None:
-    """Each row's total (tokens returned, budget) must match: the check of a pooled budget (and a sum check of a
-    per-image one)."""
-    for row, (got, k) in rows.items():
-        if got != k:
-            raise RuntimeError(f"{who} returned {got} tokens for row {row} where its budget is {k}")
-
-
-def check_indices(idx: torch.Tensor, n: int, k: int | None, who: str, check: bool | None = None) -> None:
-    """A pruner's kept indices must be ``k`` (any count when None) sorted, unique indices into ``n`` tokens.
-
-    The count is host metadata and always checked; the values are read back only when ``check`` (default: on
-    CPU, where reading costs nothing; on CUDA the read would be a host sync per image, as in tokprune.kernels)."""
-    if k is not None and idx.numel() != k:
-        raise RuntimeError(f"{who} returned {idx.numel()} kept tokens where the budget is {k}")
-    if check is None:
-        check = idx.device.type == "cpu"
-    # sync: only when checking (default: on CPU only)
-    bad = check and idx.numel() and (idx.min() < 0 or idx.max() >= n or
-                                     (idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any())))  # sync: if check
-    if bad:
-        raise RuntimeError(f"{who} returned kept indices that are not sorted, unique and in [0, {n})")
-
-
-def content_label(special: torch.Tensor) -> str:
-    """What a budget error says it counted for an image with these special tokens."""
-    # sync: only on the error path (an error message)
-    return f"image ({int(special.sum())} newline tokens are not counted)" if bool(special.any()) else "image"
+        """Per image, where its surviving tokens sit, and with ``record_scores`` each original token's score: the
+        budget split into the family's parts (``adapter.budget_parts``), then :func:`tokprune.selection.select_vision`
+        (the method's choice, checked and placed). ``budgets``: the prefill's (built here when not given)."""
+        a = self.adapter
+        if budgets is None:
+            budgets = Budgets.build(a.pruner, a.info, a.budget, signals.special or [])
+        parts = a.budget_parts(signals, lambda sp: budgets.of(sp).schedule.keep_of("vision"))
+        return select_vision(a.pruner, signals, parts, budgets.pooled, budgets.vision_at_most(), record_scores)

@@ -13,6 +13,8 @@ tensor functions, so they can be tested on hand-made inputs and reused by other 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -39,6 +41,45 @@ class ModelInfo:
     has_cls: bool
     llm_layers: int
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
+
+
+class ScoreSink:
+    """Where a stage's scores are noted when the runtime asks for them (``tokprune.apply(..., record_scores=True)``).
+
+    Every ``vision_scores`` / ``llm_scores`` a :class:`Pruner` subclass defines notes its return value in the sink
+    of the signals it was given (the outermost call only, so a ``super()`` call is not noted twice), so the scores
+    reach the record whether the method selects with the default top-k, its own ``select_*`` or through another
+    method that delegates to it (composition). ``values``: the noted scores, in call order."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.depth = 0
+
+    @property
+    def first(self) -> Any:
+        """The first scores noted (the ones the stage selected by), or None when it selected without scoring."""
+        return self.values[0] if self.values else None
+
+
+def _noting_scores(fn: Callable) -> Callable:
+    """``fn`` (a ``vision_scores`` / ``llm_scores``) noting its result in the signals' :class:`ScoreSink`."""
+
+    @functools.wraps(fn)
+    def scores(self: Any, signals: Any, *args: Any, **kwargs: Any) -> Any:
+        sink = getattr(signals, "score_sink", None)
+        if sink is None:
+            return fn(self, signals, *args, **kwargs)
+        sink.depth += 1
+        try:
+            out = fn(self, signals, *args, **kwargs)
+        finally:
+            sink.depth -= 1
+        if sink.depth == 0:
+            sink.values.append(out)
+        return out
+
+    scores.__tokprune_noting__ = True
+    return scores
 
 
 #: vision signal kinds a method may request, and what each holds per visual token (see :class:`Signal`)
@@ -213,6 +254,9 @@ class VisionSignals:
     #: method can keep per-image state (VFlowOpt's importance, reused by its LLM stages) across budget parts
     source: list[tuple[tuple[int, int], torch.Tensor]] | None = None
     paired_text: list[torch.Tensor] | None = None
+    #: set by the runtime when the stage's scores are wanted (``record_scores``): what ``vision_scores`` returns
+    #: is noted there (see :class:`ScoreSink`)
+    score_sink: ScoreSink | None = None
 
     def __getitem__(self, signal: Signal) -> list[torch.Tensor]:
         if signal not in self.values:
@@ -233,6 +277,7 @@ class VisionSignals:
             ctx=self.ctx,
             source=[(self.owners[j], idx) for j, idx in parts] if self.owners else None,
             paired_text=None if self.paired_text is None else [self.paired_text[j] for j, _ in parts],
+            score_sink=self.score_sink,
         )
 
 
@@ -356,6 +401,8 @@ class LLMSignals:
     rows_at: dict[int, torch.Tensor] = field(default_factory=dict)
     #: (B,) current slot of each row's last prompt token (the "last" query)
     last: torch.Tensor | None = None
+    #: set by the runtime when the stage's scores are wanted: what ``llm_scores`` returns is noted there
+    score_sink: ScoreSink | None = None
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -395,8 +442,21 @@ class Pruner:
     #: model-independent; a point the method refuses on a model (its own validation) is an infeasible trial, and
     #: ``apply(config=...)`` refuses values outside these bounds. Empty: the method has nothing to tune.
     search_space: ClassVar[dict[str, tuple]] = {}
+    #: optional budget hooks, declared here with their defaults (a method may make them dataclass fields):
+    #: ``flops_ratio``: a target fraction of the unpruned LLM FLOPs, solved into a ``keep_ratio`` at ``apply``
+    #: (:mod:`tokprune.budget_solver`); ``prune_ratio``: the fraction of image tokens *removed* (CATP's R), which
+    #: excludes ``keep`` / ``keep_ratio``
+    flops_ratio: ClassVar[float | None] = None
+    prune_ratio: ClassVar[float | None] = None
 
     positions: str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("vision_scores", "llm_scores"):
+            fn = vars(cls).get(name)
+            if fn is not None and not getattr(fn, "__tokprune_noting__", False):
+                setattr(cls, name, _noting_scores(fn))
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions not in POSITIONS:
@@ -447,6 +507,11 @@ class Pruner:
             return self.positions
         return self.default_positions(info)
 
+    def default_keep_ratio(self) -> float | None:
+        """The kept fraction used when ``apply`` gets no budget at all (None: a budget is required); e.g. a
+        progressive method's explicit ratios give their last fraction."""
+        return None
+
     def default_positions(self, info: ModelInfo) -> str:
         """Paper default: pre-LLM methods on LLaVA re-index contiguously; M-RoPE models keep original positions."""
         return "compact" if info.supports_compact else "original"
@@ -460,6 +525,17 @@ class Pruner:
         """Per image, sorted kept indices (``ks[i]`` of them) or a :class:`VisionDecision` adding new tokens (kept
         plus new = ``ks[i]``); by default the top-k of :meth:`vision_scores`."""
         return topk_groups(self.vision_scores(signals), ks)
+
+    def vision_stage(self, signals: VisionSignals, ks: list[int], scores: bool = False
+                     ) -> tuple[list[torch.Tensor | VisionDecision], list[torch.Tensor] | None]:
+        """Run the vision stage: :meth:`select_vision`'s answer and, with ``scores``, the per-part scores it
+        selected by (what its ``vision_scores`` returned; None when it selects without scoring). The runtime
+        calls this; a method overrides :meth:`select_vision` / :meth:`vision_scores`."""
+        if not scores:
+            return self.select_vision(signals, ks), None
+        sink = ScoreSink()
+        signals = dataclasses.replace(signals, score_sink=sink)
+        return self.select_vision(signals, ks), sink.first
 
     # ------------------------------------------------------------------ budgets
     def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
@@ -501,6 +577,16 @@ class Pruner:
         flat = [scores[b, pos] for b, row in enumerate(signals.visual) for pos in row]
         sel = iter(topk_groups(flat, [k for row in ks for k in row]))
         return [[next(sel) for _ in row] for row in signals.visual]
+
+    def llm_stage(self, signals: LLMSignals, ks: list[list[int]], scores: bool = False
+                  ) -> tuple[list[list[torch.Tensor]], torch.Tensor | None]:
+        """Run one LLM stage: :meth:`select_llm`'s answer and, with ``scores``, the (B, n) scores it selected by
+        (what its ``llm_scores`` returned; None when it selects without scoring)."""
+        if not scores:
+            return self.select_llm(signals, ks), None
+        sink = ScoreSink()
+        signals = dataclasses.replace(signals, score_sink=sink)
+        return self.select_llm(signals, ks), sink.first
 
     # ------------------------------------------------------------------ description
     def options(self) -> dict[str, object]:

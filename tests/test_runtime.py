@@ -1,0 +1,101 @@
+"""The runtime's state: one object per prefill, nothing global that keeps a model alive.
+
+* two prompts' prefills interleaved by hand on one patched model (prefill A, prefill B, decode A, decode B, ...)
+  give the tokens each gives alone (a serving engine interleaves requests this way);
+* a patched model dropped without ``tokprune.remove`` is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import tokprune
+from tokprune.testing import image_prompt, make_image, tiny_model
+
+STEPS = 5
+
+
+def _prompt(proc, seed: int, question: str, n_images: int = 1) -> dict:
+    imgs = [make_image(64, 48, seed=seed + j) for j in range(n_images)]
+    return proc(images=imgs, text=image_prompt(proc, n_images, question), return_tensors="pt")
+
+
+def _cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+class Request:
+    """One greedy generation stepped by hand: :meth:`prefill`, then :meth:`step` per new token."""
+
+    def __init__(self, model, x: dict) -> None:
+        self.model, self.x = model, dict(x)
+        self.tokens: list[int] = []
+
+    def prefill(self) -> None:
+        out = self.model(**self.x, use_cache=True)
+        self._take(out)
+        self.mask = self.x["attention_mask"]
+
+    def step(self) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(1, 1)], 1)
+        token = torch.tensor([[self.tokens[-1]]])
+        out = self.model(input_ids=token, attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        self._take(out)
+
+    def _take(self, out) -> None:
+        self.cache = _cache(out)
+        self.tokens.append(int(out.logits[0, -1].argmax()))
+
+
+def _alone(model, x: dict) -> list[int]:
+    r = Request(model, x)
+    r.prefill()
+    for _ in range(STEPS):
+        r.step()
+    return r.tokens
+
+
+@pytest.mark.parametrize("method,budget", [("fastv", {"keep": 4}), ("cls", {"keep": 5}),
+                                           ("pdrop", {"keep_ratio": 0.5}), ("visionzip", {"keep": 6})])
+def test_interleaved_prefills_match_each_alone(method, budget):
+    model, proc = tiny_model("llava")
+    a = _prompt(proc, 0, "what is in the image ?")
+    b = _prompt(proc, 7, "is there a red square in the picture , yes or no ?", n_images=2)
+    with torch.no_grad(), tokprune.pruned(model, method, **budget):
+        want_a, want_b = _alone(model, a), _alone(model, b)
+        ra, rb = Request(model, a), Request(model, b)
+        ra.prefill()
+        rb.prefill()
+        for _ in range(STEPS):
+            ra.step()
+            rb.step()
+        rec_b = tokprune.last_record(model)
+    assert ra.tokens == want_a and rb.tokens == want_b
+    assert len(rec_b.n_visual[0]) == 2  # the last record is the last prefill's (B's two images)
+
+
+def test_interleaved_prefills_differ_from_each_other():
+    """The two prompts of the interleaving test really generate differently (else it could not fail)."""
+    model, proc = tiny_model("llava")
+    a = _prompt(proc, 0, "what is in the image ?")
+    b = _prompt(proc, 7, "is there a red square in the picture , yes or no ?", n_images=2)
+    with torch.no_grad(), tokprune.pruned(model, "fastv", keep=4):
+        assert _alone(model, a) != _alone(model, b)
+
+
+@pytest.mark.parametrize("method", ["fastv", "hiprune", "pdrop"])
+def test_a_dropped_patched_model_is_collected(method):
+    """Nothing global holds a patched model: dropped without ``remove()`` and after a forward, it is freed."""
+    model, proc = tiny_model("llava")
+    with torch.no_grad():
+        tokprune.apply(model, method, keep_ratio=0.5)
+        model(**_prompt(proc, 0, "what is in the image ?"))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -72,11 +72,11 @@ def test_compat_check_passes_here():
 
 def test_compat_check_fails_when_a_hook_misreads_the_forward(monkeypatch):
     """Simulate the 5.24 breakage (the cache read under its old name only): the check must say FAIL."""
-    import tokprune.patches.base as base
     import tokprune.patches.llm_stage as llm_stage
+    import tokprune.patches.prefill as prefill
 
     other = "past_key_values" if compat.CACHE_KWARG == "cache" else "cache"
-    for mod in (base, llm_stage):
+    for mod in (prefill, llm_stage):
         monkeypatch.setattr(mod, "get_cache", lambda kw: kw.get(other))
     lines: list[str] = []
     assert not check(["llava"], ["random"], log=lines.append)

@@ -62,6 +62,8 @@ class PruneRecord:
     encoder_cuts: list[tuple[int, list[torch.Tensor]]] | None = None
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None
+    #: per sample, per visual item: its modality ("image"; "video" once video inputs are pruned)
+    modality: list[list[str]] | None = None
     image_grid_thw: list[list[tuple[int, ...]]] | None = None
     #: what the method said about this prefill (e.g. CATP: "row 0: one image, stage 1 only")
     notes: list[str] = field(default_factory=list)

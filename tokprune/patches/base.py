@@ -1,58 +1,44 @@
-"""The model-adapter interface and the machinery every family shares.
+"""The model-adapter interface: the family plug-in.
 
-An adapter knows *how* a model family runs and nothing about any method. It
+An adapter knows *how* a model family runs and nothing about any method; it holds no orchestration. It answers
+named family hooks (where the encoder and its layers are, how per-patch values become per-token ones, the token
+grid and special tokens, how a budget splits over an image, default positions, extra per-token inputs, the
+modalities of a forward's visual inputs, fix-ups after the prefill rewrite) and wires the seams onto the model:
 
-* hands the vision stage to :class:`~tokprune.patches.vision_stage.VisionStage`, which taps the encoder for the
-  signals a pruner requests (through two generic family hooks) and runs the selection;
-* at prefill, in one forward pre-hook on the top-level ``*ForConditionalGeneration``, locates each image's span
-  from token ids, asks the pruner's vision stage which tokens to keep and rewrites every per-token input
-  (input_ids, attention_mask, position_ids, labels, ...) plus the encoder outputs, re-padding rows on the left;
-* at decode, rebuilds the 2D mask (``generate`` keeps the unpruned one) and shifts positions when kept tokens
-  were re-indexed;
-* hands LLM stages to :class:`~tokprune.patches.llm_stage.LLMStages`, which drops tokens inside the decoder;
-* hands a method's in-encoder cuts to :class:`~tokprune.patches.encoder_cut.EncoderCutStage`, which drops tokens
-  between vision-encoder layers (family hooks ``cut_layout`` / ``cut_heads``).
+* :class:`~tokprune.patches.prefill.Orchestrator` (family-neutral): the hooks on the top-level
+  ``*ForConditionalGeneration``, prefill (layout, vision stage, sequence rewrite) and decode, with one
+  :class:`~tokprune.patches.prefill.PrefillState` per prefill;
+* :class:`~tokprune.patches.vision_stage.VisionStage`: the encoder taps for the signals a pruner requests;
+* :class:`~tokprune.patches.llm_stage.LLMStages`: dropping inside the decoder (one run per prefill);
+* :class:`~tokprune.patches.encoder_cut.EncoderCutStage`: dropping between vision-encoder layers.
 
-Family files subclass :class:`Adapter` and fill in the few hooks marked "family hook".
+Family files subclass :class:`Adapter` and fill in the hooks marked "family hook"; none overrides the
+orchestration.
 """
 
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from tokprune.config import Budget
-from tokprune.patches.compat import get_cache
 from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
-from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
+from tokprune.patches.prefill import Orchestrator, PrefillState
+from tokprune.patches.sequence import paired_text_positions
 from tokprune.patches.vision_stage import VisionStage
-from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
-from tokprune.record import Merged, PruneRecord, Stage
+from tokprune.pruners.base import ModelInfo, Pruner
+from tokprune.record import PruneRecord
 from tokprune.schedule import Schedule
-from tokprune.selection import Budgets, Placement, image_budget
+from tokprune.selection import Placement, image_budget
 
 #: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class _DecodeState:
-    """What decode steps need to stay consistent with a pruned prefill."""
-
-    cache: Any
-    n_full: int  # prompt length generate() believes in
-    n_pruned: int  # prompt length the cache holds (layer 0)
-    mask: torch.Tensor  # (B, n_pruned) 2D mask of the pruned prompt
-    offset: torch.Tensor | None  # (B,) position shift for "compact" positions
-    mask_all: bool | None = None  # whether ``mask`` is all ones, read once (a host sync) at the first decode step
 
 
 class Adapter:
@@ -69,8 +55,6 @@ class Adapter:
     options: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: fill ``Stage.scores`` (``tokprune.apply(..., record_scores=True)``)
     record_scores: bool = False
-    #: per image, the last vision stage's scores over its original tokens (set by ``select_vision``), or None
-    _vision_scores: list[torch.Tensor] | None = None
 
     def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget, **options: Any) -> None:
         self.model, self.pruner, self.budget = model, pruner, budget
@@ -84,8 +68,8 @@ class Adapter:
         self.encoder_cut = EncoderCutStage(self, cut) if cut is not None else None
         layers = pruner.llm_layers(self.info)
         self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
-        self.record: PruneRecord | None = None
-        self._decode: _DecodeState | None = None
+        self.record: PruneRecord | None = None  # the last image prefill's record (tokprune.last_record)
+        self.orchestrator = Orchestrator(self)
         self._handles: list[Any] = []
 
     @classmethod
@@ -235,6 +219,17 @@ class Adapter:
         budget at once; None (the default) when they depend on the image."""
         return None
 
+    def visual_modalities(self, kw: dict) -> set[str]:
+        """The modalities of the visual inputs a forward call carries (pixels or pre-encoded outputs): "image",
+        and "video" for families whose processors make video inputs (refused until video pruning lands)."""
+        mm = kw.get("mm_encoder_outputs") or {}
+        return {"image"} if kw.get("pixel_values") is not None or mm.get("image") is not None else set()
+
+    def after_rewrite(self, new: dict, positions: torch.Tensor) -> dict:
+        """Family fix-ups after the prefill's per-token inputs were gathered to the kept tokens (``positions``: the
+        unpruned prompt's position ids). Default: none."""
+        return new
+
     def encode_images(self, kw: dict) -> Any:
         """Run the model's own ``get_image_features`` with the pixel kwargs of a forward call."""
         fn = self.base.get_image_features
@@ -242,8 +237,15 @@ class Adapter:
         return fn(**{k: v for k, v in kw.items() if k in names and v is not None}, return_dict=True)
 
     # ------------------------------------------------------------------ install / remove
+    def current_state(self) -> PrefillState | None:
+        """The per-prefill state of the forward in progress (its prefill's, or the one a decode step continues);
+        None for a text-only forward or outside a forward."""
+        return self.orchestrator.current()
+
     def install(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        orch = self.orchestrator
+        self._handles.append(self.model.register_forward_pre_hook(orch.pre_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(orch.post_forward, always_call=True))
         if self.vision is not None:
             self.vision.install()
         if self.encoder_cut is not None:
@@ -261,186 +263,4 @@ class Adapter:
         if self.llm is not None:
             self.llm.remove()
         self._handles = []
-        self._decode = None
-
-    # ------------------------------------------------------------------ the top-level hook
-    def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
-        if args:
-            kw = {**kw, "input_ids": args[0]}
-            args = ()
-        ids = kw.get("input_ids")
-        pkv = get_cache(kw)
-        past = pkv.get_seq_length() if pkv is not None else 0
-        has_images = kw.get("pixel_values") is not None or (kw.get("mm_encoder_outputs") or {}).get("image") is not None
-        if ids is None and has_images:
-            raise ValueError("tokprune locates images by their token ids: pass input_ids, not inputs_embeds")
-        # the id check is evaluated last, so decode steps (cache, no pixels) never run it
-        # sync: once per prefill, to know whether the prompt has images
-        if ids is not None and (past == 0 or has_images) and bool((ids == self.image_token_id).any()):
-            if past > 0:
-                raise NotImplementedError(
-                    "a new image in a continued (cached) conversation is not supported yet; "
-                    "start generation from the full prompt"
-                )
-            return (), self._prefill(kw)
-        if past > 0:
-            if self._decode is not None and (self._decode.cache is None or pkv is self._decode.cache):
-                kw = self._decode_step(kw, past)
-            if self.llm is not None and self.llm.owns(pkv):
-                self.llm.phase = "decode"
-            return (), kw
-        if past == 0:  # a new text-only sequence: forget the last prefill
-            self._decode = None
-            self.record = None  # last_record() must not report an earlier image prompt as this one's
-            if self.llm is not None:
-                self.llm.reset()
-        return args, kw
-
-    def _image_features(self, kw: dict) -> Any:
-        mm = kw.get("mm_encoder_outputs") or {}
-        if mm.get("image") is not None:
-            return mm["image"]
-        if self.vision is not None:
-            self.vision.clear()
-        return self.encode_images(kw)
-
-    def _prefill(self, kw: dict) -> dict:
-        ids = kw["input_ids"]
-        b, n = ids.shape
-        mask2d = mask_to_2d(kw.get("attention_mask"), n)
-        feats_out = self._image_features(kw)
-        feats = list(feats_out.pooler_output)
-        counts = [int(f.shape[0]) for f in feats]
-        spans = image_spans(ids, self.image_token_id, counts)
-        rows_images = _row_image_ids(spans)
-        pos = kw.get("position_ids")
-        if pos is None:
-            pos = self.default_positions(ids, mask2d, kw)
-        record = PruneRecord(
-            method=self.pruner.name,
-            n_visual=[[counts[j] for j in row] for row in rows_images],
-            # sync: once per prefill, the record's host-side prompt lengths
-            seq_len=(mask2d.sum(1).tolist() if mask2d is not None else [n] * b),
-            config=self.model.config,
-        )
-        for key in ("image_sizes", "image_grid_thw"):
-            if kw.get(key) is not None and len(kw[key]) == len(counts):
-                # sync: once per prefill, image sizes for the record (the model's own forward reads them too)
-                per_image = [tuple(int(v) for v in r) for r in kw[key].tolist()]
-                setattr(record, key, [[per_image[j] for j in row] for row in rows_images])
-        new = dict(kw)
-        for key in self.pixel_keys:
-            new.pop(key, None)
-        new["mm_encoder_outputs"] = {**(kw.get("mm_encoder_outputs") or {}), "image": feats_out}
-        if pos is not kw.get("position_ids"):
-            new["position_ids"] = pos
-        origin = [[torch.arange(c, device=ids.device) for c in (counts[j] for j in row)] for row in rows_images]
-        ctx = PrefillContext(self.info, self.vision_request, self.positions)
-        grid, special = self.token_layout(feats, kw)
-        record.special = [[special[j].to(ids.device) for j in row] for row in rows_images]
-        # the method's budgets for this prefill: one schedule per image size, computed once
-        budgets = Budgets.build(self.pruner, self.info, self.budget, special)
-        record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
-        if self.encoder_cut is not None:
-            record.encoder_cuts = list(self.encoder_cut.history)
-
-        if self.vision is not None:
-            t0 = time.perf_counter()
-            owners = [(bi, j) for bi, row in enumerate(rows_images) for j in range(len(row))]
-            signals = self.vision.signals(feats, owners, ctx, grid, special)
-            if self.vision_request.paired_text:
-                signals.paired_text = self.paired_text(ids, mask2d, spans)
-            placements, self._vision_scores = self.vision.select(signals, budgets, self.record_scores)
-            keeps = [p.slots.to(ids.device) for p in placements]
-            if any(p.n_new for p in placements):
-                record.merged = [[Merged(placements[j].sources(), placements[j].slots[placements[j].new_at])
-                                  if placements[j].n_new else None for j in row] for row in rows_images]
-            keep_mask = ids != self.image_token_id
-            for row_spans, row_imgs, bi in zip(spans, rows_images, range(b)):
-                for span, j in zip(row_spans, row_imgs):
-                    keep_mask[bi, span[keeps[j]]] = True
-            idx, valid = left_repad(keep_mask)
-            new_pos_of = torch.full((b, n), -1, dtype=torch.long, device=ids.device)
-            new_pos_of.scatter_(1, idx, torch.arange(idx.shape[1], device=ids.device).expand_as(idx))
-            new_pos_of = new_pos_of.masked_fill(~keep_mask, -1)
-            spans = [[new_pos_of[bi, span[keeps[j]]] for span, j in zip(rs, ri)]
-                     for bi, (rs, ri) in enumerate(zip(spans, rows_images))]
-            origin = [[keeps[j] for j in ri] for ri in rows_images]
-            record.stages.append(Stage("vision", None, origin))
-            if self._vision_scores is not None:
-                record.stages[-1].scores = [[self._vision_scores[j] for j in ri] for ri in rows_images]
-            new = self._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
-            new["mm_encoder_outputs"]["image"] = self.prune_encoder_outputs(feats_out, placements)
-            n_pruned = idx.shape[1]
-            mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
-            offset = None
-            if self.positions == "compact":
-                dropped = ((ids == self.image_token_id) & ~keep_mask).sum(1)
-                offset = dropped
-            self._decode = _DecodeState(get_cache(kw), n, n_pruned, mask_pruned, offset)
-            record.timings["select_vision_s"] = time.perf_counter() - t0
-        else:
-            self._decode = None
-            mask_pruned = mask2d
-        if self.llm is not None:
-            if kw.get("labels") is not None:
-                raise NotImplementedError(f"{self.pruner.name} drops tokens inside the LLM; labels are not supported")
-            self.llm.begin(new, spans, origin, mask_pruned, record, ctx, budgets.rows(rows_images))
-        self.record = record
-        return new
-
-    def _rewrite_prefill(self, new: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
-                         keep_mask: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> dict:
-        pad_id = self.model.config.get_text_config().pad_token_id
-        new["input_ids"] = take(ids, idx, valid, pad_id if pad_id is not None else 0)
-        full_mask = mask2d if mask2d is not None else torch.ones_like(ids)
-        mask = take(full_mask, idx, valid, 0)
-        # with no mask and no cache, transformers reads gaps in position_ids as packed-sequence boundaries: keep an
-        # explicit all-ones mask whenever "original" positions have gaps
-        # sync: once per prefill (one read for both): were tokens dropped, is the pruned mask all ones (then None,
-        # so that SDPA can use is_causal)
-        dropped, full = torch.stack([(~keep_mask).any(), mask.all()]).tolist()
-        gaps = self.positions == "original" and dropped
-        new["attention_mask"] = None if full and not gaps else mask
-        if self.positions == "compact":
-            dropped_before = ((ids == self.image_token_id) & ~keep_mask).long().cumsum(1)
-            pos = pos - dropped_before  # as if the dropped tokens never existed
-        new["position_ids"] = take(pos, idx, valid, 0)
-        for key, fill in self.token_keys.items():
-            if new.get(key) is not None:
-                new[key] = take(new[key], idx, valid, fill)
-        return new
-
-    def _decode_step(self, kw: dict, past: int) -> dict:
-        st = self._decode
-        ids = kw.get("input_ids")
-        q = (ids if ids is not None else kw["inputs_embeds"]).shape[1]
-        t = past + q - st.n_pruned  # tokens after the pruned prompt, this step's included
-        new = dict(kw)
-        am = kw.get("attention_mask")
-        if isinstance(am, dict) or (am is not None and am.dim() == 4):  # pre-built for the unpruned length:
-            am = None  # let the model rebuild it
-            new["attention_mask"] = None
-        if am is not None:
-            new["attention_mask"] = torch.cat([st.mask.to(am.dtype), am[:, st.n_full:]], 1)
-        elif not _mask_all(st):
-            new["attention_mask"] = torch.cat([st.mask, st.mask.new_ones(st.mask.shape[0], t)], 1)
-        if st.offset is not None and kw.get("position_ids") is not None:
-            new["position_ids"] = kw["position_ids"] - st.offset.view(-1, 1)
-        return new
-
-
-def _mask_all(st: _DecodeState) -> bool:
-    """Whether the pruned prompt's mask is all ones; read on the host once per prefill, not at every step."""
-    if st.mask_all is None:
-        st.mask_all = bool(st.mask.all())  # sync: once per generate (first decode step), cached
-    return st.mask_all
-
-
-def _row_image_ids(spans: list[list[torch.Tensor]]) -> list[list[int]]:
-    """Global (row-major) image index of every image of every row."""
-    out, j = [], 0
-    for row in spans:
-        out.append(list(range(j, j + len(row))))
-        j += len(row)
-    return out
+        self.orchestrator.reset()

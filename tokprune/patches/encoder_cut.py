@@ -188,33 +188,41 @@ class EncoderCutStage:
         seqs, scaling = self._sequences(layer)
         names = self.cut.signals
         per = [sequence_signals(names, q, k, v, scaling) for q, k, v in seqs]
-        if self.layout == "batch":
-            origin = list(self.origin)
-        else:
-            seg = self._segments()
-            origin = [self.origin[s:e] - self.bounds[i] for i, (s, e) in enumerate(zip(seg[:-1], seg[1:]))]
+        origin = self._origins()
         step = EncoderStep(layer, self.adapter.info, self.prefix, self.unit, self.keep, self.n_tokens,
                            {n: [p[n] for p in per] for n in names}, origin, self.state)
         picks = self.adapter.pruner.cut_encoder(step)
         if len(picks) != len(seqs):
             raise RuntimeError(f"{self.adapter.pruner.name}.cut_encoder returned {len(picks)} answers for "
                                f"{len(seqs)} encoder sequences")
-        keep, any_drop = [], False
-        for (q, _, _), pick in zip(seqs, picks):
-            n = q.shape[1]
-            units = (n - self.prefix) // self.unit
-            if pick is None:
-                keep.append(torch.arange(n, device=q.device))
-                continue
-            pick = pick.to(q.device).long()
-            check_indices(pick, units, None, f"{self.adapter.pruner.name}.cut_encoder", check=True)
-            if pick.numel() == 0:
-                raise RuntimeError(f"{self.adapter.pruner.name}.cut_encoder dropped every token of a sequence")
-            pos = (pick[:, None] * self.unit + torch.arange(self.unit, device=q.device)).flatten() + self.prefix
-            keep.append(torch.cat([torch.arange(self.prefix, device=q.device), pos]))
-            any_drop = any_drop or int(keep[-1].numel()) < n
-        if not any_drop:
+        sizes = [q.shape[1] for q, _, _ in seqs]
+        keep = [self._kept_positions(n, pick, q.device) for n, (q, _, _), pick in zip(sizes, seqs, picks)]
+        if all(int(kp.numel()) == n for n, kp in zip(sizes, keep)):
             return None
+        return self._apply(layer, origin, keep)
+
+    def _origins(self) -> list[torch.Tensor]:
+        """Per sequence, each current token's index in the sequence as it entered the encoder."""
+        if self.layout == "batch":
+            return list(self.origin)
+        seg = self._segments()
+        return [self.origin[s:e] - self.bounds[i] for i, (s, e) in enumerate(zip(seg[:-1], seg[1:]))]
+
+    def _kept_positions(self, n: int, pick: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """A sequence of ``n`` current tokens: the positions the pruner's ``pick`` (kept units, None: all) keeps,
+        the ``prefix`` ([CLS]) always; checked."""
+        if pick is None:
+            return torch.arange(n, device=device)
+        who = f"{self.adapter.pruner.name}.cut_encoder"
+        pick = pick.to(device).long()
+        check_indices(pick, (n - self.prefix) // self.unit, None, who, check=True)
+        if pick.numel() == 0:
+            raise RuntimeError(f"{who} dropped every token of a sequence")
+        pos = (pick[:, None] * self.unit + torch.arange(self.unit, device=device)).flatten() + self.prefix
+        return torch.cat([torch.arange(self.prefix, device=device), pos])
+
+    def _apply(self, layer: int, origin: list[torch.Tensor], keep: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Record a cut that drops tokens; returns the positions to gather (packed: one global index)."""
         self.dropped = True
         self.history.append((layer, [o[kp] for o, kp in zip(origin, keep)]))
         if self.layout == "packed":
@@ -224,6 +232,23 @@ class EncoderCutStage:
             return [glob]
         self.origin = self.history[-1][1]
         return keep
+
+    def _packed_kwargs(self, kw: dict) -> dict:
+        """A packed (Qwen) block's kwargs after a cut: ``cu_seqlens`` recounted from the survivors, ``max_seqlen``
+        and the rotary embeddings gathered."""
+        kw = dict(kw)
+        o = self.origin
+        cu = kw.get("cu_seqlens")
+        if cu is not None:
+            new_cu = torch.searchsorted(o, cu.to(o.device).long()).unique_consecutive()
+            kw["cu_seqlens"] = new_cu.to(cu.dtype).to(cu.device)
+            if kw.get("max_seqlen") is not None:
+                # sync: once per block after a cut, the longest sequence (what the model computes itself)
+                kw["max_seqlen"] = int((new_cu[1:] - new_cu[:-1]).max())
+        pe = kw.get("position_embeddings")
+        if pe is not None and pe[0].shape[0] == self.n_full:
+            kw["position_embeddings"] = tuple(x[o.to(x.device)] for x in pe)
+        return kw
 
     # ------------------------------------------------------------------ hooks that shorten what later modules see
     def _before_block(self, j: int, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict] | None:
@@ -241,18 +266,7 @@ class EncoderCutStage:
                 return (h, self.mask, *args[2:]), kw
             kw = {**kw, "attention_mask": self.mask}
             return ((h,), kw) if args else ((), {**kw, "hidden_states": h})
-        kw = dict(kw)
-        o = self.origin
-        cu = kw.get("cu_seqlens")
-        if cu is not None:
-            new_cu = torch.searchsorted(o, cu.to(o.device).long()).unique_consecutive()
-            kw["cu_seqlens"] = new_cu.to(cu.dtype).to(cu.device)
-            if kw.get("max_seqlen") is not None:
-                # sync: once per block after a cut, the longest sequence (what the model computes itself)
-                kw["max_seqlen"] = int((new_cu[1:] - new_cu[:-1]).max())
-        pe = kw.get("position_embeddings")
-        if pe is not None and pe[0].shape[0] == self.n_full:
-            kw["position_embeddings"] = tuple(x[o.to(x.device)] for x in pe)
+        kw = self._packed_kwargs(kw)
         if args:
             return (h, *args[1:]), kw
         kw["hidden_states"] = h

@@ -25,7 +25,7 @@ from tokprune.pruners.base import LLMRequest, Observed
 from tokprune.signals import TAPS, attention_rows, remove_installed
 
 if TYPE_CHECKING:
-    from tokprune.patches.llm_stage import LLMStages
+    from tokprune.patches.llm_stage import LLMRun, LLMStages
 
 
 def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,14 +52,19 @@ class LLMTaps:
         self.stages, self.request = stages, request
         self._handles: list[Any] = []
         self._tapped: list[Any] = []
-        self._probing = False
-        self.reset()
 
-    def reset(self) -> None:
-        self.rows: dict[int, torch.Tensor] = {}
-        self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
-        self.values: dict[int, torch.Tensor] = {}
-        self.observed: dict[tuple[int, str], Observed] = {}
+    def _probing(self) -> bool:
+        """Whether the forward in progress is a probe of this model's run (its attention kernel is skipped)."""
+        run = self.stages.current()
+        return run is not None and run.probing
+
+    def _prefill_run(self, probe_only: bool = False) -> LLMRun | None:
+        """The run whose prefill is in progress (None during decode, text-only forwards or another model's);
+        ``probe_only``: only while it probes, else only while it does not."""
+        run = self.stages.current()
+        if run is None or run.phase != "prefill" or run.probing != probe_only:
+            return None
+        return run
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -73,7 +78,7 @@ class LLMTaps:
         probe = self.request.source == "probe"
         for k in self.stages.layers:
             mod = layers[k if probe else k - 1].self_attn
-            TAPS.add(mod, partial(self._tap, k), skip=(lambda: self._probing) if probe else None)
+            TAPS.add(mod, partial(self._tap, k), skip=self._probing if probe else None)
             self._tapped.append(mod)
         for lay in self.request.row_layers:
             if not 0 <= lay < n:
@@ -87,52 +92,50 @@ class LLMTaps:
     def remove(self) -> None:
         remove_installed(self._handles, self._tapped)
         self._handles, self._tapped = [], []
-        self.reset()
 
     # ------------------------------------------------------------------ signals
-    def probe(self, k: int, hidden: torch.Tensor, kw: dict) -> None:
+    def probe(self, run: LLMRun, k: int, hidden: torch.Tensor, kw: dict) -> None:
         """Layer ``k``'s q/k on the hidden states entering it (its norm and projections; no kernel, no cache)."""
         layer = self.stages.adapter.language_model.layers[k]
-        self._probing = True
+        run.probing = True
         try:
             layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=kw.get("attention_mask"),
                             position_embeddings=kw["position_embeddings"], **cache_kwargs(None))
         finally:
-            self._probing = False
+            run.probing = False
 
     def _tap(self, k: int, module, query, key, value, mask, scaling, kwargs) -> None:
-        st = self.stages
-        if not st.active or st.phase != "prefill" or (self.request.source == "probe" and not self._probing):
+        st = self._prefill_run(probe_only=self.request.source == "probe")
+        if st is None:
             return
         n = query.shape[2]
-        self.rows[k] = self._rows(query, key, mask, scaling)
+        st.rows[k] = self._rows(st, query, key, mask, scaling)
         if self.request.values == "heads":
-            self.values[k] = value[:, :, :n].float()
+            st.values[k] = value[:, :, :n].float()
         elif self.request.values:
-            self.values[k] = value[:, :, :n].float().mean(1)
+            st.values[k] = value[:, :, :n].float().mean(1)
 
     def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:
         """A ``row_layers`` layer as it runs: its rows, stored over the prompt positions of the current slots."""
-        st = self.stages
-        if not st.active or st.phase != "prefill" or self._probing:
+        st = self._prefill_run()
+        if st is None:
             return
         n = query.shape[2]
-        rows = self._rows(query, key, mask, scaling)
+        rows = self._rows(st, query, key, mask, scaling)
         idx = st.idx[:, :n]
         full = rows.new_zeros(*rows.shape[:-1], st.n0)
-        self.ran[layer] = full.scatter(-1, idx if rows.dim() == 2 else idx[:, None].expand_as(rows), rows)
+        st.ran[layer] = full.scatter(-1, idx if rows.dim() == 2 else idx[:, None].expand_as(rows), rows)
 
-    def rows_at(self) -> dict[int, torch.Tensor]:
+    def rows_at(self, st: LLMRun) -> dict[int, torch.Tensor]:
         """The recorded ``row_layers`` rows over the current slots (see :attr:`LLMSignals.rows_at`)."""
-        idx = self.stages.idx
+        idx = st.idx
         return {lay: torch.gather(r, -1, idx if r.dim() == 2 else idx[:, None].expand(-1, r.shape[1], -1))
-                for lay, r in self.ran.items()}
+                for lay, r in st.ran.items()}
 
-    def _rows(self, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
+    def _rows(self, st: LLMRun, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
         """The requested rows of one attention call over the current sequence, (B, n) or (B, H, n)."""
-        st = self.stages
         n = query.shape[2]
-        rows, weights = self._query_rows(n)
+        rows, weights = self._query_rows(st, n)
         keys = st.visual_slots(n) if self.request.domain == "visual" else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
             mask = mask[..., :n]
@@ -140,9 +143,8 @@ class LLMTaps:
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
         return rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
 
-    def _query_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query_rows(self, st: LLMRun, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""
-        st = self.stages
         if self.request.queries == "last":
             return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
         span = st.current_spans()[self.request.queries][:, :n]
@@ -159,9 +161,9 @@ class LLMTaps:
         return rows, weights
 
     def _observe(self, layer: int, part: str, module, args: tuple, kw: dict, out: Any) -> None:
-        st = self.stages
-        if not st.active or st.phase != "prefill" or self._probing:
+        st = self._prefill_run()
+        if st is None:
             return
         x = args[0] if args else kw["hidden_states"]
         y = out[0] if isinstance(out, tuple) else out
-        self.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())
+        st.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())

@@ -22,7 +22,7 @@ import torch
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
-from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
+from tokprune.pruners.base import LLMRequest, LLMSignals, Observed, PrefillContext
 from tokprune.record import PruneRecord, Stage, spread
 from tokprune.selection import Budgets, ImageBudget, llm_budgets, select_llm
 
@@ -31,13 +31,14 @@ if TYPE_CHECKING:
 
 
 class LLMStages:
-    """Runs a pruner's LLM stages on one model; owned by an :class:`~tokprune.patches.base.Adapter`."""
+    """Installs a pruner's LLM stages on one model (decoder-layer pre-hooks and the LLM taps); owned by an
+    :class:`~tokprune.patches.base.Adapter`. Holds no per-prefill state: each prefill gets its own :class:`LLMRun`
+    (in the adapter's per-prefill state), which the hooks find for the forward that is running."""
 
     def __init__(self, adapter: Adapter, layers: tuple[int, ...], request: LLMRequest | None) -> None:
         self.adapter, self.layers, self.request = adapter, layers, request
         self.taps = LLMTaps(self, request) if request is not None else None
         self._handles: list[Any] = []
-        self.reset()
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -53,21 +54,37 @@ class LLMStages:
         if self.taps is not None:
             self.taps.remove()
         self._handles = []
-        self.reset()
 
-    def reset(self) -> None:
-        self.active = False
-        self.phase = "idle"
-        self.cache: Any = None
-        if self.taps is not None:
-            self.taps.reset()
+    def current(self) -> LLMRun | None:
+        """The run of the forward in progress (None: no image prefill of this model is running or decoding)."""
+        state = self.adapter.current_state()
+        return None if state is None else state.llm
 
-    # ------------------------------------------------------------------ state
     def begin(self, kw: dict, visual: list[list[torch.Tensor]], origin: list[list[torch.Tensor]],
               mask2d: torch.Tensor | None, record: PruneRecord, ctx: PrefillContext,
-              budgets: list[list[ImageBudget]] | None = None) -> None:
-        """Called by the adapter at prefill, after any vision stage, with the sequence the LLM will see;
-        ``budgets``: the prefill's per-row image budgets (:class:`tokprune.selection.Budgets`)."""
+              budgets: list[list[ImageBudget]] | None = None) -> LLMRun:
+        """A new run for one prefill, after any vision stage, with the sequence the LLM will see; ``budgets``: the
+        prefill's per-row image budgets (:class:`tokprune.selection.Budgets`)."""
+        return LLMRun(self, kw, visual, origin, mask2d, record, ctx, budgets)
+
+    def stage_of(self, layer: int) -> int:
+        return max(s for s, k in enumerate(self.layers) if k <= layer)
+
+    def _layer_hook(self, i: int, module, args: tuple, kw: dict):
+        run = self.current()
+        return None if run is None else run.layer_hook(i, args, kw)
+
+
+class LLMRun:
+    """Everything the LLM stages learn in one prefill and need at its decode steps: the current slots (``idx``),
+    dead slots, the surviving visual tokens, the gathered kwargs of each stage, and what the LLM taps recorded.
+    Created per prefill by :meth:`LLMStages.begin`; two prefills of one model never share one."""
+
+    def __init__(self, stages: LLMStages, kw: dict, visual: list[list[torch.Tensor]],
+                 origin: list[list[torch.Tensor]], mask2d: torch.Tensor | None, record: PruneRecord,
+                 ctx: PrefillContext, budgets: list[list[ImageBudget]] | None = None) -> None:
+        self.stages, self.adapter, self.layers = stages, stages.adapter, stages.layers
+        self.request, self.taps = stages.request, stages.taps
         if budgets is None:
             a = self.adapter
             every = Budgets(a.pruner, a.info, a.budget)
@@ -75,8 +92,7 @@ class LLMStages:
         self.budgets = budgets
         ids = kw["input_ids"]
         b, n0 = ids.shape
-        self.active, self.phase = True, "prefill"
-        self.cache = get_cache(kw)
+        self.phase = "prefill"
         self.n0, self.record = n0, record
         self.visual, self.origin, self.ctx = visual, origin, ctx
         # special tokens (LLaVA-NeXT newlines) among the survivors: never scored nor counted, kept on top
@@ -93,16 +109,17 @@ class LLMStages:
         real = mask2d.bool() if mask2d is not None else torch.ones(b, n0, dtype=torch.bool, device=ids.device)
         self.real0 = real
         self.spans0 = prompt_spans(self.visual0, self.q0, real)
-        if self.taps is not None:
-            self.taps.reset()
         self.stage: list[dict] = []
         self._decode_cache: dict[int, Any] = {}
-
-    def owns(self, cache: Any) -> bool:
-        return self.active and (self.cache is None or cache is self.cache)
+        # what the LLM taps record during this prefill (see LLMTaps)
+        self.rows: dict[int, torch.Tensor] = {}
+        self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
+        self.values: dict[int, torch.Tensor] = {}
+        self.observed: dict[tuple[int, str], Observed] = {}
+        self.probing = False
 
     def stage_of(self, layer: int) -> int:
-        return max(s for s, k in enumerate(self.layers) if k <= layer)
+        return self.stages.stage_of(layer)
 
     # ------------------------------------------------------------------ the current sequence
     def current_spans(self) -> dict[str, torch.Tensor]:
@@ -121,15 +138,15 @@ class LLMStages:
         return self.visual0.any(1)
 
     # ------------------------------------------------------------------ hooks
-    def _layer_hook(self, i: int, module, args: tuple, kw: dict):
-        if not self.active:
-            return None
+    def layer_hook(self, i: int, args: tuple, kw: dict):
+        """The pre-hook of decoder layer ``i`` for this run: run a stage at its first layer, swap in the stage's
+        gathered kwargs (prefill) or the remapped ones (decode)."""
         hidden = args[0] if args else kw["hidden_states"]
         s = self.stage_of(i)
         if self.phase == "prefill":
             if i == self.layers[s] and len(self.stage) == s:
                 if self.request is not None and self.request.source == "probe":
-                    self.taps.probe(i, hidden, {**kw, **self.stage[s - 1]["kwargs"]} if s else kw)
+                    self.taps.probe(self, i, hidden, {**kw, **self.stage[s - 1]["kwargs"]} if s else kw)
                 hidden = self._run_stage(s, hidden, kw)
             kw = {**kw, **self.stage[s]["kwargs"]}
         else:
@@ -139,36 +156,56 @@ class LLMStages:
         return args, {**kw, "hidden_states": hidden}
 
     def _run_stage(self, s: int, hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+        """Stage ``s`` before its first layer: decide what to keep (the selection core), then rewrite the slots,
+        masks, positions and rotary embeddings around it; returns the shortened hidden states."""
         t0 = time.perf_counter()
-        a, pruner, k = self.adapter, self.adapter.pruner, self.layers[s]
-        b, n_cur = hidden.shape[:2]
         # sync: once per LLM stage per image, the content tokens' indices (a variable-size output)
         content = [[(~sp).nonzero()[:, 0] for sp in srow] for srow in self.special]
-        taps = self.taps
-        signals = LLMSignals(layer=k, hidden=hidden, attention=taps.rows.get(k) if taps else None,
-                             visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
-                             origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
-                             ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
-                             spans=self.current_spans(), observed=dict(taps.observed) if taps else {},
-                             rows_at=taps.rows_at() if taps else {}, last=self.qcur)
-        if taps is not None and k not in taps.rows:
+        signals = self._signals(s, hidden, content)
+        rel, scores = self._decide(s, signals, content)
+        self.record.stages.append(Stage("llm", self.layers[s], [[o[r.to(o.device)].clone() for o, r in zip(orow, sel)]
+                                                                for orow, sel in zip(self.origin, rel)], scores))
+        out = self._rewrite(rel, hidden, kw)
+        timings = self.record.timings
+        timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
+        return out
+
+    def _signals(self, s: int, hidden: torch.Tensor, content: list[list[torch.Tensor]]) -> LLMSignals:
+        """What stage ``s`` sees: the hidden states, the taps' rows / values / observations, the current slots."""
+        k, taps = self.layers[s], self.taps
+        if taps is not None and k not in self.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")
+        return LLMSignals(layer=k, hidden=hidden, attention=self.rows.get(k),
+                          visual=[[p[c] for p, c in zip(row, crow)] for row, crow in zip(self.visual, content)],
+                          origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
+                          ctx=self.ctx, values=self.values.get(k), positions=self.idx,
+                          spans=self.current_spans(), observed=dict(self.observed),
+                          rows_at=taps.rows_at(self) if taps else {}, last=self.qcur)
+
+    def _decide(self, s: int, signals: LLMSignals, content: list[list[torch.Tensor]]
+                ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+        """Per row and image, the indices among its current visual tokens that survive stage ``s`` (budgets from
+        the prefill's schedule, the method's choice checked by the selection core), and the scores to record."""
+        a = self.adapter
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
-        budgets = self.budgets
-        pooled = any(brow[0].schedule.pooled for brow in budgets if brow)
-        ks = llm_budgets(pruner, a.info, stage, content, budgets, pooled)
-        rel, seen = select_llm(pruner, signals, ks, content, self.special, pooled, a.record_scores)
-        scores = ([[spread(n, o, seen[bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
-                   for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
-                  if seen is not None else None)
+        pooled = any(brow[0].schedule.pooled for brow in self.budgets if brow)
+        ks = llm_budgets(a.pruner, a.info, stage, content, self.budgets, pooled)
+        rel, seen = select_llm(a.pruner, signals, ks, content, self.special, pooled, a.record_scores)
+        if seen is None:
+            return rel, None
+        return rel, [[spread(n, o, seen[bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
+                     for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
+
+    def _rewrite(self, rel: list[list[torch.Tensor]], hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+        """Apply a stage's decision: the surviving slots (shorter rows padded with dead slots), the bookkeeping of
+        visual tokens and their origin, and the gathered kwargs of this and later layers."""
+        b, n_cur = hidden.shape[:2]
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
-        for bi, row in enumerate(self.visual):
-            for pos in row:
-                keep[bi, pos] = False
         for bi, (row, sel) in enumerate(zip(self.visual, rel)):
             for pos, r in zip(row, sel):
+                keep[bi, pos] = False
                 keep[bi, pos[r.to(pos.device)]] = True
         counts = keep.sum(1)
         # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
@@ -177,23 +214,17 @@ class LLMStages:
         spare = ~keep
         dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
         slots = kept_slots(keep | dead, width)  # sorted per row
-        dead_slots = torch.gather(dead, 1, slots)
         new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]
                        for bi, (row, sel) in enumerate(zip(self.visual, rel))]
         self.origin = [[o[r.to(o.device)] for o, r in zip(orow, sel)] for orow, sel in zip(self.origin, rel)]
         self.idx = torch.gather(self.idx, 1, slots)
-        self.dead = dead_slots
+        self.dead = torch.gather(dead, 1, slots)
         self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
-        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin], scores))
-        kwargs = self._prefill_kwargs(kw, hidden)
-        self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
+        self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": self._prefill_kwargs(kw, hidden),
                            "dropped": self._dropped_total(), "any_dead": self.any_dead})
-        out = gather_seq(hidden, slots)
-        timings = self.record.timings
-        timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
-        return out
+        return gather_seq(hidden, slots)
 
     # ------------------------------------------------------------------ gathered kwargs
     def _compact_positions(self, pos: torch.Tensor) -> torch.Tensor:

@@ -174,9 +174,9 @@ class Qwen2VLAdapter(Adapter):
         self.base.rope_deltas = deltas  # what the unpatched forward stores
         return torch.cat([text[None], mrope.to(text.dtype)], 0)
 
-    def _rewrite_prefill(self, new: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
-                         keep_mask: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> dict:
-        new = super()._rewrite_prefill(new, ids, mask2d, pos, keep_mask, idx, valid)
+    def after_rewrite(self, new: dict, pos: torch.Tensor) -> dict:
+        """The text position row renumbered contiguously (no gap read as a packed-sequence boundary) and
+        ``rope_deltas`` set so a decode loop without ``position_ids`` continues at the right positions."""
         mask = new["attention_mask"]
         b, n = new["input_ids"].shape
         p = new["position_ids"]
@@ -188,14 +188,12 @@ class Qwen2VLAdapter(Adapter):
         self.base.rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - n_real.to(spatial.device)).view(b, 1)
         return new
 
-    # ------------------------------------------------------------------ inputs tokprune cannot prune
-    def _pre_forward(self, module: nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
-        if kw.get("pixel_values_videos") is not None or (kw.get("mm_encoder_outputs") or {}).get("video") is not None:
-            raise NotImplementedError(
-                f"tokprune does not prune video inputs of {type(self.model).__name__} yet; call tokprune.remove(model) "
-                "for video prompts"
-            )
-        return super()._pre_forward(module, args, kw)
+    # ------------------------------------------------------------------ inputs tokprune cannot prune yet
+    def visual_modalities(self, kw: dict) -> set[str]:
+        """Images, and video (refused by the orchestrator until video pruning lands)."""
+        mm = kw.get("mm_encoder_outputs") or {}
+        video = kw.get("pixel_values_videos") is not None or mm.get("video") is not None
+        return super().visual_modalities(kw) | ({"video"} if video else set())
 
     def encode_images(self, kw: dict) -> Any:
         if kw.get("image_grid_thw") is None:

@@ -48,9 +48,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def _follow_slots(self, process: Any) -> Any:
         def deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
                               visual_embeds: torch.Tensor) -> torch.Tensor:
-            llm = self.llm
-            if llm is not None and llm.active and hidden_states.shape[1] != visual_pos_masks.shape[1]:
-                idx = llm.idx.to(visual_pos_masks.device)  # current slot -> prompt position (dead slots included)
+            run = self.llm.current() if self.llm is not None else None  # this prefill's LLM run
+            if run is not None and hidden_states.shape[1] != visual_pos_masks.shape[1]:
+                idx = run.idx.to(visual_pos_masks.device)  # current slot -> prompt position (dead slots included)
                 present = torch.zeros_like(visual_pos_masks).scatter_(1, idx, True)
                 visual_embeds = visual_embeds[present[visual_pos_masks].to(visual_embeds.device)]
                 visual_pos_masks = torch.gather(visual_pos_masks, 1, idx)

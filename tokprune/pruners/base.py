@@ -42,6 +42,17 @@ class ModelInfo:
     llm_layers: int
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
 
+    def encoder_layer(self, layer: int, what: str = "vision layer") -> int:
+        """The 0-based encoder layer ``layer`` names (a negative one counts from the last); an error names the
+        valid range. ``what``: how the error names the option (e.g. ``"hiprune: object_layer"``)."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{what} must be an int (0-based encoder layer), got {layer!r}")
+        resolved = layer + self.vision_layers if layer < 0 else layer
+        if not 0 <= resolved < self.vision_layers:
+            raise ValueError(f"{what}={layer} is out of range for an encoder with {self.vision_layers} layers; pass "
+                             f"a layer in [0, {self.vision_layers - 1}] (or a negative one counting from the last)")
+        return resolved
+
 
 class ScoreSink:
     """Where a stage's scores are noted when the runtime asks for them (``tokprune.apply(..., record_scores=True)``).
@@ -262,6 +273,15 @@ class VisionSignals:
         if signal not in self.values:
             raise KeyError(f"{signal} was not requested; add it to the method's vision_request")
         return self.values[signal]
+
+    def grid_shape(self, i: int) -> tuple[int, int, int]:
+        """(rows, cols, parts) spanned by entry ``i``'s tokens in its grid (from :attr:`grid`; one host read), e.g.
+        a LLaVA-1.5 image (24, 24, 1), a LLaVA-NeXT tile (24, 24, 1) or a whole image with its tiles (.., .., 5)."""
+        if self.grid is None:
+            raise ValueError("this model's forward gives no token grid (pass the processor's image sizes)")
+        # sync: once per entry, the extent of its grid
+        r0, r1, c0, c1, p0, p1 = torch.stack([*self.grid[i].aminmax(dim=0)], 1).flatten().tolist()
+        return r1 - r0 + 1, c1 - c0 + 1, p1 - p0 + 1
 
     def subset(self, parts: list[tuple[int, torch.Tensor]], owners: list[tuple[int, int]]) -> VisionSignals:
         """The signals of ``parts``: (image, token indices) each, presented as separate images."""

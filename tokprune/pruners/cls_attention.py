@@ -23,10 +23,7 @@ def _require_cls(name: str, info: ModelInfo) -> None:
 
 
 def _resolve_layer(layer: int, info: ModelInfo) -> int:
-    resolved = layer + info.vision_layers if layer < 0 else layer
-    if not 0 <= resolved < info.vision_layers:
-        raise ValueError(f"vision layer {layer} is out of range for an encoder with {info.vision_layers} layers")
-    return resolved
+    return info.encoder_layer(layer)
 
 
 @register_method("cls")

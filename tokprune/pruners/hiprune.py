@@ -15,13 +15,7 @@ CLIP_OBJECT, QWEN_OBJECT = (8, 24), (15, 32)
 
 
 def _layer(name: str, value: int, info: ModelInfo) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"hiprune: {name} must be an int (0-based encoder layer), got {value!r}")
-    resolved = value + info.vision_layers if value < 0 else value
-    if not 0 <= resolved < info.vision_layers:
-        raise ValueError(f"hiprune: {name}={value} is out of range for an encoder with {info.vision_layers} layers; "
-                         f"pass a layer in [0, {info.vision_layers - 1}] (or a negative one counting from the last)")
-    return resolved
+    return info.encoder_layer(value, f"hiprune: {name}")
 
 
 @register_method("hiprune")
@@ -112,15 +106,13 @@ class HiPrune(Pruner):
         for i, k in enumerate(ks):
             grid = signals.grid[i]
             n = int(grid.shape[0])
-            # sync: once per image, the extent of its grid (width of the buffers' +-W)
-            r0, r1, c0, c1, p0, p1 = torch.stack([*grid.aminmax(dim=0)], 1).flatten().tolist()
-            if p0 != p1:
+            rows, width, parts = signals.grid_shape(i)  # the width of the buffers' +-W
+            if parts != 1:
                 raise UnsupportedError(
                     "hiprune selects within one token grid, but this budget part spans several tiles; use "
                     "tile_budget='per_tile' (the default) on LLaVA-NeXT"
                 )
-            width = c1 - c0 + 1
-            if (r1 - r0 + 1) * width != n:
+            if rows * width != n:
                 raise RuntimeError(f"hiprune: the {n} tokens of image {i} do not form a rectangular grid")
             if k >= n:
                 out.append(torch.arange(n, device=grid.device))

@@ -162,11 +162,7 @@ class VFlowOpt(Pruner):
         """The encoder layer of the importance map (default: the feature layer)."""
         if self.vision_layer is None:
             return info.feature_layer
-        v = self.vision_layer + info.vision_layers if self.vision_layer < 0 else self.vision_layer
-        if not 0 <= v < info.vision_layers:
-            raise ValueError(f"vflowopt: vision_layer={self.vision_layer} is out of range for an encoder with "
-                             f"{info.vision_layers} layers; pass one in [0, {info.vision_layers - 1}]")
-        return v
+        return info.encoder_layer(self.vision_layer, "vflowopt: vision_layer")
 
     def check(self, info: ModelInfo) -> None:
         super().check(info)

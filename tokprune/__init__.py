@@ -21,6 +21,7 @@ _EXPORTS = {
     "methods": "tokprune.api",
     "models": "tokprune.api",
     "Budget": "tokprune.config",
+    "Compose": "tokprune.pruners.compose",
     "Pruner": "tokprune.pruners.base",
     "UnsupportedError": "tokprune.pruners.base",
     "PruneRecord": "tokprune.record",
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from tokprune.api import apply, is_patched, last_record, methods, models, pruned, remove  # noqa: F401
     from tokprune.config import Budget  # noqa: F401
     from tokprune.pruners.base import Pruner, UnsupportedError  # noqa: F401
+    from tokprune.pruners.compose import Compose  # noqa: F401
     from tokprune.record import PruneRecord, Stage  # noqa: F401
 
 

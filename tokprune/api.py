@@ -18,6 +18,7 @@ from tokprune.info import model_info  # noqa: F401  (re-exported: tokprune.api.m
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
 from tokprune.pruners.base import Pruner
+from tokprune.pruners.compose import JOIN, Compose
 from tokprune.record import PruneRecord
 from tokprune.registry import METHODS, MODELS, adapter_for, get_method
 from tokprune.schedule import Schedule
@@ -54,8 +55,14 @@ class Handle:
 
 
 def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
-    """Build a method's dataclass from keyword options, naming the valid ones when an option is unknown."""
-    cls = get_method(method)
+    """Build a method's dataclass from keyword options, naming the valid ones when an option is unknown;
+    ``"<vision method>+<llm method>"`` builds a :class:`~tokprune.pruners.compose.Compose` of both."""
+    if JOIN in method:
+        vision, _, llm = method.partition(JOIN)
+        cls = Compose
+        options = {"vision": get_method(vision)(), "llm": get_method(llm)(), **options}
+    else:
+        cls = get_method(method)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - names)
     if unknown:
@@ -69,8 +76,9 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
           **options: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens with ``method`` and return it.
 
-    ``method``: a registered name (:func:`methods`) or a :class:`~tokprune.Pruner` instance (a method of your
-    own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
+    ``method``: a registered name (:func:`methods`), two joined by ``+`` (a vision method then an LLM method:
+    ``"visionzip+transprune"``, see :class:`tokprune.Compose`), or a :class:`~tokprune.Pruner` instance (a method
+    of your own, unregistered). ``keep``: visual tokens kept per image (a count); ``keep_ratio``: fraction kept; pass
     exactly one, or (progressive methods, ``pdrop`` / ``transprune``) ``schedule={layer: kept fraction of the
     original tokens}`` or ``flops_ratio=`` (fraction of the unpruned LLM FLOPs, see :mod:`tokprune.budget_solver`).
     ``options``: the method's hyper-parameters (e.g. ``layer=2`` for FastV, ``positions="original"``;

@@ -98,11 +98,13 @@ def _int(text: str) -> int:
 
 
 def check_methods(names: Sequence[str], option: str = "--method", hint: str = "") -> None:
-    """Every name is a registered method (``tokprune.methods()``); the error lists the known ones, then ``hint``."""
+    """Every name is a registered method (``tokprune.methods()``) or two joined by ``+`` (a vision method then an LLM
+    method); the error lists the known ones, then ``hint``."""
     import tokprune
+    from tokprune.pruners.compose import composed_names
 
     known = tokprune.methods()
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and not composed_names(n, known)]
     if unknown:
         raise ValueError(f"{option}: unknown method {', '.join(map(repr, unknown))}; known: {', '.join(known)}{hint}")
 

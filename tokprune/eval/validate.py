@@ -10,6 +10,7 @@ from tokprune.eval import tasks as offline
 from tokprune.eval.grid import GridSpec
 from tokprune.eval.models import visual_tokens  # noqa: F401  (re-exported)
 from tokprune.eval.variants import DOWNSAMPLE, supports_flops_ratio  # noqa: F401  (re-exported)
+from tokprune.pruners.compose import composed_names
 
 
 class EvalArgumentError(ValueError):
@@ -29,8 +30,9 @@ def check(spec: GridSpec) -> dict[str, Any]:
         raise EvalArgumentError("pass --tasks (e.g. shapes, a dataset path, or lmms-eval task names)")
     known = method_names()
     for m in spec.methods:
-        if m not in known:
-            raise EvalArgumentError(f"unknown method {m!r}; methods: {', '.join(known)}")
+        if m not in known and not composed_names(m, known):
+            raise EvalArgumentError(f"unknown method {m!r}; methods: {', '.join(known)} (or two joined by +: a "
+                                    "vision method, then an LLM method)")
     if spec.methods and not (spec.keeps or spec.keep_ratios or spec.flops_ratios):
         raise EvalArgumentError("pass budgets: --keep, --keep-ratio and/or --flops-ratio")
     if spec.batch_size < 1:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import tokprune
+import tokprune.api
 from tokprune.testing import image_prompt, make_image, tiny_model
 
 STEPS = 5
@@ -108,3 +109,27 @@ def test_a_dropped_patched_model_is_collected(method):
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("method", tokprune.api.methods())
+def test_record_scores_for_every_method(method):
+    """``record_scores=True`` works for every method: a stage whose method scores tokens (defines
+    ``vision_scores`` / ``llm_scores``, whether it selects by the default top-k or its own ``select_*``) records those
+    scores over each image's original tokens, finite at every kept token; a stage that selects without a per-token
+    score (CATP's facility location, FlowCut's in-encoder survivors) records None."""
+    from tokprune.registry import get_method
+
+    model, proc = tiny_model("llava")
+    cls = get_method(method)
+    with torch.no_grad(), tokprune.pruned(model, method, keep_ratio=0.5, record_scores=True):
+        model(**_prompt(proc, 0, "what is in the image ?"))
+        rec = tokprune.last_record(model)
+    assert rec.stages
+    for st in rec.stages:
+        scorer = "vision_scores" if st.kind == "vision" else "llm_scores"
+        scores_tokens = vars(cls).get(scorer) is not None or any(
+            scorer in vars(k) for k in cls.__mro__[1:] if k is not tokprune.Pruner and k is not object)
+        assert (st.scores is not None) == scores_tokens, (st.kind, st.layer)
+        if st.scores is not None:
+            s = st.scores[0][0]
+            assert s.shape == (rec.n_visual[0][0],) and bool(torch.isfinite(s[st.kept[0][0]]).all())

@@ -44,6 +44,10 @@ def search_space(method: str | type) -> dict[str, tuple]:
             raise ValueError(f"{where}: bounds must be finite numbers, got {dim!r}")
         if not lo < hi or (kind == "log" and lo <= 0):
             raise ValueError(f"{where}: need low < high (and low > 0 for 'log'), got {dim!r}")
+        valid = getattr(cls, "numbers", {}).get(key)
+        if valid is not None and not valid[0] <= lo <= hi <= valid[1]:
+            raise ValueError(f"{where}: {dim!r} leaves the option's valid range [{valid[0]}, {valid[1]}] "
+                             f"({cls.__name__}.numbers)")
     return space
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -425,6 +426,13 @@ class LLMSignals:
     score_sink: ScoreSink | None = None
 
 
+def check_number(who: str, option: str, value: object, low: float, high: float, what: str) -> float:
+    """``value`` as a float when it is a number in [low, high]; else a ValueError naming the option and the range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
+        raise ValueError(f"{who}: {option} must be a number in [{low}, {high}] ({what}), got {value!r}")
+    return float(value)
+
+
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
     """Sorted top-k indices for each score vector; vectors of equal length and k are batched in one call."""
     out: list[torch.Tensor | None] = [None] * len(scores)
@@ -468,6 +476,11 @@ class Pruner:
     #: excludes ``keep`` / ``keep_ratio``
     flops_ratio: ClassVar[float | None] = None
     prune_ratio: ClassVar[float | None] = None
+    #: numeric options checked at construction from this one declaration: ``{option: (low, high, what)}``, bounds
+    #: inclusive; a non-number or a value outside raises ``"<method>: <option> must be a number in [low, high]
+    #: (what), got ..."``, a valid one becomes a float, None (an unset option) is left alone. A ``search_space``
+    #: dimension of the same option must lie inside these bounds (checked by :func:`tokprune.tuned.search_space`).
+    numbers: ClassVar[dict[str, tuple[float, float, str]]] = {}
 
     positions: str | None = None
 
@@ -481,6 +494,9 @@ class Pruner:
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
+        for option, (low, high, what) in self.numbers.items():
+            if getattr(self, option) is not None:
+                setattr(self, option, check_number(self.name, option, getattr(self, option), low, high, what))
 
     # ------------------------------------------------------------------ schedule
     def vision_request(self, info: ModelInfo) -> VisionRequest | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -91,6 +92,8 @@ class FlowCut(Pruner):
     paper = "FlowCut, arXiv 2505.19536"
 
     semantic: str = "dot"
+    numbers: ClassVar[dict[str, tuple[float, float, str]]] = {
+        "history": (0, 1, "the EMA weight of the past; the paper uses 0.5")}
     history: float = 0.5
     llm_layer: int = 1
     newlines: bool = True
@@ -100,10 +103,6 @@ class FlowCut(Pruner):
         if self.semantic not in ("dot", "cosine"):
             raise ValueError(f"flowcut: semantic must be 'dot' (the reference code) or 'cosine' (the paper's "
                              f"wording), got {self.semantic!r}")
-        if isinstance(self.history, bool) or not isinstance(self.history, (int, float)) or not 0 <= self.history <= 1:
-            raise ValueError(f"flowcut: history must be a number in [0, 1] (the EMA weight of the past; the paper "
-                             f"uses 0.5), got {self.history!r}")
-        self.history = float(self.history)
         if not isinstance(self.newlines, bool):
             raise ValueError(f"flowcut: newlines must be True (LLaVA-NeXT's row newlines kept on top of the budget, "
                              f"the model's trained layout) or False (none, the reference), got {self.newlines!r}")

@@ -57,6 +57,7 @@ class HiPrune(Pruner):
 
     #: ``tokprune tune``: the anchors' share (the paper's 0.1 gives no anchor below keep=25; 1 = all anchors)
     search_space = {"alpha": ("float", 0.0, 1.0)}
+    numbers = {"alpha": (0, 5, "the anchors' share of keep, x 5 with their buffers; the paper uses 0.1")}
 
     alpha: float = 0.1
     object_layer: int | None = None
@@ -65,10 +66,6 @@ class HiPrune(Pruner):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 5:
-            raise ValueError(f"hiprune: alpha must be a number in [0, 5] (the anchors' share of keep, x 5 with their "
-                             f"buffers; the paper uses 0.1), got {self.alpha!r}")
-        self.alpha = float(self.alpha)
         if not isinstance(self.wrap_rows, bool):
             raise TypeError(f"hiprune: wrap_rows must be True (reference) or False (true 2-D neighbours), "
                             f"got {self.wrap_rows!r}")

@@ -97,6 +97,13 @@ class VFlowOpt(Pruner):
     #: the tuner's search space (``tokprune tune``): the reference optimiser's ranges
     #: (``llava_ov_opt_all.py``: t in [0, 50], a in [3, 24], alpha in [-1, 1], R2 in [0.2 / 0.375, 1]; its R3
     #: solved from the average constraint spans about [0.067, 1]); R1 is solved from ``keep_ratio`` here
+    numbers: ClassVar[dict[str, tuple[float, float, str]]] = {
+        "t": (0.0, math.inf, "hubs receive more than t times the mean attention"),
+        "alpha": (-math.inf, math.inf, "the entropy term's weight"),
+        "cell": (1.0, math.inf, "the side a of a recycling grid cell, in tokens"),
+        "r2": (1e-9, 1.0, "the share of its current tokens an LLM cut keeps"),
+        "r3": (1e-9, 1.0, "the share of its current tokens an LLM cut keeps"),
+    }
     search_space: ClassVar[dict[str, tuple]] = {
         "t": ("float", 0.0, 50.0),
         "alpha": ("float", -1.0, 1.0),
@@ -121,13 +128,6 @@ class VFlowOpt(Pruner):
         if self.merge_weights not in ("clamped", "signed"):
             raise ValueError(f"vflowopt: merge_weights must be 'clamped' (importance clamped at 0, the default) or "
                              f"'signed' (the reference's signed importance), got {self.merge_weights!r}")
-        self.t = _number("t", self.t, 0.0, math.inf, "hubs receive more than t times the mean attention")
-        self.alpha = _number("alpha", self.alpha, -math.inf, math.inf, "the entropy term's weight")
-        self.cell = _number("cell", self.cell, 1.0, math.inf, "the side a of a recycling grid cell, in tokens")
-        for name in ("r2", "r3"):
-            if getattr(self, name) is not None:
-                setattr(self, name, _number(name, getattr(self, name), 1e-9, 1.0,
-                                            "the share of its current tokens an LLM cut keeps"))
         if self.ratios is not None:
             if self.r2 is not None or self.r3 is not None:
                 raise ValueError("vflowopt: pass ratios=(R1, R2, R3) or r2/r3 (with keep_ratio), not both")

@@ -133,3 +133,23 @@ def test_record_scores_for_every_method(method):
         if st.scores is not None:
             s = st.scores[0][0]
             assert s.shape == (rec.n_visual[0][0],) and bool(torch.isfinite(s[st.kept[0][0]]).all())
+
+
+@pytest.mark.parametrize("method", ["fastv", "cls"])
+def test_two_threads_share_one_patched_model(method):
+    """Two threads generating on one patched model at once (a per-thread forward state, per-thread encoder
+    signals) get what each gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, proc = tiny_model("llava")
+    a, b = _prompt(proc, 0, "what is in the image ?"), _batch(proc)
+    with torch.no_grad(), tokprune.pruned(model, method, keep=4):
+        want = [_alone(model, a), _alone(model, b)]
+
+        def run(x):
+            with torch.no_grad():
+                return [_alone(model, x) for _ in range(3)]
+
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(run, [a, b]))
+    assert all(g == want[0] for g in got[0]) and all(g == want[1] for g in got[1])

@@ -24,6 +24,7 @@ defines (``adapter.budget_parts``: one per image, or LLaVA-NeXT tiles) and hands
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +117,19 @@ class VisionStage:
                 raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
         self._handles: list[Any] = []
         self._tapped: list[nn.Module] = []
-        self.raw: dict[Signal, list[torch.Tensor]] = {}
+        self._local = threading.local()  # .raw: per thread, so two threads encoding at once never mix signals
+
+    @property
+    def raw(self) -> dict[Signal, list[torch.Tensor]]:
+        """What the taps saw in this thread's last encoder call, per signal and attention call (read by the
+        prefill that follows it)."""
+        if not hasattr(self._local, "raw"):
+            self._local.raw = {}
+        return self._local.raw
+
+    @raw.setter
+    def raw(self, value: dict[Signal, list[torch.Tensor]]) -> None:
+        self._local.raw = value
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:

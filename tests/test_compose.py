@@ -135,3 +135,13 @@ def test_names_and_refusals(tiny):
         tokprune.Compose(vision_keep=0)
     sched = tokprune.api.schedule(model, "visionzip+transprune", keep=4)
     assert sched.stages[0].kind == "vision" and sched.stages[-1].keep == 4
+
+
+def test_cli_show_takes_a_composition(tmp_path):
+    """``tokprune show --methods cls+fastv`` draws the composition's kept tokens (every stage in its record)."""
+    from tokprune.cli import main
+
+    out = tmp_path / "kept.png"
+    assert main(["show", "--model", "tiny:llava", "--methods", "cls,cls+fastv", "--keep", "4", "--out", str(out)]) in (
+        0, None)
+    assert out.is_file() and out.stat().st_size > 0

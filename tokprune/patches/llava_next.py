@@ -155,7 +155,7 @@ class LlavaNextAdapter(LlavaAdapter):
             packed, _ = type(self.base).pack_image_features(self.base, [ones], self._sizes[j:j + 1], "default",
                                                             image_newline=torch.zeros(1))
             content = int(packed[0].sum())
-            out += [self.budget.count(content)] * tiles
+            out += [self.budget.count(content, rounding=self.pruner.ratio_rounding)] * tiles
             if out[-1] >= content:  # the budget keeps every content token: no tile is cut (keep-all is the model)
                 out[-tiles:] = [2 * n for n in n_tokens[len(out) - tiles:len(out)]]
         if len(out) != len(n_tokens):

@@ -109,6 +109,10 @@ class VisionStage:
                 raise ValueError(f"{sig}: the {info.family} vision encoder has {info.vision_layers} layers")
             if sig.kind == "cls" and not info.has_cls:
                 raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
+            if sig.kind == "rows" and adapter.windowed_layer(sig.layer):
+                raise UnsupportedError(f"{sig}: encoder layer {sig.layer} of {info.family} attends within windows, "
+                                       "where rows of chosen queries are not defined over the image; choose a "
+                                       "full-attention layer (fullatt_block_indexes)")
         self._handles: list[Any] = []
         self._tapped: list[nn.Module] = []
         self.raw: dict[Signal, list[torch.Tensor]] = {}
@@ -175,6 +179,8 @@ class VisionStage:
                     "the vision encoder ran without tokprune's taps (were the image features computed before "
                     "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
                 )
+            if sig.kind == "received":  # windowed blocks: a column mean over all the image's queries
+                calls = self.adapter.received_per_image(calls)
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 

@@ -22,7 +22,12 @@ import torch
 from tokprune.kernels import select_topk
 from tokprune.schedule import Schedule, StageBudget
 
-POSITIONS = ("compact", "original")
+#: position policies: "compact" re-indexes every stage's survivors contiguously; "original" keeps each token's
+#: position id; "compact_pre_llm" re-indexes after the pre-LLM (vision) stage and keeps those ids at LLM cuts (the
+#: LLM numbers the shortened sequence 0..L1-1, later cuts drop ids, decode goes on at L1 + t: VFlowOpt's reference)
+POSITIONS = ("compact", "original", "compact_pre_llm")
+#: the policies that re-index the pre-LLM stage's survivors
+VISION_COMPACT = ("compact", "compact_pre_llm")
 
 
 class UnsupportedError(ValueError):
@@ -374,7 +379,8 @@ def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]
 @dataclass
 class Pruner:
     """Base class of all methods. ``positions``: "compact" re-indexes kept tokens contiguously, "original"
-    keeps each token's position; None picks the paper's default for the model family."""
+    keeps each token's position, "compact_pre_llm" re-indexes after the pre-LLM stage only (see
+    :data:`POSITIONS`); None picks the paper's default for the model family."""
 
     name: ClassVar[str] = "base"
     #: one-line description shown in docs and the CLI
@@ -395,6 +401,9 @@ class Pruner:
     #: model-independent; a point the method refuses on a model (its own validation) is an infeasible trial, and
     #: ``apply(config=...)`` refuses values outside these bounds. Empty: the method has nothing to tune.
     search_space: ClassVar[dict[str, tuple]] = {}
+    #: how a ``keep_ratio`` becomes an image's count (:meth:`tokprune.config.Budget.count`): "round" (nearest), or
+    #: "floor" (the progressive references' ``int(N * r)``)
+    ratio_rounding: ClassVar[str] = "round"
 
     positions: str | None = None
 
@@ -427,10 +436,10 @@ class Pruner:
 
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""
-        if self.positions == "compact" and not info.supports_compact:
+        if self.positions in VISION_COMPACT and not info.supports_compact:
             raise UnsupportedError(
-                f"positions='compact' is not defined for {info.family} (M-RoPE keeps each token's 3-D position); "
-                "use positions='original'"
+                f"positions={self.positions!r} is not defined for {info.family} (M-RoPE keeps each token's 3-D "
+                "position); use positions='original'"
             )
         layers = self.llm_layers(info)
         for k in layers:
@@ -468,10 +477,12 @@ class Pruner:
         Progressive methods override this with their schedule."""
         return keep
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
         """The per-stage budgets of an image of ``n_visual`` tokens at budget ``keep``: a pure function of the
         method, run by the adapters (which check every returned count against it) and counted by
-        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage."""
+        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage. ``keep_ratio``:
+        the ratio ``keep`` was counted from, when the budget was a ratio (progressive methods derive every stage
+        from it, as their references do; others ignore it)."""
         kinds = ([("vision", None)] if self.vision_request(info) is not None else []) + [
             ("llm", layer) for layer in self.llm_layers(info)]
         stages, current = [], n_visual

@@ -33,7 +33,7 @@ from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
 from tokprune.patches.vision_stage import Placement, VisionStage, content_label
-from tokprune.pruners.base import VISION_COMPACT, ModelInfo, PrefillContext, Pruner
+from tokprune.pruners.base import VISION_COMPACT, ModelInfo, PrefillContext, Pruner, UnsupportedError
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.schedule import Schedule
 
@@ -223,8 +223,29 @@ class Adapter:
         """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
         per-token outputs extend this and merge them the same way)."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
+        new.pooler_output = [self.build_encoder_rows(j, p, f) if p.encoder_rows is not None else p.build(f)
+                             for j, (f, p) in enumerate(zip(out.pooler_output, placements))]
         return new
+
+    # ------------------------------------------------------------------ merges before the projector
+    def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
+        """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
+        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` image ``image``'s encoder sequence."""
+        enc = self.encoder_sequence(image)
+        rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
+        if rows.shape[1] != enc.shape[0]:
+            raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns, the encoder sequence {enc.shape[0]} tokens")
+        return self.project(rows @ enc.float()).to(device=features.device, dtype=features.dtype)
+
+    def encoder_sequence(self, image: int) -> torch.Tensor:
+        """(n_enc, D_enc) the feature layer's tokens of image ``image`` ([CLS] first where the encoder has one), as
+        the projector's input is taken from them. Family hook (encoder-space merges)."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector; use the "
+                               "method's merge of LLM tokens")
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(m, D_enc) encoder-space tokens -> (m, D_llm) through the model's projector. Family hook."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector")
 
     def cut_layout(self) -> str:
         """How the vision encoder holds its sequences for an in-encoder cut: "batch" ((B, N, D), one image or tile

@@ -255,6 +255,15 @@ class VisionDecision:
     (m,) long, optional: the dropped token (one of its sources) whose place each new token takes (VFlowOpt's
     recycled token sits at its cell's representative).
 
+    **Encoder space** (``encoder_rows`` (m, n_enc), a merge *before* the projector, VisionZip's reference): the
+    image's LLM tokens are, in row order, ``projector(encoder_rows @ E)`` with ``E`` the encoder sequence of the
+    image at the feature layer (its [CLS] first where the encoder has one: index 0, patch p at ``1 + p``; as the
+    projector's input rows are built), so a row can be any weighted sum (not only a mean) and include the [CLS]
+    token. ``kept`` is then empty, ``slots`` (m,) gives the slot each row occupies (distinct; they set the record
+    and, with ``positions="original"``, the position ids; with re-indexed positions the LLM sees the rows in row
+    order at contiguous positions), and ``assign`` (n,) only records each patch's row for the record (-1: none).
+    The method requests ``Signal("hidden_out", feature_layer)``; families without a token-wise projector refuse it.
+
     Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
     *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
     token, else the lowest free dropped slot. Either way it sits at that slot's place in the sequence with that
@@ -267,9 +276,12 @@ class VisionDecision:
     weights: torch.Tensor | None = None
     features: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    encoder_rows: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
+        if self.encoder_rows is not None:
+            return int(self.encoder_rows.shape[0])
         if self.features is not None:
             return int(self.features.shape[0])
         # sync: once per decision, the number of new tokens (an output shape)

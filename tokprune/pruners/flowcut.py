@@ -59,9 +59,10 @@ class FlowCut(Pruner):
       ``sem`` from value dot products scaled by ``1/sqrt(d_head)``) keeps ``keep``, removed before layer 2.
     * **LLaVA-NeXT** (§3.2): every tile (base and crops, one CLIP row each) is cut as on LLaVA-1.5 to
       ``int(keep / 2)`` patches (the reference's ``int(target_num / 2)``, at least 1; +[CLS]; ``keep`` the image's
-      budget, so ``keep_ratio`` counts its unpadded content tokens); the vision stage keeps the survivors that lie in HF's unpadded layout, in its raster order (base
-      tile first), a data-dependent count (the schedule's vision stage is an upper bound,
-      ``at_most``); then LLM layer ``llm_layer`` scores as on Qwen and keeps ``min(keep, survivors)``, removed
+      budget, so ``keep_ratio`` counts its unpadded content tokens); the vision stage keeps the survivors that lie
+      in HF's unpadded layout, in its raster order (base tile first), a data-dependent count (the schedule's vision
+      stage is an upper bound, ``at_most``); then LLM layer ``llm_layer`` scores as on Qwen and keeps
+      ``min(keep, survivors)``, removed
       before layer 2. The reference scatters the crops' kept patches into the stitched grid and unpads the mask,
       the same set. Newlines: ``newlines=True`` (default) keeps the row newlines on top of every stage, as for
       ``visionzip`` (keep-all must equal the model, and it is the trained layout); ``newlines=False`` inserts none,

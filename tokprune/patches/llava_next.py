@@ -16,7 +16,8 @@ base tile's square grid for the base tile and the rows of the stitched, unpadded
 budget larger than the content tokens is refused. For vision stages the family option ``tile_budget`` says how the
 budget is spread:
 
-* ``"per_tile"`` (default; per tile as FasterVLM / HiPrune select): the image's budget is split evenly over its tiles (remainder to
+* ``"per_tile"`` (default; per tile as FasterVLM / HiPrune select): the image's budget is split evenly over its
+  tiles (remainder to
   the first tiles, base tile first; a tile with fewer visible tokens than its share gives the rest to the
   others) and the method selects within each tile, which it sees as a separate image. Tile ``t`` of image ``i``
   is presented with owner index ``i * TILE_STRIDE + t``, so per-image seeded rules (``random``) draw independently
@@ -32,7 +33,8 @@ budget is spread:
   Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning).
 
 **Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget (the
-model's trained layout; FasterVLM's and HiPrune's NeXT code emit none, see above); a method may set ``keep_newlines = False`` (on its class, or per instance as FlowCut's
+model's trained layout; FasterVLM's and HiPrune's NeXT code emit none, see above); a method may set
+``keep_newlines = False`` (on its class, or per instance as FlowCut's
 ``newlines=False``, its reference's layout) and then none are kept. By default ``keep_ratio=0.5`` keeps half of the
 content tokens plus the newlines with every method.
 

@@ -60,16 +60,18 @@ def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
 
 
 def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float) -> dict[Signal, torch.Tensor]:
-    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...)."""
+               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False) -> dict[Signal, torch.Tensor]:
+    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...).
+    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``)."""
     out: dict[Signal, torch.Tensor] = {}
     received: torch.Tensor | None = None
     for sig in signals:
         if sig.kind in ("received", "rows") and received is None:
-            received = received_attention(query, key, mask, scaling)  # (B, H, K)
+            received = received_attention(query, key, mask, scaling, model_dtype=model_dtype)  # (B, H, K)
         if sig.kind == "cls":
             rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False)[:, :, 0], sig.heads)
+            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False,
+                                             model_dtype=model_dtype)[:, :, 0], sig.heads)
         elif sig.kind == "received":
             out[sig] = _heads(received, sig.heads)
         elif sig.kind == "rows":
@@ -78,6 +80,8 @@ def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, va
             out[sig] = _states(key, sig.heads)
         elif sig.kind == "values":
             out[sig] = _states(value, sig.heads)
+        if model_dtype and sig.kind in ATTENTION_KINDS:  # the score itself in the model's dtype
+            out[sig] = out[sig].to(query.dtype).float()
     return out
 
 
@@ -157,7 +161,9 @@ class VisionStage:
     def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
         chunks = varlen_chunks(query, key, value, kwargs)
         for q, k, v in chunks:
-            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling).items():
+            model_dtype = getattr(self.adapter.pruner, "score_dtype", "float32") == "model"
+            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling,
+                                     model_dtype).items():
                 self.raw.setdefault(sig, []).append(x)
 
     def _hidden_in(self, sig: Signal, module, args: tuple, kw: dict) -> None:

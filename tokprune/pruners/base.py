@@ -26,6 +26,8 @@ from tokprune.schedule import Schedule, StageBudget
 #: position id; "compact_pre_llm" re-indexes after the pre-LLM (vision) stage and keeps those ids at LLM cuts (the
 #: LLM numbers the shortened sequence 0..L1-1, later cuts drop ids, decode goes on at L1 + t: VFlowOpt's reference)
 POSITIONS = ("compact", "original", "compact_pre_llm")
+#: the precision of attention scores (see :attr:`Pruner.score_dtype`)
+SCORE_DTYPES = ("float32", "model")
 #: the policies that re-index the pre-LLM stage's survivors
 VISION_COMPACT = ("compact", "compact_pre_llm")
 
@@ -418,10 +420,17 @@ class Pruner:
     ratio_rounding: ClassVar[str] = "round"
 
     positions: str | None = None
+    #: the precision of attention scores: "float32" (default: logits, softmax and reductions in float32, the better
+    #: ranking) or "model": logits in the model's dtype, probabilities and the reduced score rounded to it, as the
+    #: references' eager fp16 / bf16 kernels do (near-ties at the cut then go their way). Same on fp32 models.
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES} ('model' rounds attention scores to the "
+                             f"model's dtype as the reference code does), got {self.score_dtype!r}")
 
     # ------------------------------------------------------------------ schedule
     def vision_request(self, info: ModelInfo) -> VisionRequest | None:

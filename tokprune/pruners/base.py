@@ -51,7 +51,8 @@ class ModelInfo:
 #: vision signal kinds a method may request, and what each holds per visual token (see :class:`Signal`)
 SIGNAL_KINDS: dict[str, str] = {
     "cls": "attention of the [CLS] query (row 0) to the token",
-    "received": "attention the token receives: column mean of softmax(q k^T) over all queries",
+    "received": "attention the token receives: column mean of softmax(q k^T) over all queries of its image (a "
+                "windowed block: the window's column sum over the image's query count)",
     "rows": "attention from the query patches chosen by ``queries``, mean over those queries",
     "keys": "key states of the token",
     "values": "value states of the token",

@@ -199,7 +199,7 @@ def reference_logits(model, x, tokens: list[torch.Tensor], steps: int) -> tuple[
     last-token logits of ``steps`` greedy decode steps (recomputed without a cache)."""
     ids = x["input_ids"][0]
     pos = (ids == model.config.image_token_id).nonzero()[:, 0]
-    n = model.config.image_seq_length  # placeholders per image (runs of adjacent images touch)
+    n = pos.numel() // len(tokens)  # placeholders per image (runs of adjacent images touch)
     runs = [(int(pos[i]), int(pos[i]) + n) for i in range(0, pos.numel(), n)]
     pieces, last = [], 0
     for (a, e), t in zip(runs, tokens):
@@ -263,3 +263,21 @@ def test_llava_keep_all_and_the_merge_option_are_checked():
     for family in ("llava_next", "qwen2_vl"):
         with pytest.raises(tokprune.UnsupportedError, match="merge='llm'"):
             tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder")
+
+
+def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot():
+    """With ``vision_feature_select_strategy="full"`` (17 placeholders, [CLS] a visual token) the default is the
+    same reference token list; the [CLS] row sits at the [CLS] token's own slot 0."""
+    model, proc = tiny_model("llava")
+    model.config.vision_feature_select_strategy = "full"
+    proc.vision_feature_select_strategy, proc.num_additional_image_tokens = "full", 1
+    fam = type(ZOO["llava"])("llava", model, proc)
+    x = inputs(fam, sizes=[(56, 56)])
+    k, c = 7, 2
+    with torch.no_grad():
+        with tokprune.pruned(model, "visionzip", keep=k, contextual=c):
+            out = model(**x).logits
+            rec = tokprune.last_record(model)
+        ref, _ = reference_logits(model, x, reference_llm_tokens(model, x, k - c, c), 0)
+    assert rec.n_visual[0] == [17] and rec.kept[0][0][0] == 0 and rec.merged[0][0].slots[0] == 0
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4

@@ -45,6 +45,28 @@ def test_model_dtype_scores_follow_the_eager_bf16_kernel():
     assert agree["model"] == 6
 
 
+def test_model_dtype_llm_rows_follow_the_eager_bf16_kernel():
+    """FastV (K = 2) on a bf16 model: ``score_dtype="model"`` ranks the last prompt token's head-mean row of layer
+    K-1 as the model's own eager bf16 kernel gives it (the reference's ``output_attentions`` path)."""
+    model, proc = _bf16_llava()
+    k = 5
+    hits = 0
+    for seed in range(4):
+        x = proc(images=[make_image(64, 48, seed=seed)], text=image_prompt(proc, 1, "what color is it ?"),
+                 return_tensors="pt")
+        x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+        img = oracles.image_positions(x["input_ids"][0], model.config.image_token_id)
+        with torch.no_grad():
+            probs = oracles.eager_rows_under_cuts(model, x, [], 1)[0]  # (H, N, N) bf16, layer K-1
+            score = probs[:, -1, img].mean(0)  # head mean in bf16, as the reference's FastV
+            want = oracles.topk_sorted(score.float(), k)
+            with tokprune.pruned(model, "fastv", keep=k, score_dtype="model"):
+                model(**x)
+                got = tokprune.last_record(model).kept[0][0]
+        hits += int(torch.equal(got, want))
+    assert hits == 4
+
+
 def test_option_is_validated_and_fp32_models_are_unchanged():
     with pytest.raises(ValueError, match="score_dtype must be one of"):
         CLSAttention(score_dtype="fp16")

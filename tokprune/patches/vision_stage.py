@@ -354,10 +354,12 @@ class _ImageChoice:
         return m
 
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
-        if self.encoder is not None:
+        if self.encoder is not None:  # every token of the image is a row (special tokens have no encoder row)
             rows, sl, assign = self.encoder
-            kept = [sl] + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
-            slots = torch.cat(kept).sort().values
+            # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)
+            if keep_special is not None and bool(keep_special.any()):
+                raise UnsupportedError("an encoder-space decision cannot keep special tokens (LLaVA-NeXT newlines)")
+            slots = sl.sort().values
             return Placement(slots, torch.searchsorted(slots, sl), assign, encoder_rows=rows)
         # sync: once per image, the kept special tokens' indices (a variable-size output)
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])

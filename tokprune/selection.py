@@ -59,11 +59,12 @@ def image_budget(pruner: Pruner, info: ModelInfo, budget: Budget, special: torch
     """The :class:`ImageBudget` of an image with this special-token mask: ``keep`` / ``keep_ratio`` count its
     content tokens (an error names both counts when a count budget exceeds them)."""
     n = int((~special).sum())  # sync: once per image per prefill, the content-token count sizes every budget
+    rounding = pruner.ratio_rounding
     try:
-        keep = budget.count(n)
+        keep = budget.count(n, rounding=rounding)
     except ValueError:  # the error names what was counted (reads the mask again, on the error path only)
-        keep = budget.count(n, content_label(special))
-    return ImageBudget(n, keep, pruner.schedule(info, n, keep))
+        keep = budget.count(n, content_label(special), rounding=rounding)
+    return ImageBudget(n, keep, pruner.schedule(info, n, keep, keep_ratio=budget.keep_ratio))
 
 
 @dataclass
@@ -194,6 +195,9 @@ class Placement:
     assign: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    #: (m, n_enc) an encoder-space decision's rows (see VisionDecision): every token is built before the projector,
+    #: in row order, by the adapter (:meth:`~tokprune.patches.base.Adapter.build_encoder_rows`), not by build()
+    encoder_rows: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
@@ -207,6 +211,10 @@ class Placement:
     def build(self, f: torch.Tensor, level: str = "features") -> torch.Tensor:
         """The image's tokens after the stage: ``f[slots]`` with the new tokens in their slots. ``f`` is the
         image's (n, D) features or any per-token encoder output merged the same way (a DeepStack level)."""
+        if self.encoder_rows is not None:
+            raise UnsupportedError(f"tokens merged before the projector cannot be rebuilt from the {level}; the "
+                                   "adapter projects them (a family with per-token outputs beside the features "
+                                   "refuses encoder-space decisions)")
         out = f[self.slots.to(f.device)]
         if not self.n_new:
             return out
@@ -236,6 +244,7 @@ class _ImageChoice:
         self.features: list[torch.Tensor] = []
         self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
         self.m = 0
+        self.encoder: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, assign)
 
     def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
         """Take one part's answer (``k``: its budget, None when pooled); returns the tokens it keeps or adds."""
@@ -244,6 +253,8 @@ class _ImageChoice:
             check_indices(pick, n_part, k, who)
             self.kept.append(idx[pick.to(idx.device)])
             return int(pick.numel())
+        if pick.encoder_rows is not None:
+            return self._add_encoder(pick, idx, k, who)
         m = pick.n_new
         check_indices(pick.kept, n_part, None if k is None else k - m,
                       f"{who} (kept tokens of a decision with {m} new tokens)")
@@ -282,7 +293,29 @@ class _ImageChoice:
         self.m += m
         return int(pick.kept.numel()) + m
 
+    def _add_encoder(self, pick: VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
+        """An encoder-space decision: the image's only part (one encoder sequence), every token a row."""
+        rows, m = pick.encoder_rows, pick.n_new
+        if self.kept or self.m or self.encoder is not None or int(idx.numel()) != self.n:
+            raise RuntimeError(f"{who}: an encoder-space decision must cover its whole image in one part")
+        if pick.kept.numel() or pick.slots is None or rows.dim() != 2 or (k is not None and m != k):
+            raise RuntimeError(f"{who}: an encoder-space decision has no kept tokens, {k} rows (the budget) and "
+                               "one slot per row")
+        sl = pick.slots.to(idx.device).long()
+        # sync: once per image: validating the pruner's decision (a clear error)
+        if sl.shape != (m,) or bool(((sl < 0) | (sl >= self.n)).any()) or sl.unique().numel() != m:
+            raise RuntimeError(f"{who}: slots must be ({m},) distinct indices into the image's {self.n} tokens")
+        self.encoder = (rows, idx[sl], pick.assign.to(idx.device).long())
+        return m
+
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
+        if self.encoder is not None:  # every token of the image is a row (special tokens have no encoder row)
+            rows, sl, assign = self.encoder
+            # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)
+            if keep_special is not None and bool(keep_special.any()):
+                raise UnsupportedError("an encoder-space decision cannot keep special tokens (LLaVA-NeXT newlines)")
+            slots = sl.sort().values
+            return Placement(slots, torch.searchsorted(slots, sl), assign, encoder_rows=rows)
         # sync: once per image, the kept special tokens' indices (a variable-size output)
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
         kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)

@@ -31,7 +31,7 @@ from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.prefill import Orchestrator, PrefillState
 from tokprune.patches.sequence import paired_text_positions
 from tokprune.patches.vision_stage import VisionStage
-from tokprune.pruners.base import ModelInfo, Pruner
+from tokprune.pruners.base import ModelInfo, Pruner, UnsupportedError
 from tokprune.record import PruneRecord
 from tokprune.schedule import Schedule
 from tokprune.selection import Placement, image_budget
@@ -124,6 +124,17 @@ class Adapter:
         that become one token combine ("mean", or "concat" along the last axis for pixels)."""  # family hook
         raise NotImplementedError
 
+    def received_per_image(self, calls: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per attention call, ``received`` (each key's column mean over the call's queries) as the column mean over
+        all queries of the key's image: the same where a call is one image or tile (the default); a windowed block
+        (Qwen2.5-VL) overrides it, since queries of other windows pay a key 0. Family hook."""
+        return calls
+
+    def windowed_layer(self, layer: int) -> bool:
+        """Whether encoder layer ``layer`` attends within windows of an image (one attention call per window).
+        Family hook; default False."""
+        return False
+
     def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
                       std: tuple[float, ...]) -> torch.Tensor:
         """The encoder's input pixels, un-normalised, per patch of its sequence: (n_seq, n_patches, C, values)
@@ -158,7 +169,7 @@ class Adapter:
 
     def schedule(self, special: torch.Tensor) -> Schedule:
         """The method's per-stage budgets for an image with this special-token mask (see :meth:`image_budget`)."""
-        return self.pruner.schedule(self.info, *self.image_budget(special))
+        return self.pruner.schedule(self.info, *self.image_budget(special), keep_ratio=self.budget.keep_ratio)
 
     def special_token_ids(self) -> set[int]:
         """The ids the model config names as special (``*_token_id`` of the config and its text config: image,
@@ -192,8 +203,29 @@ class Adapter:
         """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
         per-token outputs extend this and merge them the same way)."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
+        new.pooler_output = [self.build_encoder_rows(j, p, f) if p.encoder_rows is not None else p.build(f)
+                             for j, (f, p) in enumerate(zip(out.pooler_output, placements))]
         return new
+
+    # ------------------------------------------------------------------ merges before the projector
+    def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
+        """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
+        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` image ``image``'s encoder sequence."""
+        enc = self.encoder_sequence(image)
+        rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
+        if rows.shape[1] != enc.shape[0]:
+            raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns, the encoder sequence {enc.shape[0]} tokens")
+        return self.project(rows @ enc.float()).to(device=features.device, dtype=features.dtype)
+
+    def encoder_sequence(self, image: int) -> torch.Tensor:
+        """(n_enc, D_enc) the feature layer's tokens of image ``image`` ([CLS] first where the encoder has one), as
+        the projector's input is taken from them. Family hook (encoder-space merges)."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector; use the "
+                               "method's merge of LLM tokens")
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(m, D_enc) encoder-space tokens -> (m, D_llm) through the model's projector. Family hook."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector")
 
     def cut_layout(self) -> str:
         """How the vision encoder holds its sequences for an in-encoder cut: "batch" ((B, N, D), one image or tile
@@ -208,7 +240,7 @@ class Adapter:
     def cut_budgets(self, n_tokens: list[int]) -> list[int]:
         """The user's budget resolved for each encoder sequence that becomes ``n_tokens[s]`` LLM tokens (one image
         per sequence by default)."""
-        return [self.budget.count(n) for n in n_tokens]
+        return [self.budget.count(n, rounding=self.pruner.ratio_rounding) for n in n_tokens]
 
     def cut_strip(self) -> int:
         """Leading encoder tokens that the batch-layout head never reads (LLaVA's [CLS] under "default")."""

@@ -30,7 +30,7 @@ from torch import nn
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
-from tokprune.pruners.base import PrefillContext
+from tokprune.pruners.base import VISION_COMPACT, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.selection import Budgets, Placement
 
@@ -48,7 +48,7 @@ class DecodeState:
     n_full: int  # prompt length generate() believes in
     n_pruned: int  # prompt length the cache holds (layer 0)
     mask: torch.Tensor  # (B, n_pruned) 2D mask of the pruned prompt
-    offset: torch.Tensor | None  # (B,) position shift for "compact" positions
+    offset: torch.Tensor | None  # (B,) position shift of a re-indexed pre-LLM stage ("compact", "compact_pre_llm")
     mask_all: bool | None = None  # whether ``mask`` is all ones, read once (a host sync) at the first decode step
 
     def all_ones(self) -> bool:
@@ -264,7 +264,7 @@ class Orchestrator:
         new["mm_encoder_outputs"]["image"] = a.prune_encoder_outputs(layout.encoded, placements)
         ids, mask2d = layout.ids, layout.mask2d
         mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
-        offset = ((ids == a.image_token_id) & ~keep_mask).sum(1) if a.positions == "compact" else None
+        offset = ((ids == a.image_token_id) & ~keep_mask).sum(1) if a.positions in VISION_COMPACT else None
         state.decode = DecodeState(ids.shape[1], idx.shape[1], mask_pruned, offset)
         record.timings["select_vision_s"] = time.perf_counter() - t0
         spans = self.new_spans(layout, keep_mask, idx, keeps)
@@ -312,7 +312,7 @@ class Orchestrator:
         dropped, full = torch.stack([(~keep_mask).any(), mask.all()]).tolist()
         gaps = a.positions == "original" and dropped
         new["attention_mask"] = None if full and not gaps else mask
-        if a.positions == "compact":
+        if a.positions in VISION_COMPACT:  # the pre-LLM stage re-indexes its survivors
             pos = pos - ((ids == a.image_token_id) & ~keep_mask).long().cumsum(1)  # as if dropped never existed
         new["position_ids"] = take(pos, idx, valid, 0)
         for key, fill in a.token_keys.items():

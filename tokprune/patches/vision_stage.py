@@ -66,25 +66,33 @@ def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
 
 
 def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float) -> dict[Signal, torch.Tensor]:
-    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...)."""
+               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False) -> dict[Signal, torch.Tensor]:
+    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...).
+    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``)."""
+    received = None
+    if any(sig.kind in ("received", "rows") for sig in signals):
+        received = received_attention(query, key, mask, scaling, model_dtype=model_dtype)  # (B, H, K)
     out: dict[Signal, torch.Tensor] = {}
-    received: torch.Tensor | None = None
     for sig in signals:
-        if sig.kind in ("received", "rows") and received is None:
-            received = received_attention(query, key, mask, scaling)  # (B, H, K)
-        if sig.kind == "cls":
-            rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False)[:, :, 0], sig.heads)
-        elif sig.kind == "received":
-            out[sig] = _heads(received, sig.heads)
-        elif sig.kind == "rows":
-            out[sig] = _heads(chosen_rows(sig.queries(received.mean(1)), query, key, mask, scaling), sig.heads)
-        elif sig.kind == "keys":
-            out[sig] = _states(key, sig.heads)
-        elif sig.kind == "values":
-            out[sig] = _states(value, sig.heads)
+        x = _tap_value(sig, query, key, value, mask, scaling, received, model_dtype)
+        if model_dtype and sig.kind in ATTENTION_KINDS:  # the score itself in the model's dtype
+            x = x.to(query.dtype).float()
+        out[sig] = x
     return out
+
+
+def _tap_value(sig: Signal, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float, received: torch.Tensor | None, model_dtype: bool) -> torch.Tensor:
+    """One tapped signal of one attention call (``received``: the call's received attention, when needed)."""
+    if sig.kind == "cls":
+        rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
+        return _heads(attention_rows(query, key, mask, scaling, rows, causal=False,
+                                     model_dtype=model_dtype)[:, :, 0], sig.heads)
+    if sig.kind == "received":
+        return _heads(received, sig.heads)
+    if sig.kind == "rows":
+        return _heads(chosen_rows(sig.queries(received.mean(1)), query, key, mask, scaling), sig.heads)
+    return _states(key if sig.kind == "keys" else value, sig.heads)
 
 
 def chosen_rows(chosen: torch.Tensor, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
@@ -115,6 +123,10 @@ class VisionStage:
                 raise ValueError(f"{sig}: the {info.family} vision encoder has {info.vision_layers} layers")
             if sig.kind == "cls" and not info.has_cls:
                 raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
+            if sig.kind == "rows" and adapter.windowed_layer(sig.layer):
+                raise UnsupportedError(f"{sig}: encoder layer {sig.layer} of {info.family} attends within windows, "
+                                       "where rows of chosen queries are not defined over the image; choose a "
+                                       "full-attention layer (fullatt_block_indexes)")
         self._handles: list[Any] = []
         self._tapped: list[nn.Module] = []
         self._local = threading.local()  # .raw: per thread, so two threads encoding at once never mix signals
@@ -171,7 +183,9 @@ class VisionStage:
     def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
         chunks = varlen_chunks(query, key, value, kwargs)
         for q, k, v in chunks:
-            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling).items():
+            model_dtype = getattr(self.adapter.pruner, "score_dtype", "float32") == "model"
+            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling,
+                                     model_dtype).items():
                 self.raw.setdefault(sig, []).append(x)
 
     def _hidden_in(self, sig: Signal, module, args: tuple, kw: dict) -> None:
@@ -193,6 +207,8 @@ class VisionStage:
                     "the vision encoder ran without tokprune's taps (were the image features computed before "
                     "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
                 )
+            if sig.kind == "received":  # windowed blocks: a column mean over all the image's queries
+                calls = self.adapter.received_per_image(calls)
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 

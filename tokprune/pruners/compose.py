@@ -55,6 +55,8 @@ class Compose(Pruner):
     ``llm``: a method with LLM stages only (fastv, pdrop, transprune, ...). ``vision_keep``: tokens per image the
     vision stage keeps (default: twice the final budget, at most the image's tokens); it is never below the final
     budget. Records, FLOPs and ``show`` list every stage of both; ``record_scores`` records each stage's scores.
+    One prefill runs one position mode (the vision method's) and one ``score_dtype`` (the composition's own,
+    for the taps of both stages).
     """
 
     summary = "a vision method followed by an LLM method on its survivors"
@@ -132,8 +134,9 @@ class Compose(Pruner):
         want = self.vision_keep if self.vision_keep is not None else 2 * keep
         return min(n_visual, max(want, keep))
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
-        """The vision method's schedule at :meth:`vision_budget`, then the LLM method's on the survivors."""
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
+        """The vision method's schedule at :meth:`vision_budget`, then the LLM method's on the survivors (counts
+        only: ``keep_ratio`` of the original image has no meaning for the survivors)."""
         k0 = self.vision_budget(n_visual, keep)
         first = self.vision_method.schedule(info, n_visual, k0)
         then = self.llm_method.schedule(info, k0, min(keep, k0))

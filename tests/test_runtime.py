@@ -153,3 +153,25 @@ def test_two_threads_share_one_patched_model(method):
         with ThreadPoolExecutor(2) as pool:
             got = list(pool.map(run, [a, b]))
     assert all(g == want[0] for g in got[0]) and all(g == want[1] for g in got[1])
+
+
+@pytest.mark.parametrize("base", ["fastv", "hiprune", "pdrop"])
+def test_the_schedule_runs_once_per_image_size_and_prefill(base):
+    """Budgets are computed once per prefill (one schedule per distinct image size), not again by each stage."""
+    from dataclasses import dataclass
+
+    from tokprune.registry import get_method
+
+    calls = []
+
+    @dataclass
+    class Counting(get_method(base)):
+        def schedule(self, info, n_visual, keep, keep_ratio=None):
+            calls.append(n_visual)
+            return super().schedule(info, n_visual, keep, keep_ratio)
+
+    model, proc = tiny_model("llava")  # every LLaVA-1.5 image has the same tokens: one size
+    with torch.no_grad(), tokprune.pruned(model, Counting(), keep=4):
+        calls.clear()
+        model(**_batch(proc))  # three images in two rows
+    assert calls == [16]

@@ -145,3 +145,14 @@ def test_cli_show_takes_a_composition(tmp_path):
     assert main(["show", "--model", "tiny:llava", "--methods", "cls,cls+fastv", "--keep", "4", "--out", str(out)]) in (
         0, None)
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_eval_accepts_a_composition():
+    """``tokprune eval --methods cls+fastv``: the argument check knows the name; a composition takes no
+    ``flops_ratio`` budget (its budget is the final count). (The full CLI run is in the README's commands.)"""
+    from tokprune.eval.validate import EvalArgumentError, method_names, supports_flops_ratio
+    from tokprune.pruners.compose import composed_names
+
+    assert composed_names("cls+fastv", method_names()) and not composed_names("cls+cls+fastv", method_names())
+    assert not supports_flops_ratio("visionzip+transprune") and supports_flops_ratio("transprune")
+    assert issubclass(EvalArgumentError, ValueError)

@@ -102,7 +102,7 @@ def downsample(bundle: Any, budget: Budget, n_visual: int | None) -> tuple[dict[
 
 def supports_flops_ratio(method: str) -> bool:
     """Whether a method takes a ``flops_ratio`` budget (a field of its dataclass)."""
-    if method == DOWNSAMPLE:
+    if method == DOWNSAMPLE or "+" in method:  # a composition's budget is its final count or kept fraction
         return False
     from tokprune.registry import get_method
 

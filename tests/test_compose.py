@@ -149,7 +149,7 @@ def test_cli_show_takes_a_composition(tmp_path):
 
 def test_eval_accepts_a_composition():
     """``tokprune eval --methods cls+fastv``: the argument check knows the name; a composition takes no
-    ``flops_ratio`` budget (its budget is the final count). (The full CLI run is in the README's commands.)"""
+    ``flops_ratio`` budget (its budget is the final count)."""
     from tokprune.eval.validate import EvalArgumentError, method_names, supports_flops_ratio
     from tokprune.pruners.compose import composed_names
 

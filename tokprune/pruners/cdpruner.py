@@ -46,9 +46,9 @@ class CDPruner(Pruner):
     budget) and newlines are kept on top. Positions: compact on LLaVA (the reference re-packs the kept tokens),
     original on Qwen (M-RoPE).
 
-    Presets (the paper's budgets; ``keep`` is per image, per tile on LLaVA-NeXT): LLaVA-1.5 ``keep`` = 128, 64,
-    32 (of 576); LLaVA-NeXT 32 / 16 / 8 per tile (the README's ``32 * 5 = 160``); Qwen2.5-VL ``keep_ratio`` = 0.25,
-    0.125 (the paper's reduction ratios 75 % / 87.5 %).
+    Presets (the paper's budgets; ``keep`` is per image): LLaVA-1.5 ``keep`` = 128, 64, 32 (of 576); LLaVA-NeXT
+    ``keep`` = 32 / 16 / 8 with ``tile_budget="per_tile_reference"`` (that many in every tile: the reference's
+    ``32 * 5 = 160``); Qwen2.5-VL ``keep_ratio`` = 0.25, 0.125 (the paper's reduction ratios 75 % / 87.5 %).
     """
 
     summary = "DPP over projected tokens, kernel conditioned on instruction relevance; greedy MAP, pre-LLM"

@@ -220,3 +220,24 @@ def test_static_cache_and_sdpa_eager(family):
                 assert_same_generation(dyn, sta)
     assert all(torch.equal(a, b) for ra, rb in zip(*kept) for a, b in zip(ra, rb))
     assert math.isfinite(float(dyn.logits[0].sum()))
+
+
+def test_schedule_and_flops_count_the_cut_before_layer_k():
+    from tokprune import configs, flops
+    cfg = configs.load("llava-1.5-7b")
+    sched = tokprune.api.schedule(cfg, "dart", keep=132)
+    assert sched.plan() == [(2, 132)]
+    ratio = flops.for_budget(cfg, sched, convention="3ndm")
+    full = flops.for_budget(cfg, tokprune.api.schedule(cfg, "dart", keep=576), convention="3ndm")
+    assert ratio.total < full.total
+
+
+@torch.no_grad()
+def test_reduction_ratio_alone_is_the_budget():
+    fam = ZOO["qwen2_vl"]
+    x = inputs(fam, sizes=[(224, 196)])
+    n = int((x["input_ids"][0] == fam.image_id).sum())
+    with tokprune.pruned(fam.model, "dart", reduction_ratio=0.778):
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+    assert rec.n_kept == [[4 + 8 * int(n * (1 - 0.778) / 8)]]

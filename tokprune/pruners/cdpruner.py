@@ -86,29 +86,34 @@ class CDPruner(Pruner):
                 last[row] = (img, j)
         return [texts[last[row][1]] for row, _ in image_of]
 
-    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        """Per entry, each token's relevance ``r`` to the instruction (after ``theta``): the kernel's quality term,
+        min-max normalised over the whole image (all its parts). The DPP, not a top-k of these, picks the tokens;
+        ``record_scores`` / ``tokprune show --scores`` show them."""
         if signals.paired_text is None:
             raise RuntimeError("cdpruner needs the instruction's embeddings; the adapter did not provide them")
-        if not ks:
-            return []
         texts = self._texts(signals)
         images = [src[0] if signals.source else own for src, own in
-                  zip(signals.source or [None] * len(ks), signals.owners)]
-        # relevance, min-max normalised per whole image (all its parts together)
-        rel: list[torch.Tensor | None] = [None] * len(ks)
+                  zip(signals.source or [None] * len(texts), signals.owners)]
+        rel: list[torch.Tensor | None] = [None] * len(images)
         by_image: dict[tuple[int, int], list[int]] = {}
         for j, img in enumerate(images):
             by_image.setdefault(img, []).append(j)
         for members in by_image.values():
             feats = torch.cat([signals.features[j] for j in members])
-            groups = None
-            r = rules.relevance(feats, texts[members[0]].to(feats.device), groups, self.negate)
-            r = rules.theta_transform(r, self.theta)
+            r = rules.theta_transform(rules.relevance(feats, texts[members[0]].to(feats.device), self.negate),
+                                      self.theta)
             start = 0
             for j in members:
                 n = int(signals.features[j].shape[0])
                 rel[j] = r[start:start + n]
                 start += n
+        return rel  # type: ignore[return-value]
+
+    def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
+        if not ks:
+            return []
+        rel = self.vision_scores(signals)
         # the greedy, batched over parts of one size
         out: list[torch.Tensor | None] = [None] * len(ks)
         groups: dict[int, list[int]] = {}

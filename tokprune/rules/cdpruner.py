@@ -35,26 +35,17 @@ def similarity(x: torch.Tensor) -> torch.Tensor:
     return xn @ xn.transpose(-1, -2)
 
 
-def relevance(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor | None = None,
-              negate: bool = True) -> torch.Tensor:
+def relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
     """(N,) relevance of ``image`` (N, C) tokens to ``text`` (M, C) embeddings: the mean over the text rows of the
-    (negated, as in the reference) cosine, min-max normalised as ``(r - min + 1e-6) / (max - min)``. ``groups``
-    (N,) long, optional: normalise within each group (the reference normalises over one call: all crops of one
-    LLaVA-NeXT image together)."""
+    (negated, as in the reference) cosine, min-max normalised over all N as ``(r - min + 1e-6) / (max - min)``
+    (the reference normalises over one call: all crops of one LLaVA-NeXT image together, so pass them together)."""
     a = image.float() / image.float().norm(dim=-1, keepdim=True)
     t = text.float() / text.float().norm(dim=-1, keepdim=True)
     r = (a @ t.T).mean(-1)
     if negate:
         r = -r
-    if groups is None:
-        groups = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
-    out = torch.empty_like(r)
-    for g in torch.unique(groups).tolist():  # one group per image: a handful at most
-        m = groups == g
-        rg = r[m]
-        lo, hi = rg.min(), rg.max()
-        out[m] = (rg - lo + 1e-6) / (hi - lo)
-    return out
+    lo, hi = r.min(), r.max()
+    return (r - lo + 1e-6) / (hi - lo)
 
 
 def theta_transform(r: torch.Tensor, theta: float | None) -> torch.Tensor:
@@ -77,14 +68,15 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     dev = kernel.device
     rows = torch.arange(b, device=dev)
     gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2
-    basis = torch.zeros(k, b, n, device=dev, dtype=kernel.dtype)  # c_t, one per pick
-    picks = torch.empty(k, b, dtype=torch.long, device=dev)
+    basis = torch.zeros(b, k, n, device=dev, dtype=kernel.dtype)  # c_t, one row per pick (contiguous for bmm)
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
     for step in range(k):
         j = gain.argmax(-1)
-        picks[step] = j
-        proj = torch.einsum("tb,tbn->bn", basis[:step, rows, j], basis[:step])
+        picks[:, step] = j
+        coeff = basis[rows, :step, j]  # (B, step): c_t[j] of the earlier picks
+        proj = torch.bmm(coeff.unsqueeze(1), basis[:, :step]).squeeze(1)  # sum_t c_t[j] c_t
         e = (kernel[rows, j] - proj) / gain[rows, j].sqrt().unsqueeze(-1)
-        basis[step] = e
+        basis[:, step] = e
         gain -= e.square()
         gain[rows, j] = -float("inf")
-    return picks.T
+    return picks

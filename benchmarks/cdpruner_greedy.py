@@ -73,8 +73,10 @@ def main() -> None:
         f"one layer timed (fastest of 2: {lt:.2f} s) x 32 |",
         f"| **selection / prefill** | **{100 * sel / prefill:.2f} %** | goal <= 1 % |",
         "",
-        "The machine was shared with other helpers' jobs (2 cores, loaded): absolute times are noisy, the ratio is the",
-        "figure; the denominator is the pruned prompt's prefill, so the share of an unpruned one is smaller still.",
+        "The machine was shared with other helpers' jobs (2 cores, load average near 19): absolute times are noisy,",
+        "the ratio is the figure; the denominator is the pruned prompt's prefill, so the share of an unpruned one is",
+        "smaller still. One thread for both (the default): with 2 threads under this load the greedy's small per-pick",
+        "ops lose most of their time to thread hand-offs (0.13-0.9 s for the greedy alone, 3-30 ms on one thread).",
     ]
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

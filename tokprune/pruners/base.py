@@ -312,6 +312,9 @@ class LLMRequest:
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("keys", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LLMRequest {name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
         object.__setattr__(self, "row_layers", tuple(int(x) for x in self.row_layers))
 

@@ -41,7 +41,8 @@ class DART(Pruner):
     does not change the pivots, their set order uses each row's unpadded indices) and each image of a row runs the
     rule on its own tokens with the row's instruction as text candidates. LLaVA-NeXT newlines are never scored
     nor pivots here (the reference treats them as image tokens) and are kept on top. An image with fewer tokens
-    than ``pivot_image`` or a budget below it keeps its top-``keep`` pivots only.
+    than ``pivot_image`` or a budget below it keeps its top-``keep`` pivots only. The selection is not a top-k of
+    one score, so no per-token score is recorded (``tokprune show --scores`` says so).
     """
 
     summary = "pivots by key L1 norm at LLM layer K-1; each pivot keeps the image tokens least similar to it"

@@ -35,7 +35,8 @@ class CDPruner(Pruner):
     raw question. Hugging Face checkpoints of every family carry no CLIP text tower (and Qwen has none at all), so
     here ``v_i`` is the projected visual token and ``t_m`` the LLM input embedding of each instruction token
     (found from token ids, as CATP does: the adapter's paired text, special ids removed; the chat template's words
-    such as "ASSISTANT:" are part of it), the relevance the paper's own recipe uses where no text encoder exists.
+    such as "ASSISTANT:" are part of it); an Intel port of CDPruner to HF models does the same (with every
+    non-image prompt token as text). Whether the paper's Qwen2.5-VL runs did so is not verified here.
     ``text="instruction"`` (default) conditions every image of a row on the text after the row's last image (the
     question; one image: the same as ``"paired"``); ``text="paired"``: each image on its own paired text (the text
     after it up to the next image). ``negate=False`` drops the reference's minus sign (an option: in LLM space

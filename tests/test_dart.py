@@ -121,6 +121,8 @@ def test_options_are_validated():
         DART(pivot_image=0)
     with pytest.raises(ValueError, match="reduction_ratio must be in"):
         DART(reduction_ratio=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        tokprune.apply(ZOO["qwen2_vl"].model, "dart", keep=10, reduction_ratio=0.5)
 
 
 def test_reduction_ratio_gives_the_reference_count():

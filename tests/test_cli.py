@@ -334,3 +334,11 @@ def test_show_option_reaches_the_method(tmp_path, capsys):
     image = sample.image(256)
     want = compare(model, proc, image, ["fastv"], [4], question=sample.question, size=48, layer=1)
     assert Image.open(png).convert("RGB").tobytes() == want.convert("RGB").tobytes()
+
+
+def test_flops_ratio_on_a_method_without_it_names_the_methods_that_take_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "llava-shapes", "--tasks", "shapes", "--methods", "cls,pdrop", "--keep", "8",
+                 "--flops-ratio", "0.5", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "cls take no flops_ratio budget" in err and "pdrop, transprune, vflowopt" in err

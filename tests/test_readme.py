@@ -48,8 +48,8 @@ SCRIPT_FASTER = {
     # the full-size CLIP-L/336 tower: minutes on a loaded CPU; the same script on the tiny config
     "benchmarks/flowcut_encoder.py": ["--config", "tiny-llava", "--keep", "4", "--repeats", "1"],
     "benchmarks/catp_greedy.py": ["--repeats", "1", "--images", "2", "--tokens", "64", "--dim", "256", "--text", "16"],
-    "benchmarks/kept_pictures.py": ["--samples", "2"],
-    "tokprune.compat": ["--families", "llava"],  # tests/test_compat.py runs the whole matrix in-process
+    "benchmarks/kept_pictures.py": ["--samples", "2", "--models", "llava-shapes"],  # both README pictures still
+    "tokprune.compat": ["--families", "llava", "--methods", "cls,fastv"],  # tests/test_compat.py: the whole matrix
 }
 #: inline code that names a command in the prose rather than giving one to run
 MENTIONS = {"tokprune bench", "tokprune flops", "tokprune eval", "tokprune tune", "tokprune flops --method",
@@ -185,6 +185,8 @@ def test_shell_command_runs_as_written(command, fresh_clone, monkeypatch, capsys
         extra = [] if slow else SCRIPT_FASTER.get(script, [])
         exe = sys.executable if argv[0] == "python" else "bash"
         env = {**os.environ, "PYTHONPATH": str(fresh_clone), "PYTHON": sys.executable, "MPLBACKEND": "Agg"}
+        if not slow:  # small models: a second thread only contends on a shared CPU (the slow runs time things)
+            env["OMP_NUM_THREADS"] = "1"
         proc = subprocess.run([exe, *argv[1:], *extra], cwd=fresh_clone, env=env, capture_output=True, text=True,
                               timeout=None if slow else 600)
         tail = proc.stdout[-2000:] + proc.stderr[-3000:]

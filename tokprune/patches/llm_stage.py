@@ -115,6 +115,7 @@ class LLMRun:
         self.rows: dict[int, torch.Tensor] = {}
         self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
         self.values: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}  # LLMRequest(keys=True): post-RoPE keys of the rows' layer
         self.observed: dict[tuple[int, str], Observed] = {}
         self.probing = False
 
@@ -181,7 +182,9 @@ class LLMRun:
                           origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
                           ctx=self.ctx, values=self.values.get(k), positions=self.idx,
                           spans=self.current_spans(), observed=dict(self.observed),
-                          rows_at=taps.rows_at(self) if taps else {}, last=self.qcur)
+                          rows_at=taps.rows_at(self) if taps else {}, last=self.qcur, keys=self.keys.get(k),
+                          valid=self.valid_slots(), normed=(self.adapter.language_model.norm(hidden) if self.request
+                                                            is not None and self.request.final_norm else None))
 
     def _decide(self, s: int, signals: LLMSignals, content: list[list[torch.Tensor]]
                 ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:

@@ -377,7 +377,9 @@ class LLMRequest:
     ``self_attn`` and ``mlp`` inputs (after the norm) and outputs (before the residual) are recorded during the
     prefill (TransPrune's transitions). ``row_layers``: decoder layers whose rows (same queries, heads and domain)
     are also recorded *as they run* in the prefill, for a stage that compares layers (CATP's attention increase);
-    a stage reads them as ``LLMSignals.rows_at[layer]``.
+    a stage reads them as ``LLMSignals.rows_at[layer]``. ``keys``: also the post-RoPE key states of the same layer,
+    per key/value head, (B, Hkv, n, d) (DART's pivots). ``final_norm``: also the hidden states entering the stage
+    passed through the decoder's final norm (``LLMSignals.normed``; DART's ``last_layer_state``).
     """
 
     queries: str = "last"
@@ -387,6 +389,8 @@ class LLMRequest:
     values: bool | str = False
     observe: tuple[int, ...] = ()
     row_layers: tuple[int, ...] = ()
+    keys: bool = False
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.values not in (False, True, "heads"):
@@ -394,6 +398,9 @@ class LLMRequest:
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("keys", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LLMRequest {name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
         object.__setattr__(self, "row_layers", tuple(int(x) for x in self.row_layers))
 
@@ -444,6 +451,13 @@ class LLMSignals:
     last: torch.Tensor | None = None
     #: set by the runtime when the stage's scores are wanted: what ``llm_scores`` returns is noted there
     score_sink: ScoreSink | None = None
+    #: (B, Hkv, n, d) post-RoPE key states of the layer the rows come from, with ``LLMRequest(keys=True)``
+    keys: torch.Tensor | None = None
+    #: (B, n, D) ``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``
+    normed: torch.Tensor | None = None
+    #: (B, n) bool: current slots holding a real token (not left padding, not a dead slot)
+    valid: torch.Tensor | None = None
+
 
 
 def check_number(who: str, option: str, value: object, low: float, high: float, what: str) -> float:

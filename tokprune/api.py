@@ -60,11 +60,12 @@ def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     if unknown:
         known = ", ".join(sorted(fields))
         raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {known}")
+    pruner = cls(**options)  # the method's own checks first: their messages say what each value means
     for name, value in options.items():
         flag = str(fields[name].type).replace(" ", "")
         if flag in ("bool", "bool|None", "Optional[bool]") and not isinstance(value, bool) and value is not None:
             raise TypeError(f"{method}: {name} is a flag; pass True or False, got {value!r}")
-    return cls(**options)
+    return pruner
 
 
 def unwrap(model: nn.Module) -> nn.Module:

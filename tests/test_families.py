@@ -470,8 +470,8 @@ def schedule_reference(fam: Fam, x, rec, generate: bool = False) -> tuple[Any, t
     prompt_keep = keep_mask(fam, ids, rec.n_visual[0], fed)
     cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
             for st in rec.stages if st.kind == "llm"]
-    merges = llm_merges(fam, ids, rec, prompt_keep)
-    with oracles.CutMask(fam.model, cuts, merges) if cuts else torch.no_grad():
+    llm_new = llm_merges(fam, ids, rec, prompt_keep)
+    with oracles.CutMask(fam.model, cuts, llm_new) if cuts else torch.no_grad():
         ref = kept_tokens_reference(fam, x, fed, generate=generate, original=True, replace=replace,
                                     cuts=rec.encoder_cuts)
     final = cuts[-1][1][0] if cuts else prompt_keep[prompt_keep]

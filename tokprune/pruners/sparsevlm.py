@@ -60,7 +60,15 @@ class SparseVLM(Pruner):
     For v1 the counts depend on the data: every stage is ``at_most`` the tokens alive (the schedule and FLOPs are
     an upper bound); ``scale`` / ``bias`` default to the reference's scripts for keep 192 / 128 / 64 of 576 tokens
     (13.5 / 0, 9 / 6, 0.8 / 0). Multi-image prompts: raters from all the row's images, counts and recycling per image.
-    Paper numbers: the ICML'25 tables (and FlowCut's) quote v1; HiPrune's reproduction runs v1.5.
+    Paper numbers: the ICML'25 paper describes v1 and its tables (those FlowCut quotes) are v1's; HiPrune's
+    reproduction runs v1.5.
+
+    Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64`` (and 96), the reference's ``RETAIN_TOKN`` labels:
+    v1.5 keeps 300/200/110, 303/110/36, 66/30/17 (238/48/26) plus the recycled tokens; v1 uses the scripts'
+    scale / bias for 192 / 128 / 64. LLaVA-NeXT ``keep=640 / 320 / 160`` (FlowCut's comparison) and Qwen
+    ``keep_ratio=0.333 / 0.222 / 0.111`` take the same fractions of each image's tokens. On Qwen3-VL a recycled
+    token sitting in a slot receives that slot's DeepStack features in later DeepStack layers (the default cuts,
+    before layers 3, 8, 18 of 36, come after all of them).
     """
 
     summary = "text raters' attention at LLM layers 2/6/15, recycled cluster tokens (v1.5; v1: rank-based counts)"

@@ -249,3 +249,34 @@ def test_static_cache_matches_dynamic_on_other_families(family):
         sta = model.generate(**x, cache_implementation="static", **GEN)
     assert torch.equal(dyn.sequences, sta.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(dyn.logits, sta.logits)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl"])
+def test_v1_rank_counts_on_other_families_equal_the_masking_oracle(family):
+    """v1's data-dependent counts (an ``at_most`` schedule) with recycled tokens at dropped slots and original
+    positions: the unpatched model under the multi-cut masking oracle that rebuilds each recycled token from the
+    record (``tests/test_families.py: schedule_reference``); logits and greedy decode."""
+    from test_families import GEN as FGEN
+    from test_families import ZOO, assert_same_generation, inputs, schedule_reference
+
+    fam = ZOO[family]
+    x = inputs(fam)
+    opts = dict(version="v1", scale=1.0, bias=2.0, layers=(1, 2, 3))
+    with torch.no_grad():
+        tokprune.apply(fam.model, "sparsevlm", keep_ratio=0.5, positions="original", **opts)
+        try:
+            out = fam.model(**x).logits
+            rec = tokprune.last_record(fam.model)
+            gen = fam.model.generate(**x, **FGEN)
+            gen_rec = tokprune.last_record(fam.model)
+        finally:
+            tokprune.remove(fam.model)
+        ref, final = schedule_reference(fam, x, rec)
+        ref_gen, _ = schedule_reference(fam, x, gen_rec, generate=True)
+    sched = [tokprune.api.schedule(fam.model, "sparsevlm", keep_ratio=0.5, n_visual=n, **opts) for n in
+             rec.n_visual[0]]
+    assert all(st.at_most for s in sched for st in s.stages)
+    assert any(m is not None for st in rec.stages if st.merged for m in st.merged[0])
+    assert 0 < sum(rec.n_kept[0]) < sum(rec.n_visual[0])
+    assert (out[0] - ref[0, final]).abs().max() <= TOL
+    assert_same_generation(gen, ref_gen)

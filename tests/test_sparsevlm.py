@@ -102,6 +102,9 @@ def test_v1_schedule_is_an_upper_bound_and_flops_use_it():
     assert tokprune.flops.for_budget(config, sched) == tokprune.flops.for_budget(config, sched.__class__(
         576, ()))  # the bound keeps every token: the unpruned cost
     assert tokprune.flops.for_budget(config, exact).llm_prefill < tokprune.flops.for_budget(config, sched).llm_prefill
+    tera = [tokprune.flops.for_budget(config, tokprune.api.schedule(config, "sparsevlm", keep=k), convention="3ndm")
+            .total / 1e12 for k in (192, 128, 64)]
+    assert [round(t, 2) for t in tera] == [1.35, 0.95, 0.54]  # docs/flops.md
 
 
 @pytest.mark.parametrize("kwargs, match", [

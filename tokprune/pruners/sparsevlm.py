@@ -180,7 +180,9 @@ class SparseVLM(Pruner):
     def _clusters(self, dropped: int) -> int:
         return rules.cluster_count(dropped, self.recycle_share, self.per_cluster) if self.recycle else 0
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
+        """v1.5's exact stages or v1's bounds; the fractions follow ``keep / n_visual`` (a ``keep_ratio`` budget
+        is used through the count it resolved to, which is also what the stages see at run time)."""
         layers = self.llm_layers(info)
         if self.version == "v1":
             if keep < n_visual:

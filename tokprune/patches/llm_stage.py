@@ -146,7 +146,10 @@ class LLMStages:
                              rows_at=taps.rows_at() if taps else {}, last=self.qcur,
                              query_slots=taps.query_slots.get(k) if taps else None,
                              embeddings=taps.current_embeddings() if taps else None,
-                             budgets=[[a.image_budget(sp0) for sp0 in srow0] for srow0 in self.record.special])
+                             budgets=[[a.image_budget(sp0) for sp0 in srow0] for srow0 in self.record.special],
+                             keys=taps.keys.get(k) if taps else None, valid=self.valid_slots(),
+                             normed=(a.language_model.norm(hidden)
+                                     if self.request is not None and self.request.final_norm else None))
         if taps is not None and k not in taps.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")

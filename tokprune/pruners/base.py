@@ -311,11 +311,14 @@ class LLMRequest:
     ``self_attn`` and ``mlp`` inputs (after the norm) and outputs (before the residual) are recorded during the
     prefill (TransPrune's transitions). ``row_layers``: decoder layers whose rows (same queries, heads and domain)
     are also recorded *as they run* in the prefill, for a stage that compares layers (CATP's attention increase);
-    a stage reads them as ``LLMSignals.rows_at[layer]``. ``per_query``: keep one row per query token instead of
-    their mean: ``LLMSignals.attention`` is then (B, R, n) ((B, H, R, n) with ``heads="all"``), the R query slots
-    in ``LLMSignals.query_slots`` (SparseVLM's raters are a data-dependent subset of the instruction tokens).
-    ``embeddings``: also the decoder's input embeddings (the hidden states entering layer 0 at the prefill), over
-    the current slots, in ``LLMSignals.embeddings`` (SparseVLM chooses its raters from them).
+    a stage reads them as ``LLMSignals.rows_at[layer]``. ``keys``: also the post-RoPE key states of the same layer,
+    per key/value head, (B, Hkv, n, d) (DART's pivots). ``final_norm``: also the hidden states entering the stage
+    passed through the decoder's final norm (``LLMSignals.normed``; DART's ``last_layer_state``).
+    ``per_query``: keep one row per query token instead of their mean: ``LLMSignals.attention`` is then (B, R, n)
+    ((B, H, R, n) with ``heads="all"``), the R query slots in ``LLMSignals.query_slots`` (SparseVLM's raters are a
+    data-dependent subset of the instruction tokens). ``embeddings``: also the decoder's input embeddings (the
+    hidden states entering layer 0 at the prefill), over the current slots, in ``LLMSignals.embeddings``
+    (SparseVLM chooses its raters from them).
     """
 
     queries: str = "last"
@@ -327,6 +330,8 @@ class LLMRequest:
     row_layers: tuple[int, ...] = ()
     per_query: bool = False
     embeddings: bool = False
+    keys: bool = False
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.values not in (False, True, "heads"):
@@ -334,6 +339,9 @@ class LLMRequest:
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("keys", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LLMRequest {name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
         object.__setattr__(self, "row_layers", tuple(int(x) for x in self.row_layers))
 
@@ -392,6 +400,12 @@ class LLMSignals:
     #: built from, for a method whose per-stage rule needs more than the stage's count (SparseVLM's split into
     #: kept and recycled tokens)
     budgets: list[list[tuple[int, int]]] = field(default_factory=list)
+    #: (B, Hkv, n, d) post-RoPE key states of the layer the rows come from, with ``LLMRequest(keys=True)``
+    keys: torch.Tensor | None = None
+    #: (B, n, D) ``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``
+    normed: torch.Tensor | None = None
+    #: (B, n) bool: current slots holding a real token (not left padding, not a dead slot)
+    valid: torch.Tensor | None = None
 
 
 @dataclass

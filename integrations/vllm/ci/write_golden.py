@@ -101,11 +101,17 @@ def _vllm_model_dir(name: str, src: Path, dst: Path, meta: dict[str, Any]) -> No
 
 @torch.no_grad()
 def _run(model: Any, processor: Any, family: str, prompt: dict[str, Any], images: dict[str, Image.Image],
-         pruned: bool) -> dict[str, Any]:
+         pruned: bool, image_tokens: int | None = None) -> dict[str, Any]:
     import tokprune
 
-    enc = processor(images=[images[k] for k in prompt["images"]], text=[prompt["text"]], return_tensors="pt")
-    enc = dict(enc)
+    imgs = [images[k] for k in prompt["images"]]
+    if image_tokens is None:
+        enc = dict(processor(images=imgs, text=[prompt["text"]], return_tensors="pt"))
+    else:  # the downsample baseline: that many image tokens per image (as tokprune.eval.predict.encode)
+        tag = processor.image_token
+        enc = dict(processor.tokenizer([prompt["text"].replace(tag, tag * image_tokens)], return_tensors="pt"))
+        enc.update(processor.image_processor(imgs, return_tensors="pt"))
+        enc.pop("token_type_ids", None)
     out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
     n_prompt = enc["input_ids"].shape[1]
@@ -153,6 +159,21 @@ def main(argv: list[str] | None = None) -> None:
         model, processor = load(name)
         prompts = _prompts(family)
         runs: dict[str, Any] = {"unpruned": [_run(model, processor, family, p, images, False) for p in prompts]}
+        if family == "llava":  # the downsample baseline of tokprune's eval (tokprune.eval.variants.downsample)
+            from types import SimpleNamespace
+
+            from tokprune.config import Budget
+            from tokprune.eval.variants import downsample
+
+            opts, undo = downsample(SimpleNamespace(family=family, model=model, processor=processor),
+                                    Budget(keep=KEEP), 64)
+            try:
+                res = [_run(model, processor, family, p, images, False, opts["image_tokens"]) for p in prompts]
+            finally:
+                undo()
+            for r in res:
+                r["pruned_len"] = len(r["prompt_ids"])
+            runs["downsample"] = {"options": {}, "results": res}
         for method, options in methods:
             tokprune.apply(model, method, keep=KEEP, **options)
             try:

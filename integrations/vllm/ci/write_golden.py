@@ -133,12 +133,13 @@ def _tiny_qwen25(dst: Path) -> tuple[Any, Any, str, dict[str, Image.Image], list
 
 @torch.no_grad()
 def _run(model: Any, processor: Any, family: str, prompt: dict[str, Any], images: dict[str, Image.Image],
-         pruned: bool, image_tokens: int | None = None) -> dict[str, Any]:
+         pruned: bool, image_tokens: int | None = None,
+         processor_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     import tokprune
 
     imgs = [images[k] for k in prompt["images"]]
     if image_tokens is None:
-        enc = dict(processor(images=imgs, text=[prompt["text"]], return_tensors="pt"))
+        enc = dict(processor(images=imgs, text=[prompt["text"]], return_tensors="pt", **(processor_kwargs or {})))
     else:  # the downsample baseline: that many image tokens per image (as tokprune.eval.predict.encode)
         tag = processor.image_token
         enc = dict(processor.tokenizer([prompt["text"].replace(tag, tag * image_tokens)], return_tensors="pt"))
@@ -201,16 +202,18 @@ def main(argv: list[str] | None = None) -> None:
         for key, img in images.items():
             img.save(out / "images" / f"{name}-{key}.png")
         runs: dict[str, Any] = {"unpruned": [_run(model, processor, family, p, images, False) for p in prompts]}
-        if family == "llava":  # the downsample baseline of tokprune's eval (tokprune.eval.variants.downsample)
+        if family in ("llava", "qwen2vl"):  # the downsample baseline of tokprune's eval (tokprune.eval.variants)
             from types import SimpleNamespace
 
             from tokprune.config import Budget
             from tokprune.eval.variants import downsample
 
-            opts, undo = downsample(SimpleNamespace(family=family, model=model, processor=processor),
-                                    Budget(keep=KEEP), 64)
+            fam = {"qwen2vl": "qwen2_vl"}.get(family, family)
+            opts, undo = downsample(SimpleNamespace(family=fam, model=model, processor=processor),
+                                    Budget(keep=keep), 64)
             try:
-                res = [_run(model, processor, family, p, images, False, opts["image_tokens"]) for p in prompts]
+                res = [_run(model, processor, family, p, images, False, opts.get("image_tokens"),
+                            opts.get("processor_kwargs")) for p in prompts]
             finally:
                 undo()
             for r in res:

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         for key, img in images.items():
             img.save(out / "images" / f"{name}-{key}.png")
         runs: dict[str, Any] = {"unpruned": [_run(model, processor, family, p, images, False) for p in prompts]}
-        if family in ("llava", "qwen2vl"):  # the downsample baseline of tokprune's eval (tokprune.eval.variants)
+        if family == "llava":  # the downsample baseline of tokprune's eval (tokprune.eval.variants); on Qwen the
+            # plugin refuses it (a smaller image: vLLM's own max_pixels)
             from types import SimpleNamespace
 
             from tokprune.config import Budget

@@ -74,6 +74,14 @@ def test_unservable_methods_are_refused_with_a_reason(name, options, match):
         make_pruner(name, options, LLAVA)
 
 
+def test_downsample_on_qwen_points_to_max_pixels():
+    from tokprune_vllm.qwen2_vl import kept_count
+
+    qwen = SimpleNamespace(tokprune={"method": "downsample", "keep": 16}, model_type="qwen2_vl")
+    with pytest.raises(cfg.ConfigError, match="max_pixels"):
+        kept_count(qwen, 64)
+
+
 def test_cls_methods_refused_on_qwen():
     with pytest.raises(cfg.ConfigError, match="no \\[CLS\\] token"):
         make_pruner("cls", {}, QWEN)

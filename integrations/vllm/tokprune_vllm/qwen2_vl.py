@@ -60,11 +60,15 @@ def _family(hf_config: Any) -> str:
 
 
 def kept_count(hf_config: Any, n: int) -> int:
-    """Tokens an image of ``n`` merged tokens keeps under the config's settings (``n`` without settings, and with
-    ``downsample``, whose smaller image already has fewer tokens)."""
+    """Tokens an image of ``n`` merged tokens keeps under the config's settings (``n`` without settings)."""
     settings = cfg.read(hf_config)
-    if settings is None or settings.method == DOWNSAMPLE:
+    if settings is None:
         return n
+    if settings.method == DOWNSAMPLE:
+        raise cfg.ConfigError(
+            "downsample on Qwen is a smaller image, not a pruning method: serve without tokprune settings and pass "
+            'mm_processor_kwargs={"max_pixels": KEEP * 28 * 28} (per request, or --mm-processor-kwargs; the '
+            "plugin's own override of the pixel bounds did not reach vLLM 0.32's Qwen processor call)")
     info = model_info(hf_config, _family(hf_config))
     pruner = make_pruner(settings.method, settings.options, info)
     return vision_budget(pruner, info, n, settings.count(n))
@@ -81,19 +85,6 @@ class _PrunedInfoMixin:
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
         return kept_count(self.get_hf_config(), super().get_num_image_tokens(**kwargs))
-
-    def get_hf_processor(self, **kwargs: object) -> Any:
-        """With ``downsample``: the processor asked for at most ``keep`` merged tokens per image, as tokprune's eval
-        baseline (``tokprune.eval.variants.downsample``: pixel bounds of 1 and ``keep`` merge units)."""
-        settings = cfg.read(self.get_hf_config())
-        if settings is not None and settings.method == DOWNSAMPLE:
-            if settings.budget.keep is None:
-                raise cfg.ConfigError("downsample on Qwen needs a keep count (the image is resized before its token "
-                                      "count is known)")
-            vc = self.get_hf_config().vision_config
-            unit = (vc.patch_size * vc.spatial_merge_size) ** 2
-            kwargs = {**kwargs, "size": {"shortest_edge": unit, "longest_edge": settings.budget.keep * unit}}
-        return super().get_hf_processor(**kwargs)
 
 
 class _PrunedProcessorMixin:
@@ -145,10 +136,10 @@ class _PruningQwenMixin:
     def _setup_tokprune(self, vllm_config: Any) -> None:
         self.tokprune = from_config(self.config, lambda: model_info(self.config, _family(self.config)),
                                     self._attention_of)
-        if self.tokprune is not None and self.tokprune.downsample:  # a smaller image: the model is vLLM's own
-            self.tokprune = None
         if self.tokprune is None:
             return
+        if self.tokprune.downsample:
+            kept_count(self.config, 1)  # raises: downsample on Qwen is vLLM's own max_pixels
         if vllm_config.cache_config.enable_prefix_caching:
             raise cfg.ConfigError(
                 "tokprune on Qwen: prefix caching would skip the M-RoPE recompute of a cached image prefix; start "

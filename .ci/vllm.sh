@@ -13,7 +13,7 @@ VENV=${TOKPRUNE_VLLM_VENV:-/root/.cache/tokprune-vllm/venv}
 OUT=${TOKPRUNE_VLLM_GOLDEN:-$(mktemp -d)/golden}
 T0=$SECONDS
 
-python integrations/vllm/ci/write_golden.py --out "$OUT"
+python integrations/vllm/ci/write_golden.py --out "$OUT" --with-qwen25   # + a tiny random Qwen2.5-VL
 echo "vllm job: golden results written in $((SECONDS - T0)) s"
 
 if ! "$VENV/bin/python" -c "import vllm, sys; sys.exit(not vllm.__version__.startswith('0.32'))" 2>/dev/null; then

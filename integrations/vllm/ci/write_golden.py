@@ -110,6 +110,16 @@ def _tiny_qwen25(dst: Path) -> tuple[Any, Any, str, dict[str, Image.Image], list
     from tokprune.testing import QWEN_IMAGE_TAG, make_image, tiny_model
 
     model, processor = tiny_model("qwen2_5_vl")
+    # vLLM's CPU attention needs head_dim >= 32: the same tiny model with a 128-wide LLM (4 heads of 32)
+    cfg = model.config
+    text = cfg.text_config
+    text.hidden_size, text.intermediate_size = 128, 256
+    if getattr(text, "head_dim", None) is not None:
+        text.head_dim = 32
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [4, 6, 6]}
+    cfg.vision_config.out_hidden_size = 128
+    torch.manual_seed(0)
+    model = type(model)(cfg).eval()
     model.save_pretrained(dst)
     processor.tokenizer.save_pretrained(dst)
     ip = processor.image_processor

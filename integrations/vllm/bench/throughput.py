@@ -10,8 +10,8 @@ Each configuration runs in its own process (a fresh engine) and reports:
 
 * requests/s: ``--requests`` prompts (each its own random image, so the encoder runs for every one) submitted
   together, ``--max-tokens`` generated each;
-* TTFT: median over ``--repeats`` single requests generating 1 token (prompt processing: encoder + prefill);
-* decode tokens/s: one request's ``--max-tokens`` minus its first token, over the time they took (median);
+* TTFT and decode tokens/s: medians over ``--repeats`` single requests, from vLLM's own per-request timestamps
+  (``RequestOutput.metrics``: first-token latency; tokens after the first over the time from first to last);
 * prompt tokens: the prompt the LLM ran on (576 visual tokens unpruned, ``keep`` pruned).
 
     python integrations/vllm/bench/throughput.py --method cls --keep 64 --out results.md        # CPU proxy
@@ -87,7 +87,8 @@ def measure(args: argparse.Namespace, method: str | None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     kw: dict[str, Any] = {"dtype": args.dtype, "max_model_len": 1024, "limit_mm_per_prompt": {"image": 1},
-                          "enable_prefix_caching": False, "seed": 0, "max_num_seqs": args.requests}
+                          "enable_prefix_caching": False, "seed": 0, "max_num_seqs": args.requests,
+                          "disable_log_stats": False}
     if args.checkpoint:
         model = args.checkpoint
     else:
@@ -100,9 +101,8 @@ def measure(args: argparse.Namespace, method: str | None) -> dict[str, Any]:
     if method:
         kw["hf_overrides"] = {"tokprune": {"method": method, "keep": args.keep}}
     llm = LLM(model=model, **kw)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     many = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
-    imgs = iter(images(args.requests + 4 * args.repeats + 2, seed=1))
+    imgs = iter(images(args.requests + args.repeats + 1, seed=1))
 
     def req() -> dict[str, Any]:
         return {"prompt": PROMPT, "multi_modal_data": {"image": next(imgs)}}
@@ -110,14 +110,10 @@ def measure(args: argparse.Namespace, method: str | None) -> dict[str, Any]:
     out = llm.generate([req()], many, use_tqdm=False)  # warm-up
     prompt_tokens = len(out[0].prompt_token_ids)
     ttft, decode = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        llm.generate([req()], one, use_tqdm=False)
-        t1 = time.perf_counter()
-        llm.generate([req()], many, use_tqdm=False)
-        t2 = time.perf_counter()
-        ttft.append(t1 - t0)
-        decode.append((args.max_tokens - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
+    for _ in range(args.repeats):  # one request at a time: vLLM's own per-request timestamps
+        m = llm.generate([req()], many, use_tqdm=False)[0].metrics
+        ttft.append(m.first_token_latency)
+        decode.append((m.num_generation_tokens - 1) / max(1e-9, m.last_token_ts - m.first_token_ts))
     batch = [req() for _ in range(args.requests)]
     t0 = time.perf_counter()
     llm.generate(batch, many, use_tqdm=False)

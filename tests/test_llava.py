@@ -21,6 +21,9 @@ PRE_LLM = [m for m in ALL if [st.kind for st in tokprune.api.schedule(tiny_model
                                                                          n_visual=N_VIS).stages] == ["vision"]]
 #: independent references of the methods that add new (merged) tokens: (model, x, keep) -> per image (slots, merge)
 MERGE_ORACLES = {"visionzip": oracles.visionzip_reference}
+#: these oracles feed the merged tokens in their slots: VisionZip's LLM-token merge (an option); its default merge
+#: before the projector, in the reference's token order, is tested in tests/test_visionzip.py
+SLOT_MERGE = {"visionzip": {"merge": "llm"}}
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
 
 
@@ -77,7 +80,7 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
     x = inputs(proc)
     k = 5
     with torch.no_grad():
-        tokprune.apply(model, method, keep=k, positions=positions)
+        tokprune.apply(model, method, keep=k, positions=positions, **SLOT_MERGE.get(method, {}))
         out = model(**x).logits
         no_cache = model(**x, use_cache=False).logits
         rec = tokprune.last_record(model)
@@ -175,7 +178,7 @@ def test_pre_llm_generate_equals_unpatched_on_kept_tokens(tiny, method, position
     model, proc = tiny
     x = inputs(proc)
     with torch.no_grad():
-        tokprune.apply(model, method, keep=5, positions=positions)
+        tokprune.apply(model, method, keep=5, positions=positions, **SLOT_MERGE.get(method, {}))
         gen = model.generate(**x, **GEN)
         rec = tokprune.last_record(model)
         kept = rec.kept[0]
@@ -302,6 +305,37 @@ def test_pruned_context_manager_removes_on_error(tiny):
         assert tokprune.is_patched(model)
         raise RuntimeError("boom")
     assert not tokprune.is_patched(model)
+
+
+def test_pruned_restores_the_previous_patch_exactly_and_nests(tiny):
+    """A scoped trial of another method puts the applied one back (method, options, budget, family options), and
+    an inner block restores the outer block's patch, not the bare model (issue #22)."""
+    model, proc = tiny
+    x = inputs(proc)
+    with torch.no_grad():
+        tokprune.apply(model, "fastv", keep=4, layer=1)
+        outer_handle, outer_pruner = model.tokprune, model.tokprune.pruner
+        ref = model(**x).logits
+        n_hooks, wrapped = _hooks(model), set(ALL_ATTENTION_FUNCTIONS._local_mapping)
+        with tokprune.pruned(model, "cls", keep=8):
+            assert model.tokprune.pruner.name == "cls"
+            with tokprune.pruned(model, "random", keep_ratio=0.25, seed=3):
+                model(**x)
+                assert tokprune.last_record(model).n_kept == [[4]]
+            assert model.tokprune.pruner.name == "cls" and model.tokprune.budget.keep == 8
+            model(**x)
+            assert tokprune.last_record(model).n_kept == [[8]]
+            with pytest.raises(RuntimeError, match="boom"), tokprune.pruned(model, "vtc_cls", keep=2):
+                raise RuntimeError("boom")
+            assert model.tokprune.pruner.name == "cls"
+        assert model.tokprune is outer_handle and model.tokprune.pruner is outer_pruner
+        assert outer_pruner.layer == 1 and model.tokprune.budget.keep == 4
+        assert _hooks(model) == n_hooks and set(ALL_ATTENTION_FUNCTIONS._local_mapping) == wrapped
+        assert torch.equal(model(**x).logits, ref)
+        assert tokprune.last_record(model).n_kept == [[4]]
+        tokprune.remove(model)
+        plain = model(**x).logits
+    assert not torch.equal(plain, ref)  # the restored patch really prunes
 
 
 def test_keep_ratio_is_the_kept_fraction(tiny):

@@ -52,7 +52,7 @@ def test_visionzip_placement_equals_tokprune(keep):
     grid = [torch.stack([i // 8, i % 8, torch.zeros_like(i)], 1)]
     sig = VisionSignals(features=[feats], values=values, owners=[(0, 0)], grid=grid,
                         special=[torch.zeros(n, dtype=torch.bool)], ctx=PrefillContext(INFO))
-    pick = VisionZip().select_vision(sig, [keep])[0]
+    pick = VisionZip(merge="llm").select_vision(sig, [keep])[0]  # the plugin's merge space
     ours, theirs = place(pick, n, keep, "visionzip"), _hf_place(pick, n, keep)
     assert ours.slots.tolist() == theirs.slots.tolist()
     assert ours.new_at.tolist() == theirs.new_at.tolist()

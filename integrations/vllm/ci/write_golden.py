@@ -33,9 +33,9 @@ KEEP = 16
 TOP = 5
 #: methods compared on each model: (method, options); the plugin's servable methods that the model supports
 METHODS = {
-    "llava-shapes": [("cls", {}), ("vtc_cls", {}), ("visionzip", {}), ("hiprune", {}),
+    "llava-shapes": [("cls", {}), ("vtc_cls", {}), ("visionzip", {"merge": "llm"}), ("hiprune", {}),
                      ("random", {"seed_by": "content"})],
-    "qwen2vl-shapes": [("visionzip", {}), ("hiprune", {}), ("random", {"seed_by": "content"})],
+    "qwen2vl-shapes": [("visionzip", {"merge": "llm"}), ("hiprune", {}), ("random", {"seed_by": "content"})],
 }
 
 

@@ -76,10 +76,10 @@ class Pruning:
         if self.taps is not None:
             self.taps.clear()
 
-    def prune(self, features: list[torch.Tensor], per_call: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+    def prune(self, features: list[torch.Tensor], per_call: Callable[[list[torch.Tensor], str], list[torch.Tensor]],
               pixels: list[torch.Tensor] | None, grid: list[torch.Tensor]) -> list[Placement]:
-        """Placements of each image of one encoder call. ``per_call(values)`` maps one signal's values, one per
-        attention call ((B, n_patches, ...) each, in call order), to per-token values per image (the family's
+        """Placements of each image of one encoder call. ``per_call(values, kind)`` maps one signal's values, one
+        per attention call ((B, n_patches, ...) each, in call order), to per-token values per image (the family's
         layout: [CLS] column, merge units); ``pixels``: per image, per token un-normalised pixels."""
         values: dict[Signal, list[torch.Tensor]] = {}
         for sig in self.request.signals:
@@ -93,7 +93,7 @@ class Pruning:
                 raise RuntimeError(f"encoder layer {sig.layer} ran without tokprune's tap (was the vision encoder "
                                    "compiled or replaced?)")
             scale = self.taps.scale[sig.layer]
-            values[sig] = per_call([tap_value(sig, q, k, v, scale) for q, k, v in calls])
+            values[sig] = per_call([tap_value(sig, q, k, v, scale) for q, k, v in calls], sig.kind)
         keeps = [vision_budget(self.pruner, self.info, int(f.shape[0]), self.settings.count(int(f.shape[0])))
                  for f in features]
         placements = select(self.pruner, self.info, self.request, features, values, grid, keeps, self.positions)

@@ -146,7 +146,7 @@ class TokpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return [p.build(f) for p, f in zip(placements, feats)]
 
     @staticmethod
-    def _per_image(calls: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _per_image(calls: list[torch.Tensor], kind: str = "") -> list[torch.Tensor]:
         """One signal per CLIP call (B images, 1 + patches, ...) -> per image, per patch ([CLS] column dropped)."""
         return list(torch.cat(calls)[:, 1:].unbind(0))
 

@@ -56,8 +56,19 @@ def _random_options(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "seed_by": "content"}
 
 
-for _name in ("cls", "vtc_cls", "visionzip", "hiprune"):
+def _visionzip_options(options: dict[str, Any]) -> dict[str, Any]:
+    merge = options.get("merge", "llm")
+    if merge != "llm":
+        raise ConfigError(
+            "visionzip: the vLLM plugin merges contextual tokens after the projector (merge='llm'); tokprune's "
+            "encoder-space merge (merge='encoder', LLaVA's default on Hugging Face: the reference's) would need the "
+            "feature layer's hidden states and a second projector call, which the plugin does not do yet")
+    return {**options, "merge": "llm"}
+
+
+for _name in ("cls", "vtc_cls", "hiprune"):
     register_servable(_name)
+register_servable("visionzip", _visionzip_options)
 register_servable("random", _random_options)
 for _name in ("divprune", "vispruner"):  # enabled when they are registered in tokprune (being added)
     if _name in METHODS:
@@ -116,6 +127,9 @@ def make_pruner(name: str, options: dict[str, Any], info: ModelInfo) -> Pruner:
             f"{name} is not enabled for vLLM: its kept sets have not been compared with tokprune's Hugging Face "
             f"path (tokprune_vllm.methods.register_servable({name!r}) enables it once they are). Methods vLLM can "
             f"serve: {', '.join(servable())}")
+    if getattr(pruner, "score_dtype", "float32") != "float32":
+        raise ConfigError(f"{name}: score_dtype={pruner.score_dtype!r} is not supported by the vLLM plugin (it "
+                          "computes attention scores in float32, tokprune's default)")
     if pruner.resolved_positions(info) == "original" and info.supports_compact:
         raise ConfigError(f"{name}: positions='original' keeps gaps in LLaVA's 1-D positions, which a vLLM prompt "
                           "cannot express (its placeholders are numbered contiguously); leave positions unset")

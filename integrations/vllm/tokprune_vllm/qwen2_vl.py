@@ -187,7 +187,9 @@ class _PruningQwenMixin:
         feats = list(embeds.split(counts))
         unit = merge * merge
 
-        def per_call(calls: list[torch.Tensor]) -> list[torch.Tensor]:
+        def per_call(calls: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
+            if kind == "received":  # a window's column mean -> the column mean over all its image's queries
+                calls = _received_per_image(calls, [t * h * w for t, h, w in grid_list])
             per_patch = torch.cat([c.flatten(0, 1) for c in calls])  # every call: one image or window, ViT order
             units = per_patch.unflatten(0, (-1, unit)).mean(1)
             return list(self._to_token_order(units, grid_list).split(counts))
@@ -248,6 +250,21 @@ class _PruningQwenMixin:
         if self.tokprune is not None:
             conf.modalities = []
         return conf
+
+
+def _received_per_image(calls: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """tokprune's ``received`` on a windowed block (``Qwen2_5_VLAdapter.received_per_image``): each call's column
+    means (over its ``w`` queries) times ``w / n_image``; a call that is a whole image keeps factor 1."""
+    out, img, used = [], 0, 0
+    for c in calls:  # (1, w, ...) per call, in ViT order: the windows of image 0, then image 1, ...
+        w = int(c.shape[0] * c.shape[1])
+        if img >= len(sizes) or used + w > sizes[img]:
+            raise RuntimeError("the ViT's attention calls do not tile its images (an unsupported window layout)")
+        out.append(c * (w / sizes[img]))
+        used += w
+        if used == sizes[img]:
+            img, used = img + 1, 0
+    return out
 
 
 def _token_grid(t: int, hm: int, wm: int, device: torch.device) -> torch.Tensor:

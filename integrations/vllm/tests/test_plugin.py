@@ -68,6 +68,8 @@ def test_servable_methods():
     ("random", {"seed_by": "index"}, "seeded from the image"),
     ("cls", {"positions": "original"}, "positions='original'"),
     ("visionzip", {"nosuch": 1}, "unexpected keyword"),
+    ("visionzip", {"merge": "encoder"}, "merge='llm'"),
+    ("cls", {"score_dtype": "model"}, "score_dtype"),
 ])
 def test_unservable_methods_are_refused_with_a_reason(name, options, match):
     with pytest.raises(cfg.ConfigError, match=match):

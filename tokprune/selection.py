@@ -14,7 +14,7 @@ transformers), used by the vision stage and the LLM stages alike, and importable
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -161,24 +161,38 @@ def llm_budgets(pruner: Pruner, info: ModelInfo, stage: int, content: list[list[
 
 
 def select_llm(pruner: Pruner, signals: LLMSignals, ks: list[list[int]], content: list[list[torch.Tensor]],
-               special: list[list[torch.Tensor]], pooled: bool = False, record_scores: bool = False
-               ) -> tuple[list[list[torch.Tensor]], torch.Tensor | None]:
+               special: list[list[torch.Tensor]], pooled: bool = False, record_scores: bool = False,
+               at_most: list[list[bool]] | None = None, new_tokens: Callable[[list], tuple[list, list]] | None = None,
+               ) -> tuple[list[list[torch.Tensor]], torch.Tensor | None, list]:
     """Per row and image, the sorted indices among the image's current visual tokens (special ones included) that
-    an LLM stage keeps: the pruner's choice among the ``content`` tokens (``ks`` of them; per row when
-    ``pooled``), checked, plus the special tokens when the method keeps them; and the (B, n) scores over the
-    current sequence it selected by, with ``record_scores`` (None when it selects without scoring)."""
+    an LLM stage keeps: the pruner's choice among the ``content`` tokens (``ks`` of them, at most that many where
+    ``at_most``; per row when ``pooled``), checked, plus the special tokens when the method keeps them; the (B, n)
+    scores it selected by, with ``record_scores`` (None when it selects without scoring); and, per row and image,
+    what ``new_tokens`` made of an :class:`~tokprune.pruners.base.LLMDecision` (its new tokens' slots are then
+    part of the kept indices), else None."""
     picked, scores = pruner.llm_stage(signals, ks, record_scores)
+    at_most = at_most or [[False] * len(krow) for krow in ks]
+    news: list = [[None] * len(row) for row in picked]
+    if new_tokens is not None:
+        picked, news = new_tokens(picked)
     who = f"{pruner.name}.select_llm"
     rel: list[list[torch.Tensor]] = []
-    for crow, prow, krow, srow in zip(content, picked, ks, special):
-        rel.append([])
-        for c, p, kk, sp in zip(crow, prow, krow, srow):
-            check_indices(p, int(c.numel()), None if pooled else kk, who)
-            extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []  # sync: per stage, variable-size
-            rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
-    check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
-                  enumerate(zip(picked, ks))}, who)
-    return rel, scores
+    for crow, prow, krow, srow, arow in zip(content, picked, ks, special, at_most):
+        rel.append([_llm_kept(c, p, kk, sp, am, pooled, pruner.keep_newlines, who)
+                    for c, p, kk, sp, am in zip(crow, prow, krow, srow, arow)])
+    check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow, arow) in
+                  enumerate(zip(picked, ks, at_most)) if not any(arow)}, who)  # an at_most image: checked above
+    return rel, scores, news
+
+
+def _llm_kept(c: torch.Tensor, p: torch.Tensor, k: int, sp: torch.Tensor, at_most: bool, pooled: bool,
+              keep_special: bool, who: str) -> torch.Tensor:
+    """One image's answer checked, as indices into its current visual tokens (special ones added when kept)."""
+    check_indices(p, int(c.numel()), None if pooled or at_most else k, who)
+    if at_most and p.numel() > k:
+        raise RuntimeError(f"{who} returned {p.numel()} tokens where the budget is at most {k}")
+    extra = [sp.nonzero()[:, 0]] if keep_special else []  # sync: per stage, variable-size
+    return torch.cat([c[p.to(c.device)], *extra]).sort().values
 
 
 @dataclass

@@ -52,6 +52,7 @@ class LLMTaps:
         self.stages, self.request = stages, request
         self._handles: list[Any] = []
         self._tapped: list[Any] = []
+        self._layer = 0  # the layer of the tap call in progress (read by _rows for per-query slots)
 
     def _probing(self) -> bool:
         """Whether the forward in progress is a probe of this model's run (its attention kernel is skipped)."""
@@ -70,11 +71,7 @@ class LLMTaps:
     def install(self) -> None:
         layers = self.stages.adapter.language_model.layers
         n = len(layers)
-        for lay in self.request.observe:
-            if not 0 <= lay < n:
-                raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {n} layers")
-            for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
-                self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
+        self._install_observers(layers)
         probe = self.request.source == "probe"
         for k in self.stages.layers:
             mod = layers[k if probe else k - 1].self_attn
@@ -88,6 +85,16 @@ class LLMTaps:
                 raise ValueError(f"LLMRequest row_layers: layer {lay} is already tapped for a stage's rows")
             TAPS.add(mod, partial(self._tap_ran, lay))
             self._tapped.append(mod)
+
+    def _install_observers(self, layers: Any) -> None:
+        """Forward hooks on the observed modules, and the embeddings hook on layer 0 when requested."""
+        for lay in self.request.observe:
+            if not 0 <= lay < len(layers):
+                raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {len(layers)} layers")
+            for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
+                self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
+        if self.request.embeddings:
+            self._handles.append(layers[0].register_forward_pre_hook(self._embed, with_kwargs=True))
 
     def remove(self) -> None:
         remove_installed(self._handles, self._tapped)
@@ -109,6 +116,7 @@ class LLMTaps:
         if st is None:
             return
         n = query.shape[2]
+        self._layer = k
         st.rows[k] = self._rows(st, query, key, mask, scaling)
         if self.request.values == "heads":
             st.values[k] = value[:, :, :n].float()
@@ -123,6 +131,7 @@ class LLMTaps:
         if st is None:
             return
         n = query.shape[2]
+        self._layer = layer
         rows = self._rows(st, query, key, mask, scaling)
         idx = st.idx[:, :n]
         full = rows.new_zeros(*rows.shape[:-1], st.n0)
@@ -144,6 +153,10 @@ class LLMTaps:
         model_dtype = getattr(st.adapter.pruner, "score_dtype", "float32") == "model"
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys,
                                model_dtype=model_dtype)[..., :n]
+        if self.request.per_query:
+            st.query_slots[self._layer] = torch.where(weights > 0, rows, -1)
+            out = probs.mean(1) if self.request.heads == "mean" else probs
+            return out.to(query.dtype).float() if model_dtype else out
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
         out = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
         return out.to(query.dtype).float() if model_dtype else out  # score_dtype="model": the references' rounding
@@ -164,6 +177,20 @@ class LLMTaps:
         weights = torch.gather(span, 1, order).float()
         rows = torch.where(weights > 0, order, st.qcur[:, None])
         return rows, weights
+
+    def _embed(self, module, args: tuple, kw: dict) -> None:
+        """The hidden states entering decoder layer 0 at the prefill: the input embeddings (kept on the run)."""
+        st = self._prefill_run()
+        if st is not None and st.embeddings is None:
+            st.embeddings = (args[0] if args else kw["hidden_states"]).detach()
+
+    @staticmethod
+    def current_embeddings(st: LLMRun) -> torch.Tensor | None:
+        """The input embeddings over the run's current slots, (B, n, D)."""
+        if st.embeddings is None:
+            return None
+        idx = st.idx
+        return torch.gather(st.embeddings, 1, idx[..., None].expand(-1, -1, st.embeddings.shape[-1]))
 
     def _observe(self, layer: int, part: str, module, args: tuple, kw: dict, out: Any) -> None:
         st = self._prefill_run()

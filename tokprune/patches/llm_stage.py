@@ -22,9 +22,9 @@ import torch
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
-from tokprune.pruners.base import LLMRequest, LLMSignals, Observed, PrefillContext
-from tokprune.record import PruneRecord, Stage, spread
-from tokprune.selection import Budgets, ImageBudget, llm_budgets, select_llm
+from tokprune.pruners.base import LLMDecision, LLMRequest, LLMSignals, Observed, PrefillContext
+from tokprune.record import Merged, PruneRecord, Stage, spread
+from tokprune.selection import Budgets, ImageBudget, check_indices, llm_budgets, select_llm
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -116,6 +116,8 @@ class LLMRun:
         self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
         self.values: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}  # LLMRequest(keys=True): post-RoPE keys of the rows' layer
+        self.query_slots: dict[int, torch.Tensor] = {}  # per_query: the query slot of each row, -1 for padding
+        self.embeddings: torch.Tensor | None = None  # embeddings: the hidden states entering layer 0 (prefill)
         self.observed: dict[tuple[int, str], Observed] = {}
         self.probing = False
 
@@ -163,10 +165,10 @@ class LLMRun:
         # sync: once per LLM stage per image, the content tokens' indices (a variable-size output)
         content = [[(~sp).nonzero()[:, 0] for sp in srow] for srow in self.special]
         signals = self._signals(s, hidden, content)
-        rel, scores = self._decide(s, signals, content)
-        self.record.stages.append(Stage("llm", self.layers[s], [[o[r.to(o.device)].clone() for o, r in zip(orow, sel)]
-                                                                for orow, sel in zip(self.origin, rel)], scores))
-        out = self._rewrite(rel, hidden, kw)
+        rel, scores, news = self._decide(s, signals, content)
+        out, merged = self._rewrite(rel, hidden, kw, news)
+        self.record.stages.append(Stage("llm", self.layers[s], [[o.sort().values for o in row] for row in self.origin],
+                                        scores, merged))
         timings = self.record.timings
         timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
         return out
@@ -183,33 +185,40 @@ class LLMRun:
                           ctx=self.ctx, values=self.values.get(k), positions=self.idx,
                           spans=self.current_spans(), observed=dict(self.observed),
                           rows_at=taps.rows_at(self) if taps else {}, last=self.qcur, keys=self.keys.get(k),
-                          valid=self.valid_slots(), normed=(self.adapter.language_model.norm(hidden) if self.request
-                                                            is not None and self.request.final_norm else None))
+                          query_slots=self.query_slots.get(k), embeddings=LLMTaps.current_embeddings(self),
+                          budgets=[[(b.n, b.keep) for b in brow] for brow in self.budgets],
+                          valid=self.valid_slots(), normed=self._normed(hidden))
+
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``."""
+        want = self.request is not None and self.request.final_norm
+        return self.adapter.language_model.norm(hidden) if want else None
 
     def _decide(self, s: int, signals: LLMSignals, content: list[list[torch.Tensor]]
-                ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None]:
+                ) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]] | None, list]:
         """Per row and image, the indices among its current visual tokens that survive stage ``s`` (budgets from
-        the prefill's schedule, the method's choice checked by the selection core), and the scores to record."""
+        the prefill's schedule, the method's choice checked by the selection core), the scores to record, and the
+        new tokens of an :class:`~tokprune.pruners.base.LLMDecision`."""
         a = self.adapter
         stage = s + (a.vision is not None)  # index of this stage in the method's schedule
         pooled = any(brow[0].schedule.pooled for brow in self.budgets if brow)
         ks = llm_budgets(a.pruner, a.info, stage, content, self.budgets, pooled)
-        rel, seen = select_llm(a.pruner, signals, ks, content, self.special, pooled, a.record_scores)
+        at_most = [[b.schedule.stages[stage].at_most for b in brow] for brow in self.budgets]
+        rel, seen, news = select_llm(a.pruner, signals, ks, content, self.special, pooled, a.record_scores, at_most,
+                                     lambda picked: self._new_tokens(picked, content, ks, at_most, pooled))
         if seen is None:
-            return rel, None
-        return rel, [[spread(n, o, seen[bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
-                     for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
+            return rel, None, news
+        return rel, [[spread(n, o, seen[bi, pos]) for o, pos, n in zip(orow, vrow, nrow)] for bi, (orow, vrow, nrow)
+                     in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))], news
 
-    def _rewrite(self, rel: list[list[torch.Tensor]], hidden: torch.Tensor, kw: dict) -> torch.Tensor:
+    def _rewrite(self, rel: list[list[torch.Tensor]], hidden: torch.Tensor, kw: dict, news: list
+                 ) -> tuple[torch.Tensor, list | None]:
         """Apply a stage's decision: the surviving slots (shorter rows padded with dead slots), the bookkeeping of
-        visual tokens and their origin, and the gathered kwargs of this and later layers."""
+        visual tokens and their origin, new tokens written into their slots, and the gathered kwargs of this and
+        later layers. Returns the shortened hidden states and the record's merges (None without new tokens)."""
         b, n_cur = hidden.shape[:2]
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
-        keep = ~self.dead.clone()
-        for bi, (row, sel) in enumerate(zip(self.visual, rel)):
-            for pos, r in zip(row, sel):
-                keep[bi, pos] = False
-                keep[bi, pos[r.to(pos.device)]] = True
+        keep = self._keep_mask(rel)
         counts = keep.sum(1)
         # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
         width, fewest = torch.stack([counts.max(), counts.min()]).tolist()
@@ -221,13 +230,75 @@ class LLMRun:
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]
                        for bi, (row, sel) in enumerate(zip(self.visual, rel))]
+        self._prev_origin = self.origin
         self.origin = [[o[r.to(o.device)] for o, r in zip(orow, sel)] for orow, sel in zip(self.origin, rel)]
+        out = gather_seq(hidden, slots)
+        merged = self._place_new(out, news, rel) if _any_new(news) else None
         self.idx = torch.gather(self.idx, 1, slots)
         self.dead = torch.gather(dead, 1, slots)
         self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": self._prefill_kwargs(kw, hidden),
                            "dropped": self._dropped_total(), "any_dead": self.any_dead})
-        return gather_seq(hidden, slots)
+        return out, merged
+
+    # ------------------------------------------------------------------ new tokens (LLMDecision)
+    def _keep_mask(self, rel: list[list[torch.Tensor]]) -> torch.Tensor:
+        """(B, n) bool over the current slots: what survives the stage (text, kept visual tokens; not dead ones)."""
+        keep = ~self.dead.clone()
+        for bi, (row, sel) in enumerate(zip(self.visual, rel)):
+            for pos, r in zip(row, sel):
+                keep[bi, pos] = False
+                keep[bi, pos[r.to(pos.device)]] = True
+        return keep
+
+    def _new_tokens(self, picked: list, content: list, ks: list, at_most: list, pooled: bool) -> tuple[list, list]:
+        """Turn each :class:`LLMDecision` into kept indices that include its new tokens' slots; returns (the kept
+        indices per row and image, per row and image the (new tokens, slots, sources) or None)."""
+        out, news = [], []
+        for crow, prow, krow, arow in zip(content, picked, ks, at_most):
+            pairs = [self._one_decision(c, p, kk, am, pooled) for c, p, kk, am in zip(crow, prow, krow, arow)]
+            out.append([kept for kept, _ in pairs])
+            news.append([new for _, new in pairs])
+        return out, news
+
+    def _one_decision(self, c: torch.Tensor, p: Any, kk: int, am: bool, pooled: bool) -> tuple[torch.Tensor, Any]:
+        """One image's answer: (kept indices with any new tokens' slots, (new, slots, sources, kept) or None)."""
+        if not isinstance(p, LLMDecision) or p.n_new == 0:
+            return (p.kept if isinstance(p, LLMDecision) else p), None
+        who = f"{self.adapter.pruner.name}.select_llm"
+        n = int(c.numel())
+        _check_decision(p, n, kk, am, pooled, who)
+        slot_t = torch.tensor(_new_slots(p, n, who), dtype=torch.long, device=p.kept.device)
+        cd = c.to(p.kept.device)  # content index -> index into the image's visual list
+        new = (p.new, cd[slot_t], [cd[src.to(cd.device)] for src in p.sources], cd[p.kept])
+        return torch.cat([p.kept, slot_t]).sort().values, new
+
+    def _place_new(self, out: torch.Tensor, news: list, rel: list) -> list:
+        """Write the new tokens into the gathered sequence ``out`` and return the record's :class:`Merged` per row
+        and image. ``rel``: per row and image the kept indices (content and special) into the previous visual
+        list; ``self.visual`` / ``self.origin`` already describe the new sequence."""
+        compact = self.adapter.positions == "compact"
+        merged: list[list[Merged | None]] = []
+        for bi, (nrow, vrow, orow, srow) in enumerate(zip(news, self.visual, self.origin, self.special)):
+            merged.append([])
+            for i, (nw, pos, org, sp) in enumerate(zip(nrow, vrow, orow, srow)):
+                if nw is None:
+                    merged[-1].append(None)
+                    continue
+                new, slots, sources, kept = nw
+                prev = self._prev_origin[bi][i]
+                sel = rel[bi][i].to(slots.device)
+                where = torch.searchsorted(sel, slots)  # each new token's place among the survivors
+                if compact and not bool(sp.any()):
+                    # the reference's order: the image's kept tokens, then its new tokens (contiguous positions)
+                    held = torch.cat([out[bi, pos[torch.searchsorted(sel, kept.to(sel.device))]],
+                                      new.to(out.dtype)])
+                    out[bi, pos] = held
+                    org[:] = torch.cat([prev[kept.to(prev.device)], prev[slots.to(prev.device)]])
+                else:
+                    out[bi, pos[where]] = new.to(out.dtype)
+                merged[-1].append(Merged([prev[s.to(prev.device)] for s in sources], prev[slots.to(prev.device)]))
+        return merged
 
     # ------------------------------------------------------------------ gathered kwargs
     def _compact_positions(self, pos: torch.Tensor) -> torch.Tensor:
@@ -359,3 +430,33 @@ class LLMRun:
             return m & ok
         return m.masked_fill(~ok, torch.finfo(m.dtype).min)
 
+
+def _new_slots(p: LLMDecision, n: int, who: str) -> list[int]:
+    """Each new token's slot: the lowest free dropped slot among its sources, else the lowest free one."""
+    free = torch.ones(n, dtype=torch.bool)
+    free[p.kept.cpu()] = False
+    slots = []
+    for src in p.sources:  # sync: once per new token, the slot it takes (host bookkeeping)
+        cand = [int(j) for j in src.cpu().sort().values if free[int(j)]]
+        if not cand:
+            cand = free.nonzero()[:, 0].tolist()[:1]
+        if not cand:
+            raise RuntimeError(f"{who}: more new tokens than dropped slots")
+        free[cand[0]] = False
+        slots.append(cand[0])
+    return slots
+
+
+def _any_new(news: list) -> bool:
+    return any(n is not None for row in news for n in row)
+
+
+def _check_decision(p: LLMDecision, n: int, kk: int, am: bool, pooled: bool, who: str) -> None:
+    """An LLMDecision over ``n`` tokens: sorted kept indices, kept + new within the budget, one source set each."""
+    check_indices(p.kept, n, None, who)
+    total = int(p.kept.numel()) + p.n_new
+    if not pooled and (total > kk or (not am and total != kk)):
+        raise RuntimeError(f"{who} returned {int(p.kept.numel())} kept + {p.n_new} new tokens where "
+                           f"the budget is {'at most ' if am else ''}{kk}")
+    if len(p.sources) != p.n_new:
+        raise RuntimeError(f"{who}: an LLMDecision needs one sources tensor per new token")

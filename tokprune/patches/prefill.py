@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,7 @@ class Orchestrator:
         self.adapter = adapter
         self.states: weakref.WeakKeyDictionary[Any, PrefillState] = weakref.WeakKeyDictionary()  # cache -> state
         self.local = threading.local()  # .state: the PrefillState of the forward in progress in this thread
+        self.warned_embeds = False  # the inputs_embeds warning is given once per patch
 
     def current(self) -> PrefillState | None:
         return getattr(self.local, "state", None)
@@ -133,6 +135,8 @@ class Orchestrator:
         self.local.state = None
         pkv = get_cache(kw)
         past = pkv.get_seq_length() if pkv is not None else 0
+        if kw.get("input_ids") is None and past == 0 and kw.get("inputs_embeds") is not None:
+            return args, self.unpruned_embeds(kw)
         if self._is_prefill(kw, past):
             return (), self.prefill(kw, pkv)
         if past > 0:
@@ -156,10 +160,34 @@ class Orchestrator:
         # sync: once per prefill, to know whether the prompt has images
         if ids is None or not (past == 0 or modalities) or not bool((ids == a.image_token_id).any()):
             return False
+        if not modalities:
+            raise ValueError(
+                "input_ids hold image tokens but no pixel_values were passed, so there is no image to encode "
+                "or prune; pass the processor's pixel_values (with image_sizes / image_grid_thw) together "
+                "with input_ids, or remove the image tokens from the prompt"
+            )
         if past > 0:
             raise NotImplementedError("a new image in a continued (cached) conversation is not supported yet; "
                                       "start generation from the full prompt")
         return True
+
+    def unpruned_embeds(self, kw: dict) -> dict:
+        """A prefill from ``inputs_embeds`` alone (features merged by hand): tokprune cannot tell which rows are
+        image tokens, so nothing is pruned; warn once per patch and leave a record whose ``notes`` say why."""
+        a = self.adapter
+        why = ("inputs_embeds without input_ids / pixel_values: tokprune cannot locate the image tokens, so "
+               f"{a.pruner.name} pruned nothing in this prefill; pass input_ids and pixel_values (the "
+               "processor's outputs) to prune")
+        if not self.warned_embeds:
+            warnings.warn(why, stacklevel=5)
+            self.warned_embeds = True
+        embeds, mask = kw["inputs_embeds"], kw.get("attention_mask")
+        # sync: once per such prefill, the host-side prompt lengths of the record
+        lengths = mask.sum(-1).tolist() if mask is not None and mask.dim() == 2 else [embeds.shape[1]] * len(embeds)
+        record = PruneRecord(method=a.pruner.name, n_visual=[[] for _ in lengths], seq_len=[int(n) for n in lengths])
+        record.notes.append(why)
+        a.record = record
+        return kw
 
     def post_forward(self, module: nn.Module, args: tuple, out: Any) -> None:
         """Bind a prefill that ran without a cache passed in to the cache the model returned (its decode steps

@@ -39,9 +39,10 @@ from tokprune.pruners.base import (
     VisionRequest,
     VisionSignals,
 )
-from tokprune.selection import (  # noqa: F401  (check_* and content_label re-exported from their old home)
+from tokprune.selection import (  # noqa: F401  (check_*, content_label, _ImageChoice re-exported from their old home)
     Budgets,
     Placement,
+    _ImageChoice,
     check_indices,
     check_pooled,
     content_label,

@@ -53,9 +53,11 @@ def load_model(name: str) -> tuple[Any, Any, str | None]:
         return model, processor, read_meta(name)["family"]
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokprune import hub
+
     try:
-        processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name).eval()
+        processor = hub.load(AutoProcessor.from_pretrained, name)
+        model = hub.load(AutoModelForImageTextToText.from_pretrained, name).eval()
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(f"--model {name}: cannot load it ({first}); pass a reference model ({', '.join(NAMES)}), "

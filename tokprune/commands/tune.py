@@ -20,11 +20,11 @@ from tokprune.commands.bench import DTYPES
 DEFAULT_MODEL = "llava-shapes"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_QUESTION = "Describe the image in detail."
+#: :data:`tokprune.eval.tune.SAMPLERS`, repeated here so that ``tokprune -h`` imports no torch (a test checks both)
+SAMPLERS = ("tpe", "gp")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from tokprune.eval.tune import SAMPLERS
-
     p = sub.add_parser(
         "tune", help="search a method's hyper-parameters (VFlowOpt's visual-information-flow optimiser)",
         description="Bayesian optimisation (Optuna) of a method's declared search space: maximise the mean cosine "

@@ -62,8 +62,10 @@ def resolve_config(name: str) -> Any:
         raise FileNotFoundError(f"model directory {name!r} has no config.json")
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"model directory {name!r} does not exist")
+    from tokprune import hub
+
     try:
-        return AutoConfig.from_pretrained(str(local) if local.exists() else name)
+        return hub.load(AutoConfig.from_pretrained, str(local) if local.exists() else name)
     except OSError as e:
         raise FileNotFoundError(f"cannot read the config of model {name!r}: {e}") from e
 
@@ -78,9 +80,12 @@ def load(name: str, *, device: str = "cpu", dtype: Any = None, attn: str = "sdpa
         return _reference(name, device, dtype, attn, template, max_new_tokens)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokprune import hub
+
     path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval().to(device)
-    processor = AutoProcessor.from_pretrained(path)
+    model = hub.load(AutoModelForImageTextToText.from_pretrained, path, dtype=dtype, attn_implementation=attn)
+    model = model.eval().to(device)
+    processor = hub.load(AutoProcessor.from_pretrained, path)
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     prompt, described = _prompt_builder(processor, template)

@@ -196,6 +196,7 @@ def _run_cell(bundle: Any, cell: Cell, options: dict[str, Any], spec: GridSpec, 
     return {**_base_row(cell, device), "status": "ok", "metric": metric, "n": n,
             "accuracy": score if score is not None else sum(bool(s.correct) for s in samples) / n,
             "visual_tokens_final": mean(lambda c: c.visual_final), "visual_tokens_mean": mean(lambda c: c.visual_mean),
+            "visual_tokens_special": mean(lambda c: c.visual_special),
             "input_tokens": mean(lambda c: c.input_tokens), "tflops": mean(lambda c: c.tflops),
             "tflops_3ndm": mean(lambda c: c.tflops_3ndm), "prefill_ms": latency,
             "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 
@@ -20,6 +21,11 @@ class Budget:
                 f"(fraction kept, in (0, 1]); got keep={self.keep!r}, keep_ratio={self.keep_ratio!r}"
             )
         if self.keep is not None:
+            if not isinstance(self.keep, (bool, float, str)) and hasattr(self.keep, "__index__"):
+                try:  # numpy and torch integer scalars are counts too
+                    object.__setattr__(self, "keep", operator.index(self.keep))
+                except TypeError:
+                    pass
             if isinstance(self.keep, bool) or not isinstance(self.keep, int):
                 raise TypeError(f"keep must be an int count of visual tokens per image, got {self.keep!r}")
             if self.keep <= 0:

@@ -45,10 +45,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _list(text: str | None, kind: type, flag: str) -> list[Any]:
+    """The items of a comma-separated option; an empty or a repeated item is an error (``--keep 8,8``,
+    ``--methods cls,``)."""
+    from tokprune.commands.args import split_list
+
+    if not text:
+        return []
     try:
-        return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else []
+        items = [kind(x) for x in split_list(text, flag)]
     except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from e
+        raise ValueError(f"{flag}: {e}" if not str(e).startswith(flag) else str(e)) from e
+    if len(set(items)) < len(items):  # 0.5 and .5 are one budget
+        raise ValueError(f"{flag} {text!r}: a value is listed twice; list each once")
+    return items
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,16 @@ class RandomPrune(Pruner):
     paper = "baseline"
 
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            if isinstance(self.seed, (bool, float, str)):
+                raise TypeError
+            self.seed = operator.index(self.seed)  # numpy / torch integer scalars too
+        except TypeError:
+            raise TypeError(f"random: seed must be an int (it seeds each image's generator), "
+                            f"got {self.seed!r}") from None
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         return VisionRequest()

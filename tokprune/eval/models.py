@@ -23,7 +23,10 @@ IMAGE_PLACEHOLDER = "<image>"
 class ModelBundle:
     """A loaded model ready for evaluation. ``prompt(question)`` is the full text with the image placeholder;
     ``image_size`` is the side (px) generated images are rendered at (None: the data's own size);
-    ``max_new_tokens`` bounds generated answers."""
+    ``max_new_tokens`` bounds generated answers. ``answer_tokens``: the answer length that holds whatever a task
+    asks (lmms-eval tasks carry their own ``max_new_tokens``): the user's explicit ``max_new_tokens``, or the
+    reference models' one-token answers (they were trained to answer in one token and never emit an end of
+    sequence); None lets a task's own setting apply."""
 
     name: str
     model: Any
@@ -32,6 +35,7 @@ class ModelBundle:
     template: str
     image_size: int | None
     max_new_tokens: int
+    answer_tokens: int | None = None
 
     @property
     def family(self) -> str:
@@ -89,7 +93,7 @@ def load(name: str, *, device: str = "cpu", dtype: Any = None, attn: str = "sdpa
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     prompt, described = _prompt_builder(processor, template)
-    return ModelBundle(name, model, processor, prompt, described, None, max_new_tokens or 16)
+    return ModelBundle(name, model, processor, prompt, described, None, max_new_tokens or 16, max_new_tokens)
 
 
 def _reference(name: str, device: str, dtype: Any, attn: str, template: str | None,
@@ -110,7 +114,7 @@ def _reference(name: str, device: str, dtype: Any, attn: str, template: str | No
     # single-token answers: the reference models were trained to answer in one token, and greedy decoding of
     # one token is the argmax their accuracy is defined by
     return ModelBundle(name, model.to(device), processor, build, prompt(family, "{question}").replace(
-        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1)
+        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1, max_new_tokens or 1)
 
 
 def _prompt_builder(processor: Any, template: str | None) -> tuple[Callable[[str], str], str]:

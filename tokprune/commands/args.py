@@ -117,11 +117,19 @@ def _int(text: str) -> int:
 
 
 def check_methods(names: Sequence[str], option: str = "--method", hint: str = "") -> None:
-    """Every name is a registered method (``tokprune.methods()``); the error lists the known ones, then ``hint``."""
+    """Every name is a registered method (``tokprune.methods()``) or ``package.module:ClassName``, a Pruner class
+    of the user's, imported now; the error lists the known ones, then ``hint``."""
     import tokprune
+    from tokprune.registry import get_method, is_import_path
 
     known = tokprune.methods()
-    unknown = [n for n in names if n not in known]
+    for name in names:
+        if name not in known and is_import_path(name):
+            try:
+                get_method(name)
+            except ValueError as e:
+                raise ValueError(f"{option}: {e}") from None
+    unknown = [n for n in names if n not in known and not is_import_path(n)]
     if unknown:
         raise ValueError(f"{option}: unknown method {', '.join(map(repr, unknown))}; known: {', '.join(known)}{hint}")
 

@@ -29,6 +29,7 @@ def _imports_after(argv: list[str]) -> tuple[int, list[str], str]:
 
 @pytest.mark.parametrize("argv", [["--version"], ["-h"], ["flops", "-h"], ["eval", "-h"], ["tune", "-h"],
                                   ["demo", "--keep", "0"], ["flops", "--config", "llava-1.5-7b", "--keep", "x"],
+                                  ["eval", "--model", "m", "--tasks", "shapes", "--keep", "8,8", "--out", "o"],
                                   ["nosuch"]])
 def test_version_help_and_argument_errors_import_no_torch(argv: list[str]) -> None:
     rc, heavy, out = _imports_after(argv)

@@ -61,15 +61,16 @@ def _list(text: str | None, kind: type, flag: str) -> list[Any]:
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
+    lists = dict(tasks=_list(args.tasks, str, "--tasks"), methods=_list(args.methods, str, "--methods"),
+                 keeps=_list(args.keep, int, "--keep"), keep_ratios=_list(args.keep_ratio, float, "--keep-ratio"),
+                 flops_ratios=_list(args.flops_ratio, float, "--flops-ratio"))  # checked before torch is imported
     import torch
 
     from tokprune.eval.grid import GridSpec
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return GridSpec(
-        model=args.model, tasks=_list(args.tasks, str, "--tasks"), methods=_list(args.methods, str, "--methods"),
-        keeps=_list(args.keep, int, "--keep"), keep_ratios=_list(args.keep_ratio, float, "--keep-ratio"),
-        flops_ratios=_list(args.flops_ratio, float, "--flops-ratio"), baselines=not args.no_baselines,
+        model=args.model, **lists, baselines=not args.no_baselines,
         limit=args.limit, batch_size=args.batch_size, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), attn=args.attn,
         seed=args.seed, template=args.template, max_new_tokens=args.max_new_tokens, include_path=args.include_path)

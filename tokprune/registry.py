@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from tokprune.pruners.base import Pruner
 
 T = TypeVar("T")
+#: the base class of every method, named, not imported (this module is a leaf)
+PRUNER = "tokprune.pruners.base.Pruner"
 
 METHODS: dict[str, type[Pruner]] = {}
 MODELS: dict[str, type[Adapter]] = {}
@@ -76,8 +78,6 @@ def import_method(path: str) -> type[Pruner]:
     import os
     import sys
 
-    from tokprune.pruners.base import Pruner
-
     module_name, _, attr = path.partition(":")
     cwd = os.getcwd()
     added = cwd not in sys.path
@@ -93,7 +93,7 @@ def import_method(path: str) -> type[Pruner]:
         if added:
             sys.path.remove(cwd)
     cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Pruner)):
+    if not (isinstance(cls, type) and any(f"{c.__module__}.{c.__qualname__}" == PRUNER for c in cls.__mro__)):
         what = "has no attribute" if cls is None else "is not a tokprune.Pruner subclass:"
         raise ValueError(f"method {path!r}: {module_name} {what} {attr}" + ("" if cls is None else f" ({cls!r})"))
     known = next((n for n, c in METHODS.items() if c is cls), None)

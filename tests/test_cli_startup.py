@@ -91,3 +91,15 @@ def test_the_probe_reads_the_cache_when_the_hub_is_unreachable(monkeypatch: pyte
     assert hub.unreachable("http://127.0.0.1:9") is not None
     assert hub.load(loader, "someone/cached-model", dtype="x") == "cached"
     assert calls == [{"local_files_only": True, "dtype": "x"}]  # never a network try with its retries
+
+
+def test_the_probe_goes_through_the_proxy_requests_would_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokprune import hub
+
+    monkeypatch.setenv("HTTPS_PROXY", "127.0.0.1:9")
+    hub.unreachable.cache_clear()
+    try:
+        why = hub.unreachable("https://huggingface.co")
+    finally:
+        hub.unreachable.cache_clear()
+    assert why is not None and "through the proxy 127.0.0.1:9" in why

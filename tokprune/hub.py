@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,18 +28,39 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
 
 
+def proxy_for(url: str) -> str | None:
+    """The proxy requests would use for ``url`` (``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY``, any case)."""
+    scheme = urlsplit(url).scheme or "https"
+    for key in (f"{scheme}_proxy", "all_proxy"):
+        value = os.environ.get(key) or os.environ.get(key.upper())
+        if value:
+            return value if "://" in value else f"http://{value}"
+    return None
+
+
 @functools.lru_cache(maxsize=8)
 def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why ``url``'s host cannot be reached (one TCP connection), or None when it can. Cached per process."""
-    parts = urlsplit(url)
+    """Why ``url``'s host (or the proxy in front of it) cannot be reached in ``timeout`` seconds, name lookup
+    included (one TCP connection, in a daemon thread so a hanging DNS cannot hold the caller), or None when it can.
+    Cached per process."""
+    target = proxy_for(url) or url
+    parts = urlsplit(target)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            return None
-    except OSError as e:
-        if isinstance(e, TimeoutError):
-            return f"no answer in {timeout:g} s"
-        return f"{type(e).__name__}: {e.strerror or e}"
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+                outcome.append(None)
+        except OSError as e:
+            outcome.append(f"no answer in {timeout:g} s" if isinstance(e, TimeoutError)
+                           else f"{type(e).__name__}: {e.strerror or e}")
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    why = outcome[0] if outcome else f"no answer in {timeout:g} s (name lookup)"
+    return None if why is None else why + (f", through the proxy {parts.hostname}:{port}" if target != url else "")
 
 
 def is_offline() -> bool:

@@ -22,8 +22,9 @@ def _require() -> None:
     try:
         import lmms_eval  # noqa: F401
     except ImportError as e:
-        raise ImportError("lmms-eval is not installed (see the README: pip install 'tokprune[eval]' then "
-                          "pip install --no-deps lmms-eval==0.7.3)") from e
+        raise ImportError("lmms-eval is not installed; install it the lean way (README, 'Evaluation'): pip install "
+                          "'tokprune[eval]' accelerate evaluate loguru pytablewriter pytz sacrebleu tenacity "
+                          "'filelock<4', then pip install --no-deps lmms-eval==0.7.3") from e
 
 
 @functools.lru_cache(maxsize=4)

@@ -157,11 +157,11 @@ class CATP(Pruner):
         budgets are pooled (:meth:`row_budgets`)."""
         return self.stage1(n_visual, keep)
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
         """One image alone: its stage-1 count at every stage, which is more than ``keep`` (``floor(S (1 - R/2))``,
         at least half the image); the schedule's note says so, since ``keep`` is the final count of each image of a
         few-shot prompt only."""
-        sched = super().schedule(info, n_visual, keep)
+        sched = super().schedule(info, n_visual, keep, keep_ratio)
         if keep >= n_visual:
             return sched
         r = self.ratio(n_visual, keep)

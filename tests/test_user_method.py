@@ -63,6 +63,13 @@ def test_tokprune_eval_runs_a_users_method(tmp_path: Path) -> None:
     rows = {r["method"]: r for r in store.read(out)["rows"]}
     assert rows[EXAMPLE]["status"] == "ok" and rows[EXAMPLE]["visual_tokens_final"] == 8
     assert f"| {EXAMPLE} | 8 | 8.0 |" in (out / "results.md").read_text()
+    # its options, as for a built-in method
+    out = tmp_path / "smallest"
+    assert main(["eval", "--model", "llava-shapes", "--methods", EXAMPLE, "--option", "largest=False", "--keep", "8",
+                 "--tasks", "shapes", "--limit", "16", "--batch-size", "16", "--no-baselines", "--out", str(out),
+                 "--no-progress"]) == 0
+    (row,) = [r for r in store.read(out)["rows"] if r["method"] == EXAMPLE]
+    assert row["options"] == {"largest": False} and row["status"] == "ok"
 
 
 @pytest.mark.skipif("llava-shapes" not in names(), reason="llava-shapes weights not shipped")

@@ -83,8 +83,12 @@ def spec_from_args(args: argparse.Namespace) -> Any:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.commands.args import check_method_options
+    from tokprune.registry import get_method, is_import_path
 
     methods = _list(args.methods, str, "--methods")
+    for m in methods:
+        if is_import_path(m) and m not in _registered():
+            get_method(m)  # a user's Pruner class: imported (and registered) now, so its options are known
     if args.option and not methods:
         raise ValueError("--option sets options of the --methods; pass --methods too")
     return check_method_options([m for m in methods if m in _registered()], args.option)

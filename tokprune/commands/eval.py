@@ -102,13 +102,12 @@ def _registered() -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid; exit 2 on bad arguments (before any model loads), 1 when a cell failed, else 0."""
-    from tokprune.eval import runner
-    from tokprune.eval.validate import EvalArgumentError
-
     try:
-        spec = spec_from_args(args)
+        spec = spec_from_args(args)  # list errors first, before torch and the grid's modules are imported
+        from tokprune.eval import runner
+
         result = runner.run(spec, args.out, resume=args.resume, progress=not args.no_progress)
-    except (EvalArgumentError, ValueError) as e:
+    except ValueError as e:  # EvalArgumentError included
         print(f"tokprune eval: error: {e}", file=sys.stderr)
         return 2
     print(open(f"{args.out}/results.md", encoding="utf-8").read())

@@ -3,6 +3,7 @@
 from tokprune.pruners import (  # noqa: F401
     catp,
     cls_attention,
+    divprune,
     fastv,
     flowcut,
     hiprune,
@@ -11,6 +12,7 @@ from tokprune.pruners import (  # noqa: F401
     transprune,
     vflowopt,
     visionzip,
+    vispruner,
 )
 from tokprune.pruners.base import (
     LLMSignals,

@@ -25,7 +25,8 @@ class DivPrune(Pruner):
       stay in their original order (positions: LLaVA re-indexed contiguously, as the reference's
       ``inputs_embeds`` path; Qwen keeps M-RoPE positions).
 
-    Options: ``distinct`` (True): a chosen token is never picked again, so exactly ``keep`` distinct tokens survive;
+    Options: ``newlines`` (True; LLaVA-NeXT): the row newlines are never candidates and are kept on top of the
+    budget (keep-all equals the model, the trained layout), False keeps none. ``distinct`` (True): a chosen token is never picked again, so exactly ``keep`` distinct tokens survive;
     False is the reference's bare ``argmax``, which can re-pick a chosen token (and keep fewer distinct ones) when
     only exact duplicates are left; both agree whenever the reference keeps ``keep`` distinct tokens. There is no
     numeric option, so nothing for ``tokprune tune`` to search.
@@ -38,7 +39,7 @@ class DivPrune(Pruner):
     Code vs this implementation (docs/methods.md lists them): the reference prunes one image of a batch-1 prompt
     (a fixed 35-token system prefix); here every image of every row is pruned on its own. LLaVA-NeXT: the reference
     selects over the image's whole packed sequence, ``image_newline`` tokens included (all equal, so it keeps at
-    most one of them); here newlines are never candidates and are dropped (``keep_newlines = False``) and, with
+    most one of them); here newlines are never candidates (kept on top, or none with ``newlines=False``) and, with
     ``tile_budget="global"``, the selection runs over all the image's content tokens at once, the reference's
     layout; the family default ``tile_budget="per_tile"`` splits the budget over the tiles and selects within
     each. Distances in float32 (the reference: the model's dtype, fp16).
@@ -46,15 +47,19 @@ class DivPrune(Pruner):
 
     summary = "greedy max-min cosine diversity over the projected visual tokens (text-agnostic)"
     paper = "DivPrune, arXiv 2503.02175"
-    keep_newlines = False
 
     distinct: bool = True
+    newlines: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.distinct, bool):
             raise TypeError(f"divprune: distinct must be True (never re-pick a chosen token) or False (the "
                             f"reference's bare argmax), got {self.distinct!r}")
+        if not isinstance(self.newlines, bool):
+            raise TypeError(f"divprune: newlines must be True (LLaVA-NeXT's row newlines kept on top of the budget, "
+                            f"the model's trained layout) or False (none), got {self.newlines!r}")
+        self.keep_newlines = self.newlines
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         return VisionRequest()  # the projected features only, which every vision stage receives

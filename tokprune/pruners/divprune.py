@@ -26,10 +26,11 @@ class DivPrune(Pruner):
       ``inputs_embeds`` path; Qwen keeps M-RoPE positions).
 
     Options: ``newlines`` (True; LLaVA-NeXT): the row newlines are never candidates and are kept on top of the
-    budget (keep-all equals the model, the trained layout), False keeps none. ``distinct`` (True): a chosen token is never picked again, so exactly ``keep`` distinct tokens survive;
-    False is the reference's bare ``argmax``, which can re-pick a chosen token (and keep fewer distinct ones) when
-    only exact duplicates are left; both agree whenever the reference keeps ``keep`` distinct tokens. There is no
-    numeric option, so nothing for ``tokprune tune`` to search.
+    budget (keep-all equals the model, the trained layout), False keeps none. ``distinct`` (True): a chosen token
+    is never picked again, so exactly ``keep`` distinct tokens survive; False is the reference's bare ``argmax``,
+    which can re-pick a chosen token (and keep fewer distinct ones) when only exact duplicates are left; both agree
+    whenever the reference keeps ``keep`` distinct tokens. There is no numeric option, so nothing for
+    ``tokprune tune`` to search.
 
     Budget: ``keep`` tokens per image, or ``keep_ratio`` (``round(ratio * n)``, the reference's
     ``round(SUBSET_RATIO * n)``). Paper budgets (presets): ``keep_ratio=0.098`` (the reference's default

@@ -8,7 +8,7 @@ import torch
 
 from tokprune.pruners.base import ModelInfo, Pruner, VisionRequest, VisionSignals
 from tokprune.registry import register_method
-from tokprune.rules.divprune import divprune_select
+from tokprune.rules.divprune import cosine_distance, divprune_select
 
 
 @register_method("divprune")
@@ -65,9 +65,22 @@ class DivPrune(Pruner):
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         return VisionRequest()  # the projected features only, which every vision stage receives
 
+    def vision_scores(self, signals: VisionSignals) -> list[torch.Tensor]:
+        """Per image, each token's *isolation*: its ``1 - cos`` distance to its nearest other token (the first
+        pick's criterion; what ``record_scores`` / ``tokprune show --scores`` draw). The distance matrices are left in
+        ``signals.ctx.state`` for :meth:`select_vision`, so they are computed once per prefill."""
+        dists = _distances(signals.features)
+        if signals.ctx is not None:
+            signals.ctx.state[_STATE] = (signals.features, dists)
+        return [d.topk(2, dim=0, largest=False).values[1] if d.shape[0] > 1 else d[0] for d in dists]
+
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         """Per image, the greedy max-min subset of ``ks[i]`` of its projected tokens; images of equal size and
         budget run as one batch."""
+        self.vision_scores(signals)
+        feats, dists = signals.ctx.state.pop(_STATE) if signals.ctx is not None else (None, None)
+        if feats is not signals.features:
+            dists = _distances(signals.features)
         out: list[torch.Tensor | None] = [None] * len(ks)
         groups: dict[tuple[int, int, torch.device], list[int]] = {}
         for j, (f, k) in enumerate(zip(signals.features, ks)):
@@ -77,7 +90,25 @@ class DivPrune(Pruner):
                 for j in members:
                     out[j] = torch.arange(n, device=signals.features[j].device)
                 continue
-            sel = divprune_select(torch.stack([signals.features[j] for j in members]), k, self.distinct)
+            stack = torch.stack([signals.features[j] for j in members])
+            sel = divprune_select(stack, k, self.distinct, distance=torch.stack([dists[j] for j in members]))
             for row, j in enumerate(members):
                 out[j] = sel.kept[row]
         return out  # type: ignore[return-value]
+
+
+#: key of the per-prefill distance matrices in ``PrefillContext.state``
+_STATE = "divprune.distance"
+
+
+def _distances(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``1 - cos`` matrices of each image's tokens, images of equal size in one batched product."""
+    out: list[torch.Tensor | None] = [None] * len(features)
+    groups: dict[tuple[int, torch.device], list[int]] = {}
+    for j, f in enumerate(features):
+        groups.setdefault((int(f.shape[0]), f.device), []).append(j)
+    for members in groups.values():
+        d = cosine_distance(torch.stack([features[j] for j in members]))
+        for row, j in enumerate(members):
+            out[j] = d[row]
+    return out  # type: ignore[return-value]

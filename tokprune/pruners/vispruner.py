@@ -40,7 +40,8 @@ class VisPruner(Pruner):
     Options: ``important_ratio`` (0.5, the reference's default; its README runs MME with 0.75): the important
     tokens' share, in [0, 1], what ``tokprune tune`` searches; ``per_round`` (8): duplicates removed per round.
 
-    Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64`` (and 32); LLaVA-NeXT 5 tiles x 32 = 160 tokens
+    Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64`` (the README's examples run 128 and 64, with
+    ``important_ratio`` 0.5 and 0.75); LLaVA-NeXT 5 tiles x 32 = 160 tokens
     per image: ``keep=32, tile_budget="per_tile_reference"`` is the reference's count (``T`` in every tile, base
     included, newlines kept on top); the family default ``tile_budget="per_tile"`` splits ``keep`` over the tiles
     instead (``keep=160`` ~ 32 per tile).

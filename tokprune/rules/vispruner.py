@@ -71,10 +71,18 @@ def remove_duplicates(similarity: torch.Tensor, residual: torch.Tensor, diverse:
         if r <= 0:
             break
         a, bb = residual[:, ::2], residual[:, 1::2]
-        scores = similarity[rows, a[:, :, None], bb[:, None, :]].amax(dim=-1)  # (B, |a|): best match among b
+        scores = _block(similarity, rows, a, bb).amax(dim=-1)  # (B, |a|): each a token's best match among b
         survivors = scores.argsort(dim=-1, descending=True, stable=True)[:, r:]
         residual = torch.cat([a.gather(1, survivors), bb], dim=1)
     return residual
+
+
+def _block(similarity: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``similarity[r, a[r]][:, b[r]]`` for every row r: (B, |a|, |b|). One row (the common case: one image, or
+    images of different sizes) takes two ``index_select`` copies, several times faster than advanced indexing."""
+    if similarity.shape[0] == 1:
+        return similarity[0].index_select(0, a[0]).index_select(1, b[0])[None]
+    return similarity[rows, a[:, :, None], b[:, None, :]]
 
 
 def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int,

@@ -215,3 +215,22 @@ def test_ratio_one_keeps_what_the_cls_pruner_keeps():
             fam.model(**x)
             kept.append(tokprune.last_record(fam.model).kept[0])
     assert all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+def test_search_space_is_declared_and_a_tuned_config_applies():
+    """``important_ratio`` is what ``tokprune tune`` searches; ``apply(config=...)`` takes a point of it and refuses
+    one outside it. DivPrune has no numeric option, so no space."""
+    from tokprune.eval import tune as tuning
+
+    assert tuning.search_space("vispruner") == {"important_ratio": ("float", 0.0, 1.0)}
+    assert "divprune" not in tuning.tunable_methods()
+    fam = ZOO["llava"]
+    x = inputs(fam, sizes=[(64, 48)])
+    with torch.no_grad():
+        tokprune.apply(fam.model, config={"method": "vispruner", "keep_ratio": 0.25,
+                                          "options": {"important_ratio": 0.75}})
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+        with pytest.raises(ValueError, match="important_ratio"):
+            tokprune.apply(fam.model, config={"method": "vispruner", "options": {"important_ratio": 1.5}})
+    assert rec.n_kept == [[4]]

@@ -214,3 +214,19 @@ def test_static_cache_and_sdpa_eager(family):
             model(**x)
             kept.append(tokprune.last_record(model).kept[0])
     assert all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+@pytest.mark.parametrize("method", ["divprune", "vispruner"])
+def test_flops_come_from_the_schedule_on_llava_and_qwen(method):
+    """One pre-LLM stage: 576 -> 64 before the LLM on LLaVA-1.5-7B, counted as any pre-LLM keep-64 method (the
+    papers' 3ndm convention: 0.42 T); on Qwen2-VL-7B (no [CLS]) the schedule exists too (vispruner's received
+    attention variant), 64 of the image's tokens before the LLM."""
+    from tokprune import configs, flops
+
+    llava = configs.build_model(configs.load("llava-1.5-7b"), device="meta")
+    sched = tokprune.api.schedule(llava, method, keep=64)
+    assert sched.plan() == [(0, 64)] == tokprune.api.schedule(llava, "cls", keep=64).plan()
+    est = flops.for_budget(llava.config, sched, convention="3ndm")
+    assert est.total / 1e12 == pytest.approx(0.416, abs=1e-3)
+    qwen = configs.build_model(configs.load("qwen2-vl-7b"), device="meta")
+    assert tokprune.api.schedule(qwen, method, keep=64).plan() == [(0, 64)]

@@ -49,7 +49,9 @@ class VisPruner(Pruner):
     Code vs this implementation (docs/methods.md): stable sorts (ties to the lower index) where the reference's
     ``argsort`` leaves tie order unspecified; an odd remainder count splits ``ceil/floor`` (the reference's
     indexing fails there); cosines from one matrix computed up front; LLaVA-NeXT tiles select among the tokens
-    HF's unpadded layout keeps (the reference picks among a crop's padded positions, then unpads); float32.
+    HF's unpadded layout keeps (the reference picks among a crop's padded positions, then unpads); float32. With
+    LLaVA's ``vision_feature_select_strategy="full"`` the [CLS] token is a candidate like any token (scored by the
+    [CLS] row's attention to itself); the reference runs with patch features only.
     """
 
     summary = "important tokens by [CLS] (Qwen: received) attention + diverse tokens left after duplicate removal"

@@ -273,8 +273,15 @@ def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> li
 
 
 def received(model, x, layer: int) -> list[torch.Tensor]:
-    """Head-mean attention each visual token receives (column mean over all queries of its attention call)."""
-    return per_token(model, x, [a.mean(1).mean(-2) for a in vision_attention(model, x, layer)])
+    """Head-mean attention each visual token receives: the column mean over all queries of its image (LLaVA: of its
+    attention call, one image or tile). A windowed Qwen2.5-VL block runs one call per window; as in HiPrune's
+    reference (one masked attention over the image, summed over all queries) the queries of other windows pay a key
+    0, so the window's column *sum* is divided by the image's patch count (not by the window's)."""
+    maps = vision_attention(model, x, layer)
+    if not hasattr(model.model, "visual"):
+        return per_token(model, x, [a.mean(1).mean(-2) for a in maps])
+    sums = per_token(model, x, [a.mean(1).sum(-2) for a in maps])
+    return [s / int(n) for s, n in zip(sums, x["image_grid_thw"].prod(-1))]
 
 
 # ---------------------------------------------------------------------------------------------- LLM cuts

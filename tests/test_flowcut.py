@@ -473,10 +473,11 @@ def next_vision_kept(model, x, alive: torch.Tensor, newlines: bool) -> list[torc
     return [packed[0][:, 0].nonzero()[:, 0]]
 
 
-@pytest.mark.parametrize("newlines", [False, True])
-def test_llava_next_per_tile_cut_unpadding_and_llm_cut_match_the_reference(newlines):
+@pytest.mark.parametrize("newlines, keep", [(False, 6), (True, 6), (True, 7)])
+def test_llava_next_per_tile_cut_unpadding_and_llm_cut_match_the_reference(newlines, keep):
     """A non-square image (5 tiles; unpadding removes 2 of the stitched grid's 4 rows): every tile is cut to
-    ceil(keep / 2) patches by the key-mask reference's rule, the vision stage keeps the survivors in the unpadded
+    int(keep / 2) patches (TungChintao/FlowCut main.py: ``int(target_num / 2)``, rounding down an odd budget) by the
+    key-mask reference's rule, the vision stage keeps the survivors in the unpadded
     layout, LLM layer 1's rule cuts to exactly ``keep`` (on eager maps of the unpatched model fed the survivors),
     and the logits equal that model with the cut hidden from layer 2 on; generate with and without cache agree."""
     import oracles
@@ -484,7 +485,6 @@ def test_llava_next_per_tile_cut_unpadding_and_llm_cut_match_the_reference(newli
     model, proc = cached("llava_next")
     x = proc(images=[make_image(100, 70, seed=3)], text="user <image> what is in the image ? assistant :",
              return_tensors="pt")
-    keep = 6
     with torch.no_grad(), tokprune.pruned(model, "flowcut", keep=keep, newlines=newlines, positions="original"):
         out = model(**x).logits
         rec = tokprune.last_record(model)
@@ -492,15 +492,15 @@ def test_llava_next_per_tile_cut_unpadding_and_llm_cut_match_the_reference(newli
         nocache = model.generate(**x, **GEN, use_cache=False)
     n_tiles = x["pixel_values"].shape[1]
     assert n_tiles == 5
-    ref = flowcut_ref.run(model, x, keep=[math.ceil(keep / 2)] * n_tiles)
+    ref = flowcut_ref.run(model, x, keep=[int(keep / 2)] * n_tiles)
     assert [(layer, [k.tolist() for k in kk]) for layer, kk in rec.encoder_cuts] == \
         [(layer, [k.tolist() for k in kk]) for layer, kk in ref["history"]]
-    assert [int(a.sum()) for a in ref["alive"]] == [1 + math.ceil(keep / 2)] * n_tiles
+    assert [int(a.sum()) for a in ref["alive"]] == [1 + int(keep / 2)] * n_tiles
     vision_kept = next_vision_kept(model, x, ref["alive"], newlines)
     n_newlines = int(rec.special[0][0].sum())
     content = rec.n_visual[0][0] - n_newlines
     assert n_newlines == 2 and content == 12  # 4 base + 8 visible of the 16 stitched crop patches
-    assert keep < int(vision_kept[0].numel()) - newlines * n_newlines < n_tiles * math.ceil(keep / 2)
+    assert keep < int(vision_kept[0].numel()) - newlines * n_newlines < n_tiles * int(keep / 2)
     assert [k.tolist() for k in rec.stages[0].kept[0]] == [k.tolist() for k in vision_kept]
     # the LLM cut: the rule on the survivors' content tokens (newlines, kept on top, are never scored)
     sp = rec.special[0][0][vision_kept[0]]

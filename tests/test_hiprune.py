@@ -180,3 +180,46 @@ def test_record_scores_hold_the_deep_layer_statistic():
         scores = tokprune.last_record(fam.model).stages[0].scores[0]
     for got, want in zip(scores, oracles.received(fam.model, x, 1)):
         assert torch.allclose(got, want.float(), atol=1e-6)
+
+
+def test_windowed_block_received_attention_is_summed_over_all_queries():
+    """Qwen2.5-VL block 0 attends within windows (one call per window; edge windows are smaller). The received
+    attention every method reads there is the full-attention definition, as HiPrune's reference computes it (one
+    masked attention over the image, summed over all queries): a window's column sum over the image's patch count.
+    The per-window column mean (what tokprune computed before) ranks differently on this input, so the check can
+    fail; the kept set of HiPrune with that object layer is the reference rule's on the corrected statistic."""
+    fam = ZOO["qwen2_5_vl"]
+    x = inputs(fam)
+    info = tokprune.api.model_info(fam.model)
+    assert 0 not in fam.model.config.vision_config.fullatt_block_indexes
+    with torch.no_grad():
+        maps = oracles.vision_attention(fam.model, x, 0)
+        assert len({int(a.shape[-1]) for a in maps}) > 1  # windows of different sizes
+        per_window_mean = oracles.per_token(fam.model, x, [a.mean(1).mean(-2) for a in maps])
+        want = oracles.received(fam.model, x, 0)
+    assert any(not torch.equal(w.argsort(), m.argsort()) for w, m in zip(want, per_window_mean))
+    seen = {}
+
+    class Spy(HiPrune):
+        def select_vision(self, signals, ks):
+            seen["signals"] = signals
+            return super().select_vision(signals, ks)
+
+    pruner = Spy(object_layer=0, alpha=1.0)
+    with torch.no_grad(), tokprune.pruned(fam.model, pruner, keep=10):
+        fam.model(**x)
+        rec = tokprune.last_record(fam.model)
+    got = seen["signals"][Signal("received", 0)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        deep = oracles.received(fam.model, x, pruner.layers(info)[1])
+    for j, (o, d) in enumerate(zip(want, deep)):
+        assert torch.equal(rec.kept[0][j], reference_select(o, d, grid_width("qwen2_5_vl", x, j), 10, 1.0))
+
+
+def test_hub_rows_on_a_windowed_block_are_refused():
+    fam = ZOO["qwen2_5_vl"]
+    with pytest.raises(tokprune.UnsupportedError, match="attends within windows"):
+        tokprune.apply(fam.model, "vflowopt", keep=4, vision_layer=0)
+    assert not tokprune.is_patched(fam.model)

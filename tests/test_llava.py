@@ -21,6 +21,9 @@ PRE_LLM = [m for m in ALL if [st.kind for st in tokprune.api.schedule(tiny_model
                                                                          n_visual=N_VIS).stages] == ["vision"]]
 #: independent references of the methods that add new (merged) tokens: (model, x, keep) -> per image (slots, merge)
 MERGE_ORACLES = {"visionzip": oracles.visionzip_reference}
+#: these oracles feed the merged tokens in their slots: VisionZip's LLM-token merge (an option); its default merge
+#: before the projector, in the reference's token order, is tested in tests/test_visionzip.py
+SLOT_MERGE = {"visionzip": {"merge": "llm"}}
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
 
 
@@ -77,7 +80,7 @@ def test_pre_llm_keep_k_equals_model_fed_kept_tokens(tiny, method, positions):
     x = inputs(proc)
     k = 5
     with torch.no_grad():
-        tokprune.apply(model, method, keep=k, positions=positions)
+        tokprune.apply(model, method, keep=k, positions=positions, **SLOT_MERGE.get(method, {}))
         out = model(**x).logits
         no_cache = model(**x, use_cache=False).logits
         rec = tokprune.last_record(model)
@@ -152,7 +155,7 @@ def test_pre_llm_generate_equals_unpatched_on_kept_tokens(tiny, method, position
     model, proc = tiny
     x = inputs(proc)
     with torch.no_grad():
-        tokprune.apply(model, method, keep=5, positions=positions)
+        tokprune.apply(model, method, keep=5, positions=positions, **SLOT_MERGE.get(method, {}))
         gen = model.generate(**x, **GEN)
         rec = tokprune.last_record(model)
         kept = rec.kept[0]

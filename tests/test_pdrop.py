@@ -49,9 +49,11 @@ def test_default_schedule_on_llava_7b_costs_1_78_tflops():
 
 
 def test_keep_ratio_gives_geometric_stages_and_layers_scale_with_depth():
-    s = api.schedule(LLAVA7B, "pdrop", keep_ratio=0.216)  # final 124 tokens; r = 124 / 576 -> r^(1/3), r^(2/3)
-    r = 124 / 576
+    s = api.schedule(LLAVA7B, "pdrop", keep_ratio=0.216)  # int(N r^(i/3)) of the ratio itself (the reference's int)
+    r = 0.216
     assert [st.keep for st in s.stages] == [math.floor(576 * r ** (1 / 3)), math.floor(576 * r ** (2 / 3)), 124]
+    assert [st.keep for st in api.schedule(LLAVA7B, "pdrop", keep=124).stages] == [  # a count: r = keep / N
+        math.floor(576 * (124 / 576) ** (1 / 3)), math.floor(576 * (124 / 576) ** (2 / 3)), 124]
     assert [st.layer for st in api.schedule("qwen2.5-vl-7b", "pdrop", keep_ratio=0.125).stages] == [7, 14, 21]
     assert [st.layer for st in api.schedule("qwen2.5-vl-3b", "pdrop", keep_ratio=0.125).stages] == [9, 18, 27]
     assert [(st.layer, st.keep) for st in api.schedule(ZOO["llava"].model, "pdrop", keep=2, n_visual=16).stages] == [

@@ -337,14 +337,15 @@ def _counts(model, n: int, keep: int) -> tuple[int, int, int]:
 def test_llava_every_stage_equals_the_layer_loop_and_generates_like_it(positions):
     """LLaVA-1.5: the vision stage's cells and weights, both LLM cuts (vision importance of the survivors) and the
     logits / greedy ids equal the decoder run layer by layer (tests/progressive_ref.py) on the recycled features,
-    each stage's tokens removed from its layer on; original positions (the default) or re-indexed (an option)."""
+    each stage's tokens removed from its layer on; original positions or re-indexed at every cut (options; the
+    default, the reference's policy, is tested below)."""
     compact = positions == "compact"
     model, proc = ZOO["llava"].model, ZOO["llava"].proc
     x = proc(images=[make_image(64, 48, seed=1)], text=image_prompt(proc, 1, "what color is the big shape ?"),
              return_tensors="pt")
     keep = 5
     with torch.no_grad():
-        tokprune.apply(model, "vflowopt", keep=keep, positions=None if not compact else positions, **opts("llava"))
+        tokprune.apply(model, "vflowopt", keep=keep, positions=positions, **opts("llava"))
         out = model(**x).logits
         rec = tokprune.last_record(model)
         gen = model.generate(**x, **GEN)
@@ -375,6 +376,63 @@ def test_llava_every_stage_equals_the_layer_loop_and_generates_like_it(positions
     assert [(int(s), src.tolist()) for s, src in zip(rec.merged[0][0].slots, rec.merged[0][0].sources)] == groups
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-5
     assert torch.equal(gen, seq)
+
+
+def test_llava_default_positions_are_the_reference_policy_over_prefill_and_decode():
+    """The reference's positions (sihany077/VFlowOpt): the pre-LLM cut shortens the sequence, which the LLM numbers
+    0..L1-1; the two LLM cuts keep those ids; decode goes on at L1 + t. An independent loop applies that policy: the
+    stage-1 survivors (recycled features) as a new, shorter prompt, run layer by layer with each LLM cut's tokens
+    removed and positions = slots of that shorter prompt, the generated tokens appended. Logits of the prefill and
+    of every decode step match the default patched model (KV cache), and 'original' does not (the test can fail)."""
+    model, proc = ZOO["llava"].model, ZOO["llava"].proc
+    x = proc(images=[make_image(64, 48, seed=3)], text=image_prompt(proc, 1, "what shape is on the left ?"),
+             return_tensors="pt")
+    keep, steps = 5, 5
+    gen_kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        tokprune.apply(model, "vflowopt", keep=keep, **opts("llava"))
+        out = model(**x).logits
+        got = model.generate(**x, **gen_kw)
+        tokprune.apply(model, "vflowopt", keep=keep, positions="original", **opts("llava"))
+        other = model.generate(**x, **gen_kw)
+        tokprune.remove(model)
+        ids = x["input_ids"]
+        img = oracles.image_positions(ids[0], model.config.image_token_id)
+        imp = oracles.vflowopt_importance(model, x, HUB_T["llava"])[0]
+        counts = _counts(model, img.numel(), keep)
+        idx = torch.arange(img.numel())
+        kept, groups, cut1, cut2 = _expected(imp, (idx // 4).tolist(), (idx % 4).tolist(), counts, OPTS["cell"])
+        merged = oracles.vflowopt_merge(oracles.features(model, x["pixel_values"])[0], groups, imp)
+        stage1 = torch.ones(ids.shape[1], dtype=torch.bool)
+        stage1[img] = False
+        stage1[img[kept]] = True
+        emb = oracles.embed(model, ids, [merged])[:, stage1]  # the shorter prompt the reference's LLM receives
+        img1 = torch.arange(ids.shape[1])[stage1]
+        img1 = torch.isin(img1, img).nonzero()[:, 0]  # image slots of the shorter prompt
+        depth = api.model_info(model).llm_layers
+        cuts = []
+        for layer, k in [(depth // 3, cut1), (2 * (depth // 3), cut2)]:
+            m = torch.ones(emb.shape[1], dtype=torch.bool)
+            m[img1] = False
+            m[img1[torch.isin(kept, k)]] = True
+            cuts.append((layer, m))
+        ref0, _, _ = llava_loop(model, emb, img1, cuts, compact=False)  # positions: slots of the shorter prompt
+        embed = model.model.get_input_embeddings()
+        seq_emb, toks, step_logits = emb, [], []
+        for _ in range(steps):
+            ext = [(c, torch.cat([m, torch.ones(seq_emb.shape[1] - emb.shape[1], dtype=torch.bool)])) for c, m in cuts]
+            logits, _, _ = llava_loop(model, seq_emb, img1, ext, compact=False)
+            step_logits.append(logits[:, -1])
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            toks.append(nxt)
+            seq_emb = torch.cat([seq_emb, embed(nxt)], 1)
+    assert out.shape == ref0.shape and (out - ref0).abs().max() <= 1e-5
+    assert torch.equal(got.sequences[:, ids.shape[1]:], torch.cat(toks, 1))
+    diffs = [float((g - r).abs().max()) for g, r in zip(got.logits, step_logits)]
+    assert len(diffs) == steps and max(diffs) <= 1e-5, diffs
+    # the other policy decodes at n0 + t with gaps: its logits differ from the reference's (the check can fail)
+    assert max(float((g - r).abs().max()) for g, r in zip(other.logits, step_logits)) > 1e-3
 
 
 def _qwen_grid(x, j: int) -> tuple[list[int], list[int]]:
@@ -471,7 +529,8 @@ def test_llava_next_budgets_newlines_and_the_schedule_reference(tile_budget):
     fam = ZOO["llava_next"]
     x = inputs(fam)
     with torch.no_grad():
-        tokprune.apply(fam.model, "vflowopt", keep=5, tile_budget=tile_budget, cell=2.0, r2=0.6, r3=0.5)
+        tokprune.apply(fam.model, "vflowopt", keep=5, tile_budget=tile_budget, cell=2.0, r2=0.6, r3=0.5,
+                       positions="original")  # the oracle feeds original positions
         out = fam.model(**x).logits
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)

@@ -22,7 +22,7 @@ def test_dominant_and_contextual_tokens_equal_the_reference_rule(family):
     x = inputs(fam) if family != "llava" else inputs(fam, sizes=[(64, 48), (56, 56)])
     k, c = 8, 3
     with torch.no_grad():
-        tokprune.apply(fam.model, "visionzip", keep=k, contextual=c)
+        tokprune.apply(fam.model, "visionzip", keep=k, contextual=c, merge="llm")  # the LLM-token merge option
         out = fam.model(**x).logits
         gen = fam.model.generate(**x, **GEN)
         rec = tokprune.last_record(fam.model)
@@ -94,7 +94,7 @@ def test_llava_full_features_keep_the_cls_token_first():
     fam = type(ZOO["llava"])("llava", model, proc)
     x = inputs(fam, sizes=[(56, 56)])
     k, c = 6, 2
-    with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=k, contextual=c):
+    with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=k, contextual=c, merge="llm"):
         model(**x)
         rec = tokprune.last_record(model)
     scores, _ = oracles.visionzip_inputs(model, x)  # per patch (the [CLS] column dropped)
@@ -153,3 +153,131 @@ def test_record_scores_hold_the_dominance_score():
         scores = tokprune.last_record(fam.model).stages[0].scores[0]
     for got, want in zip(scores, oracles.visionzip_inputs(fam.model, x)[0]):
         assert torch.allclose(got, want.float(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the reference's tokens
+@torch.no_grad()
+def reference_llm_tokens(model, x, dominant: int, contextual: int) -> list[torch.Tensor]:
+    """dvlab-research/VisionZip ``CLIPVisionTower_VisionZip.forward`` (visionzip/clip_encoder.py) transcribed on
+    the unpatched LLaVA-1.5, then its ``encode_images_visionzip``: the projector maps ``[CLS] + dominant +
+    contextual`` built from the feature layer's hidden states (``visionzip(model, dominant=...)`` passes
+    ``dominant - 1`` as ``dominant_num``). Per image, the LLM input tokens in the reference's order."""
+    inner, cfg = model.model, model.config
+    layer = oracles._feature_layer(model)
+    (attn_weights, keys), = oracles.eager_weights_and_keys(model, x, layer)
+    hidden_states = inner.vision_tower(x["pixel_values"], output_hidden_states=True).hidden_states[
+        cfg.vision_feature_layer]
+    metric = keys.mean(1)  # the reference stores the head-mean raw keys of that layer
+    dominant_num, contextual_num = dominant - 1, contextual
+    cls_attention_sum = attn_weights[:, :, 0, 1:].sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], 1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    b, n, d = hidden_states.shape
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(b, dominant_num + 1, d)
+    metric_filtered = metric[mask].view(b, n - (dominant_num + 1), metric.shape[2])
+    hidden_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(b, n - (dominant_num + 1), d)
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    others = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    similarity = torch.bmm(metric_normalized[:, others, :], target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(b, int(others.sum()), contextual_num, dtype=hidden_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    aggregated = torch.bmm(assign_one_hot.transpose(1, 2), hidden_filtered[:, others, :]) / counts
+    contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated
+    saved = torch.cat([dominant_tokens, contextual_tokens], dim=1)
+    return list(inner.multi_modal_projector(saved))
+
+
+@torch.no_grad()
+def reference_logits(model, x, tokens: list[torch.Tensor], steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The unpatched model fed the reference's tokens: each image's run of placeholders shortened to its token
+    count, the tokens in order, positions contiguous (what the reference's LLM gets); prefill logits and the
+    last-token logits of ``steps`` greedy decode steps (recomputed without a cache)."""
+    ids = x["input_ids"][0]
+    pos = (ids == model.config.image_token_id).nonzero()[:, 0]
+    n = pos.numel() // len(tokens)  # placeholders per image (runs of adjacent images touch)
+    runs = [(int(pos[i]), int(pos[i]) + n) for i in range(0, pos.numel(), n)]
+    pieces, last = [], 0
+    for (a, e), t in zip(runs, tokens):
+        pieces += [ids[last:a], torch.full((t.shape[0],), model.config.image_token_id)]
+        last = e
+    short = torch.cat(pieces + [ids[last:]])[None]
+    emb = oracles.embed(model, short, tokens)
+    embed = model.model.get_input_embeddings()
+    prefill = model(inputs_embeds=emb).logits
+    steps_out, seq = [], emb
+    for _ in range(steps):
+        logits = model(inputs_embeds=seq).logits[:, -1]
+        steps_out.append(logits)
+        seq = torch.cat([seq, embed(logits.argmax(-1, keepdim=True))], 1)
+    return prefill, steps_out
+
+
+@pytest.mark.parametrize("keep, contextual", [(8, 3), (6, 1), (10, 4)])
+def test_llava_default_is_the_reference_pre_projector_merge(keep, contextual):
+    """LLaVA-1.5 (HF "default" features, two images of different sizes): by default VisionZip builds the
+    reference's ``[CLS] + dominant + contextual`` (contextual = target + mean of its members) before the projector;
+    the logits of the prefill and of every greedy decode step (KV cache) equal the unpatched model fed the
+    reference's tokens in its order at contiguous positions, within 1e-4; the LLM-token merge (an option) does
+    not (the test can fail)."""
+    fam = ZOO["llava"]
+    x = inputs(fam, sizes=[(64, 48), (56, 56)])
+    steps = 4
+    gen_kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        tokprune.apply(fam.model, "visionzip", keep=keep, contextual=contextual)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        got = fam.model.generate(**x, **gen_kw)
+        tokprune.apply(fam.model, "visionzip", keep=keep, contextual=contextual, merge="llm")
+        other = fam.model(**x).logits
+        tokprune.remove(fam.model)
+        tokens = reference_llm_tokens(fam.model, x, keep - contextual, contextual)
+        ref, ref_steps = reference_logits(fam.model, x, tokens, steps)
+    assert [t.shape[0] for t in tokens] == [keep, keep] and rec.n_kept[0] == [keep, keep]
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4
+    diffs = [float((g - r).abs().max()) for g, r in zip(got.logits, ref_steps)]
+    assert len(diffs) == steps and max(diffs) <= 1e-4, diffs
+    assert (other - ref).abs().max() > 1e-3
+    # the record: every token is built before the projector; dominant patches and targets keep their own slots
+    for j in range(2):
+        merged = rec.merged[0][j]
+        assert len(merged.sources) == keep and merged.sources[0].numel() == 0  # row 0: the [CLS] token
+        assert all(src.numel() == 1 for src in merged.sources[1:keep - contextual])
+
+
+def test_llava_keep_all_and_the_merge_option_are_checked():
+    fam = ZOO["llava"]
+    x = inputs(fam, sizes=[(64, 48)])
+    with torch.no_grad():
+        base = fam.model(**x).logits
+        with tokprune.pruned(fam.model, "visionzip", keep=16):
+            assert torch.equal(fam.model(**x).logits, base)
+    with pytest.raises(ValueError, match="merge must be"):
+        VisionZip(merge="before")
+    for family in ("llava_next", "qwen2_vl"):
+        with pytest.raises(tokprune.UnsupportedError, match="merge='llm'"):
+            tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder")
+
+
+def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot():
+    """With ``vision_feature_select_strategy="full"`` (17 placeholders, [CLS] a visual token) the default is the
+    same reference token list; the [CLS] row sits at the [CLS] token's own slot 0."""
+    model, proc = tiny_model("llava")
+    model.config.vision_feature_select_strategy = "full"
+    proc.vision_feature_select_strategy, proc.num_additional_image_tokens = "full", 1
+    fam = type(ZOO["llava"])("llava", model, proc)
+    x = inputs(fam, sizes=[(56, 56)])
+    k, c = 7, 2
+    with torch.no_grad():
+        with tokprune.pruned(model, "visionzip", keep=k, contextual=c):
+            out = model(**x).logits
+            rec = tokprune.last_record(model)
+        ref, _ = reference_logits(model, x, reference_llm_tokens(model, x, k - c, c), 0)
+    assert rec.n_visual[0] == [17] and rec.kept[0][0][0] == 0 and rec.merged[0][0].slots[0] == 0
+    assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4

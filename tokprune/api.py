@@ -185,9 +185,10 @@ def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None
     """The per-stage budgets ``method`` runs for one image at ``keep`` / ``keep_ratio`` (what the adapter checks
     and ``tokprune.flops.for_budget(config, schedule)`` counts). ``n_visual``: the image's visual tokens; by
     default those of an image of ``image_size`` (the family default) for that config, whose LLaVA-NeXT row newlines
-    the schedule counts as kept on top of the budget when the method keeps them; with an explicit ``n_visual``,
-    ``newlines`` says how many of them are newlines (default 0). ``options``: the method's
-    hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot run."""
+    the budget does not count (as at run time: it counts content tokens) and the schedule keeps on top when the
+    method keeps them; with an explicit ``n_visual``, ``newlines`` says how many of them are newlines (default 0).
+    ``options``: the method's hyper-parameters. Raises :class:`~tokprune.UnsupportedError` where the method cannot
+    run."""
     info = model_info(model_or_config)
     if "schedule" in options:
         options = budget_solver.schedule_options(options.pop("schedule"), options)
@@ -202,5 +203,4 @@ def schedule(model_or_config: Any, method: str | Pruner, keep: int | None = None
         config = load(config) if isinstance(config, str) else config
         work = image_work(config, image_size=image_size)
         n_visual, newlines = work.llm_tokens, work.newlines
-    sched = pruner.schedule(info, n_visual, Budget(keep=keep, keep_ratio=keep_ratio).count(n_visual))
-    return dataclasses.replace(sched, special=newlines) if pruner.keep_newlines and newlines else sched
+    return budget_solver.image_schedule(pruner, info, n_visual, keep, keep_ratio, newlines)

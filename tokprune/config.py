@@ -31,8 +31,10 @@ class Budget:
                     f"keep_ratio is the fraction of visual tokens KEPT and must be in (0, 1], got {r!r}"
                 )
 
-    def count(self, n_visual: int, what: str = "image") -> int:
-        """Tokens to keep out of ``n_visual``; raises if a count budget exceeds what the image has."""
+    def count(self, n_visual: int, what: str = "image", rounding: str = "round") -> int:
+        """Tokens to keep out of ``n_visual``; raises if a count budget exceeds what the image has. ``rounding``: how
+        a ``keep_ratio`` becomes a count, ``"round"`` (nearest) or ``"floor"`` (the progressive references'
+        ``int(N * r)``, with a 1e-9 guard against float noise such as ``90 * 0.7 = 62.99...``)."""
         if self.keep is not None:
             if self.keep > n_visual:
                 raise ValueError(
@@ -40,6 +42,10 @@ class Budget:
                     f"pass keep <= {n_visual} or a keep_ratio"
                 )
             return self.keep
+        if rounding == "floor":
+            return max(1, min(n_visual, math.floor(self.keep_ratio * n_visual + 1e-9)))
+        if rounding != "round":
+            raise ValueError(f"rounding must be 'round' or 'floor', got {rounding!r}")
         return max(1, min(n_visual, round(self.keep_ratio * n_visual)))
 
     def __str__(self) -> str:

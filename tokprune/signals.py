@@ -42,8 +42,13 @@ def attention_rows(
     rows: torch.Tensor,
     causal: bool,
     keys: torch.Tensor | None = None,
+    model_dtype: bool = False,
 ) -> torch.Tensor:
     """Softmax attention probabilities of selected query rows over all keys, in float32.
+
+    ``model_dtype`` (``score_dtype="model"``): the logits are computed in q/k's dtype and the probabilities
+    rounded to it after a float32 softmax, as an eager kernel in fp16 / bf16 (the references') does; the result is
+    still returned as float32 values.
 
     ``query`` (B, H, Q, d) and ``key`` (B, Hkv, K, d) as the attention function receives them; ``rows`` (B, R)
     long: per batch row, the query positions wanted. The mask may be a 4D bool (SDPA) or additive float (eager)
@@ -54,9 +59,12 @@ def attention_rows(
     b, h, q_len, d = query.shape
     kv = key.shape[2]
     r = rows.shape[1]
-    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, r, d)).float()
-    k = _repeat_kv(key, h // key.shape[1]).float()
-    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, r, d))
+    k = _repeat_kv(key, h // key.shape[1])
+    if model_dtype:
+        s = (torch.matmul(q, k.transpose(-1, -2)) * scaling).float()
+    else:
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
     if attention_mask is not None and attention_mask.dim() == 4:
         m = attention_mask[..., :kv].expand(b, -1, -1, -1)
         m = torch.gather(m, 2, rows[:, None, :, None].expand(b, m.shape[1], r, kv))
@@ -69,7 +77,8 @@ def attention_rows(
             s = s.masked_fill(torch.arange(kv, device=s.device) > qpos, float("-inf"))
     if keys is not None:
         s = s.masked_fill(~keys[:, None, None, :kv].to(s.device), float("-inf"))
-    return s.softmax(-1).nan_to_num(0.0)  # a row with no allowed key is all zero
+    p = s.softmax(-1).nan_to_num(0.0)  # a row with no allowed key is all zero
+    return p.to(query.dtype).float() if model_dtype else p
 
 
 def received_attention(
@@ -78,8 +87,10 @@ def received_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     chunk: int = RECEIVED_CHUNK,
+    model_dtype: bool = False,
 ) -> torch.Tensor:
-    """Attention each key *receives*: the column mean of softmax(q k^T) over all queries, per head, in float32.
+    """Attention each key *receives*: the column mean of softmax(q k^T) over all queries, per head, in float32
+    (``model_dtype``: logits and probabilities rounded to q/k's dtype, as in :func:`attention_rows`).
 
     Bidirectional (encoder) attention only. ``query`` (B, H, Q, d), ``key`` (B, Hkv, K, d); a 4D bool / additive
     mask is honoured, and queries that see no key at all (padding) do not count. The softmax is computed for
@@ -88,12 +99,13 @@ def received_attention(
     """
     b, h, q_len, _ = query.shape
     kv = key.shape[2]
-    k = _repeat_kv(key, h // key.shape[1]).float()
+    k = _repeat_kv(key, h // key.shape[1])
+    k = k if model_dtype else k.float()
     total = torch.zeros(b, h, kv, dtype=torch.float32, device=query.device)
     counted = torch.zeros(b, h, 1, dtype=torch.float32, device=query.device)
     for start in range(0, q_len, chunk):
-        q = query[:, :, start:start + chunk].float()
-        s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        q = query[:, :, start:start + chunk]
+        s = (torch.matmul(q if model_dtype else q.float(), k.transpose(-1, -2)) * scaling).float()
         if attention_mask is not None and attention_mask.dim() == 4:
             m = attention_mask[:, :, start:start + chunk, :kv]
             s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
@@ -101,6 +113,8 @@ def received_attention(
             s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
         live = torch.isfinite(s).any(-1, keepdim=True)
         p = s.softmax(-1).masked_fill(~live, 0.0)
+        if model_dtype:
+            p = p.to(query.dtype).float()
         total += p.sum(2)
         counted += live.sum(2).float()
     return total / counted.clamp_min(1.0)

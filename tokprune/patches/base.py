@@ -33,7 +33,7 @@ from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, paired_text_positions, take
 from tokprune.patches.vision_stage import Placement, VisionStage, content_label
-from tokprune.pruners.base import ModelInfo, PrefillContext, Pruner
+from tokprune.pruners.base import VISION_COMPACT, ModelInfo, PrefillContext, Pruner, UnsupportedError
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.schedule import Schedule
 
@@ -50,7 +50,7 @@ class _DecodeState:
     n_full: int  # prompt length generate() believes in
     n_pruned: int  # prompt length the cache holds (layer 0)
     mask: torch.Tensor  # (B, n_pruned) 2D mask of the pruned prompt
-    offset: torch.Tensor | None  # (B,) position shift for "compact" positions
+    offset: torch.Tensor | None  # (B,) position shift of a re-indexed pre-LLM stage ("compact", "compact_pre_llm")
     mask_all: bool | None = None  # whether ``mask`` is all ones, read once (a host sync) at the first decode step
 
 
@@ -139,6 +139,17 @@ class Adapter:
         that become one token combine ("mean", or "concat" along the last axis for pixels)."""  # family hook
         raise NotImplementedError
 
+    def received_per_image(self, calls: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per attention call, ``received`` (each key's column mean over the call's queries) as the column mean over
+        all queries of the key's image: the same where a call is one image or tile (the default); a windowed block
+        (Qwen2.5-VL) overrides it, since queries of other windows pay a key 0. Family hook."""
+        return calls
+
+    def windowed_layer(self, layer: int) -> bool:
+        """Whether encoder layer ``layer`` attends within windows of an image (one attention call per window).
+        Family hook; default False."""
+        return False
+
     def pixel_patches(self, pixels: torch.Tensor, mean: tuple[float, ...],
                       std: tuple[float, ...]) -> torch.Tensor:
         """The encoder's input pixels, un-normalised, per patch of its sequence: (n_seq, n_patches, C, values)
@@ -169,15 +180,16 @@ class Adapter:
         """(content tokens, user budget) of an image with this special-token mask: ``keep`` / ``keep_ratio``
         count its content tokens (an error names both counts when a count budget exceeds them)."""
         n = int((~special).sum())  # sync: once per image per prefill, the content-token count sizes every budget
+        rounding = self.pruner.ratio_rounding
         try:
-            keep = self.budget.count(n)
+            keep = self.budget.count(n, rounding=rounding)
         except ValueError:  # the error names what was counted (reads the mask again, on the error path only)
-            keep = self.budget.count(n, content_label(special))
+            keep = self.budget.count(n, content_label(special), rounding=rounding)
         return n, keep
 
     def schedule(self, special: torch.Tensor) -> Schedule:
         """The method's per-stage budgets for an image with this special-token mask (see :meth:`image_budget`)."""
-        return self.pruner.schedule(self.info, *self.image_budget(special))
+        return self.pruner.schedule(self.info, *self.image_budget(special), keep_ratio=self.budget.keep_ratio)
 
     def special_token_ids(self) -> set[int]:
         """The ids the model config names as special (``*_token_id`` of the config and its text config: image,
@@ -211,8 +223,29 @@ class Adapter:
         """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
         per-token outputs extend this and merge them the same way)."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [p.build(f) for f, p in zip(out.pooler_output, placements)]
+        new.pooler_output = [self.build_encoder_rows(j, p, f) if p.encoder_rows is not None else p.build(f)
+                             for j, (f, p) in enumerate(zip(out.pooler_output, placements))]
         return new
+
+    # ------------------------------------------------------------------ merges before the projector
+    def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
+        """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
+        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` image ``image``'s encoder sequence."""
+        enc = self.encoder_sequence(image)
+        rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
+        if rows.shape[1] != enc.shape[0]:
+            raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns, the encoder sequence {enc.shape[0]} tokens")
+        return self.project(rows @ enc.float()).to(device=features.device, dtype=features.dtype)
+
+    def encoder_sequence(self, image: int) -> torch.Tensor:
+        """(n_enc, D_enc) the feature layer's tokens of image ``image`` ([CLS] first where the encoder has one), as
+        the projector's input is taken from them. Family hook (encoder-space merges)."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector; use the "
+                               "method's merge of LLM tokens")
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(m, D_enc) encoder-space tokens -> (m, D_llm) through the model's projector. Family hook."""
+        raise UnsupportedError(f"the {self.family} adapter does not merge tokens before its projector")
 
     def cut_layout(self) -> str:
         """How the vision encoder holds its sequences for an in-encoder cut: "batch" ((B, N, D), one image or tile
@@ -227,7 +260,7 @@ class Adapter:
     def cut_budgets(self, n_tokens: list[int]) -> list[int]:
         """The user's budget resolved for each encoder sequence that becomes ``n_tokens[s]`` LLM tokens (one image
         per sequence by default)."""
-        return [self.budget.count(n) for n in n_tokens]
+        return [self.budget.count(n, rounding=self.pruner.ratio_rounding) for n in n_tokens]
 
     def cut_strip(self) -> int:
         """Leading encoder tokens that the batch-layout head never reads (LLaVA's [CLS] under "default")."""
@@ -370,7 +403,7 @@ class Adapter:
             n_pruned = idx.shape[1]
             mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
             offset = None
-            if self.positions == "compact":
+            if self.positions in VISION_COMPACT:
                 dropped = ((ids == self.image_token_id) & ~keep_mask).sum(1)
                 offset = dropped
             self._decode = _DecodeState(get_cache(kw), n, n_pruned, mask_pruned, offset)
@@ -398,7 +431,7 @@ class Adapter:
         dropped, full = torch.stack([(~keep_mask).any(), mask.all()]).tolist()
         gaps = self.positions == "original" and dropped
         new["attention_mask"] = None if full and not gaps else mask
-        if self.positions == "compact":
+        if self.positions in VISION_COMPACT:  # the pre-LLM stage re-indexes its survivors
             dropped_before = ((ids == self.image_token_id) & ~keep_mask).long().cumsum(1)
             pos = pos - dropped_before  # as if the dropped tokens never existed
         new["position_ids"] = take(pos, idx, valid, 0)

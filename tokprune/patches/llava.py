@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tokprune.patches.base import Adapter
-from tokprune.pruners.base import ModelInfo
+from tokprune.pruners.base import ModelInfo, Signal, UnsupportedError
 from tokprune.registry import register_model
 
 
@@ -90,6 +90,23 @@ class LlavaAdapter(Adapter):
         patches = x.unfold(2, p, p).unfold(3, p, p)  # (n, C, h, w, p, p)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c, p * p)
         return torch.cat([patches.new_full((n, 1, c, p * p), float("nan")), patches], 1)
+
+    def encoder_sequence(self, image: int) -> torch.Tensor:
+        """The feature layer's output of image ``image`` ([CLS] first), read by the vision stage's
+        ``Signal("hidden_out", feature_layer)`` tap."""
+        if isinstance(self.model.config.vision_feature_layer, (list, tuple)):
+            raise UnsupportedError("a merge before the projector needs a single vision_feature_layer (this model "
+                                   "concatenates several layers)")
+        calls = self.vision.raw.get(Signal("hidden_out", self.info.feature_layer)) if self.vision else None
+        if not calls:
+            raise RuntimeError("a merge before the projector needs Signal('hidden_out', feature_layer) in the "
+                               "method's VisionRequest")
+        return torch.cat(calls)[image]
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        proj = self.base.multi_modal_projector
+        dtype = next(proj.parameters()).dtype
+        return proj(tokens[None].to(dtype))[0]
 
     def _drop_cls(self, per_patch: torch.Tensor) -> torch.Tensor:
         """(n_seq, 1 + patches, ...) -> (n_seq, patches, ...) unless the features keep the [CLS] token ("full")."""

@@ -16,22 +16,25 @@ base tile's square grid for the base tile and the rows of the stitched, unpadded
 budget larger than the content tokens is refused. For vision stages the family option ``tile_budget`` says how the
 budget is spread:
 
-* ``"per_tile"`` (default; FasterVLM / HiPrune): the image's budget is split evenly over its tiles (remainder to
+* ``"per_tile"`` (default; per tile as FasterVLM / HiPrune select): the image's budget is split evenly over its
+  tiles (remainder to
   the first tiles, base tile first; a tile with fewer visible tokens than its share gives the rest to the
   others) and the method selects within each tile, which it sees as a separate image. Tile ``t`` of image ``i``
   is presented with owner index ``i * TILE_STRIDE + t``, so per-image seeded rules (``random``) draw independently
   per tile.
 * ``"global"``: one top-k over all content tokens of the image.
-* ``"per_tile_reference"``: FasterVLM's live code path (its anyres branch): ``keep`` is the count ``T`` *every*
-  tile keeps, the base tile included (``keep_ratio``: that share of a full tile, ``round(ratio * 576)`` on
-  LLaVA-NeXT-7B), so an image keeps about ``n_tiles * T`` content tokens; the paper's NeXT numbers ("29 per crop
-  -> 145 total") use this count. One deviation: the reference picks ``T`` among a crop's 576 positions and then
-  unpads, losing the picks that fall on padding, while here a tile picks ``min(T, its visible tokens)`` among
-  the tokens HF's unpadded layout keeps (the scores of padded positions never reach the packed sequence).
+* ``"per_tile_reference"``: the count of FasterVLM's live code path (its anyres branch): ``keep`` is the count
+  ``T`` *every* tile keeps, the base tile included (``keep_ratio``: that share of a full tile, ``round(ratio *
+  576)`` on LLaVA-NeXT-7B), so an image keeps about ``n_tiles * T`` content tokens; the paper's NeXT numbers ("29
+  per crop -> 145 total") use this count. The layout stays HF's: the references (FasterVLM and HiPrune both
+  hard-code ``mm_patch_merge_type = 'spatial'``) stitch each crop's full 24 x 24 grid with *no unpadding and no
+  newline tokens*, so their picks on padding reach the LLM; here a tile picks ``min(T, its visible tokens)``
+  among the tokens HF's unpadded layout keeps, and the newlines stay. That layout is not reproduced.
   Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning).
 
-**Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget, as
-FasterVLM and HiPrune do; a method may set ``keep_newlines = False`` (on its class, or per instance as FlowCut's
+**Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget (the
+model's trained layout; FasterVLM's and HiPrune's NeXT code emit none, see above); a method may set
+``keep_newlines = False`` (on its class, or per instance as FlowCut's
 ``newlines=False``, its reference's layout) and then none are kept. By default ``keep_ratio=0.5`` keeps half of the
 content tokens plus the newlines with every method.
 
@@ -155,7 +158,7 @@ class LlavaNextAdapter(LlavaAdapter):
             packed, _ = type(self.base).pack_image_features(self.base, [ones], self._sizes[j:j + 1], "default",
                                                             image_newline=torch.zeros(1))
             content = int(packed[0].sum())
-            out += [self.budget.count(content)] * tiles
+            out += [self.budget.count(content, rounding=self.pruner.ratio_rounding)] * tiles
             if out[-1] >= content:  # the budget keeps every content token: no tile is cut (keep-all is the model)
                 out[-tiles:] = [2 * n for n in n_tokens[len(out) - tiles:len(out)]]
         if len(out) != len(n_tokens):

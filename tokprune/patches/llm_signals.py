@@ -136,9 +136,12 @@ class LLMTaps:
         keys = st.visual_slots(n) if self.request.domain == "visual" else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
             mask = mask[..., :n]
-        probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys)[..., :n]
+        model_dtype = getattr(st.adapter.pruner, "score_dtype", "float32") == "model"
+        probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys,
+                               model_dtype=model_dtype)[..., :n]
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
-        return rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
+        out = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
+        return out.to(query.dtype).float() if model_dtype else out  # score_dtype="model": the references' rounding
 
     def _query_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""

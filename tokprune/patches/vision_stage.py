@@ -60,16 +60,18 @@ def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
 
 
 def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float) -> dict[Signal, torch.Tensor]:
-    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...)."""
+               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False) -> dict[Signal, torch.Tensor]:
+    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...).
+    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``)."""
     out: dict[Signal, torch.Tensor] = {}
     received: torch.Tensor | None = None
     for sig in signals:
         if sig.kind in ("received", "rows") and received is None:
-            received = received_attention(query, key, mask, scaling)  # (B, H, K)
+            received = received_attention(query, key, mask, scaling, model_dtype=model_dtype)  # (B, H, K)
         if sig.kind == "cls":
             rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False)[:, :, 0], sig.heads)
+            out[sig] = _heads(attention_rows(query, key, mask, scaling, rows, causal=False,
+                                             model_dtype=model_dtype)[:, :, 0], sig.heads)
         elif sig.kind == "received":
             out[sig] = _heads(received, sig.heads)
         elif sig.kind == "rows":
@@ -78,6 +80,8 @@ def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, va
             out[sig] = _states(key, sig.heads)
         elif sig.kind == "values":
             out[sig] = _states(value, sig.heads)
+        if model_dtype and sig.kind in ATTENTION_KINDS:  # the score itself in the model's dtype
+            out[sig] = out[sig].to(query.dtype).float()
     return out
 
 
@@ -109,6 +113,10 @@ class VisionStage:
                 raise ValueError(f"{sig}: the {info.family} vision encoder has {info.vision_layers} layers")
             if sig.kind == "cls" and not info.has_cls:
                 raise UnsupportedError(f"the {info.family} vision encoder has no [CLS] token, so no {sig}")
+            if sig.kind == "rows" and adapter.windowed_layer(sig.layer):
+                raise UnsupportedError(f"{sig}: encoder layer {sig.layer} of {info.family} attends within windows, "
+                                       "where rows of chosen queries are not defined over the image; choose a "
+                                       "full-attention layer (fullatt_block_indexes)")
         self._handles: list[Any] = []
         self._tapped: list[nn.Module] = []
         self.raw: dict[Signal, list[torch.Tensor]] = {}
@@ -153,7 +161,9 @@ class VisionStage:
     def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
         chunks = varlen_chunks(query, key, value, kwargs)
         for q, k, v in chunks:
-            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling).items():
+            model_dtype = getattr(self.adapter.pruner, "score_dtype", "float32") == "model"
+            for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling,
+                                     model_dtype).items():
                 self.raw.setdefault(sig, []).append(x)
 
     def _hidden_in(self, sig: Signal, module, args: tuple, kw: dict) -> None:
@@ -175,6 +185,8 @@ class VisionStage:
                     "the vision encoder ran without tokprune's taps (were the image features computed before "
                     "tokprune.apply?); pass pixel_values so the encoder runs under the patch"
                 )
+            if sig.kind == "received":  # windowed blocks: a column mean over all the image's queries
+                calls = self.adapter.received_per_image(calls)
             values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
@@ -228,6 +240,9 @@ class Placement:
     assign: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    #: (m, n_enc) an encoder-space decision's rows (see VisionDecision): every token is built before the projector,
+    #: in row order, by the adapter (:meth:`~tokprune.patches.base.Adapter.build_encoder_rows`), not by build()
+    encoder_rows: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
@@ -241,6 +256,10 @@ class Placement:
     def build(self, f: torch.Tensor, level: str = "features") -> torch.Tensor:
         """The image's tokens after the stage: ``f[slots]`` with the new tokens in their slots. ``f`` is the
         image's (n, D) features or any per-token encoder output merged the same way (a DeepStack level)."""
+        if self.encoder_rows is not None:
+            raise UnsupportedError(f"tokens merged before the projector cannot be rebuilt from the {level}; the "
+                                   "adapter projects them (a family with per-token outputs beside the features "
+                                   "refuses encoder-space decisions)")
         out = f[self.slots.to(f.device)]
         if not self.n_new:
             return out
@@ -270,6 +289,7 @@ class _ImageChoice:
         self.features: list[torch.Tensor] = []
         self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
         self.m = 0
+        self.encoder: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, assign)
 
     def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
         """Take one part's answer (``k``: its budget, None when pooled); returns the tokens it keeps or adds."""
@@ -278,6 +298,8 @@ class _ImageChoice:
             check_indices(pick, n_part, k, who)
             self.kept.append(idx[pick.to(idx.device)])
             return int(pick.numel())
+        if pick.encoder_rows is not None:
+            return self._add_encoder(pick, idx, k, who)
         m = pick.n_new
         check_indices(pick.kept, n_part, None if k is None else k - m,
                       f"{who} (kept tokens of a decision with {m} new tokens)")
@@ -316,7 +338,29 @@ class _ImageChoice:
         self.m += m
         return int(pick.kept.numel()) + m
 
+    def _add_encoder(self, pick: VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
+        """An encoder-space decision: the image's only part (one encoder sequence), every token a row."""
+        rows, m = pick.encoder_rows, pick.n_new
+        if self.kept or self.m or self.encoder is not None or int(idx.numel()) != self.n:
+            raise RuntimeError(f"{who}: an encoder-space decision must cover its whole image in one part")
+        if pick.kept.numel() or pick.slots is None or rows.dim() != 2 or (k is not None and m != k):
+            raise RuntimeError(f"{who}: an encoder-space decision has no kept tokens, {k} rows (the budget) and "
+                               "one slot per row")
+        sl = pick.slots.to(idx.device).long()
+        # sync: once per image: validating the pruner's decision (a clear error)
+        if sl.shape != (m,) or bool(((sl < 0) | (sl >= self.n)).any()) or sl.unique().numel() != m:
+            raise RuntimeError(f"{who}: slots must be ({m},) distinct indices into the image's {self.n} tokens")
+        self.encoder = (rows, idx[sl], pick.assign.to(idx.device).long())
+        return m
+
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
+        if self.encoder is not None:  # every token of the image is a row (special tokens have no encoder row)
+            rows, sl, assign = self.encoder
+            # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)
+            if keep_special is not None and bool(keep_special.any()):
+                raise UnsupportedError("an encoder-space decision cannot keep special tokens (LLaVA-NeXT newlines)")
+            slots = sl.sort().values
+            return Placement(slots, torch.searchsorted(slots, sl), assign, encoder_rows=rows)
         # sync: once per image, the kept special tokens' indices (a variable-size output)
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
         kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)

@@ -22,7 +22,14 @@ import torch
 from tokprune.kernels import select_topk
 from tokprune.schedule import Schedule, StageBudget
 
-POSITIONS = ("compact", "original")
+#: position policies: "compact" re-indexes every stage's survivors contiguously; "original" keeps each token's
+#: position id; "compact_pre_llm" re-indexes after the pre-LLM (vision) stage and keeps those ids at LLM cuts (the
+#: LLM numbers the shortened sequence 0..L1-1, later cuts drop ids, decode goes on at L1 + t: VFlowOpt's reference)
+POSITIONS = ("compact", "original", "compact_pre_llm")
+#: the precision of attention scores (see :attr:`Pruner.score_dtype`)
+SCORE_DTYPES = ("float32", "model")
+#: the policies that re-index the pre-LLM stage's survivors
+VISION_COMPACT = ("compact", "compact_pre_llm")
 
 
 class UnsupportedError(ValueError):
@@ -44,7 +51,8 @@ class ModelInfo:
 #: vision signal kinds a method may request, and what each holds per visual token (see :class:`Signal`)
 SIGNAL_KINDS: dict[str, str] = {
     "cls": "attention of the [CLS] query (row 0) to the token",
-    "received": "attention the token receives: column mean of softmax(q k^T) over all queries",
+    "received": "attention the token receives: column mean of softmax(q k^T) over all queries of its image (a "
+                "windowed block: the window's column sum over the image's query count)",
     "rows": "attention from the query patches chosen by ``queries``, mean over those queries",
     "keys": "key states of the token",
     "values": "value states of the token",
@@ -250,6 +258,15 @@ class VisionDecision:
     (m,) long, optional: the dropped token (one of its sources) whose place each new token takes (VFlowOpt's
     recycled token sits at its cell's representative).
 
+    **Encoder space** (``encoder_rows`` (m, n_enc), a merge *before* the projector, VisionZip's reference): the
+    image's LLM tokens are, in row order, ``projector(encoder_rows @ E)`` with ``E`` the encoder sequence of the
+    image at the feature layer (its [CLS] first where the encoder has one: index 0, patch p at ``1 + p``; as the
+    projector's input rows are built), so a row can be any weighted sum (not only a mean) and include the [CLS]
+    token. ``kept`` is then empty, ``slots`` (m,) gives the slot each row occupies (distinct; they set the record
+    and, with ``positions="original"``, the position ids; with re-indexed positions the LLM sees the rows in row
+    order at contiguous positions), and ``assign`` (n,) only records each patch's row for the record (-1: none).
+    The method requests ``Signal("hidden_out", feature_layer)``; families without a token-wise projector refuse it.
+
     Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
     *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
     token, else the lowest free dropped slot. Either way it sits at that slot's place in the sequence with that
@@ -262,9 +279,12 @@ class VisionDecision:
     weights: torch.Tensor | None = None
     features: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    encoder_rows: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
+        if self.encoder_rows is not None:
+            return int(self.encoder_rows.shape[0])
         if self.features is not None:
             return int(self.features.shape[0])
         # sync: once per decision, the number of new tokens (an output shape)
@@ -374,7 +394,8 @@ def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]
 @dataclass
 class Pruner:
     """Base class of all methods. ``positions``: "compact" re-indexes kept tokens contiguously, "original"
-    keeps each token's position; None picks the paper's default for the model family."""
+    keeps each token's position, "compact_pre_llm" re-indexes after the pre-LLM stage only (see
+    :data:`POSITIONS`); None picks the paper's default for the model family."""
 
     name: ClassVar[str] = "base"
     #: one-line description shown in docs and the CLI
@@ -395,12 +416,22 @@ class Pruner:
     #: model-independent; a point the method refuses on a model (its own validation) is an infeasible trial, and
     #: ``apply(config=...)`` refuses values outside these bounds. Empty: the method has nothing to tune.
     search_space: ClassVar[dict[str, tuple]] = {}
+    #: how a ``keep_ratio`` becomes an image's count (:meth:`tokprune.config.Budget.count`): "round" (nearest), or
+    #: "floor" (the progressive references' ``int(N * r)``)
+    ratio_rounding: ClassVar[str] = "round"
 
     positions: str | None = None
+    #: the precision of attention scores: "float32" (default: logits, softmax and reductions in float32, the better
+    #: ranking) or "model": logits in the model's dtype, probabilities and the reduced score rounded to it, as the
+    #: references' eager fp16 / bf16 kernels do (near-ties at the cut then go their way). Same on fp32 models.
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"score_dtype must be one of {SCORE_DTYPES} ('model' rounds attention scores to the "
+                             f"model's dtype as the reference code does), got {self.score_dtype!r}")
 
     # ------------------------------------------------------------------ schedule
     def vision_request(self, info: ModelInfo) -> VisionRequest | None:
@@ -427,10 +458,10 @@ class Pruner:
 
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""
-        if self.positions == "compact" and not info.supports_compact:
+        if self.positions in VISION_COMPACT and not info.supports_compact:
             raise UnsupportedError(
-                f"positions='compact' is not defined for {info.family} (M-RoPE keeps each token's 3-D position); "
-                "use positions='original'"
+                f"positions={self.positions!r} is not defined for {info.family} (M-RoPE keeps each token's 3-D "
+                "position); use positions='original'"
             )
         layers = self.llm_layers(info)
         for k in layers:
@@ -468,10 +499,12 @@ class Pruner:
         Progressive methods override this with their schedule."""
         return keep
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
         """The per-stage budgets of an image of ``n_visual`` tokens at budget ``keep``: a pure function of the
         method, run by the adapters (which check every returned count against it) and counted by
-        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage."""
+        ``tokprune.flops``. Keep-all (``keep == n_visual``) must keep everything at every stage. ``keep_ratio``:
+        the ratio ``keep`` was counted from, when the budget was a ratio (progressive methods derive every stage
+        from it, as their references do; others ignore it)."""
         kinds = ([("vision", None)] if self.vision_request(info) is not None else []) + [
             ("llm", layer) for layer in self.llm_layers(info)]
         stages, current = [], n_visual

@@ -58,10 +58,11 @@ class FlowCut(Pruner):
       last prompt token's score ``(rel/Σrel + sem/Σsem) * ||mean_h v_j||_1`` (softmaxes over the visual keys,
       ``sem`` from value dot products scaled by ``1/sqrt(d_head)``) keeps ``keep``, removed before layer 2.
     * **LLaVA-NeXT** (§3.2): every tile (base and crops, one CLIP row each) is cut as on LLaVA-1.5 to
-      ``ceil(keep / 2)`` patches (+[CLS]; ``keep`` the image's budget, so ``keep_ratio`` counts its unpadded content
-      tokens); the vision stage keeps the survivors that lie in HF's unpadded layout, in its raster order (base
-      tile first), a data-dependent count (the schedule's vision stage is an upper bound,
-      ``at_most``); then LLM layer ``llm_layer`` scores as on Qwen and keeps ``min(keep, survivors)``, removed
+      ``int(keep / 2)`` patches (the reference's ``int(target_num / 2)``, at least 1; +[CLS]; ``keep`` the image's
+      budget, so ``keep_ratio`` counts its unpadded content tokens); the vision stage keeps the survivors that lie
+      in HF's unpadded layout, in its raster order (base tile first), a data-dependent count (the schedule's vision
+      stage is an upper bound, ``at_most``); then LLM layer ``llm_layer`` scores as on Qwen and keeps
+      ``min(keep, survivors)``, removed
       before layer 2. The reference scatters the crops' kept patches into the stitched grid and unpads the mask,
       the same set. Newlines: ``newlines=True`` (default) keeps the row newlines on top of every stage, as for
       ``visionzip`` (keep-all must equal the model, and it is the trained layout); ``newlines=False`` inserts none,
@@ -136,12 +137,13 @@ class FlowCut(Pruner):
 
     def encoder_keep(self, info: ModelInfo, n_tokens: int, keep: int) -> int:
         """LLM tokens of an encoder sequence the encoder keeps: ``keep`` on CLIP, ``2 * keep`` merged tokens on Qwen,
-        ``ceil(keep / 2)`` per tile on LLaVA-NeXT (``keep``: the budget of the tile's image)."""
+        ``int(keep / 2)`` per tile on LLaVA-NeXT (``keep``: the budget of the tile's image; TungChintao/FlowCut
+        ``flowcut/main.py``: ``int(target_num / 2)``, an odd budget rounds down; at least 1 patch)."""
         if info.family == "llava_next":
-            return min(n_tokens, (keep + 1) // 2)
+            return min(n_tokens, max(1, keep // 2))
         return min(n_tokens, keep if info.has_cls else 2 * keep)
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
         keep = min(keep, n_visual)
         if info.family == "llava_next":  # per-tile cuts, then unpadding: at most every content token survives
             stages = [StageBudget("vision", None, n_visual, at_most=True)]

@@ -50,9 +50,11 @@ class HiPrune(Pruner):
     Code vs paper (code is the default): received attention is a mean over queries (paper: sum, same ranking);
     ``±1`` buffers wrap across rows (``wrap_rows=True``; the paper's "neighbours" is ``wrap_rows=False``); chosen
     tokens are always excluded from the registers (the reference's ``-1`` trick can re-pick one on Qwen2.5-VL,
-    where it sums over queries), so exactly ``keep`` survive. On Qwen2.5-VL the statistic of a windowed block is
-    the windowed attention as it ran (the reference's eager path; its FlashAttention path recomputes full
-    attention); the default blocks 15 and 31 of the 7B/3B models are full-attention blocks, where both agree.
+    where it sums over queries), so exactly ``keep`` survive. On Qwen2.5-VL a windowed block's statistic is the
+    reference's (Danielement321/HiPrune ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py``: one masked attention over the image,
+    head mean, summed over all queries): a key's column sum over its window's queries divided by the image's
+    patch count (queries of other windows pay it 0), not a mean over its own window; the default blocks 15 and 31
+    of the 7B/3B models are full-attention blocks.
 
     Paper budgets (presets): LLaVA-1.5 ``keep=192 / 128 / 64``; LLaVA-NeXT ``keep=640 / 320 / 160`` (per image,
     128 / 64 / 32 per tile over 5 tiles); Qwen2.5-VL ``keep_ratio=0.334 / 0.223 / 0.112``.

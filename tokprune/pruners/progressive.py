@@ -6,14 +6,21 @@ the model's depth), ``ratios`` (the kept fraction of the original tokens after e
 for the budget) and ``flops_ratio`` (a budget given as the fraction of the unpruned LLM FLOPs, solved at ``apply``
 by :mod:`tokprune.budget_solver`). The user's ``keep`` is always the count after the *last* cut; an earlier cut
 keeps ``floor(n * ratio)`` (the reference's ``int()``), never fewer than ``keep``.
+
+Counts as the references compute them: every stage keeps ``int(N * r_s)`` of the image's *original* N. A
+``keep_ratio`` r becomes the final count ``floor(N r)`` (not the nearest count, :attr:`ratio_rounding`), and the
+earlier stages derive from r itself, not from the rounded final count (N = 300: PyramidDrop 150 / 75 / 37,
+TransPrune 262 / 187 / 37; N = 604: TransPrune 528 / 377 / 75). A ``keep`` count derives them from ``keep / N``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from tokprune.pruners.base import ModelInfo, Pruner
+from tokprune.schedule import Schedule
 
 #: float noise guard for ratios computed here (``0.125 ** (2/3)`` is not exactly 0.25 on every platform)
 TOLERANCE = 1e-9
@@ -81,14 +88,29 @@ class Progressive(Pruner):
     def stage_ratios(self, keep_ratio: float) -> tuple[float, ...]:
         return self.ratios if self.ratios is not None else self.shape(keep_ratio)
 
-    def stage_budget(self, stage: int, n_visual: int, keep: int) -> int:
+    #: a ``keep_ratio`` r keeps ``int(N * r)`` (the references' count), not the nearest count
+    ratio_rounding = "floor"
+
+    def stage_budget(self, stage: int, n_visual: int, keep: int, keep_ratio: float | None = None) -> int:
+        """Tokens after cut ``stage``: ``floor(N * r_s)`` of the original N with the ratios of the budget
+        (``keep_ratio`` when the budget was a ratio, else ``keep / N``), never fewer than ``keep``; the last: keep."""
         if keep >= n_visual:
             return n_visual
-        ratios = self.stage_ratios(keep / n_visual)
+        ratios = self.stage_ratios(keep / n_visual if keep_ratio is None else keep_ratio)
         if stage >= len(ratios) - 1:
             return keep
         tol = 0.0 if self.ratios is not None else TOLERANCE
         return max(keep, math.floor(n_visual * ratios[stage] + tol))
+
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
+        base = super().schedule(info, n_visual, keep)
+        if keep_ratio is None or keep >= n_visual:
+            return base
+        stages, current = [], n_visual
+        for s, st in enumerate(base.stages):
+            current = min(current, self.stage_budget(s, n_visual, keep, keep_ratio))
+            stages.append(dataclasses.replace(st, keep=current))
+        return dataclasses.replace(base, stages=tuple(stages))
 
     def default_keep_ratio(self) -> float | None:
         """The final kept fraction when no budget is given: the last explicit ratio, else the paper's."""

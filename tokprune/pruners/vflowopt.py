@@ -51,7 +51,13 @@ class Hubs:
 @register_method("vflowopt")
 @dataclass
 class VFlowOpt(Pruner):
-    """VFlowOpt (ICCV'25, reference code sihany077/VFlowOpt): three stages, original positions kept throughout.
+    """VFlowOpt (ICCV'25, reference code sihany077/VFlowOpt): three stages.
+
+    **Positions** (default ``positions="compact_pre_llm"``, the reference's): the pre-LLM stage shortens the
+    sequence before the LLM, which numbers it ``0..L1-1`` (the reference passes no position ids, so ``generate``
+    derives them from the shortened mask); the two LLM cuts keep those ids (``position_ids[:, kept]``) and decode
+    goes on at ``L1 + t``. ``positions="original"`` keeps every token's unpruned id (decode at ``n0 + t``),
+    ``"compact"`` re-indexes at every cut too. M-RoPE families (Qwen) keep their original 3-D positions.
 
     **Importance map** at encoder layer ``vision_layer`` (default: the feature layer, the reference's last SigLIP
     layer): received attention ``r`` (head mean, mean over all queries, from q/k in the attention tap); hubs =
@@ -202,7 +208,7 @@ class VFlowOpt(Pruner):
                              "without ratios (the stages are then solved)")
         return got
 
-    def schedule(self, info: ModelInfo, n_visual: int, keep: int) -> Schedule:
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
         l1, l2 = self.llm_layers(info)
         k1, k2, k3 = self.counts(info, n_visual, keep)
         return Schedule(n_visual, (StageBudget("vision", None, k1), StageBudget("llm", l1, k2),
@@ -216,7 +222,10 @@ class VFlowOpt(Pruner):
         return 0.25
 
     def default_positions(self, info: ModelInfo) -> str:
-        return "original"  # the reference leaves every survivor's position id unchanged
+        # the reference: the LLM numbers the pre-LLM survivors contiguously, its two cuts keep those ids
+        # (sihany077/VFlowOpt llava_qwen_training_free.py passes no position ids; modeling_qwen2.py
+        # ``position_ids[:, del_musk]``)
+        return "compact_pre_llm" if info.supports_compact else "original"
 
     # ------------------------------------------------------------------ vision stage
     def vision_request(self, info: ModelInfo) -> VisionRequest:

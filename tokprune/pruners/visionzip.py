@@ -6,9 +6,23 @@ from dataclasses import dataclass
 
 import torch
 
-from tokprune.pruners.base import ModelInfo, Pruner, Signal, VisionDecision, VisionRequest, VisionSignals
+from tokprune.pruners.base import (
+    ModelInfo,
+    Pruner,
+    Signal,
+    UnsupportedError,
+    VisionDecision,
+    VisionRequest,
+    VisionSignals,
+)
 from tokprune.registry import register_method
 from tokprune.rules.visionzip import PAPER_SPLIT, visionzip_select, visionzip_split
+
+#: where contextual tokens are merged: before the projector, in the encoder's feature space (the reference), or
+#: after it, on the LLM-ready tokens (every family; Qwen3-VL's DeepStack levels merge alike)
+MERGES = ("encoder", "llm")
+#: the families whose adapter merges before the projector (LLaVA-1.5's CLIP + token-wise MLP projector)
+ENCODER_MERGE_FAMILIES = ("llava",)
 
 
 def _count(name: str, value: int | None) -> None:
@@ -37,18 +51,25 @@ class VisionZip(Pruner):
     each part's budget, ``dominant = round(keep * dominant_share)``, the rest contextual (None: 54/64 = 0.84375,
     the paper's); exclusive with ``dominant`` / ``contextual``.
 
-    Where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep their slots (raster
-    order); each contextual token takes the slot (and position id) of the lowest-index patch it absorbed, so it
-    sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's sources.
+    ``merge="encoder"`` (the default on LLaVA-1.5, the reference dvlab-research/VisionZip
+    ``visionzip/clip_encoder.py``): inside the vision path, from the feature layer's hidden states, the tokens
+    ``[CLS] + dominant + contextual`` in that order (dominant in raster order, a contextual token = its target
+    ``+`` the mean of its members, weights summing to 2; a target nobody joined stays itself), mapped by the
+    projector (a :class:`~tokprune.pruners.base.VisionDecision` with ``encoder_rows``); the LLM sees them in that
+    order at contiguous positions (LLaVA's default ``positions="compact"``). ``dominant`` counts the [CLS] token
+    (``dominant - 1`` patches), under either ``vision_feature_select_strategy``. The record's slots: each dominant
+    patch its own, a contextual token its target's, [CLS] its own ("full") or the lowest free one ("default").
 
-    Deviations from the reference, on purpose and for every family:
+    ``merge="llm"`` (today's seam behaviour; the only one on LLaVA-NeXT and Qwen, where Qwen3-VL's DeepStack levels
+    must merge alike): where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep
+    their slots (raster order); each contextual token takes the slot (and position id) of the lowest-index patch it
+    absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's
+    sources. Deviations from the reference there:
 
-    * the reference merges the feature layer's hidden states *before* the projector and projects
-      ``[CLS] + dominant + contextual``, in that order; the seam merges the tokens the LLM receives (after the
-      projector / Qwen's merger), as a weighted mean so that Qwen3-VL's DeepStack levels merge alike. The
+    * the tokens the LLM receives (after the projector / Qwen's merger) are merged, as a weighted mean. The
       contextual token keeps the reference's relative weights (target 1, each of its n members 1/n) normalised:
-      ``(target + mean(members)) / 2`` (the reference's ``target + mean`` has weights summing to 2); a target
-      nobody joined stays itself. Contextual tokens sit at their first source's slot, not after the dominant ones;
+      ``(target + mean(members)) / 2`` (about half the reference's norm); contextual tokens sit at their first
+      source's slot, not after the dominant ones;
     * the [CLS] token reaches the LLM only where the model's features carry it (LLaVA's
       ``vision_feature_select_strategy="full"``: it is kept first, at its own slot). With HF's default ``"default"``
       strategy the projector never sees [CLS], so its slot goes to one more dominant patch (``dominant`` patches);
@@ -72,6 +93,7 @@ class VisionZip(Pruner):
     dominant: int | None = None
     contextual: int | None = None
     dominant_share: float | None = None
+    merge: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,11 +107,28 @@ class VisionZip(Pruner):
             if self.dominant is not None or self.contextual is not None:
                 raise ValueError("visionzip: pass dominant_share or dominant/contextual, not both")
             self.dominant_share = float(s)
+        if self.merge is not None and self.merge not in MERGES:
+            raise ValueError(f"visionzip: merge must be 'encoder' (before the projector, the reference; LLaVA-1.5) "
+                             f"or 'llm' (the LLM-ready tokens, every family), got {self.merge!r}")
+
+    def merge_space(self, info: ModelInfo) -> str:
+        """Where contextual tokens merge on this model: ``merge``, or by default "encoder" on LLaVA-1.5 (the
+        reference) and "llm" elsewhere."""
+        if self.merge is not None:
+            return self.merge
+        return "encoder" if info.family in ENCODER_MERGE_FAMILIES else "llm"
+
+    def check(self, info: ModelInfo) -> None:
+        super().check(info)
+        if self.merge_space(info) == "encoder" and (info.family not in ENCODER_MERGE_FAMILIES or not info.has_cls):
+            raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on "
+                                   f"{', '.join(ENCODER_MERGE_FAMILIES)}, not {info.family}; use merge='llm'")
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         f = info.feature_layer
         score = Signal("cls", f, heads="all") if info.has_cls else Signal("received", f)
-        return VisionRequest((score, Signal("keys", f)))
+        extra = (Signal("hidden_out", f),) if self.merge_space(info) == "encoder" else ()
+        return VisionRequest((score, Signal("keys", f), *extra))
 
     def split(self, keep: int) -> tuple[int, int]:
         """(dominant, contextual) for a budget of ``keep`` tokens; the error names the fix."""
@@ -113,6 +152,8 @@ class VisionZip(Pruner):
         return [s.float().sum(-1) if s.dim() == 2 else s.float() for s in signals[score_sig]]
 
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        if self.merge_space(signals.ctx.info) == "encoder":
+            return self.select_encoder(signals, ks)
         f = signals.ctx.info.feature_layer
         scores = self.vision_scores(signals)
         out: list[torch.Tensor | VisionDecision] = []
@@ -139,4 +180,52 @@ class VisionZip(Pruner):
             members = torch.bincount(sel.assignment[0][sel.assignment[0] >= 0], minlength=ctx) - 1  # minus target
             weights[patches[sel.targets[0]]] = members.clamp(min=1).float()
             out.append(VisionDecision(kept, assign, weights) if ctx else kept)
+        return out
+
+    def select_encoder(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor | VisionDecision]:
+        """The reference's tokens, built before the projector: rows over the image's encoder sequence ([CLS] at 0,
+        patch p at 1 + p): [CLS], the ``dominant - 1`` patches of most [CLS] attention in raster order, then each
+        contextual token ``target + mean(members)`` in target order."""
+        f = signals.ctx.info.feature_layer
+        scores = self.vision_scores(signals)
+        out: list[torch.Tensor | VisionDecision] = []
+        for i, k in enumerate(ks):
+            feats = signals.features[i]
+            n, dev = int(feats.shape[0]), feats.device
+            if k >= n:
+                out.append(torch.arange(n, device=dev))
+                continue
+            dom, ctx = self.split(k)
+            if dom < 1:
+                raise ValueError(f"visionzip: dominant={dom} must be >= 1 to count the [CLS] token; raise it")
+            is_cls = signals.grid[i][:, 0] < 0  # LLaVA "full": the [CLS] token, at (-1, -1)
+            cls_pos = is_cls.nonzero()[:, 0].to(dev)  # sync: once per image, where the [CLS] token is (if any)
+            patches = (~is_cls).nonzero()[:, 0].to(dev)  # sync: once per image, its patches
+            n_patch = int(patches.numel())
+            sel = visionzip_select(scores[i][patches][None].to(dev),
+                                   signals[Signal("keys", f)][i][patches][None].to(dev),
+                                   feats[patches][None].float(), dom, ctx, with_cls=True)
+            dominant, targets, assign = sel.dominant[0], sel.targets[0], sel.assignment[0]
+            rows = torch.zeros(k, 1 + n_patch, dtype=torch.float32, device=dev)
+            rows[0, 0] = 1.0  # [CLS]
+            rows[torch.arange(1, dom, device=dev), 1 + dominant] = 1.0
+            for c in range(ctx):  # target + mean of its members
+                members = (assign == c).nonzero()[:, 0]  # sync: once per contextual token, its members
+                members = members[members != targets[c]]
+                rows[dom + c, 1 + targets[c]] = 1.0
+                if members.numel():
+                    rows[dom + c, 1 + members] += 1.0 / members.numel()
+            taken = torch.zeros(n, dtype=torch.bool, device=dev)
+            taken[patches[dominant]] = True
+            taken[patches[targets]] = True
+            cls_slot = cls_pos[:1] if cls_pos.numel() else (~taken).nonzero()[:1, 0]  # sync: once per image
+            slots = torch.cat([cls_slot, patches[dominant], patches[targets]])
+            owner = torch.full((n,), -1, dtype=torch.long, device=dev)  # each patch's row, for the record
+            owner[patches[dominant]] = torch.arange(1, dom, device=dev)
+            merged = assign >= 0
+            owner[patches[merged]] = dom + assign[merged]
+            if cls_pos.numel():
+                owner[cls_pos] = 0
+            out.append(VisionDecision(torch.zeros(0, dtype=torch.long, device=dev), owner, slots=slots,
+                                      encoder_rows=rows))
         return out

@@ -22,17 +22,18 @@ from test_families import (
 import oracles
 import tokprune
 from tokprune.pruners.divprune import DivPrune
-from tokprune.rules.divprune import divprune_select, min_pairwise_distance
+from tokprune.rules.divprune import cosine_distance, divprune_select, min_pairwise_distance
 from tokprune.testing import families, tiny_model
 
 
 # ---------------------------------------------------------------------------------------------- the authors' rule
-def authors_divprune(tokens: torch.Tensor, n_keep: int) -> torch.Tensor:
+def authors_divprune(tokens: torch.Tensor, n_keep: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference's selection as its code writes it (one image, (N, D) tokens after the projector): a full
     ``1 - cos`` matrix; pick 0 is the argmax over columns of the second-smallest value of each column; pick i the
     argmax over columns of the minimum over the rows already picked (re-sliced from the matrix at every step).
-    Returns the picks in order (not sorted, not de-duplicated)."""
-    x = tokens.float()
+    Returns the picks in order (not sorted, not de-duplicated). ``dtype``: the arithmetic (the reference runs in
+    the model's, fp16)."""
+    x = tokens.to(dtype)
     normed = x / x.norm(dim=1, keepdim=True)
     dist = 1.0 - torch.mm(normed, normed.t())
     picks = torch.empty(n_keep, dtype=torch.long)
@@ -127,6 +128,16 @@ def test_equals_the_authors_rule_on_random_tokens(n, d, k):
     sel = divprune_select(x, k)
     assert sel.order.tolist() == ref.tolist()
     assert sel.kept.tolist() == sorted(ref.tolist())
+
+
+def test_model_dtype_distances_follow_the_authors_half_precision_run():
+    """``score_dtype="model"``: the distances in the model's dtype (bf16 here), as the reference's fp16 run; the
+    greedy on them picks what the authors' code picks in that dtype (and float32 what it picks in float32)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 64, generator=g).bfloat16()
+    ref = authors_divprune(x, 40, dtype=torch.bfloat16)
+    assert divprune_select(x, 40, distance=cosine_distance(x, torch.bfloat16)).order.tolist() == ref.tolist()
+    assert divprune_select(x, 40).order.tolist() == authors_divprune(x, 40).tolist()
 
 
 def test_batched_rows_equal_single_rows_and_bad_k_raises():

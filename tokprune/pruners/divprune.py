@@ -43,7 +43,8 @@ class DivPrune(Pruner):
     most one of them); here newlines are never candidates (kept on top, or none with ``newlines=False``) and, with
     ``tile_budget="global"``, the selection runs over all the image's content tokens at once, the reference's
     layout; the family default ``tile_budget="per_tile"`` splits the budget over the tiles and selects within
-    each. Distances in float32 (the reference: the model's dtype, fp16).
+    each. Distances in float32 by default; ``score_dtype="model"`` computes them in the model's dtype, as the
+    reference (fp16 in its runs).
     """
 
     summary = "greedy max-min cosine diversity over the projected visual tokens (text-agnostic)"
@@ -69,7 +70,7 @@ class DivPrune(Pruner):
         """Per image, each token's *isolation*: its ``1 - cos`` distance to its nearest other token (the first
         pick's criterion; what ``record_scores`` / ``tokprune show --scores`` draw). The distance matrices are left in
         ``signals.ctx.state`` for :meth:`select_vision`, so they are computed once per prefill."""
-        dists = _distances(signals.features)
+        dists = _distances(signals.features, self.score_dtype)
         if signals.ctx is not None:
             signals.ctx.state[_STATE] = (signals.features, dists)
         return [d.topk(2, dim=0, largest=False).values[1] if d.shape[0] > 1 else d[0] for d in dists]
@@ -80,7 +81,7 @@ class DivPrune(Pruner):
         self.vision_scores(signals)
         feats, dists = signals.ctx.state.pop(_STATE) if signals.ctx is not None else (None, None)
         if feats is not signals.features:
-            dists = _distances(signals.features)
+            dists = _distances(signals.features, self.score_dtype)
         out: list[torch.Tensor | None] = [None] * len(ks)
         groups: dict[tuple[int, int, torch.device], list[int]] = {}
         for j, (f, k) in enumerate(zip(signals.features, ks)):
@@ -101,14 +102,16 @@ class DivPrune(Pruner):
 _STATE = "divprune.distance"
 
 
-def _distances(features: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``1 - cos`` matrices of each image's tokens, images of equal size in one batched product."""
+def _distances(features: list[torch.Tensor], score_dtype: str = "float32") -> list[torch.Tensor]:
+    """``1 - cos`` matrices of each image's tokens, images of equal size in one batched product; in float32, or in
+    the features' (the model's) dtype with ``score_dtype="model"``."""
     out: list[torch.Tensor | None] = [None] * len(features)
     groups: dict[tuple[int, torch.device], list[int]] = {}
     for j, f in enumerate(features):
         groups.setdefault((int(f.shape[0]), f.device), []).append(j)
     for members in groups.values():
-        d = cosine_distance(torch.stack([features[j] for j in members]))
+        stack = torch.stack([features[j] for j in members])
+        d = cosine_distance(stack, stack.dtype if score_dtype == "model" else torch.float32)
         for row, j in enumerate(members):
             out[j] = d[row]
     return out  # type: ignore[return-value]

@@ -48,8 +48,10 @@ class VisPruner(Pruner):
 
     Code vs this implementation (docs/methods.md): stable sorts (ties to the lower index) where the reference's
     ``argsort`` leaves tie order unspecified; an odd remainder count splits ``ceil/floor`` (the reference's
-    indexing fails there); cosines from one matrix computed up front; LLaVA-NeXT tiles select among the tokens
-    HF's unpadded layout keeps (the reference picks among a crop's padded positions, then unpads); float32. With
+    indexing fails there); cosines from one matrix computed up front, in float32 (``score_dtype="model"``: in the
+    model's dtype, as the reference's half-precision run, and the attention scores likewise); LLaVA-NeXT tiles
+    select among the tokens HF's unpadded layout keeps (the reference picks among a crop's padded positions, then
+    unpads). With
     LLaVA's ``vision_feature_select_strategy="full"`` the [CLS] token is a candidate like any token (scored by the
     [CLS] row's attention to itself); the reference runs with patch features only.
     """
@@ -100,9 +102,10 @@ class VisPruner(Pruner):
                 for j in members:
                     out[j] = torch.arange(n, device=signals.features[j].device)
                 continue
+            dtype = signals.features[members[0]].dtype if self.score_dtype == "model" else torch.float32
             sel = vispruner_select(torch.stack([scores[j] for j in members]),
                                    torch.stack([hidden[j].to(dev) for j in members]), k, self.important_ratio,
-                                   self.per_round)
+                                   self.per_round, dtype)
             for row, j in enumerate(members):
                 out[j] = sel.kept[row].to(signals.features[j].device)
         return out  # type: ignore[return-value]

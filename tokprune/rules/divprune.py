@@ -19,8 +19,9 @@ asked. :func:`divprune_select` masks chosen tokens (``distinct=True``, the defau
 tokens survive; ``distinct=False`` is the reference's bare ``argmax``. Both agree whenever the reference picks
 ``k`` distinct tokens.
 
-Precision: distances are computed in float32 whatever the input dtype (the reference runs in the model's dtype,
-fp16 in its evaluation), so near-ties may resolve differently from a half-precision run.
+Precision: distances are computed in float32 whatever the input dtype by default (the reference runs in the
+model's dtype, fp16 in its evaluation, so near-ties may resolve differently); ``cosine_distance(x, dtype)`` computes
+them in another dtype (the pruner's ``score_dtype="model"``), and the greedy then compares those rounded values.
 
 Vectorised: one (B, N, N) matrix, then one loop over the ``k`` picks with a (B, N) ``minimum`` / ``argmax`` per
 pick; no Python loop over tokens.
@@ -35,10 +36,11 @@ import torch
 __all__ = ["DivPruneSelection", "cosine_distance", "divprune_select", "min_pairwise_distance"]
 
 
-def cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) or (N, D) tokens -> (B, N, N) / (N, N) matrix of ``1 - cos``, in float32 (rows normalised as the
-    reference does, ``x / ||x||``: a zero token gives NaN distances)."""
-    u = x.float()
+def cosine_distance(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, N, D) or (N, D) tokens -> (B, N, N) / (N, N) matrix of ``1 - cos``, computed in ``dtype`` (float32 by
+    default; the model's dtype reproduces the reference's half-precision arithmetic), rows normalised as the
+    reference does, ``x / ||x||`` (a zero token gives NaN distances)."""
+    u = x.to(dtype)
     u = u / u.norm(dim=-1, keepdim=True)
     return 1.0 - u @ u.transpose(-1, -2)
 
@@ -66,7 +68,7 @@ def divprune_select(features: torch.Tensor, k: int, distinct: bool = True,
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
         raise ValueError(f"divprune: k must be an int in [0, {n}] (the tokens to keep of {n}), got {k!r}")
     dev = feats.device
-    dist = cosine_distance(feats) if distance is None else distance.float()
+    dist = (cosine_distance(feats) if distance is None else distance).float()
     if dist.dim() == 2:
         dist = dist[None]
     order = torch.empty(b, k, dtype=torch.long, device=dev)

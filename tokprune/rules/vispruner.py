@@ -86,10 +86,12 @@ def _block(similarity: torch.Tensor, rows: torch.Tensor, a: torch.Tensor, b: tor
 
 
 def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int,
-                     important_ratio: float = 0.5, per_round: int = PER_ROUND) -> VisPrunerSelection:
+                     important_ratio: float = 0.5, per_round: int = PER_ROUND,
+                     dtype: torch.dtype = torch.float32) -> VisPrunerSelection:
     """VisPruner on each row: ``importance`` (B, N) (head-mean [CLS] attention; received attention on CLS-free
     encoders), ``features`` (B, N, D) the tokens compared for duplicates (feature-layer hidden states), ``keep``
-    tokens, ``int(keep * important_ratio)`` of them important. 2-D / 1-D inputs are one row."""
+    tokens, ``int(keep * important_ratio)`` of them important. ``dtype``: the precision of the cosines (float32;
+    the model's dtype reproduces the reference's half-precision products). 2-D / 1-D inputs are one row."""
     single = importance.dim() == 1
     imp = importance[None] if single else importance
     feats = features[None] if single else features
@@ -100,9 +102,9 @@ def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int
     ranked = imp.float().argsort(dim=-1, descending=True, stable=True)
     important, residual = ranked[:, :n_imp], ranked[:, n_imp:]
     if n_div > 0:
-        u = feats.float()
+        u = feats.to(dtype)
         u = u / u.norm(dim=-1, keepdim=True)
-        diverse = remove_duplicates(u @ u.transpose(-1, -2), residual, n_div, per_round)
+        diverse = remove_duplicates((u @ u.transpose(-1, -2)).float(), residual, n_div, per_round)
     else:
         diverse = residual[:, :0]
     important, diverse = important.sort(dim=-1).values, diverse.sort(dim=-1).values

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,13 +330,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = [x for x in settings if f"{x[0]}:{x[1]}" not in (args.skip or "").split(",")]
     results: list[dict[str, Any]] = []
     with torch.inference_mode():
-        # equality first, on batch 2 of the smallest scale (different images per sample)
+        # equality first, in float32 (1e-4 is a float32 tolerance), batch 2 of the first scale, different images
+        checker = model if setup.dtype == "float32" else build(replace(setup, dtype="float32"))[0]
         checks = {}
-        x = inputs_for(model, settings[0][0], 2, args.n_text)
+        x = inputs_for(checker, settings[0][0], 2, args.n_text)
         for label, peer, _ in cases:
             if peer is not None:
-                checks[label] = check_equal(model, x, peer, setup.keep, setup.fastv_layer)
+                checks[label] = check_equal(checker, x, peer, setup.keep, setup.fastv_layer)
                 print(f"[peers] check {label}: {checks[label]}", file=sys.stderr, flush=True)
+        del checker
         for scale, batch in settings:
             x = inputs_for(model, scale, batch, args.n_text)
             times: dict[str, list[float]] = {c[0]: [] for c in cases}
@@ -389,7 +391,7 @@ def to_markdown(data: dict[str, Any]) -> str:
              f"dtype {m['dtype']} · {m['depth']['label']} · keep {m['keep_per_image']} per 576-token image · FastV "
              f"cut before LLM layer {m['fastv_layer']} · {m['n_text']} text tokens · {m['timed']}, medians of "
              f"{m['median_of']} of {m['rounds']} · random weights · torch {m['torch']} · {m['date']}", "",
-             "Equality (batch 2, different images): " + "; ".join(
+             "Equality (float32, batch 2, different images): " + "; ".join(
                  f"{k}: kept sets {'equal' if v['kept_equal'] else 'DIFFER'}, max |logit diff| "
                  f"{v['max_logit_diff']:.1e}" for k, v in m["checks"].items()), "",
              f"time / memory ratio = reference style / tokprune, same setting (> 1: tokprune is faster / smaller). "

@@ -319,7 +319,7 @@ def _setup_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     setup = Setup(args.config, args.llm_layers, args.vision_layers, args.fastv_layer, args.keep, args.dtype,
                   args.device)
     t0 = time.perf_counter()
@@ -356,21 +356,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 results.append({"scale": scale, "batch": batch, "visual_tokens": 576 * SCALES[scale],
                                 "method": method, "case": label, "reference": peer is not None,
                                 "median_ms": ms, "runs_ms": [round(t, 1) for t in times[label]]})
+            if write is not None:  # a partial table after every setting: a stopped run keeps what it measured
+                write(assemble(args, depth, dev, checks, results, t0))
     del model
     if not args.no_memory:
+        wanted = (args.memory_settings or "").split(",")
         for row in results:
+            if args.memory_settings and f"{row['scale']}:{row['batch']}" not in wanted:
+                continue
             row["peak_mib"] = _fresh_peak(args, row["scale"], row["batch"], row["case"])
             print(f"[peers] memory {row['scale']} b{row['batch']} {row['case']}: {row['peak_mib']}", file=sys.stderr,
                   flush=True)
-    for row in results:  # ratios against tokprune's row of the same method and setting
+    return assemble(args, depth, dev, checks, results, t0)
+
+
+def assemble(args: argparse.Namespace, depth: Any, dev: torch.device, checks: dict[str, Any],
+             results: list[dict[str, Any]], t0: float) -> dict[str, Any]:
+    """The saved table: rows with their ratios against tokprune's row of the same method and setting, and meta."""
+    from tokprune.eval.speed import cpu_model
+
+    for row in results:
         ours = next(r for r in results if r["method"] == row["method"] and r["scale"] == row["scale"]
                     and r["batch"] == row["batch"] and not r["reference"])
         row["time_ratio"] = row["median_ms"] / ours["median_ms"]
         if row.get("peak_mib") is not None and ours.get("peak_mib") is not None:
             row["memory_ratio"] = row["peak_mib"] / ours["peak_mib"] if ours["peak_mib"] > 0 else None
             row["memory_extra_mib"] = row["peak_mib"] - ours["peak_mib"]
-    from tokprune.eval.speed import cpu_model
-
     device = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
               else f"CPU {cpu_model()}, {torch.get_num_threads()} threads")
     meta = {"model": args.config, "depth": depth.as_dict(), "device": device, "dtype": args.dtype,
@@ -422,6 +433,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    p.add_argument("--memory-settings", help="measure memory only in these settings, e.g. llava-1.5:4,llava-next:1")
     p.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared and loaded")
     p.add_argument("--quick", action="store_true", help="tiny-llava, batch 1 and 2, 2 rounds: checks the script")
     p.add_argument("--tag", default="peers")
@@ -446,11 +458,15 @@ def main(argv: list[str] | None = None) -> int:
                       args.device)
         print(peak_memory(setup, scale, int(batch), args.n_text, label))
         return 0
-    data = measure(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (out / f"{args.tag}.md").write_text(to_markdown(data), encoding="utf-8")
+
+    def write(data: dict[str, Any]) -> None:
+        (out / f"{args.tag}.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        (out / f"{args.tag}.md").write_text(to_markdown(data), encoding="utf-8")
+
+    data = measure(args, write)
+    write(data)
     print(to_markdown(data))
     return 0 if all(c["ok"] for c in data["meta"]["checks"].values()) else 1
 

@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
-# CI: execute every notebook in notebooks/ top to bottom, headless, in the active venv; any cell error fails.
-# Installs the notebook extra (matplotlib, nbclient, nbformat, ipykernel) first; torch is already there.
+# CI: execute every notebook in notebooks/ top to bottom, headless, in the active venv, and check its figures
+# (tests/notebook_checks.py): any cell error, a figure that is made but not drawn, a blank image, an empty panel,
+# a label in two colours or two labels in one colour, or a multi-series figure without a legend fails the step.
+# Figures are rendered by Agg through matplotlib's inline backend, as Jupyter shows them (a bare MPLBACKEND=Agg
+# draws nothing into a notebook). Installs the notebook extra (matplotlib, nbclient, nbformat, ipykernel) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 python -m pip install -q -e ".[notebook]"
 python -m pip uninstall -y -q torchvision 2>/dev/null || true
-python - <<'PY'
+PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" python - <<'PY'
 import sys
 import time
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+import notebook_checks
 
 failed = []
 for path in sorted(Path("notebooks").glob("*.ipynb")):
-    nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
-    try:
-        NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    except CellExecutionError as err:
+    nb, problems = notebook_checks.execute(path)
+    figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    if problems:
         failed.append(path.name)
-        print(f"FAILED {path}:\n{err}", file=sys.stderr)
+        print(f"FAILED {path}:\n  " + "\n  ".join(problems), file=sys.stderr)
         continue
-    print(f"notebook {path.name}: ok in {time.perf_counter() - t0:.1f} s")
+    print(f"notebook {path.name}: ok in {time.perf_counter() - t0:.1f} s, {figures} figure(s) drawn and checked")
 sys.exit(f"notebooks failed: {', '.join(failed)}" if failed else 0)
 PY

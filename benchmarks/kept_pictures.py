@@ -66,12 +66,12 @@ SHOW = {
 }
 
 
-def show_pictures(out: Path) -> None:
-    """The README pictures, drawn by ``tokprune show`` itself."""
+def show_pictures(out: Path) -> list[str]:
+    """The README pictures, drawn by ``tokprune show`` itself; returns the names of those that failed (its one-line
+    error is printed above)."""
     from tokprune.cli import main as cli
 
-    for name, args in SHOW.items():
-        cli(["show", *args, "--out", str(out / name)])
+    return [name for name, args in SHOW.items() if cli(["show", *args, "--out", str(out / name)]) != 0]
 
 
 def main() -> None:
@@ -83,11 +83,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    show_pictures(a.out)
-    for name in a.models.split(","):
+    failed = show_pictures(a.out)
+    for name in filter(None, a.models.split(",")):  # an error here raises: exit code 1 with its traceback
         path = a.out / f"kept_{name}.png"
         picture(name, a.ratio, a.samples, a.size).save(path)
         print(f"wrote {path}")
+    if failed:  # a stale picture must never pass for a new one
+        raise SystemExit(f"kept_pictures.py: tokprune show failed for {', '.join(failed)}; those pictures were not "
+                         "redrawn")
 
 
 if __name__ == "__main__":

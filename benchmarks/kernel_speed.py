@@ -10,7 +10,8 @@ Times are medians over repeats measured with CUDA events after warm-up. Results 
 device name. Without CUDA the script says so and exits 0; ``--cpu`` instead times the PyTorch reference against the
 chain at one small size (useful only to check that the script runs).
 
-Usage: python benchmarks/kernel_speed.py [--out benchmarks/results] [--dtype bf16] [--repeats 50] [--warmup 10] [--quick]
+Usage: python benchmarks/kernel_speed.py [--out benchmarks/results] [--dtype bf16] [--repeats 50] [--warmup 10]
+       [--quick]
 """
 
 from __future__ import annotations

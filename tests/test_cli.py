@@ -254,3 +254,91 @@ def test_weight_estimate_is_the_built_models_size():
         p.numel() * p.element_size() for p in model.parameters())
     assert weight_bytes(configs.load("tiny-qwen2-vl"), torch.bfloat16) * 2 == weight_bytes(
         configs.load("tiny-qwen2-vl"), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- --option
+@pytest.mark.parametrize("text, value", [("layer=3", 3), ("keep_ratio=0.5", 0.5), ("scaled=true", True),
+                                         ("scaled=False", False), ("seed=none", None), ("layers=8,16,24", (8, 16, 24)),
+                                         ("layers=(8, 16)", (8, 16)), ("ratios=[0.5,0.25]", (0.5, 0.25)),
+                                         ("positions=original", "original"), ("positions='compact'", "compact")])
+def test_option_values_are_typed_as_in_python(text, value):
+    from tokprune.commands.args import method_option
+
+    key, got = method_option(text)
+    assert key == text.split("=")[0] and got == value and type(got) is type(value)
+
+
+def test_flops_option_is_the_python_apis_option(capsys):
+    """``--option layer=3`` counts what ``schedule(config, "fastv", keep=192, layer=3)`` runs (FastV's K)."""
+    import tokprune.api
+    from tokprune.configs import load
+    from tokprune.flops import for_budget
+
+    assert main(["flops", "--config", "llava-1.5-7b", "--method", "fastv", "--keep", "192", "--option", "layer=3"]) == 0
+    out = capsys.readouterr().out
+    config = load("llava-1.5-7b")
+    want = for_budget(config, schedule=tokprune.api.schedule(config, "fastv", keep=192, layer=3))
+    total = next(line for line in out.splitlines() if line.startswith("total")).split()
+    assert float(total[2]) == pytest.approx(want.total / 1e12, abs=1e-3)
+    assert main(["flops", "--config", "llava-1.5-7b", "--method", "fastv", "--keep", "192"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2] != out.splitlines()[-2]  # layer 2 (default) differs
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["show", "--methods", "fastv,pdrop", "--option", "layer=1"], ["pdrop", "has no option layer", "layers"]),
+    (["show", "--option", "layer=1"], ["--option needs --methods"]),
+    (["flops", "--config", "tiny-llava", "--method", "fastv", "--keep", "4", "--option", "layer=x"],
+     ["layer", "int", "'x'"]),
+    (["bench", "--config", "tiny-llava", "--methods", "fastv", "--keep", "4", "--option", "layer=1",
+      "--option", "layer=2"], ["given twice"]),
+    (["eval", "--model", "llava-shapes", "--tasks", "shapes", "--methods", "cls", "--keep", "8", "--out", "o",
+      "--option", "nope=1"], ["'cls' has no option nope"]),
+    (["show", "--methods", "fastv", "--option", "layer"], ["KEY=VALUE"]),
+])
+def test_bad_options_are_one_line_before_any_model_loads(argv, names, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and all(n in err for n in names), err
+
+
+def test_bench_and_eval_cells_carry_the_options():
+    from tokprune.eval.bench import grid
+    from tokprune.eval.grid import GridSpec
+
+    cases = grid(["fastv"], [4], options={"layer": 1})
+    assert cases[1].options == (("layer", 1),) and cases[1].label == "fastv keep=4 layer=1"
+    spec = GridSpec(model="m", tasks=["t"], methods=["fastv"], keeps=[4], options={"layer": 1})
+    by_method = {v.name: dict(v.options) for v in spec.variants()}
+    assert by_method["fastv"] == {"layer": 1} and by_method["random"] == {}  # baselines keep their defaults
+
+
+def test_show_option_reaches_the_method(tmp_path, capsys):
+    """``show --option layer=1`` draws FastV cutting after layer 1, as ``compare(..., layer=1)`` does."""
+    from PIL import Image
+
+    from tokprune.testing import tiny_model
+    from tokprune.viz import compare
+
+    png = tmp_path / "k.png"
+    assert main(["show", "--model", "tiny:llava", "--methods", "fastv", "--keep", "4", "--size", "48",
+                 "--option", "layer=1", "--out", str(png)]) == 0
+    model, proc = tiny_model("llava")
+    from tokprune.data import ShapesVQA
+
+    sample = ShapesVQA("test", n=1)[0]
+    image = sample.image(256)
+    want = compare(model, proc, image, ["fastv"], [4], question=sample.question, size=48, layer=1)
+    assert Image.open(png).convert("RGB").tobytes() == want.convert("RGB").tobytes()
+
+
+def test_flops_ratio_on_a_method_without_it_names_the_methods_that_take_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "llava-shapes", "--tasks", "shapes", "--methods", "cls,pdrop", "--keep", "8",
+                 "--flops-ratio", "0.5", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "cls take no flops_ratio budget" in err and "pdrop, transprune, vflowopt" in err

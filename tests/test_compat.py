@@ -90,3 +90,47 @@ def test_pyproject_declares_the_tested_window():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     lo, hi = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', text).groups()
     assert lo == compat.TESTED[0] and hi == compat._next_minor(compat.TESTED[-1])
+
+
+@pytest.mark.parametrize("argv", [["demo", "--family", "llava"], ["show", "--model", "tiny:llava", "--out", "k.png"],
+                                  ["bench", "--config", "tiny-llava", "--methods", "cls", "--keep", "4"]])
+def test_cli_refuses_an_untested_release_in_one_line(argv, monkeypatch, capsys, tmp_path):
+    """The refusal is one line and exit code 2, like every other CLI error, and comes before any model loads."""
+    from tokprune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(compat.OVERRIDE_ENV, raising=False)
+    monkeypatch.setattr(compat.transformers, "__version__", "5.99.0")
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"tokprune {argv[0]}: error: tokprune was tested with transformers")
+    assert "5.99.0" in lines[0] and compat.OVERRIDE_ENV in lines[0] and "Traceback" not in captured.err
+    assert captured.out == "" and not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_ci_matrix_loop_reads_the_older_releases():
+    """.ci/run swaps transformers to each older tested release: its one-liner yields exactly those."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    one_liner = re.search(r'for OLDER in \$\(python -c "([^"]+)"\)', ci).group(1)
+    out = subprocess.run([sys.executable, "-c", one_liner], capture_output=True, text=True, check=True).stdout.split()
+    assert out == list(compat.TESTED_RELEASES.values())[:-1]
+    assert all(r.startswith(f"{m}.") for m, r in compat.TESTED_RELEASES.items())
+
+
+def test_readme_and_compat_doc_name_the_tested_window():
+    """The window is written in three places besides compat.py: a new release is added to all or the suite fails."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    *older, newest = compat.TESTED
+    readme = (root / "README.md").read_text()
+    assert f"Tested on **transformers {', '.join(older)} and {newest}**" in readme
+    doc = (root / "docs" / "compat.md").read_text()
+    assert f"(`TESTED`: {', '.join(compat.TESTED)})" in doc
+    assert f"`transformers>={compat.TESTED[0]},<{compat._next_minor(newest)}`" in doc

@@ -284,6 +284,37 @@ def test_pruned_context_manager_removes_on_error(tiny):
     assert not tokprune.is_patched(model)
 
 
+def test_pruned_restores_the_previous_patch_exactly_and_nests(tiny):
+    """A scoped trial of another method puts the applied one back (method, options, budget, family options), and
+    an inner block restores the outer block's patch, not the bare model (issue #22)."""
+    model, proc = tiny
+    x = inputs(proc)
+    with torch.no_grad():
+        tokprune.apply(model, "fastv", keep=4, layer=1)
+        outer_handle, outer_pruner = model.tokprune, model.tokprune.pruner
+        ref = model(**x).logits
+        n_hooks, wrapped = _hooks(model), set(ALL_ATTENTION_FUNCTIONS._local_mapping)
+        with tokprune.pruned(model, "cls", keep=8):
+            assert model.tokprune.pruner.name == "cls"
+            with tokprune.pruned(model, "random", keep_ratio=0.25, seed=3):
+                model(**x)
+                assert tokprune.last_record(model).n_kept == [[4]]
+            assert model.tokprune.pruner.name == "cls" and model.tokprune.budget.keep == 8
+            model(**x)
+            assert tokprune.last_record(model).n_kept == [[8]]
+            with pytest.raises(RuntimeError, match="boom"), tokprune.pruned(model, "vtc_cls", keep=2):
+                raise RuntimeError("boom")
+            assert model.tokprune.pruner.name == "cls"
+        assert model.tokprune is outer_handle and model.tokprune.pruner is outer_pruner
+        assert outer_pruner.layer == 1 and model.tokprune.budget.keep == 4
+        assert _hooks(model) == n_hooks and set(ALL_ATTENTION_FUNCTIONS._local_mapping) == wrapped
+        assert torch.equal(model(**x).logits, ref)
+        assert tokprune.last_record(model).n_kept == [[4]]
+        tokprune.remove(model)
+        plain = model(**x).logits
+    assert not torch.equal(plain, ref)  # the restored patch really prunes
+
+
 def test_keep_ratio_is_the_kept_fraction(tiny):
     model, proc = tiny
     with torch.no_grad(), tokprune.pruned(model, "cls", keep_ratio=0.25):

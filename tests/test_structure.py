@@ -72,3 +72,52 @@ def test_no_import_circle_runs_through_flops_or_registry():
             assert m not in {x for x in reach(g, m) if x not in members}, m
             # nothing it reaches comes back to it
             assert not any(m in reach(g, x) for x in reach(g, m) if not x.startswith(leaf)), m
+
+
+# ------------------------------------------------------------------------------ no file shadows an installed module
+ROOT = PKG.parent
+#: folders whose files become top-level modules: the repo root (``python -m`` from a checkout), benchmarks/
+#: (``python benchmarks/X.py`` puts it first on sys.path), tests/ (pytest's pythonpath), notebooks/ (their cwd)
+SCRIPT_FOLDERS = ("", "benchmarks", "tests", "notebooks")
+#: modules a dependency imports when it finds them, installed or not (transformers 5.25 imports ``kernels``):
+#: a repository file of that name would be imported in their place even where the package is absent
+DEPENDENCY_IMPORTS = frozenset({"kernels"})
+
+
+def top_level_modules(folder: Path) -> set[str]:
+    """Names ``import <name>`` resolves to a file of ``folder`` when it is on sys.path (a plain directory without
+    ``__init__.py`` is only a namespace portion, which an installed module of the same name still wins over)."""
+    names = {p.name.split(".")[0] for p in folder.iterdir() if p.suffix in (".py", ".pyc", ".so", ".pyd")}
+    return names | {p.name for p in folder.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+
+
+def importable_elsewhere() -> set[str]:
+    """Top-level module names of every installed distribution (except tokprune itself), the standard library's,
+    and :data:`DEPENDENCY_IMPORTS`."""
+    import importlib.metadata
+    import sys
+
+    installed = {name for name, dists in importlib.metadata.packages_distributions().items() if "tokprune" not in dists}
+    return installed | set(sys.stdlib_module_names) | DEPENDENCY_IMPORTS
+
+
+def shadowing(root: Path) -> dict[str, set[str]]:
+    known = importable_elsewhere()
+    found = {folder or ".": top_level_modules(root / folder) & known for folder in SCRIPT_FOLDERS
+             if (root / folder).is_dir()}
+    return {folder: names for folder, names in found.items() if names}
+
+
+def test_no_repository_file_shadows_an_installed_or_stdlib_module():
+    """benchmarks/kernels.py once shadowed the ``kernels`` package transformers 5.25 imports, and every benchmark
+    script crashed on import (issue #22)."""
+    assert shadowing(ROOT) == {}, "rename these files: each hides an installed or standard-library module"
+
+
+def test_the_shadowing_check_catches_the_old_benchmark_name(tmp_path):
+    for folder in SCRIPT_FOLDERS[1:]:
+        (tmp_path / folder).mkdir()
+    (tmp_path / "benchmarks" / "kernels.py").write_text("")
+    (tmp_path / "tests" / "json.py").write_text("")
+    (tmp_path / "benchmarks" / "kernel_speed.py").write_text("")
+    assert shadowing(tmp_path) == {"benchmarks": {"kernels"}, "tests": {"json"}}

@@ -134,14 +134,30 @@ def is_patched(model: nn.Module) -> bool:
 
 
 @contextmanager
-def pruned(model: nn.Module, method: str, keep: int | None = None, keep_ratio: float | None = None,
+def pruned(model: nn.Module, method: str | Pruner, keep: int | None = None, keep_ratio: float | None = None,
            **options: Any) -> Iterator[nn.Module]:
-    """``with tokprune.pruned(model, "fastv", keep_ratio=0.25): ...`` applies on entry and always removes on exit."""
+    """``with tokprune.pruned(model, "fastv", keep_ratio=0.25): ...`` applies ``method`` on entry and, on exit (also
+    on an error), puts back what was there before: no patch, or the previous patch exactly (the same method
+    instance with its options, budget, family options and last record), so blocks nest and a model patched with
+    :func:`apply` stays patched after a scoped trial of another method. ``options`` are :func:`apply`'s."""
+    previous = getattr(model, ATTR, None)
+    previous = previous if isinstance(previous, Handle) else None
     apply(model, method, keep=keep, keep_ratio=keep_ratio, **options)
     try:
         yield model
     finally:
         remove(model)
+        if previous is not None:
+            _reinstall(model, previous)
+
+
+def _reinstall(model: nn.Module, handle: Handle) -> None:
+    """Put a removed patch back as it was: its adapter (pruner, budget, family options, record) hooks in again."""
+    adapter = handle._adapter
+    record = adapter.record
+    adapter.install()
+    adapter.record = record
+    setattr(model, ATTR, handle)
 
 
 def last_record(model: nn.Module) -> PruneRecord | None:

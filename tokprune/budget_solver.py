@@ -106,6 +106,9 @@ def resolve(model_or_config: Any, pruner: Any, keep: int | None, keep_ratio: flo
     if getattr(pruner, "prune_ratio", None) is not None and (keep is not None or keep_ratio is not None):
         raise ValueError(f"{pruner.name}: pass prune_ratio (the fraction of image tokens removed, the paper's R) or "
                          "keep / keep_ratio (what is kept), not both")
+    if getattr(pruner, "reduction_ratio", None) is not None and (keep is not None or keep_ratio is not None):
+        raise ValueError(f"{pruner.name}: pass reduction_ratio (the reference's pruned fraction, counted by its own "
+                         "rule) or keep / keep_ratio (what is kept), not both")
     if keep is None and keep_ratio is None:
         default = getattr(pruner, "default_keep_ratio", lambda: None)()
         if default is not None:

@@ -1,8 +1,9 @@
 """The ``tokprune`` command: each subcommand lives in ``tokprune/commands/<name>.py`` with a ``register``.
 
-Errors a user can fix (a :class:`ValueError` such as ``UnsupportedError``, a missing or unwritable file) print one
-line, ``tokprune <command>: error: <what to do>``, and exit with code 2, like argparse's own errors; ``--debug``
-shows the traceback instead. Anything else is a bug and keeps its traceback.
+Errors a user can fix (a :class:`ValueError` such as ``UnsupportedError``, a missing or unwritable file, a
+transformers release outside the tested window) print one line, ``tokprune <command>: error: <what to do>``, and
+exit with code 2, like argparse's own errors; ``--debug`` shows the traceback instead. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import sys
 from typing import NoReturn
 
 import tokprune
+from tokprune.errors import UntestedTransformersError
 
 COMMANDS = ("demo", "flops", "bench", "show", "eval", "report", "tune")
 #: exceptions that describe bad input, not a bug: shown as one line, exit code 2
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, NotImplementedError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, NotImplementedError, UntestedTransformersError)
+#: commands that prune a model: they check the transformers release before any work (one line if untested)
+PRUNING_COMMANDS = ("demo", "bench", "show", "eval", "tune")
 EXIT_USAGE = 2
 
 
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tokprune`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command in PRUNING_COMMANDS:
+            from tokprune.patches.compat import check_transformers
+
+            check_transformers()  # before a model loads or a grid records every cell as failed
         return int(args.func(args) or 0)
     except USER_ERRORS as e:
         if args.debug:

@@ -9,6 +9,7 @@ functions validate what needs more than one argument, or the registry, and raise
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -88,6 +89,62 @@ def stages(text: str) -> list[tuple[int, float | int]]:
             raise argparse.ArgumentTypeError(f"{expected}; got {text!r}")
         out.append(stage)
     return out
+
+
+def method_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--option`` (repeatable): one keyword option of the method, typed as in Python, so the CLI
+    passes what ``tokprune.apply(model, method, KEY=VALUE)`` would: ``3`` an int, ``0.5`` a float, ``true`` /
+    ``false`` a bool, ``none`` None, ``8,16,24`` or ``(8, 16, 24)`` a tuple, anything else a string
+    (``positions=original``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. layer=3 or positions=original, got {text!r}")
+    return key, option_value(raw.strip())
+
+
+def option_value(raw: str) -> Any:
+    """A ``--option`` value as Python would read it (see :func:`method_option`); lists become tuples."""
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw  # a bare word: a string option such as positions=original
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_method_options(methods: Sequence[str], pairs: Sequence[tuple[str, Any]], option: str = "--option"
+                         ) -> dict[str, Any]:
+    """The ``--option`` pairs as a dict, checked before any model loads: no key twice, and every method in
+    ``methods`` builds with them (each key a field of the method or an option of a model family, each value one
+    the method accepts). Raises ValueError naming the method and its options."""
+    from dataclasses import fields
+
+    from tokprune.api import make_pruner
+    from tokprune.registry import MODELS, get_method
+
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in options:
+            raise ValueError(f"{option} {key}=... is given twice; pass each option once")
+        options[key] = value
+    family = {name for adapter in MODELS.values() for name in adapter.options}
+    for method in methods:
+        own = {k: v for k, v in options.items() if k not in family}
+        known = sorted(f.name for f in fields(get_method(method)) if f.init)
+        unknown = sorted(set(own) - set(known))
+        if unknown:
+            raise ValueError(f"{option}: method {method!r} has no option {', '.join(unknown)}; its options: "
+                             f"{', '.join(known)} (model-family options: {', '.join(sorted(family))})")
+        try:
+            make_pruner(method, own)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{option}: {e}") from None
+    return options
 
 
 def _int(text: str) -> int:

@@ -32,6 +32,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated visual tokens kept per image, e.g. 192,128,64")
     p.add_argument("--keep-ratio", type=types.comma_list(types.kept_fraction, "kept fractions"),
                    help="comma-separated kept fractions, e.g. 0.5,0.25")
+    p.add_argument("--option", type=types.method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the method(s), KEY=VALUE, repeatable, typed as in Python (layer=3, "
+                        "positions=original, layers=8,16,24, scaled=true); the same for every method listed")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--attn", default="sdpa", help="attention implementation (default: sdpa)")
@@ -73,6 +76,9 @@ def check(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
         raise ValueError("pass a budget: --keep N[,N...] and/or --keep-ratio R[,R...] (e.g. --keep 192,64)")
     if args.methods:
         types.check_methods(args.methods, "--methods")
+    if args.option and not args.methods:
+        raise ValueError("--option needs --methods: the default is every method, and each takes its own options")
+    args.options = types.check_method_options(args.methods or [], args.option)
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be >= 2 to measure decoding (the first is TTFT), got {args.new_tokens}")
     device = _device(args.device)
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     methods = args.methods or list(tokprune.methods())
     prompt = bench.Prompt(args.n_text, args.images, args.batch, args.image_size)
     model = configs.build_model(config, device, dtype, attn_implementation=args.attn, seed=args.seed)
-    report = bench.run(model, bench.grid(methods, args.keep or [], args.keep_ratio or []), prompt,
+    report = bench.run(model, bench.grid(methods, args.keep or [], args.keep_ratio or [], args.options), prompt,
                        new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats,
                        progress=not args.no_progress,
                        meta={"model": str(args.config), "seed": args.seed, "depth": depth.as_dict()})

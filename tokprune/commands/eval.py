@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from tokprune.commands.args import method_option
 from tokprune.commands.bench import DTYPES
 
 
@@ -27,6 +28,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--keep", help="comma-separated visual tokens kept per image, e.g. 192,128,64")
     p.add_argument("--keep-ratio", help="comma-separated kept fractions, e.g. 0.5,0.25,0.125")
     p.add_argument("--flops-ratio", help="comma-separated FLOPs targets, for methods that take flops_ratio")
+    p.add_argument("--option", type=method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the listed methods (not of the baselines), KEY=VALUE, repeatable, typed "
+                        "as in Python (layer=3, positions=original); it joins each cell's key")
     p.add_argument("--no-baselines", action="store_true", help="leave out the random and downsample baselines")
     p.add_argument("--out", required=True, help="run directory (results.json, results.md, pareto.png/.svg)")
     p.add_argument("--limit", type=int, help="first N samples of each task")
@@ -63,7 +67,23 @@ def spec_from_args(args: argparse.Namespace) -> Any:
         flops_ratios=_list(args.flops_ratio, float, "--flops-ratio"), baselines=not args.no_baselines,
         limit=args.limit, batch_size=args.batch_size, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), attn=args.attn,
-        seed=args.seed, template=args.template, max_new_tokens=args.max_new_tokens, include_path=args.include_path)
+        seed=args.seed, template=args.template, max_new_tokens=args.max_new_tokens, include_path=args.include_path,
+        options=_options(args))
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    from tokprune.commands.args import check_method_options
+
+    methods = _list(args.methods, str, "--methods")
+    if args.option and not methods:
+        raise ValueError("--option sets options of the --methods; pass --methods too")
+    return check_method_options([m for m in methods if m in _registered()], args.option)
+
+
+def _registered() -> list[str]:
+    import tokprune
+
+    return tokprune.methods()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,6 +31,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--layer", type=types.nonneg_int,
                    help="with --method: the method's own `layer` option (fastv: K, default 2); without: the 0-indexed "
                         "LLM layer before which the budget is cut (default 0)")
+    p.add_argument("--option", type=types.method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="with --method: one of its keyword options, KEY=VALUE, repeatable, typed as in Python "
+                        "(layer=3, layers=8,16,24, flops_ratio=0.5)")
     p.add_argument("--stages", type=types.stages,
                    help="explicit schedule LAYER:KEPT,... (KEPT a count or a fraction like 0.5), e.g. PyramidDrop's "
                         "8:0.5,16:0.25,24:0.125")
@@ -54,7 +57,14 @@ def check(args: argparse.Namespace) -> None:
     if args.method is not None:
         types.check_methods([args.method], "--method", hint=" (planned ones are listed in docs/methods.md; count any "
                             "schedule with --stages, e.g. --stages 8:0.5,16:0.25,24:0.125)")
-    has_budget = args.keep is not None or args.keep_ratio is not None
+    if args.option and args.method is None:
+        raise ValueError("--option sets an option of --method; pass --method too")
+    args.options = types.check_method_options([args.method] if args.method else [], args.option)
+    if args.layer is not None and args.method is not None:
+        if "layer" in args.options:
+            raise ValueError("--layer and --option layer=... say the same thing; pass one")
+        args.options["layer"] = args.layer
+    has_budget = args.keep is not None or args.keep_ratio is not None or "flops_ratio" in args.options
     if args.stages is not None and (has_budget or args.method is not None or args.layer is not None):
         raise ValueError("--stages is the whole schedule: pass it without --method, --keep, --keep-ratio and --layer")
     if args.stages is None and not has_budget:
@@ -88,9 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if args.stages is not None:
         budget: dict[str, Any] = dict(stages=args.stages)
     elif args.method is not None:  # the method's own schedule: what tokprune.apply runs
-        options = {"layer": args.layer} if args.layer is not None else {}
         budget = dict(schedule=schedule(config, args.method, keep=args.keep, keep_ratio=args.keep_ratio,
-                                        image_size=args.image_size, **options))
+                                        image_size=args.image_size, **args.options))
     else:
         budget = dict(keep=args.keep, keep_ratio=args.keep_ratio, layer=args.layer or 0)
     report = for_budget(config, **budget, n_text=args.n_text, n_images=args.images, image_size=args.image_size,
@@ -101,12 +110,15 @@ def run(args: argparse.Namespace) -> int:
         budget = f"keep={args.keep}" if args.keep is not None else f"keep_ratio={args.keep_ratio}"
     else:
         budget = "preset schedule"
+    if args.option:
+        budget += "  " + " ".join(f"{k}={v}" for k, v in args.option)
     title = f"{args.config}  method={args.method or '-'}  {budget}  convention={args.convention}"
     print(format_report(report, title))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             stages = None if args.stages is None else [list(s) for s in args.stages]
             json.dump({"config": args.config, "method": args.method, "keep": args.keep, "keep_ratio": args.keep_ratio,
-                       "layer": args.layer, "stages": stages, "n_text": args.n_text, "images": args.images,
+                       "layer": args.layer, "options": dict(args.option), "stages": stages, "n_text": args.n_text,
+                       "images": args.images,
                        "pruned": report.as_dict(), "unpruned": report.baseline.as_dict()}, f, indent=2)
     return 0

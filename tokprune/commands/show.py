@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tokprune.commands.args import method_option
+
 DEFAULT_MODEL = "llava-shapes"
 
 
@@ -30,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", default=None,
                    help="comma-separated budgets per image: token counts (64,32) or kept fractions (0.25); "
                         "default 0.25,0.125")
+    p.add_argument("--option", type=method_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the method(s), KEY=VALUE, repeatable, typed as in Python (layer=3, "
+                        "positions=original, layers=8,16,24, scaled=true); the same for every method listed")
     p.add_argument("--question", default=None, help="question asked with the image (default: the sample's)")
     p.add_argument("--sample", type=int, default=0, help="Shapes-VQA test sample used without --image")
     p.add_argument("--size", type=int, default=160, help="pixels per image panel (long side)")
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from tokprune.commands.args import check_methods, check_writable
+    from tokprune.commands.args import check_method_options, check_methods, check_writable
     from tokprune.data import ShapesVQA
     from tokprune.reference.arch import image_size
     from tokprune.reference.text import prompt
@@ -96,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--keep {args.keep}: a token count must be >= 1 (or pass a kept fraction, e.g. 0.25)")
     if args.methods:
         check_methods(args.methods.split(","), option="--methods")
+    if args.option and not args.methods:
+        raise ValueError("--option needs --methods: the default is every method, and each takes its own options")
+    options = check_method_options(args.methods.split(",") if args.methods else [], args.option)
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: no such file")
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
@@ -113,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     text = prompt(ref_family, question) if ref_family else None
     budget_values = [b.get("keep", b.get("keep_ratio")) for b in budgets]
     pic = compare(model, processor, image, methods, budget_values, question=question, text=text, size=args.size,
-                  scores=args.scores)
+                  scores=args.scores, **options)
     path = save(pic, args.out)
     print(f"wrote {path} ({pic.width}x{pic.height}): {', '.join(methods)} x "
           f"{', '.join(str(v) for v in budget_values)} on {args.model}")

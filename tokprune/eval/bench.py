@@ -36,19 +36,22 @@ class Case:
     method: str | None = None
     keep: int | None = None
     keep_ratio: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()  # the method's keyword options (``tokprune bench --option``)
 
     @property
     def label(self) -> str:
         if self.method is None:
             return "unpruned"
         budget = f"keep={self.keep}" if self.keep is not None else f"keep_ratio={self.keep_ratio}"
-        return f"{self.method} {budget}"
+        return " ".join([self.method, budget, *(f"{k}={v}" for k, v in self.options)])
 
 
-def grid(methods: Iterable[str], keeps: Iterable[int] = (), keep_ratios: Iterable[float] = ()) -> list[Case]:
-    """The unpruned case followed by every method x budget."""
+def grid(methods: Iterable[str], keeps: Iterable[int] = (), keep_ratios: Iterable[float] = (),
+         options: dict[str, Any] | None = None) -> list[Case]:
+    """The unpruned case followed by every method x budget, each method with ``options``."""
     budgets = [Case(keep=k) for k in keeps] + [Case(keep_ratio=r) for r in keep_ratios]
-    return [Case()] + [Case(m, b.keep, b.keep_ratio) for m in methods for b in budgets]
+    opts = tuple(sorted((options or {}).items()))
+    return [Case()] + [Case(m, b.keep, b.keep_ratio, opts) for m in methods for b in budgets]
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,8 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt = Prompt()
             res = CaseResult(case.label, case.method, case.keep, case.keep_ratio)
             try:
                 if case.method is not None:
-                    api.apply(model, method=case.method, keep=case.keep, keep_ratio=case.keep_ratio)
+                    api.apply(model, method=case.method, keep=case.keep, keep_ratio=case.keep_ratio,
+                              **dict(case.options))
                 _measure(ctx, res)
             except Exception as e:  # one bad case (e.g. a method the family does not support) must not end the run
                 res.error = f"{type(e).__name__}: {e}"

@@ -34,6 +34,8 @@ class GridSpec:
     template: str | None = None
     max_new_tokens: int | None = None
     include_path: str | None = None
+    #: keyword options of the listed methods (``tokprune eval --option``), not of the baselines added to them
+    options: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,10 +56,11 @@ class GridSpec:
 
         out = [Variant()]
         for m in self.all_methods():
-            out += [Variant(m, keep=k) for k in self.keeps]
-            out += [Variant(m, keep_ratio=r) for r in self.keep_ratios]
+            own = tuple(sorted(self.options.items())) if m in self.methods else ()
+            out += [Variant(m, keep=k, options=own) for k in self.keeps]
+            out += [Variant(m, keep_ratio=r, options=own) for r in self.keep_ratios]
             if supports_flops_ratio(m):  # baselines without a flops_ratio budget get no such cells
-                out += [Variant(m, options=(("flops_ratio", r),)) for r in self.flops_ratios]
+                out += [Variant(m, options=(*own, ("flops_ratio", r))) for r in self.flops_ratios]
         return out
 
 

@@ -69,7 +69,9 @@ def check(spec: GridSpec) -> dict[str, Any]:
                                     f"{', '.join(spec.all_methods())}); use --keep or --keep-ratio")
         unable = [m for m in spec.methods if m not in able]
         if unable:
-            raise EvalArgumentError(f"--flops-ratio: {', '.join(unable)} take no flops_ratio budget")
+            takers = [m for m in method_names() if supports_flops_ratio(m)]
+            raise EvalArgumentError(f"--flops-ratio: {', '.join(unable)} take no flops_ratio budget (the methods "
+                                    f"that do: {', '.join(takers)}); give them --keep or --keep-ratio in another run")
     for r in spec.keep_ratios:
         if not 0 < r <= 1:
             raise EvalArgumentError(f"--keep-ratio is the fraction of visual tokens KEPT, in (0, 1]; got {r}")

@@ -16,6 +16,8 @@ from typing import Any
 import transformers
 from packaging.version import Version
 
+from tokprune.errors import UntestedTransformersError
+
 #: the release of each tested minor that CI installs (oldest first; CI runs the whole suite on each)
 TESTED_RELEASES: dict[str, str] = {"5.23": "5.23.0", "5.24": "5.24.0", "5.25": "5.25.0"}
 #: minor releases of transformers the full test suite passes on
@@ -33,7 +35,8 @@ _warned = False
 
 
 def check_transformers(version: str | None = None) -> None:
-    """Raise unless the installed transformers is a tested release (or the user overrode it: then warn once)."""
+    """Raise :class:`~tokprune.errors.UntestedTransformersError` (a RuntimeError) unless the installed transformers
+    is a tested release, or the user overrode the refusal (then warn once)."""
     global _warned
     v = Version(version or transformers.__version__)
     minor = f"{v.major}.{v.minor}"
@@ -49,7 +52,7 @@ def check_transformers(version: str | None = None) -> None:
             )
             _warned = True
         return
-    raise RuntimeError(
+    raise UntestedTransformersError(
         f"tokprune was tested with transformers {window} and transformers {v} is installed; a hook on a changed "
         f"forward can give wrong answers without an error. Install a tested release "
         f"(pip install 'transformers>={TESTED[0]},<{_next_minor(TESTED[-1])}'), or set {OVERRIDE_ENV}=1 to run "

@@ -6,7 +6,7 @@
   (``source="probe"``): at the entry of layer K the layer's own norm and ``self_attn`` run on the current hidden
   states without a cache, under a tap that computes the rows and skips the attention kernel (the projections run,
   the kernel does not, nothing is stored). Both work the same way on every family, under any attention backend.
-* **Values** of the same layer (head mean), at every current slot.
+* **Values** of the same layer (head mean), at every current slot; **keys** (post-RoPE, per key/value head).
 * **Observed modules**: forward hooks on ``self_attn`` and ``mlp`` of the requested layers record their input
   (after the norm) and output (before the residual) during the prefill, with the prompt position of each slot.
 
@@ -59,6 +59,7 @@ class LLMTaps:
         self.rows: dict[int, torch.Tensor] = {}
         self.ran: dict[int, torch.Tensor] = {}  # row_layers: rows as they ran, over the prompt positions
         self.values: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = {}
         self.observed: dict[tuple[int, str], Observed] = {}
 
     # ------------------------------------------------------------------ install / remove
@@ -110,6 +111,8 @@ class LLMTaps:
             self.values[k] = value[:, :, :n].float()
         elif self.request.values:
             self.values[k] = value[:, :, :n].float().mean(1)
+        if self.request.keys:
+            self.keys[k] = key[:, :, :n].detach()
 
     def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:
         """A ``row_layers`` layer as it runs: its rows, stored over the prompt positions of the current slots."""

@@ -143,7 +143,10 @@ class LLMStages:
                              origin=[[o[c] for o, c in zip(row, crow)] for row, crow in zip(self.origin, content)],
                              ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
                              spans=self.current_spans(), observed=dict(taps.observed) if taps else {},
-                             rows_at=taps.rows_at() if taps else {}, last=self.qcur)
+                             rows_at=taps.rows_at() if taps else {}, last=self.qcur,
+                             keys=taps.keys.get(k) if taps else None, valid=self.valid_slots(),
+                             normed=(a.language_model.norm(hidden)
+                                     if self.request is not None and self.request.final_norm else None))
         if taps is not None and k not in taps.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")

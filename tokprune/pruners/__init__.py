@@ -2,7 +2,9 @@
 
 from tokprune.pruners import (  # noqa: F401
     catp,
+    cdpruner,
     cls_attention,
+    dart,
     fastv,
     flowcut,
     hiprune,

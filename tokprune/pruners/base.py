@@ -311,7 +311,9 @@ class LLMRequest:
     ``self_attn`` and ``mlp`` inputs (after the norm) and outputs (before the residual) are recorded during the
     prefill (TransPrune's transitions). ``row_layers``: decoder layers whose rows (same queries, heads and domain)
     are also recorded *as they run* in the prefill, for a stage that compares layers (CATP's attention increase);
-    a stage reads them as ``LLMSignals.rows_at[layer]``.
+    a stage reads them as ``LLMSignals.rows_at[layer]``. ``keys``: also the post-RoPE key states of the same layer,
+    per key/value head, (B, Hkv, n, d) (DART's pivots). ``final_norm``: also the hidden states entering the stage
+    passed through the decoder's final norm (``LLMSignals.normed``; DART's ``last_layer_state``).
     """
 
     queries: str = "last"
@@ -321,6 +323,8 @@ class LLMRequest:
     values: bool | str = False
     observe: tuple[int, ...] = ()
     row_layers: tuple[int, ...] = ()
+    keys: bool = False
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.values not in (False, True, "heads"):
@@ -328,6 +332,9 @@ class LLMRequest:
         for name, allowed in (("queries", QUERIES), ("source", SOURCES), ("heads", HEADS), ("domain", DOMAINS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LLMRequest {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("keys", "final_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LLMRequest {name} must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "observe", tuple(int(x) for x in self.observe))
         object.__setattr__(self, "row_layers", tuple(int(x) for x in self.row_layers))
 
@@ -376,6 +383,12 @@ class LLMSignals:
     rows_at: dict[int, torch.Tensor] = field(default_factory=dict)
     #: (B,) current slot of each row's last prompt token (the "last" query)
     last: torch.Tensor | None = None
+    #: (B, Hkv, n, d) post-RoPE key states of the layer the rows come from, with ``LLMRequest(keys=True)``
+    keys: torch.Tensor | None = None
+    #: (B, n, D) ``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``
+    normed: torch.Tensor | None = None
+    #: (B, n) bool: current slots holding a real token (not left padding, not a dead slot)
+    valid: torch.Tensor | None = None
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:

@@ -182,10 +182,31 @@ class CATP(Pruner):
 
     # ------------------------------------------------------------------ stage 1
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
-        if signals.paired_text is None:
-            raise RuntimeError("catp needs each image's paired text; the adapter did not provide it")
         if not ks:
             return []
+        picks = self._greedy(signals, ks)
+        self.vision_scores(signals, picks)  # what record_scores stores: the greedy's order as a score
+        return [picks[j, :k].sort().values for j, k in enumerate(ks)]
+
+    def vision_scores(self, signals: VisionSignals, picks: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Stage 1's choice as a per-token score (for ``record_scores`` heat-maps; the greedy has no score of its
+        own): ``1 - r / n`` for the token picked r-th (0-based) of an image's n tokens, 0 for a token never picked,
+        so the top k of these scores are the greedy's k picks. ``picks``: (B, max k) in pick order, -1 padded; by
+        default the greedy runs to every token (its first k picks are the same for any k)."""
+        if picks is None:
+            picks = self._greedy(signals, [int(f.shape[0]) for f in signals.features])
+        out = []
+        for j, f in enumerate(signals.features):
+            order = picks[j][picks[j] >= 0]
+            score = torch.zeros(int(f.shape[0]), device=order.device)
+            score[order] = 1 - torch.arange(order.numel(), device=order.device, dtype=score.dtype) / f.shape[0]
+            out.append(score)
+        return out
+
+    def _greedy(self, signals: VisionSignals, ks: list[int]) -> torch.Tensor:
+        """(B, max k) greedy facility-location picks of each image, in pick order, -1 padded."""
+        if signals.paired_text is None:
+            raise RuntimeError("catp needs each image's paired text; the adapter did not provide it")
         feats = signals.features
         dev = feats[0].device
         width = max(int(f.shape[0]) for f in feats)
@@ -195,9 +216,8 @@ class CATP(Pruner):
             tokens[j, :f.shape[0]] = f.float()
             valid[j, :f.shape[0]] = True
         text = torch.stack([t.float().mean(0).to(dev) for t in signals.paired_text])
-        picks = rules.facility_location_greedy(tokens, text, torch.tensor(ks), self.lambda1, valid, self.similarity,
-                                               self.coverage)
-        return [picks[j, :k].sort().values for j, k in enumerate(ks)]
+        return rules.facility_location_greedy(tokens, text, torch.tensor(ks), self.lambda1, valid, self.similarity,
+                                              self.coverage)
 
     # ------------------------------------------------------------------ stage 2
     def select_llm(self, signals: LLMSignals, ks: list[list[int]]) -> list[list[torch.Tensor]]:

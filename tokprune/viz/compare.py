@@ -16,7 +16,7 @@ from PIL import Image
 
 import tokprune
 from tokprune.viz.compose import hstack, text_width, titled, vstack
-from tokprune.viz.panels import picture
+from tokprune.viz.panels import picture, scored_stage
 
 
 def budget_of(value: int | float | str) -> dict[str, Any]:
@@ -89,7 +89,8 @@ def compare(model: Any, processor: Any, images: Image.Image | Sequence[Image.Ima
             size: int = 160, scores: bool = False, **options: Any) -> Image.Image:
     """The comparison grid (PIL): one row per method, one column per budget, titled with the question and the
     unpruned answer. ``images``: one image or the prompt's images; ``text`` replaces the default prompt
-    (:func:`prompt_for`); ``scores`` overlays each method's scores; ``options`` go to ``tokprune.apply``."""
+    (:func:`prompt_for`); ``scores`` overlays each method's scores (those of its last stage that has them, labelled
+    so; a method that records none is drawn without, and says so); ``options`` go to ``tokprune.apply``."""
     imgs = [images] if isinstance(images, Image.Image) else list(images)
     if not methods or not budgets:
         raise ValueError("pass at least one method and one budget")
@@ -103,7 +104,10 @@ def compare(model: Any, processor: Any, images: Image.Image | Sequence[Image.Ima
             r = run_once(model, processor, imgs, text, method, budget, record_scores=scores, **options)
             kept = sum(r.record.n_kept[0])
             total = sum(r.record.n_visual[0])
-            pic = picture(imgs, r.record, size=size, scores=scores)
+            scored = scores and scored_stage(r.record) is not None
+            pic = picture(imgs, r.record, size=size, scores=scored)
+            if scores and not scored:  # the method ranks by no per-token score (e.g. flowcut's in-encoder cut)
+                pic = titled(pic, f"{method} records no per-token scores")
             cells.append(titled(pic, f"{budget_label(budget)}: {kept}/{total} tokens, answer {r.answer!r}"))
         rows.append(titled(hstack(cells, gap=10), method, side="left", label_width=max(map(text_width, methods))))
     grid = vstack(rows, gap=10)

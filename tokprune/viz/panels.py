@@ -55,6 +55,15 @@ def stage_scores(record: Any, stage: int, sample: int, image: int) -> np.ndarray
     return normalise(np.asarray(scores[sample][image].float().cpu()))
 
 
+def scored_stage(record: Any, stage: int = -1) -> int | None:
+    """Index of the last stage at or before ``stage`` whose scores the record holds (None if none does): a stage
+    that selects without a per-token score (CATP's LLM cuts) shows the scores of the last stage that had them."""
+    if not record.stages:
+        return None
+    last = stage % len(record.stages)
+    return next((s for s in range(last, -1, -1) if getattr(record.stages[s], "scores", None) is not None), None)
+
+
 def merged_sources(record: Any, sample: int, image: int) -> Mapping[int, Sequence[int]] | None:
     """``{merged token j: [original indices it absorbed]}`` of one image, from ``record.merged`` (None if none).
 
@@ -101,20 +110,27 @@ def picture(images: Image.Image | Sequence[Image.Image], record: Any, sample: in
             config: Any = None) -> Image.Image:
     """The kept tokens of every image of ``sample`` after ``stage`` (default: the last), as one PIL image.
 
-    ``scores``: overlay the method's scores (needs ``apply(..., record_scores=True)``). ``merged``: tint the sources
-    of merged tokens (drawn on the last stage, where merging happens). ``config``: the model config when the
-    record has none."""
+    ``scores``: overlay the method's scores (needs ``apply(..., record_scores=True)``); when ``stage`` has none (it
+    selects without a per-token score, as CATP's LLM cuts), those of the last earlier stage that has them, and the
+    picture says which. ``merged``: tint the sources of merged tokens (drawn on the last stage, where merging
+    happens). ``config``: the model config when the record has none."""
     imgs = _images(images, record, sample)
     last = not record.stages or stage in (-1, len(record.stages) - 1)
+    stage_of_scores, note = stage, None
+    scored = scored_stage(record, stage) if scores else None
+    if scored is not None and scored != stage % len(record.stages):
+        stage_of_scores = scored
+        note = f"scores of the {stage_name(record, scored)} stage ({stage_name(record, stage)} scores none)"
     rows = []
     for i, img in enumerate(imgs):
         layout = layout_of(record, img.size, sample, i, config=config)
         kept = stage_kept(record, stage, sample, i)
-        sc = stage_scores(record, stage, sample, i) if scores else None
+        sc = stage_scores(record, stage_of_scores, sample, i) if scores else None
         mg = merged_sources(record, sample, i) if merged and last else None
         title = f"image {i}" if len(imgs) > 1 else None
         rows.append(image_panels(img, layout, kept, size=size, dim=dim, scores=sc, merged=mg, title=title))
-    return hstack(rows, gap=12)
+    row = hstack(rows, gap=12)
+    return titled(row, note) if note else row
 
 
 def stages_picture(images: Image.Image | Sequence[Image.Image], record: Any, sample: int = 0, **kw: Any) -> Image.Image:

@@ -1,0 +1,82 @@
+"""CDPruner rules: instruction-conditioned DPP kernel and its greedy MAP inference (Theia-4869/CDPruner).
+
+The reference (``llava/model/llava_arch.py: encode_images``, commit 9541616) builds, per image (on LLaVA-NeXT per
+crop, the crops of one image in one batch):
+
+* ``S = X_n X_n^T``: cosine similarity of the *projected* visual tokens (the LLM inputs), in float32;
+* relevance ``r_i = mean_m(-cos(e_i, t_m))`` of each token's image embedding ``e_i`` against the text embeddings
+  ``t_m`` (note the minus sign), min-max normalised over the whole call as ``(r - min + 1e-6) / (max - min)``
+  (the 1e-6 sits in the numerator only);
+* optionally (a comment in the code, off in every script) ``r <- exp(alpha r)`` with
+  ``alpha = theta / (2 (1 - theta))``;
+* the conditional kernel ``L = diag(r) S diag(r)``;
+* the fast greedy MAP inference of a DPP (incremental Cholesky, Chen et al. 2018): ``d_i^2 = L_ii``; each pick
+  ``j = argmax d^2``, ``e = (L_j - sum_t c_tj c_t) / sqrt(d_j^2)``, ``d^2 -= e^2``, ``d_j^2 = -inf``; the picks are
+  returned sorted.
+
+:func:`dpp_greedy` runs that loop batched over images of one size: one loop over the k picks with tensor work
+inside, the same operations in the same order as the reference, so on the same device the picks agree. Past the
+kernel's rank the gains turn 0 / NaN and ``torch.argmax`` (which treats NaN as the largest value) then picks the
+lowest-index remaining token; the reference behaves the same, and we keep it (tiny test models hit it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["conditional_kernel", "dpp_greedy", "relevance", "similarity", "theta_transform"]
+
+
+def similarity(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, N) cosine similarity of the rows of ``x`` (..., N, D), computed in float32 after normalising in
+    the input dtype, as the reference does."""
+    xn = x / x.norm(dim=-1, keepdim=True)
+    xn = xn.float()
+    return xn @ xn.transpose(-1, -2)
+
+
+def relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
+    """(N,) relevance of ``image`` (N, C) tokens to ``text`` (M, C) embeddings: the mean over the text rows of the
+    (negated, as in the reference) cosine, min-max normalised over all N as ``(r - min + 1e-6) / (max - min)``
+    (the reference normalises over one call: all crops of one LLaVA-NeXT image together, so pass them together)."""
+    a = image.float() / image.float().norm(dim=-1, keepdim=True)
+    t = text.float() / text.float().norm(dim=-1, keepdim=True)
+    r = (a @ t.T).mean(-1)
+    if negate:
+        r = -r
+    lo, hi = r.min(), r.max()
+    return (r - lo + 1e-6) / (hi - lo)
+
+
+def theta_transform(r: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """The reference's optional relevance weighting: ``exp(alpha r)`` with ``alpha = theta / (2 (1 - theta))``;
+    None leaves ``r`` as it is (the reference's default)."""
+    if theta is None:
+        return r
+    return torch.exp(theta / (2 * (1 - theta)) * r)
+
+
+def conditional_kernel(sim: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+    """``L = diag(rel) sim diag(rel)`` (batched over leading axes)."""
+    return rel.unsqueeze(-1) * sim * rel.unsqueeze(-2)
+
+
+def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy MAP inference of the DPP with kernel ``kernel`` (B, N, N): (B, k) picks in the order chosen (not
+    sorted). One loop over the picks; each step is batched tensor work over B and N."""
+    b, n, _ = kernel.shape
+    dev = kernel.device
+    rows = torch.arange(b, device=dev)
+    gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2
+    basis = torch.zeros(b, k, n, device=dev, dtype=kernel.dtype)  # c_t, one row per pick (contiguous for bmm)
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    for step in range(k):
+        j = gain.argmax(-1)
+        picks[:, step] = j
+        coeff = basis[rows, :step, j]  # (B, step): c_t[j] of the earlier picks
+        proj = torch.bmm(coeff.unsqueeze(1), basis[:, :step]).squeeze(1)  # sum_t c_t[j] c_t
+        e = (kernel[rows, j] - proj) / gain[rows, j].sqrt().unsqueeze(-1)
+        basis[:, step] = e
+        gain -= e.square()
+        gain[rows, j] = -float("inf")
+    return picks

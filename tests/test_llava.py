@@ -389,6 +389,8 @@ def test_bfloat16_model(method):
             out = model.generate(**x, **GEN)
             # catp on one image runs its stage 1 only: floor(S (1 - R/2)) with R = 1 - 3/S, the rest of R is its LLM
             # stages' (which need demonstrations)
-            expected = math.floor(N_VIS * (1 - (1 - 3 / N_VIS) / 2)) if method == "catp" else 3
+            # stages' (which need demonstrations); a layer-averaged budget (sparsevlm) ends at its schedule's last count
+            expected = (math.floor(N_VIS * (1 - (1 - 3 / N_VIS) / 2)) if method == "catp" else
+                        tokprune.api.schedule(model, method, keep=3, n_visual=N_VIS).stages[-1].keep)
             assert tokprune.last_record(model).n_kept == [[expected]]
     assert out.shape[1] == x["input_ids"].shape[1] + 8  # generate() returns the caller's unpruned prompt

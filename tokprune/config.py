@@ -3,7 +3,26 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
+
+
+def as_scalar(value: Any) -> Any:
+    """A numpy / torch scalar (``np.float32(0.5)``, ``torch.tensor(0.5)``, ``np.int64(64)``) as the Python number
+    it holds, so budgets read from arrays or tensors are accepted; anything else is returned unchanged (and
+    validated by its caller). Booleans stay booleans, so ``keep=True`` is still refused."""
+    if type(value) in (bool, int, float) or value is None:  # exact: np.float64 subclasses float
+        return value
+    if hasattr(value, "numel") and hasattr(value, "item"):  # a torch tensor: only a one-element one is a scalar
+        if value.numel() != 1 or value.dtype.is_complex:
+            return value
+        return value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -14,6 +33,8 @@ class Budget:
     keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", as_scalar(self.keep))
+        object.__setattr__(self, "keep_ratio", as_scalar(self.keep_ratio))
         if (self.keep is None) == (self.keep_ratio is None):
             raise ValueError(
                 "pass exactly one of keep (visual tokens kept per image, an int) and keep_ratio "

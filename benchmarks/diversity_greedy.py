@@ -1,7 +1,7 @@
 """DivPrune's greedy and VisPruner's duplicate removal at LLaVA-1.5-7B sizes: their time as a share of the LLM
 prefill they feed, on the same device, in one run.
 
-    python benchmarks/diversity_greedy.py     # writes benchmarks/results/cpu-amd-epyc-2c/diversity-greedy.{md,json}
+    python benchmarks/diversity_greedy.py     # writes benchmarks/results/cpu-xeon-2c-loaded/diversity-greedy.{md,json}
 
 Timed (fastest of ``--repeats``; fp32 on CPU, bf16 inputs on CUDA):
 
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the prefill layer then runs in bf16)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/cpu-amd-epyc-2c/diversity-greedy")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/cpu-xeon-2c-loaded/diversity-greedy")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -289,10 +289,16 @@ class CutMask:
     """Masking oracle for any number of LLM cuts: keeps the whole sequence, and decoder layer ``i`` gets a causal
     mask hiding every prompt key dropped at a cut ``(layer, keep)`` with ``layer <= i`` (each query still sees
     itself). Equivalent to dropping those tokens before each cut layer at their original positions. ``keep``:
-    (B, N) bool over the prompt; padded prompts are honoured (the 2D mask of the prefill)."""
+    (B, N) bool over the prompt; padded prompts are honoured (the 2D mask of the prefill).
 
-    def __init__(self, model, cuts: list[tuple[int, torch.Tensor]]) -> None:
-        self.model, self.cuts = model, cuts
+    ``merges``: tokens an LLM stage builds (SparseVLM's recycling) as ``(layer, row, slot, sources)`` prompt
+    positions: at the prefill, the hidden state entering ``layer`` at ``slot`` becomes the mean of those entering
+    it at ``sources`` (sum over ``count + 1e-6``, the reference's merge), so the slot carries the new token from
+    that layer on, at its own position."""
+
+    def __init__(self, model, cuts: list[tuple[int, torch.Tensor]],
+                 merges: list[tuple[int, int, int, list[int]]] = ()) -> None:
+        self.model, self.cuts, self.merges = model, cuts, list(merges)
         self.handles: list = []
 
     def __enter__(self) -> CutMask:
@@ -318,6 +324,15 @@ class CutMask:
         def hook(module, args, kw):
             hidden = args[0] if args else kw["hidden_states"]
             b, q = hidden.shape[:2]
+            mine = [m for m in self.merges if m[0] == i]
+            if mine and q == self.real.shape[1]:  # the prefill
+                hidden = hidden.clone()
+                for _, row, slot, sources in mine:
+                    src = hidden[row, sources]
+                    hidden[row, slot] = src.sum(0) / (len(sources) + 1e-6)
+                args = (hidden, *args[1:]) if args else args
+                if not args:
+                    kw = {**kw, "hidden_states": hidden}
             keep = self.real.clone()
             for layer, k in self.cuts:
                 if layer <= i:

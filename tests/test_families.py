@@ -470,11 +470,27 @@ def schedule_reference(fam: Fam, x, rec, generate: bool = False) -> tuple[Any, t
     prompt_keep = keep_mask(fam, ids, rec.n_visual[0], fed)
     cuts = [(st.layer, keep_mask(fam, ids, rec.n_visual[0], st.kept[0])[prompt_keep][None])
             for st in rec.stages if st.kind == "llm"]
-    with oracles.CutMask(fam.model, cuts) if cuts else torch.no_grad():
+    llm_new = llm_merges(fam, ids, rec, prompt_keep)
+    with oracles.CutMask(fam.model, cuts, llm_new) if cuts else torch.no_grad():
         ref = kept_tokens_reference(fam, x, fed, generate=generate, original=True, replace=replace,
                                     cuts=rec.encoder_cuts)
     final = cuts[-1][1][0] if cuts else prompt_keep[prompt_keep]
     return ref, final
+
+
+def llm_merges(fam: Fam, ids: torch.Tensor, rec, prompt_keep: torch.Tensor) -> list:
+    """An LLM stage's new tokens (its record's ``merged``: sources and slots, original indices of each image) as
+    ``(layer, row 0, slot, sources)`` positions in the fed prompt, for :class:`oracles.CutMask`."""
+    runs = image_runs(fam, ids, rec.n_visual[0])
+    fed_pos = torch.full((ids.shape[1],), -1, dtype=torch.long)
+    fed_pos[prompt_keep] = torch.arange(int(prompt_keep.sum()))
+    out = []
+    for st in rec.stages:
+        for i, m in enumerate(st.merged[0] if st.kind == "llm" and st.merged else []):
+            if m is not None:
+                out += [(st.layer, 0, int(fed_pos[runs[i][slot]]), fed_pos[runs[i][src]].tolist())
+                        for slot, src in zip(m.slots.tolist(), m.sources)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -124,6 +124,29 @@ def test_random_is_seeded_and_uniform(tiny):
     assert counts.min() > 20 and counts.max() < 80  # expected 50 each
 
 
+def test_random_seeded_by_content_follows_the_image(tiny):
+    """seed_by="content": an image keeps the same tokens wherever it sits in a prompt (the vLLM plugin's mode),
+    and a different image draws differently; the key is the rule's own (tokprune.pruners.random.content_key)."""
+    from tokprune.pruners.random import content_key
+
+    model, proc = tiny
+    imgs = [make_image(64, 48, seed=s) for s in (0, 1)]
+    q = "what is in the image ?"
+    one = proc(images=[imgs[1]], text=[image_prompt(proc, 1, q)], return_tensors="pt")
+    two = proc(images=imgs, text=[image_prompt(proc, 2, q)], return_tensors="pt")
+    with torch.no_grad():
+        tokprune.apply(model, "random", keep=4, seed_by="content")
+        model(**one)
+        alone = tokprune.last_record(model).kept[0][0]
+        model(**two)
+        first, second = tokprune.last_record(model).kept[0]
+    assert torch.equal(alone, second) and not torch.equal(first, second)
+    px = torch.rand(16, 3, 196)
+    assert content_key(px) == content_key(px[torch.randperm(16)]) != content_key(px.flip(0) * 0.5)
+    with pytest.raises(ValueError, match="seed_by"):
+        tokprune.apply(model, "random", keep=4, seed_by="place")
+
+
 @pytest.mark.parametrize("positions", ["original", "compact"])
 def test_fastv_keep_k_equals_layer_reference(tiny, positions):
     model, proc = tiny
@@ -389,6 +412,8 @@ def test_bfloat16_model(method):
             out = model.generate(**x, **GEN)
             # catp on one image runs its stage 1 only: floor(S (1 - R/2)) with R = 1 - 3/S, the rest of R is its LLM
             # stages' (which need demonstrations)
-            expected = math.floor(N_VIS * (1 - (1 - 3 / N_VIS) / 2)) if method == "catp" else 3
+            # stages' (which need demonstrations); a layer-averaged budget (sparsevlm) ends at its schedule's last count
+            expected = (math.floor(N_VIS * (1 - (1 - 3 / N_VIS) / 2)) if method == "catp" else
+                        tokprune.api.schedule(model, method, keep=3, n_visual=N_VIS).stages[-1].keep)
             assert tokprune.last_record(model).n_kept == [[expected]]
     assert out.shape[1] == x["input_ids"].shape[1] + 8  # generate() returns the caller's unpruned prompt

@@ -47,6 +47,11 @@ FASTER = {
 SCRIPT_FASTER = {
     # the full-size CLIP-L/336 tower: minutes on a loaded CPU; the same script on the tiny config
     "benchmarks/flowcut_encoder.py": ["--config", "tiny-llava", "--keep", "4", "--repeats", "1"],
+    # a LLaVA-1.5-7B-width proxy: minutes a method on a loaded CPU; the same script on the tiny config
+    "benchmarks/speed.py": ["--config", "tiny-llava", "--keep", "8", "--min-repeats", "1", "--max-repeats", "1",
+                            "--warmup", "0"],
+    "benchmarks/cdpruner_greedy.py": ["--tokens", "64", "--dim", "64", "--text", "8", "--keep", "8", "--prompt", "16",
+                                      "--repeats", "1"],
     "benchmarks/catp_greedy.py": ["--repeats", "1", "--images", "2", "--tokens", "64", "--dim", "256", "--text", "16"],
     "benchmarks/kept_pictures.py": ["--samples", "2", "--models", "llava-shapes"],  # both README pictures still
     "tokprune.compat": ["--families", "llava", "--methods", "cls,fastv"],  # tests/test_compat.py: the whole matrix

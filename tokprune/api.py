@@ -52,14 +52,29 @@ class Handle:
 
 
 def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
-    """Build a method's dataclass from keyword options, naming the valid ones when an option is unknown."""
+    """Build a method's dataclass from keyword options, naming the valid ones when an option is unknown and
+    refusing a non-bool value for a flag (``"no"`` is truthy: it would silently switch the flag on)."""
     cls = get_method(method)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(options) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - set(fields))
     if unknown:
-        known = ", ".join(sorted(names))
+        known = ", ".join(sorted(fields))
         raise TypeError(f"method {method!r} has no option {', '.join(unknown)}; its options: {known}")
-    return cls(**options)
+    pruner = cls(**options)  # the method's own checks first: their messages say what each value means
+    for name, value in options.items():
+        flag = str(fields[name].type).replace(" ", "")
+        if flag in ("bool", "bool|None", "Optional[bool]") and not isinstance(value, bool) and value is not None:
+            raise TypeError(f"{method}: {name} is a flag; pass True or False, got {value!r}")
+    return pruner
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module tokprune patches: a ``torch.compile``d model's original module (``model._orig_mod``, whose
+    forward the compiled wrapper calls, so the patch is traced into the compiled graph), else ``model``."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return orig
+    return model
 
 
 def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None = None,
@@ -94,7 +109,10 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     if method is None:
         raise TypeError("pass method= (a name from tokprune.methods() or a Pruner instance), or config= from "
                         "tokprune tune")
+    if not isinstance(record_scores, bool):
+        raise TypeError(f"record_scores is a flag; pass True or False, got {record_scores!r}")
     check_transformers()
+    compiled, model = model, unwrap(model)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
     check_foreign_family_options(adapter_cls, method, options)
@@ -118,7 +136,7 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
         remove(model)
     adapter.install()
     setattr(model, ATTR, Handle(adapter))
-    return model
+    return compiled
 
 
 def check_foreign_family_options(adapter_cls: type, method: str | Pruner, options: dict[str, Any]) -> None:
@@ -136,15 +154,16 @@ def check_foreign_family_options(adapter_cls: type, method: str | Pruner, option
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: every hook and tap is removed and the model behaves exactly as before."""
-    handle = getattr(model, ATTR, None)
+    orig = unwrap(model)
+    handle = getattr(orig, ATTR, None)
     if isinstance(handle, Handle):
         handle._adapter.remove()
-        delattr(model, ATTR)
+        delattr(orig, ATTR)
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(getattr(model, ATTR, None), Handle)
+    return isinstance(getattr(unwrap(model), ATTR, None), Handle)
 
 
 @contextmanager
@@ -181,7 +200,7 @@ def last_record(model: nn.Module) -> PruneRecord | None:
     nothing was pruned, and the record of an earlier image prompt is forgotten so it cannot be mistaken for this
     one's). Decode steps of the same sequence keep their prefill's record.
     """
-    handle = getattr(model, ATTR, None)
+    handle = getattr(unwrap(model), ATTR, None)
     if not isinstance(handle, Handle):
         raise ValueError("this model is not patched; call tokprune.apply(model, method=..., keep=...) first")
     return handle.last

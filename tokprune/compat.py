@@ -69,15 +69,20 @@ def _matches_recompute(model: Any, x: Any, cached: torch.Tensor, kept: list[list
     """Each cached decode step equals a full re-run (no cache) of the prompt plus the tokens generated so far.
 
     Steps where the re-run kept other tokens (a text-dependent method such as FastV sees a longer prompt) are not
-    comparable and are skipped; at least the first step always is (its re-run is the prefill itself).
+    comparable and are skipped, and so is everything from a generated image / video placeholder id on (a re-run
+    would count it as an image token); at least the first step always is (its re-run is the prefill itself).
     """
     import tokprune
 
     n = x["input_ids"].shape[1]
     per_token = {k: v for k, v in x.items() if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == n}
+    media = {getattr(model.config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id",
+                                                             "vision_start_token_id", "vision_end_token_id")} - {None}
     compared = 0
     for t in range(cached.shape[1]):
         nxt = cached[:, :t].argmax(-1)
+        if any(int(i) in media for i in nxt.flatten()):
+            break  # a random tiny model generated an image / video id: a re-run would read it as a new placeholder
         fill = {"input_ids": nxt, "attention_mask": torch.ones_like(nxt)}  # text tokens: type 0 elsewhere
         grown = {k: torch.cat([v, fill.get(k, torch.zeros_like(nxt)).to(v.dtype)], 1) for k, v in per_token.items()}
         step = model(**{**x, **grown}, use_cache=False).logits[:, -1]

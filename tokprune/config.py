@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import math
-import operator
+import numbers
 from dataclasses import dataclass
+from typing import Any
+
+
+def as_scalar(value: Any) -> Any:
+    """A numpy / torch scalar (``np.float32(0.5)``, ``torch.tensor(0.5)``, ``np.int64(64)``) as the Python number
+    it holds, so budgets read from arrays or tensors are accepted; anything else is returned unchanged (and
+    validated by its caller). Booleans stay booleans, so ``keep=True`` is still refused."""
+    if type(value) in (bool, int, float) or value is None:  # exact: np.float64 subclasses float
+        return value
+    if hasattr(value, "numel") and hasattr(value, "item"):  # a torch tensor: only a one-element one is a scalar
+        if value.numel() != 1 or value.dtype.is_complex:
+            return value
+        return value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -15,17 +33,14 @@ class Budget:
     keep_ratio: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", as_scalar(self.keep))
+        object.__setattr__(self, "keep_ratio", as_scalar(self.keep_ratio))
         if (self.keep is None) == (self.keep_ratio is None):
             raise ValueError(
                 "pass exactly one of keep (visual tokens kept per image, an int) and keep_ratio "
                 f"(fraction kept, in (0, 1]); got keep={self.keep!r}, keep_ratio={self.keep_ratio!r}"
             )
         if self.keep is not None:
-            if not isinstance(self.keep, (bool, float, str)) and hasattr(self.keep, "__index__"):
-                try:  # numpy and torch integer scalars are counts too
-                    object.__setattr__(self, "keep", operator.index(self.keep))
-                except TypeError:
-                    pass
             if isinstance(self.keep, bool) or not isinstance(self.keep, int):
                 raise TypeError(f"keep must be an int count of visual tokens per image, got {self.keep!r}")
             if self.keep <= 0:

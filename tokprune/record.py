@@ -25,6 +25,9 @@ class Stage:
     layer: int | None
     kept: list[list[torch.Tensor]]
     scores: list[list[torch.Tensor]] | None = None
+    #: an LLM stage that adds tokens (SparseVLM's recycling): per row and image, what it built (None: nothing);
+    #: ``sources`` / ``slots`` are original indices of the image (a source may itself be an earlier stage's token)
+    merged: list[list[Merged | None]] | None = None
 
 
 @dataclass

@@ -21,117 +21,15 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tokprune.attention import (  # noqa: F401  (re-exported: the taps' statistics live there)
+    RECEIVED_CHUNK,
+    _repeat_kv,
+    attention_rows,
+    received_attention,
+    varlen_chunks,
+)
+
 TapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, dict], None]
-
-#: query rows per block when received attention is accumulated (memory O(heads x chunk x keys))
-RECEIVED_CHUNK = 256
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
-
-
-def attention_rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    rows: torch.Tensor,
-    causal: bool,
-    keys: torch.Tensor | None = None,
-    model_dtype: bool = False,
-) -> torch.Tensor:
-    """Softmax attention probabilities of selected query rows over all keys, in float32.
-
-    ``model_dtype`` (``score_dtype="model"``): the logits are computed in q/k's dtype and the probabilities
-    rounded to it after a float32 softmax, as an eager kernel in fp16 / bf16 (the references') does; the result is
-    still returned as float32 values.
-
-    ``query`` (B, H, Q, d) and ``key`` (B, Hkv, K, d) as the attention function receives them; ``rows`` (B, R)
-    long: per batch row, the query positions wanted. The mask may be a 4D bool (SDPA) or additive float (eager)
-    mask, a 2D key-padding mask (FlashAttention) or None (then causality is rebuilt when ``causal``). ``keys``
-    (B, K) bool, optional: the softmax domain is restricted to those keys (e.g. visual tokens only).
-    Returns (B, H, R, K).
-    """
-    b, h, q_len, d = query.shape
-    kv = key.shape[2]
-    r = rows.shape[1]
-    q = torch.gather(query, 2, rows[:, None, :, None].expand(b, h, r, d))
-    k = _repeat_kv(key, h // key.shape[1])
-    if model_dtype:
-        s = (torch.matmul(q, k.transpose(-1, -2)) * scaling).float()
-    else:
-        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
-    if attention_mask is not None and attention_mask.dim() == 4:
-        m = attention_mask[..., :kv].expand(b, -1, -1, -1)
-        m = torch.gather(m, 2, rows[:, None, :, None].expand(b, m.shape[1], r, kv))
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-    else:
-        if attention_mask is not None:  # 2D key padding mask
-            s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
-        if causal and q_len > 1:
-            qpos = (rows + (kv - q_len))[:, None, :, None]
-            s = s.masked_fill(torch.arange(kv, device=s.device) > qpos, float("-inf"))
-    if keys is not None:
-        s = s.masked_fill(~keys[:, None, None, :kv].to(s.device), float("-inf"))
-    p = s.softmax(-1).nan_to_num(0.0)  # a row with no allowed key is all zero
-    return p.to(query.dtype).float() if model_dtype else p
-
-
-def received_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    chunk: int = RECEIVED_CHUNK,
-    model_dtype: bool = False,
-) -> torch.Tensor:
-    """Attention each key *receives*: the column mean of softmax(q k^T) over all queries, per head, in float32
-    (``model_dtype``: logits and probabilities rounded to q/k's dtype, as in :func:`attention_rows`).
-
-    Bidirectional (encoder) attention only. ``query`` (B, H, Q, d), ``key`` (B, Hkv, K, d); a 4D bool / additive
-    mask is honoured, and queries that see no key at all (padding) do not count. The softmax is computed for
-    ``chunk`` query rows at a time, so memory stays O(B x H x chunk x K): never a Q x K matrix per head.
-    Returns (B, H, K).
-    """
-    b, h, q_len, _ = query.shape
-    kv = key.shape[2]
-    k = _repeat_kv(key, h // key.shape[1])
-    k = k if model_dtype else k.float()
-    total = torch.zeros(b, h, kv, dtype=torch.float32, device=query.device)
-    counted = torch.zeros(b, h, 1, dtype=torch.float32, device=query.device)
-    for start in range(0, q_len, chunk):
-        q = query[:, :, start:start + chunk]
-        s = (torch.matmul(q if model_dtype else q.float(), k.transpose(-1, -2)) * scaling).float()
-        if attention_mask is not None and attention_mask.dim() == 4:
-            m = attention_mask[:, :, start:start + chunk, :kv]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-        elif attention_mask is not None:  # 2D key padding mask
-            s = s.masked_fill(~attention_mask[:, None, None, -kv:].bool(), float("-inf"))
-        live = torch.isfinite(s).any(-1, keepdim=True)
-        p = s.softmax(-1).masked_fill(~live, 0.0)
-        if model_dtype:
-            p = p.to(query.dtype).float()
-        total += p.sum(2)
-        counted += live.sum(2).float()
-    return total / counted.clamp_min(1.0)
-
-
-def varlen_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  kwargs: dict) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The separate sequences of one attention call: a FlashAttention varlen call packs several (``cu_seq_lens_q``
-    / ``cu_seq_lens_k`` in its kwargs, batch 1) and is split along the sequence axis; any other call is one."""
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None:
-        return [(query, key, value)]
-    if query.shape[0] != 1:
-        raise RuntimeError("a varlen attention call must have batch size 1")
-    cu_k = cu_q if cu_k is None else cu_k
-    lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
-    return list(zip(torch.split(query, lq, 2), torch.split(key, lk, 2), torch.split(value, lk, 2)))
 
 
 class AttentionTaps:

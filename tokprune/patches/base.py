@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -86,6 +87,7 @@ class Adapter:
         self.record: PruneRecord | None = None
         self._decode: _DecodeState | None = None
         self._handles: list[Any] = []
+        self._warned_embeds = False
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +309,15 @@ class Adapter:
             raise ValueError("tokprune locates images by their token ids: pass input_ids, not inputs_embeds")
         # the id check is evaluated last, so decode steps (cache, no pixels) never run it
         # sync: once per prefill, to know whether the prompt has images
+        if ids is None and past == 0 and kw.get("inputs_embeds") is not None:
+            return args, self._unpruned_embeds(kw)
         if ids is not None and (past == 0 or has_images) and bool((ids == self.image_token_id).any()):
+            if not has_images:
+                raise ValueError(
+                    "input_ids hold image tokens but no pixel_values were passed, so there is no image to encode "
+                    "or prune; pass the processor's pixel_values (with image_sizes / image_grid_thw) together "
+                    "with input_ids, or remove the image tokens from the prompt"
+                )
             if past > 0:
                 raise NotImplementedError(
                     "a new image in a continued (cached) conversation is not supported yet; "
@@ -326,6 +336,27 @@ class Adapter:
             if self.llm is not None:
                 self.llm.reset()
         return args, kw
+
+    def _unpruned_embeds(self, kw: dict) -> dict:
+        """A prefill from ``inputs_embeds`` alone (features merged by hand): tokprune cannot tell which rows are
+        image tokens, so nothing is pruned; warn once per patch and leave a record whose ``notes`` say why."""
+        why = ("inputs_embeds without input_ids / pixel_values: tokprune cannot locate the image tokens, so "
+               f"{self.pruner.name} pruned nothing in this prefill; pass input_ids and pixel_values (the "
+               "processor's outputs) to prune")
+        if not self._warned_embeds:
+            warnings.warn(why, stacklevel=4)
+            self._warned_embeds = True
+        self._decode = None
+        if self.llm is not None:
+            self.llm.reset()
+        embeds, mask = kw["inputs_embeds"], kw.get("attention_mask")
+        # sync: once per such prefill, the host-side prompt lengths of the record
+        lengths = mask.sum(-1).tolist() if mask is not None and mask.dim() == 2 else [embeds.shape[1]] * len(embeds)
+        record = PruneRecord(method=self.pruner.name, n_visual=[[] for _ in lengths],
+                             seq_len=[int(n) for n in lengths])
+        record.notes.append(why)
+        self.record = record
+        return kw
 
     def _image_features(self, kw: dict) -> Any:
         mm = kw.get("mm_encoder_outputs") or {}

@@ -61,6 +61,8 @@ class LLMTaps:
         self.values: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}
         self.observed: dict[tuple[int, str], Observed] = {}
+        self.query_slots: dict[int, torch.Tensor] = {}  # per_query: the query slot of each row, -1 for padding
+        self.embeddings: torch.Tensor | None = None  # embeddings: the hidden states entering layer 0 (prefill)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -71,6 +73,8 @@ class LLMTaps:
                 raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {n} layers")
             for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
                 self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
+        if self.request.embeddings:
+            self._handles.append(layers[0].register_forward_pre_hook(self._embed, with_kwargs=True))
         probe = self.request.source == "probe"
         for k in self.stages.layers:
             mod = layers[k if probe else k - 1].self_attn
@@ -106,6 +110,7 @@ class LLMTaps:
         if not st.active or st.phase != "prefill" or (self.request.source == "probe" and not self._probing):
             return
         n = query.shape[2]
+        self._layer = k
         self.rows[k] = self._rows(query, key, mask, scaling)
         if self.request.values == "heads":
             self.values[k] = value[:, :, :n].float()
@@ -120,6 +125,7 @@ class LLMTaps:
         if not st.active or st.phase != "prefill" or self._probing:
             return
         n = query.shape[2]
+        self._layer = layer
         rows = self._rows(query, key, mask, scaling)
         idx = st.idx[:, :n]
         full = rows.new_zeros(*rows.shape[:-1], st.n0)
@@ -142,6 +148,10 @@ class LLMTaps:
         model_dtype = getattr(st.adapter.pruner, "score_dtype", "float32") == "model"
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys,
                                model_dtype=model_dtype)[..., :n]
+        if self.request.per_query:
+            self.query_slots[self._layer] = torch.where(weights > 0, rows, -1)
+            out = probs.mean(1) if self.request.heads == "mean" else probs
+            return out.to(query.dtype).float() if model_dtype else out
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
         out = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
         return out.to(query.dtype).float() if model_dtype else out  # score_dtype="model": the references' rounding
@@ -163,6 +173,19 @@ class LLMTaps:
         weights = torch.gather(span, 1, order).float()
         rows = torch.where(weights > 0, order, st.qcur[:, None])
         return rows, weights
+
+    def _embed(self, module, args: tuple, kw: dict) -> None:
+        """The hidden states entering decoder layer 0 at the prefill: the input embeddings."""
+        st = self.stages
+        if st.active and st.phase == "prefill" and self.embeddings is None:
+            self.embeddings = (args[0] if args else kw["hidden_states"]).detach()
+
+    def current_embeddings(self) -> torch.Tensor | None:
+        """The input embeddings over the current slots, (B, n, D)."""
+        if self.embeddings is None:
+            return None
+        idx = self.stages.idx
+        return torch.gather(self.embeddings, 1, idx[..., None].expand(-1, -1, self.embeddings.shape[-1]))
 
     def _observe(self, layer: int, part: str, module, args: tuple, kw: dict, out: Any) -> None:
         st = self.stages

@@ -23,8 +23,8 @@ from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
 from tokprune.patches.vision_stage import check_indices, check_pooled
-from tokprune.pruners.base import LLMRequest, LLMSignals, PrefillContext
-from tokprune.record import PruneRecord, Stage, capture_scores, spread
+from tokprune.pruners.base import LLMDecision, LLMRequest, LLMSignals, PrefillContext
+from tokprune.record import Merged, PruneRecord, Stage, capture_scores, spread
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -144,6 +144,9 @@ class LLMStages:
                              ctx=self.ctx, values=taps.values.get(k) if taps else None, positions=self.idx,
                              spans=self.current_spans(), observed=dict(taps.observed) if taps else {},
                              rows_at=taps.rows_at() if taps else {}, last=self.qcur,
+                             query_slots=taps.query_slots.get(k) if taps else None,
+                             embeddings=taps.current_embeddings() if taps else None,
+                             budgets=[[a.image_budget(sp0) for sp0 in srow0] for srow0 in self.record.special],
                              keys=taps.keys.get(k) if taps else None, valid=self.valid_slots(),
                              normed=(a.language_model.norm(hidden)
                                      if self.request is not None and self.request.final_norm else None))
@@ -159,21 +162,25 @@ class LLMStages:
         else:
             ks = [[min(int(c.numel()), a.schedule(sp0).stages[stage].keep) for c, sp0 in zip(crow, srow0)]
                   for crow, srow0 in zip(content, self.record.special)]
+        at_most = [[a.schedule(sp0).stages[stage].at_most for sp0 in srow0] for srow0 in self.record.special]
         with capture_scores(pruner, a.record_scores) as seen:
             picked = pruner.select_llm(signals, ks)
+        picked, news = self._new_tokens(picked, content, ks, at_most, pooled)
         scores = ([[spread(n, o, seen[0][bi, pos]) for o, pos, n in zip(orow, vrow, nrow)]
                    for bi, (orow, vrow, nrow) in enumerate(zip(signals.origin, signals.visual, self.record.n_visual))]
                   if seen else None)
         rel = []
         who = f"{pruner.name}.select_llm"
-        for crow, prow, krow, srow in zip(content, picked, ks, self.special):
+        for crow, prow, krow, srow, arow in zip(content, picked, ks, self.special, at_most):
             rel.append([])
-            for c, p, kk, sp in zip(crow, prow, krow, srow):
-                check_indices(p, int(c.numel()), None if pooled else kk, who)
+            for c, p, kk, sp, am in zip(crow, prow, krow, srow, arow):
+                check_indices(p, int(c.numel()), None if pooled or am else kk, who)
+                if am and p.numel() > kk:
+                    raise RuntimeError(f"{who} returned {p.numel()} tokens where the budget is at most {kk}")
                 extra = [sp.nonzero()[:, 0]] if pruner.keep_newlines else []  # sync: per stage, variable-size
                 rel[-1].append(torch.cat([c[p.to(c.device)], *extra]).sort().values)
-        check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow) in
-                      enumerate(zip(picked, ks))}, who)
+        check_pooled({bi: [sum(int(p.numel()) for p in prow), sum(krow)] for bi, (prow, krow, arow) in
+                      enumerate(zip(picked, ks, at_most)) if not any(arow)}, who)  # an at_most image: checked above
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = ~self.dead.clone()
         for bi, row in enumerate(self.visual):
@@ -194,18 +201,87 @@ class LLMStages:
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]
                        for bi, (row, sel) in enumerate(zip(self.visual, rel))]
+        self._prev_origin = self.origin
         self.origin = [[o[r.to(o.device)] for o, r in zip(orow, sel)] for orow, sel in zip(self.origin, rel)]
+        out = gather_seq(hidden, slots)
+        merged = self._place_new(out, news, rel) if any(n is not None for row in news for n in row) else None
         self.idx = torch.gather(self.idx, 1, slots)
         self.dead = dead_slots
         self.qcur = (self.idx == self.q0[:, None]).float().argmax(1)
-        self.record.stages.append(Stage("llm", k, [[o.clone() for o in row] for row in self.origin], scores))
+        self.record.stages.append(Stage("llm", k, [[o.sort().values for o in row] for row in self.origin], scores,
+                                        merged))
         kwargs = self._prefill_kwargs(kw, hidden)
         self.stage.append({"idx": self.idx, "dead": self.dead, "kwargs": kwargs,
                            "dropped": self._dropped_total(), "any_dead": self.any_dead})
-        out = gather_seq(hidden, slots)
         timings = self.record.timings
         timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
         return out
+
+    # ------------------------------------------------------------------ new tokens (LLMDecision)
+    def _new_tokens(self, picked: list, content: list, ks: list, at_most: list, pooled: bool) -> tuple[list, list]:
+        """Turn each :class:`LLMDecision` into kept indices that include its new tokens' slots; returns (the kept
+        indices per row and image, per row and image the (new tokens, slots, sources) or None)."""
+        who = f"{self.adapter.pruner.name}.select_llm"
+        out, news = [], []
+        for crow, prow, krow, arow in zip(content, picked, ks, at_most):
+            out.append([])
+            news.append([])
+            for c, p, kk, am in zip(crow, prow, krow, arow):
+                if not isinstance(p, LLMDecision) or p.n_new == 0:
+                    out[-1].append(p.kept if isinstance(p, LLMDecision) else p)
+                    news[-1].append(None)
+                    continue
+                n = int(c.numel())
+                check_indices(p.kept, n, None, who)
+                total = int(p.kept.numel()) + p.n_new
+                if not pooled and (total > kk or (not am and total != kk)):
+                    raise RuntimeError(f"{who} returned {int(p.kept.numel())} kept + {p.n_new} new tokens where "
+                                       f"the budget is {'at most ' if am else ''}{kk}")
+                if len(p.sources) != p.n_new:
+                    raise RuntimeError(f"{who}: an LLMDecision needs one sources tensor per new token")
+                free = torch.ones(n, dtype=torch.bool)
+                free[p.kept.cpu()] = False
+                slots = []
+                for src in p.sources:  # sync: once per new token, the slot it takes (host bookkeeping)
+                    cand = [int(j) for j in src.cpu().sort().values if free[int(j)]]
+                    if not cand:
+                        cand = free.nonzero()[:, 0].tolist()[:1]
+                    if not cand:
+                        raise RuntimeError(f"{who}: more new tokens than dropped slots")
+                    free[cand[0]] = False
+                    slots.append(cand[0])
+                slot_t = torch.tensor(slots, dtype=torch.long, device=p.kept.device)
+                out[-1].append(torch.cat([p.kept, slot_t]).sort().values)
+                cd = c.to(p.kept.device)  # content index -> index into the image's visual list
+                news[-1].append((p.new, cd[slot_t], [cd[src.to(cd.device)] for src in p.sources], cd[p.kept]))
+        return out, news
+
+    def _place_new(self, out: torch.Tensor, news: list, rel: list) -> list:
+        """Write the new tokens into the gathered sequence ``out`` and return the record's :class:`Merged` per row
+        and image. ``rel``: per row and image the kept indices (content and special) into the previous visual
+        list; ``self.visual`` / ``self.origin`` already describe the new sequence."""
+        compact = self.adapter.positions == "compact"
+        merged: list[list[Merged | None]] = []
+        for bi, (nrow, vrow, orow, srow) in enumerate(zip(news, self.visual, self.origin, self.special)):
+            merged.append([])
+            for i, (nw, pos, org, sp) in enumerate(zip(nrow, vrow, orow, srow)):
+                if nw is None:
+                    merged[-1].append(None)
+                    continue
+                new, slots, sources, kept = nw
+                prev = self._prev_origin[bi][i]
+                sel = rel[bi][i].to(slots.device)
+                where = torch.searchsorted(sel, slots)  # each new token's place among the survivors
+                if compact and not bool(sp.any()):
+                    # the reference's order: the image's kept tokens, then its new tokens (contiguous positions)
+                    held = torch.cat([out[bi, pos[torch.searchsorted(sel, kept.to(sel.device))]],
+                                      new.to(out.dtype)])
+                    out[bi, pos] = held
+                    org[:] = torch.cat([prev[kept.to(prev.device)], prev[slots.to(prev.device)]])
+                else:
+                    out[bi, pos[where]] = new.to(out.dtype)
+                merged[-1].append(Merged([prev[s.to(prev.device)] for s in sources], prev[slots.to(prev.device)]))
+        return merged
 
     # ------------------------------------------------------------------ gathered kwargs
     def _compact_positions(self, pos: torch.Tensor) -> torch.Tensor:

@@ -5,16 +5,20 @@ from tokprune.pruners import (  # noqa: F401
     cdpruner,
     cls_attention,
     dart,
+    divprune,
     fastv,
     flowcut,
     hiprune,
     pdrop,
     random,
+    sparsevlm,
     transprune,
     vflowopt,
     visionzip,
+    vispruner,
 )
 from tokprune.pruners.base import (
+    LLMDecision,
     LLMSignals,
     ModelInfo,
     PrefillContext,
@@ -26,6 +30,5 @@ from tokprune.pruners.base import (
     VisionSignals,
 )
 
-__all__ = ["LLMSignals", "ModelInfo", "PrefillContext", "Pruner", "Signal", "UnsupportedError", "VisionDecision",
-           "VisionRequest",
-           "VisionSignals"]
+__all__ = ["LLMDecision", "LLMSignals", "ModelInfo", "PrefillContext", "Pruner", "Signal", "UnsupportedError",
+           "VisionDecision", "VisionRequest", "VisionSignals"]

@@ -314,6 +314,11 @@ class LLMRequest:
     a stage reads them as ``LLMSignals.rows_at[layer]``. ``keys``: also the post-RoPE key states of the same layer,
     per key/value head, (B, Hkv, n, d) (DART's pivots). ``final_norm``: also the hidden states entering the stage
     passed through the decoder's final norm (``LLMSignals.normed``; DART's ``last_layer_state``).
+    ``per_query``: keep one row per query token instead of their mean: ``LLMSignals.attention`` is then (B, R, n)
+    ((B, H, R, n) with ``heads="all"``), the R query slots in ``LLMSignals.query_slots`` (SparseVLM's raters are a
+    data-dependent subset of the instruction tokens). ``embeddings``: also the decoder's input embeddings (the
+    hidden states entering layer 0 at the prefill), over the current slots, in ``LLMSignals.embeddings``
+    (SparseVLM chooses its raters from them).
     """
 
     queries: str = "last"
@@ -323,6 +328,8 @@ class LLMRequest:
     values: bool | str = False
     observe: tuple[int, ...] = ()
     row_layers: tuple[int, ...] = ()
+    per_query: bool = False
+    embeddings: bool = False
     keys: bool = False
     final_norm: bool = False
 
@@ -383,12 +390,44 @@ class LLMSignals:
     rows_at: dict[int, torch.Tensor] = field(default_factory=dict)
     #: (B,) current slot of each row's last prompt token (the "last" query)
     last: torch.Tensor | None = None
+    #: with ``LLMRequest(per_query=True)``: (B, R) current slot of each query row of ``attention``, -1 for the
+    #: padding rows of a row with fewer queries
+    query_slots: torch.Tensor | None = None
+    #: with ``LLMRequest(embeddings=True)``: (B, n, D) the decoder's input embedding of every current slot (a slot
+    #: holding a token recycled by an earlier stage still shows its original token's embedding)
+    embeddings: torch.Tensor | None = None
+    #: per row and image, (content tokens before any cut, the user's per-image budget): what the schedule was
+    #: built from, for a method whose per-stage rule needs more than the stage's count (SparseVLM's split into
+    #: kept and recycled tokens)
+    budgets: list[list[tuple[int, int]]] = field(default_factory=list)
     #: (B, Hkv, n, d) post-RoPE key states of the layer the rows come from, with ``LLMRequest(keys=True)``
     keys: torch.Tensor | None = None
     #: (B, n, D) ``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``
     normed: torch.Tensor | None = None
     #: (B, n) bool: current slots holding a real token (not left padding, not a dead slot)
     valid: torch.Tensor | None = None
+
+
+@dataclass
+class LLMDecision:
+    """An LLM stage's answer for one image that also adds new tokens (SparseVLM's recycled tokens); a plain tensor
+    of sorted kept indices is the answer without new tokens.
+
+    ``kept``: sorted indices into ``LLMSignals.visual[b][i]`` kept as they are. ``new`` (m, D): the new tokens'
+    hidden states (entering the stage's layer). ``sources[j]``: indices into ``visual[b][i]`` of the dropped tokens
+    new token j absorbs. ``len(kept) + m`` is the stage's count. Placement (the adapter's): with "compact" positions
+    and no special token left in the image, the new tokens follow the image's kept tokens in order (positions
+    contiguous after them: SparseVLM's reference); otherwise each takes a dropped slot of its own image (the lowest
+    free one among its sources, else the lowest free one) with that slot's position, as a vision stage's new token.
+    """
+
+    kept: torch.Tensor
+    new: torch.Tensor
+    sources: list[torch.Tensor]
+
+    @property
+    def n_new(self) -> int:
+        return int(self.new.shape[0])
 
 
 def topk_groups(scores: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
@@ -541,8 +580,9 @@ class Pruner:
         """Importance (B, n) over the current sequence; only visual positions are read."""
         raise NotImplementedError(f"{type(self).__name__} has no LLM scoring")
 
-    def select_llm(self, signals: LLMSignals, ks: list[list[int]]) -> list[list[torch.Tensor]]:
-        """Per row and image, sorted indices into ``signals.visual[b][i]`` to keep."""
+    def select_llm(self, signals: LLMSignals, ks: list[list[int]]) -> list[list[torch.Tensor | LLMDecision]]:
+        """Per row and image, sorted indices into ``signals.visual[b][i]`` to keep, or an :class:`LLMDecision`
+        adding new tokens (kept + new = the budget; fewer where the stage's budget is ``at_most``)."""
         scores = self.llm_scores(signals)
         flat = [scores[b, pos] for b, row in enumerate(signals.visual) for pos in row]
         sel = iter(topk_groups(flat, [k for row in ks for k in row]))

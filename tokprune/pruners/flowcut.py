@@ -69,8 +69,9 @@ class FlowCut(Pruner):
       as the reference.
 
     Options: ``semantic`` ("dot", the code's unscaled value dot product; "cosine", the paper's wording);
-    ``history`` (0.5, the EMA weight of the past; the paper's 5:5); ``llm_layer`` (1, Qwen and LLaVA-NeXT: the LLM
-    layer whose attention scores the LLM cut); ``newlines`` (LLaVA-NeXT, above).
+    ``history`` (0.5, the EMA weight of the past; the paper's 5:5); ``llm_layer`` (None = 1, Qwen and
+    LLaVA-NeXT: the LLM layer whose attention scores the LLM cut, in ``[0, llm_layers - 2]``; an error on
+    LLaVA-1.5, which has no LLM cut); ``newlines`` (LLaVA-NeXT, above).
 
     Code vs paper and our choices (code is the default): per-image prune counts (the reference takes the batch
     maximum of ``P``, which makes a count depend on what shares the batch; ours never does, equal to the reference
@@ -93,7 +94,7 @@ class FlowCut(Pruner):
 
     semantic: str = "dot"
     history: float = 0.5
-    llm_layer: int = 1
+    llm_layer: int | None = None
     newlines: bool = True
 
     def __post_init__(self) -> None:
@@ -109,7 +110,8 @@ class FlowCut(Pruner):
             raise ValueError(f"flowcut: newlines must be True (LLaVA-NeXT's row newlines kept on top of the budget, "
                              f"the model's trained layout) or False (none, the reference), got {self.newlines!r}")
         self.keep_newlines = self.newlines
-        if isinstance(self.llm_layer, bool) or not isinstance(self.llm_layer, int) or self.llm_layer < 0:
+        if self.llm_layer is not None and (isinstance(self.llm_layer, bool) or not isinstance(self.llm_layer, int)
+                                           or self.llm_layer < 0):
             raise ValueError(f"flowcut: llm_layer must be a 0-based LLM layer (the reference uses 1), "
                              f"got {self.llm_layer!r}")
 
@@ -117,7 +119,25 @@ class FlowCut(Pruner):
     def check(self, info: ModelInfo) -> None:
         if info.has_cls and info.feature_layer < 1:
             raise UnsupportedError("flowcut needs at least one encoder layer before the feature layer")
+        if not self.has_llm_cut(info):
+            if self.llm_layer is not None:
+                raise ValueError(f"flowcut: llm_layer={self.llm_layer} has no effect on {info.family}, where FlowCut "
+                                 "prunes only inside the vision encoder (no LLM cut); leave llm_layer out")
+        elif not 0 <= self.scoring_layer <= info.llm_layers - 2:
+            raise ValueError(f"flowcut: llm_layer={self.scoring_layer} is out of range; the LLM has {info.llm_layers} "
+                             f"layers and the cut happens before layer llm_layer + 1, so pass llm_layer in "
+                             f"[0, {info.llm_layers - 2}]")
         super().check(info)
+
+    @property
+    def scoring_layer(self) -> int:
+        """The LLM layer whose attention scores the LLM cut (``llm_layer``, default 1 as in the reference)."""
+        return 1 if self.llm_layer is None else self.llm_layer
+
+    @staticmethod
+    def has_llm_cut(info: ModelInfo) -> bool:
+        """Qwen families and LLaVA-NeXT cut again inside the LLM; LLaVA-1.5 prunes only in its encoder."""
+        return not info.has_cls or info.family == "llava_next"
 
     def encoder_cut(self, info: ModelInfo) -> EncoderCut:
         if info.has_cls:
@@ -128,7 +148,7 @@ class FlowCut(Pruner):
         return VisionRequest((KEPT,))
 
     def llm_layers(self, info: ModelInfo) -> tuple[int, ...]:
-        return () if info.has_cls and info.family != "llava_next" else (self.llm_layer + 1,)
+        return (self.scoring_layer + 1,) if self.has_llm_cut(info) else ()
 
     def llm_request(self, info: ModelInfo) -> LLMRequest | None:
         if not self.llm_layers(info):

@@ -109,7 +109,11 @@ def flowcut_prune_count(cls_attention: torch.Tensor, rpl: int, keep: int, eps: f
     if rpl == 0:
         return n - keep
     r = (n - keep) / rpl**0.5 * (1 - entropy_ratio(cls_attention, eps) ** 2)
-    return int(r.max().round())
+    r = r.max()
+    if not bool(torch.isfinite(r)):  # sync: once per pruning layer, the count is a host int anyway
+        raise ValueError("flowcut: the vision encoder's attention is NaN / inf, so no token count can be derived; "
+                         "check pixel_values for NaN or inf (e.g. torch.isfinite(pixel_values).all())")
+    return int(r.round())
 
 
 def flowcut_plan(num_layers: int, select_layer: int | None = None) -> list[tuple[int, int, bool]]:

@@ -31,13 +31,6 @@ class FeatureNorm(Pruner):
 
     largest: bool = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.largest, str):  # lmms-eval passes model_args values as text
-            if self.largest.lower() not in ("true", "false"):
-                raise ValueError(f"largest must be true or false, got {self.largest!r}")
-            self.largest = self.largest.lower() == "true"
-
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         return VisionRequest()  # the projected features alone: no attention signal needed
 

@@ -12,6 +12,8 @@
 #   2. Qwen2.5-VL-7B proxy: 1024x1024 image (1369 visual tokens), LLM 4 of 28 layers, ViT 4 of 32 blocks (the full
 #      32-block ViT is ~7 TFLOPs, over a minute per prefill here; the first 4 blocks are all window-attention ones);
 #      every method at keep_ratio 0.5/0.25/0.125.
+#      catp (built for few-shot prompts) is timed on its own 5-image prompt (4 shots + query) next to the unpruned
+#      model on that prompt: speed-llava-1.5-7b-icl.{json,md} (speed.py --icl-methods; Qwen: not run, for time).
 #   3. Host syncs in tokprune's selection path per method (tiny models, batch 2: the code path does not depend on
 #      the widths).
 #   4. README-snippet.md: the "Speed" table ready to paste.
@@ -36,7 +38,7 @@ else
 print(re.sub(r'[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + f'-{os.cpu_count()}c')")}
     # no separate warm-up: round-robin medians drop the first round's first-call costs, and time is short
     LLAVA=(--config llava-1.5-7b --llm-layers 4 --keep 192,128,64 --n-text 95 --min-repeats 3 --max-repeats 5 \
-           --warmup 0)
+           --warmup 0 --icl-budget-s 150)
     QWEN=(--config qwen2.5-vl-7b --llm-layers 4 --vision-layers 4 --keep-ratio 0.5,0.25,0.125 \
           --image-size 1024x1024 --n-text 95 --min-repeats 2 --max-repeats 5 --warmup 0)
     SYNCS=()
@@ -54,7 +56,7 @@ $PY benchmarks/speed.py "${LLAVA[@]}" --budget-s $(( TOTAL * 52 / 100 )) --profi
 
 QB=$(( $(left) - 45 ))
 echo "== 2/4 Qwen2.5-VL-7B proxy (budget ${QB}s)"
-$PY benchmarks/speed.py "${QWEN[@]}" --budget-s "$QB" --out "$OUT"
+$PY benchmarks/speed.py "${QWEN[@]}" --budget-s "$QB" --icl-methods "" --out "$OUT"
 
 echo "== 3/4 host syncs in the selection path"
 $PY -m tokprune.eval.syncs "${SYNCS[@]}" --batch 2 --out "$OUT/syncs.md" > /dev/null

@@ -16,10 +16,18 @@
 #   profile-<model>.md, trace-*.json.gz   one profiled prefill per method kind (batch 1)
 #   syncs.md                       host syncs tokprune's code runs per method on this device (tiny models)
 #   kernels_cuda.{json,md}         benchmarks/kernel_speed.py: Triton vs the PyTorch chain at real shapes (needs triton)
+#   speed-<model>[-b8]-icl.*       the few-shot methods (catp) on a 5-image prompt (LLaVA; speed.py --icl-methods)
+#   peers.{json,md}                benchmarks/peers.py: tokprune vs the methods' own eager-attention style (FasterVLM,
+#                                  VTC-CLS, FastV, LightCompress) at 576 and 2880 visual tokens, batch 1/4/8, with
+#                                  equal kept sets and logits checked and peak memory per case in a fresh process
+# Methods: every registered one (speed.py and bench default to tokprune.methods(); none is named here).
+# Under a 10-minute per-command limit run it as two calls (unmeasured estimate: each < 10 min on an H100):
+#   bash benchmarks/gpu.sh speed peers      # every method against its bound + the peer comparison
+#   bash benchmarks/gpu.sh bench syncs kernels
 #   README-snippet.md              the README "Speed" table
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=" ${*:-bench speed syncs kernels} "
+STEPS=" ${*:-bench speed syncs kernels peers} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,6 +39,7 @@ if [[ "${TOKPRUNE_BENCH_TINY:-0}" == 1 ]]; then
     KEEP=8,4; RATIOS=0.5,0.25; BATCHES=(1 2)
     BENCH_RUNS=(--warmup 0 --repeats 1 --new-tokens 2); SPEED_RUNS=(--min-repeats 1 --max-repeats 1 --warmup 0)
     KERNELS=(--cpu --repeats 2 --warmup 1)
+    PEERS=(--quick --no-memory)
 else
     $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: no CUDA device (set TOKPRUNE_BENCH_TINY=1 for the CPU check)')"
     NAME=${TOKPRUNE_GPU_NAME:-$($PY -c "import re, torch
@@ -40,6 +49,9 @@ print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'
     KEEP=192,128,64; RATIOS=0.5,0.25,0.125; BATCHES=(1 8)
     BENCH_RUNS=(--warmup 2 --repeats 5 --new-tokens 16); SPEED_RUNS=(--min-repeats 5 --max-repeats 7 --warmup 2)
     KERNELS=()
+    # peers: real CLIP-L/336 (24 layers), LLM 4 of 32 layers (FastV K = 2), every batch and scale, memory per case
+    # in a fresh process (each builds the small proxy: seconds)
+    PEERS=(--llm-layers 4 --vision-layers 24 --fastv-layer 2 --batches 1,4,8 --rounds 5)
 fi
 OUT=${OUT:-benchmarks/results/$NAME}
 mkdir -p "$OUT"
@@ -60,7 +72,7 @@ for B in "${BATCHES[@]}"; do
         $PY benchmarks/speed.py --config "$LLAVA" --keep "$KEEP" --batch "$B" "${DEV[@]}" "${SPEED_RUNS[@]}" \
             "${PROFILE[@]}" --out "$OUT"
         $PY benchmarks/speed.py --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" --batch "$B" "${DEV[@]}" \
-            "${SPEED_RUNS[@]}" "${PROFILE[@]}" --out "$OUT"
+            "${SPEED_RUNS[@]}" "${PROFILE[@]}" --icl-methods "" --out "$OUT"
     fi
 done
 if want syncs; then
@@ -71,6 +83,10 @@ fi
 if want kernels; then
     echo "== kernels: Triton vs PyTorch"
     $PY benchmarks/kernel_speed.py "${KERNELS[@]}" --out "$OUT"
+fi
+if want peers; then
+    echo "== tokprune vs reference-style eager-attention implementations (benchmarks/peers.py)"
+    $PY benchmarks/peers.py "${PEERS[@]}" "${DEV[@]}" --out "$OUT"
 fi
 $PY -c "import sys, glob; from tokprune.eval.speed import readme_snippet
 print(readme_snippet(sorted(glob.glob(sys.argv[1] + '/speed-*.json'))))" "$OUT" > "$OUT/README-snippet.md"

@@ -44,7 +44,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True)
     p.add_argument("--llm-layers", type=int)
     p.add_argument("--vision-layers", type=int)
-    p.add_argument("--methods", help="comma-separated (default: every registered method)")
+    p.add_argument("--methods", help="comma-separated (default: every registered method but --icl-methods)")
+    p.add_argument("--icl-methods", default="catp",
+                   help="methods built for few-shot prompts, timed on their own --icl-images-image prompt (written "
+                        "as speed-<tag>-icl; '' for none)")
+    p.add_argument("--icl-images", type=int, default=5, help="images of the few-shot prompt (5 = 4 shots + query)")
     p.add_argument("--keep", help="visual tokens kept per image, comma-separated")
     p.add_argument("--keep-ratio", help="kept fractions, comma-separated")
     p.add_argument("--n-text", type=int, default=95, help="non-image prompt tokens (95 = LLaVA's 35 + 60)")
@@ -55,6 +59,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--max-repeats", type=int, default=5)
     p.add_argument("--budget-s", type=float, help="stop adding rounds (past --min-repeats) at this many seconds")
+    p.add_argument("--icl-budget-s", type=float, help="--budget-s of the few-shot run")
     p.add_argument("--warmup", type=int, default=1, help="untimed unpruned prefills first")
     p.add_argument("--profile", action="store_true", help="also profile one pruned prefill per method kind")
     p.add_argument("--tag", help="name of the output files (default: the config name, + -b<batch> when > 1)")
@@ -63,6 +68,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.keep and not args.keep_ratio:
         p.error("pass --keep and/or --keep-ratio")
     return args
+
+
+def method_lists(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(methods of the single-image run, few-shot methods run on their own prompt): by default every registered
+    method (``tokprune.methods()``, so a new method is timed without edits here or in cpu.sh / gpu.sh)."""
+    icl = [m for m in _list(args.icl_methods, str) if m in tokprune.methods()]
+    return _list(args.methods, str) or [m for m in tokprune.methods() if m not in icl], icl
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[speed] {args.config}: {depth.label()}, {dtype}, {device}; building the random-weight model",
           file=sys.stderr, flush=True)
     model = configs.build_model(config, device, dtype)
-    methods = _list(args.methods, str) or tokprune.methods()
+    methods, icl = method_lists(args)
     cases = bench.grid(methods, _list(args.keep, int), _list(args.keep_ratio, float))
     prompt = bench.Prompt(args.n_text, 1, args.batch, _size(args.image_size))
     report = speed.run(model, cases, prompt, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                        budget_s=args.budget_s, warmup=args.warmup, full_config=full, depth=depth,
                        meta={"model": name, "peak_rss_gib": None})
+    if icl and not args.methods and args.icl_images > 1:
+        _icl_run(model, args, icl, full, depth, name, out, tag)
     if args.profile:
         report.meta["profiles"] = _profiles(model, report, prompt, out, tag)
     report.meta["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -92,6 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[speed] wrote {path}", file=sys.stderr)
     print(report.to_markdown())
     return 1 if report.rows[0].error else 0
+
+
+def _icl_run(model: torch.nn.Module, args: argparse.Namespace, icl: list[str], full: object, depth: object,
+             name: str, out: Path, tag: str) -> None:
+    """The few-shot methods (CATP) on their own prompt: ``--icl-images`` images per sample, same budgets, next to
+    the unpruned model on that prompt (round-robin, same rounds and budget rules)."""
+    cases = bench.grid(icl, _list(args.keep, int), _list(args.keep_ratio, float))
+    prompt = bench.Prompt(args.n_text, args.icl_images, args.batch, _size(args.image_size))
+    report = speed.run(model, cases, prompt, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                       budget_s=args.icl_budget_s, warmup=0, full_config=full, depth=depth,
+                       meta={"model": f"{name}, {args.icl_images}-image few-shot prompt"})
+    for path in report.write(out, f"speed-{tag}-icl"):
+        print(f"[speed] wrote {path}", file=sys.stderr)
+    print(report.to_markdown())
 
 
 def _profiles(model: torch.nn.Module, report: speed.SpeedReport, prompt: bench.Prompt, out: Path,

@@ -7,6 +7,8 @@ alone is wrong.
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import tokprune
@@ -239,7 +241,10 @@ def test_argument_types_parse_what_they_promise():
 
     assert args.stages("2:0.5, 8:64") == [(2, 0.5), (8, 64)]
     assert args.image_size("672X1008") == (672, 1008)
-    assert args.comma_list(args.positive_int, "counts")("192,128,,64") == [192, 128, 64]
+    assert args.comma_list(args.positive_int, "counts")("192, 128,64") == [192, 128, 64]
+    for bad in ("192,128,,64", "192,", "64,64"):  # an empty or repeated item is an error, never dropped or run twice
+        with pytest.raises(argparse.ArgumentTypeError):
+            args.comma_list(args.positive_int, "counts")(bad)
     assert args.kept_fraction("1") == 1.0
 
 

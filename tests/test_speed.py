@@ -3,6 +3,7 @@ counter, the scoring-memory check and the one-command CPU/GPU scripts. Times are
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -109,13 +110,43 @@ def test_speed_run_measures_every_part(proxy, tmp_path):
         assert r.scoring_ms > 0 and r.select_ms > 0 and r.overhead_ms == r.scoring_ms + r.select_ms
         assert r.bound == pytest.approx(base.tflops / r.tflops) and r.of_bound == pytest.approx(r.speedup / r.bound)
     assert base.scoring_ms is None and base.bound == 1.0
+    # encoder ratios: measured against the unpruned row; no tokens dropped inside the encoder -> bound 1
+    assert cls.encoder_speedup == pytest.approx(base.encoder_ms / cls.encoder_ms) and cls.encoder_bound == 1.0
+    assert (cls.overhead_goal, fastv.overhead_goal) == (0.01, 0.03)
     # the real-depth bound: the same pruning on the 4-layer model
     assert fastv.full_depth_bound > fastv.bound and cls.full_depth_bound > cls.bound
     md = report.to_markdown()
     assert "depth-reduced proxy: LLM 3 of 4 layers" in md and "| cls keep=4 | vision | 4 |" in md
+    assert md.count("| <= 1% ") == 1 and md.count("| <= 3% ") == 1
     js, _ = report.write(tmp_path)
     snippet = speed.readme_snippet([js])
     assert "| fastv keep=4 |" in snippet and "CPU" in snippet
+
+
+def test_speed_run_encoder_bound_counts_encoder_cuts(proxy):
+    """FlowCut drops tokens inside the encoder: its row's encoder bound (vision + projector FLOPs) is above 1."""
+    model, full, depth = proxy
+    report = speed.run(model, bench.grid(["flowcut"], keeps=[4]), bench.Prompt(n_text=10), min_repeats=1,
+                       max_repeats=1, warmup=0, full_config=full, depth=depth, progress=False)
+    base, flowcut = report.rows
+    assert flowcut.error is None and flowcut.encoder_bound > 1.0 and flowcut.encoder_speedup > 0
+    assert base.encoder_bound == 1.0
+
+
+def test_speed_script_and_gpu_script_take_every_registered_method():
+    """benchmarks/speed.py times every registered method by default (few-shot ones on their own prompt), and
+    neither one-command script narrows the list, so a method added to the registry is timed without edits."""
+    spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    methods, icl = mod.method_lists(mod.parse(["--config", "tiny-llava", "--keep", "4", "--out", "x"]))
+    assert sorted(methods + icl) == sorted(tokprune.methods()) and icl == ["catp"]
+    assert mod.method_lists(mod.parse(["--config", "c", "--keep", "4", "--out", "x", "--icl-methods", ""]))[1] == []
+    for script in ("gpu.sh", "cpu.sh"):
+        text = (ROOT / "benchmarks" / script).read_text()
+        assert "--methods" not in text, f"{script} names methods: new registered ones would be left out"
+    gpu = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    assert 'STEPS=" ${*:-bench speed syncs kernels peers} "' in gpu and "benchmarks/peers.py" in gpu
 
 
 def test_speed_run_stops_at_its_budget(proxy):

@@ -123,6 +123,7 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     compiled, model = model, unwrap(model)
     adapter_cls = adapter_for(model)
     family_options = {k: options.pop(k) for k in list(options) if k in adapter_cls.options}
+    check_foreign_family_options(adapter_cls, method, options)
     if "schedule" in options:  # {layer: kept fraction of the original tokens}, progressive methods
         options = budget_solver.schedule_options(options.pop("schedule"), options)
     if isinstance(method, Pruner):
@@ -144,6 +145,19 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     adapter.install()
     setattr(model, ATTR, Handle(adapter))
     return compiled
+
+
+def check_foreign_family_options(adapter_cls: type, method: str | Pruner, options: dict[str, Any]) -> None:
+    """Refuse an option that belongs to another model family (``tile_budget`` on LLaVA-1.5), naming that family,
+    instead of calling it an unknown option of the method."""
+    own = {f.name for f in dataclasses.fields(method if isinstance(method, Pruner) else get_method(method))}
+    for key in options:
+        families = [fam for fam, cls in MODELS.items() if key in cls.options and cls is not adapter_cls]
+        if key not in own and families:
+            classes = ", ".join(c for fam in families for c in MODELS[fam].model_classes)
+            name = method if isinstance(method, str) else method.name
+            raise TypeError(f"{key} is a {' / '.join(families)} family option (models {classes}), not an option of "
+                            f"this {adapter_cls.family} model or of method {name!r}; drop {key}=")
 
 
 def remove(model: nn.Module) -> nn.Module:

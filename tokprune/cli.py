@@ -15,6 +15,7 @@ from typing import NoReturn
 
 import tokprune
 from tokprune.errors import UntestedTransformersError
+from tokprune.transformers_window import installed, is_tested
 
 COMMANDS = ("demo", "flops", "bench", "show", "eval", "report", "tune")
 #: exceptions that describe bad input, not a bug: shown as one line, exit code 2
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tokprune`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command in PRUNING_COMMANDS:
-            from tokprune.patches.compat import check_transformers
+        loaded = "tokprune.patches.compat" in sys.modules  # then its own view of the version is free to ask
+        if args.command in PRUNING_COMMANDS and (loaded or not is_tested(installed())):
+            from tokprune.patches.compat import check_transformers  # imports transformers: only when needed
 
             check_transformers()  # before a model loads or a grid records every cell as failed
         return int(args.func(args) or 0)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from tokprune.pruners.base import Pruner
 
 T = TypeVar("T")
+#: the base class of every method, named, not imported (this module is a leaf)
+PRUNER = "tokprune.pruners.base.Pruner"
 
 METHODS: dict[str, type[Pruner]] = {}
 MODELS: dict[str, type[Adapter]] = {}
@@ -50,10 +52,56 @@ def register_model(name: str) -> Callable[[T], T]:
 
 
 def get_method(name: str) -> type[Pruner]:
-    """The class registered as ``name`` (built-ins are registered by ``import tokprune.api``)."""
+    """The class registered as ``name`` (built-ins are registered by ``import tokprune.api``), or, for
+    ``"package.module:ClassName"``, a user's :class:`~tokprune.Pruner` subclass imported from there
+    (:func:`import_method`)."""
+    if isinstance(name, str) and name not in METHODS and is_import_path(name):
+        return import_method(name)
     if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}, or "
+                         "package.module:ClassName for a Pruner class of your own")
     return METHODS[name]
+
+
+def is_import_path(name: str) -> bool:
+    """Whether ``name`` reads ``package.module:ClassName`` (a user's method, not a registered name)."""
+    module, sep, attr = name.partition(":")
+    return bool(sep and attr.isidentifier() and all(p.isidentifier() for p in module.split(".")))
+
+
+def import_method(path: str) -> type[Pruner]:
+    """Import the Pruner class at ``package.module:ClassName`` and register it under that path, so every entry
+    point that takes a method name (``tokprune.apply``, ``tokprune eval --methods``, lmms-eval's ``method=``)
+    runs a researcher's method without editing tokprune. The module is looked up on ``sys.path`` and, as
+    ``python -m`` would, in the current directory. Its dataclass fields are the method's options."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = path.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ValueError(f"method {path!r}: no module {e.name!r} on the Python path or in {cwd}") from None
+        raise
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and any(f"{c.__module__}.{c.__qualname__}" == PRUNER for c in cls.__mro__)):
+        what = "has no attribute" if cls is None else "is not a tokprune.Pruner subclass:"
+        raise ValueError(f"method {path!r}: {module_name} {what} {attr}" + ("" if cls is None else f" ({cls!r})"))
+    known = next((n for n, c in METHODS.items() if c is cls), None)
+    if known is not None:  # the module registered it itself (@register_method): it keeps that name
+        return cls
+    cls.name = path  # type: ignore[attr-defined]
+    METHODS[path] = cls
+    return cls
 
 
 def adapter_for(model: nn.Module) -> type[Adapter]:

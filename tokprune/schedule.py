@@ -40,6 +40,8 @@ class Schedule:
     between a row's images, and the adapter checks the row's total instead of each image's count.
     ``special``: special tokens of the image (LLaVA-NeXT's row newlines, part of ``n_visual``) that the method keeps
     on top of every stage's content budget, so the LLM sees ``min(keep, n_visual - special) + special`` tokens.
+    ``note``: what ``keep`` means for this schedule when :attr:`meaning` alone would mislead (CATP on one image
+    keeps its stage-1 count, not ``keep``); :meth:`describe` prints it instead.
     """
 
     n_visual: int
@@ -47,6 +49,7 @@ class Schedule:
     meaning: str = "final"
     pooled: bool = False
     special: int = 0
+    note: str = ""
 
     def __post_init__(self) -> None:
         if self.meaning not in MEANINGS:
@@ -78,5 +81,5 @@ class Schedule:
                  f"{'before the LLM' if st.kind == 'vision' else f'before LLM layer {st.layer}'}"
                  for st in self.stages]
         extra = f", plus {self.special} newlines kept at every stage" if self.special else ""
-        return (f"{self.n_visual} -> " + ", ".join(parts)
-                + f" (keep means the {self.meaning.replace('_', ' ')} count{extra})")
+        meaning = self.note or f"keep means the {self.meaning.replace('_', ' ')} count"
+        return f"{self.n_visual} -> " + ", ".join(parts) + f" ({meaning}{extra})"

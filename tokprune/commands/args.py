@@ -48,19 +48,38 @@ def comma_list(item: Callable[[str], object], what: str) -> Callable[[str], list
     """A type for comma-separated values, each parsed by ``item`` (e.g. ``--keep 192,128,64``)."""
 
     def parse(text: str) -> list:
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        try:
+            parts = split_list(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}: {e}") from None
         out = []
         for p in parts:
             try:
                 out.append(item(p))
             except argparse.ArgumentTypeError as e:
                 raise argparse.ArgumentTypeError(f"{e} (in {text!r})" if len(parts) > 1 else str(e)) from None
+        if len(set(out)) < len(out):
+            raise argparse.ArgumentTypeError(f"{_repeated(out)} is listed twice in {text!r}; list each once")
         return out
 
     parse.__name__ = what  # argparse names the type in "invalid <name> value" messages
     return parse
+
+
+def split_list(text: str, option: str = "") -> list[str]:
+    """The items of a comma-separated list, stripped; an empty item (``cls,``, ``8,,4``) or a repeated one
+    (``--keep 8,8``) is a :class:`ValueError` (prefixed with ``option``), never silently dropped or run twice."""
+    where = f"{option} " if option else ""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or "" in parts:
+        raise ValueError(f"{where}{text!r} has an empty item; separate the items with single commas, e.g. a,b")
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"{where}{_repeated(parts)} is listed twice in {text!r}; list each once")
+    return parts
+
+
+def _repeated(items: Sequence[Any]) -> Any:
+    return next(x for i, x in enumerate(items) if x in items[:i])
 
 
 def image_size(text: str) -> tuple[int, int]:
@@ -157,13 +176,21 @@ def _int(text: str) -> int:
 
 
 def check_methods(names: Sequence[str], option: str = "--method", hint: str = "") -> None:
-    """Every name is a registered method (``tokprune.methods()``) or two joined by ``+`` (a vision method then an LLM
-    method); the error lists the known ones, then ``hint``."""
+    """Every name is a registered method (``tokprune.methods()``), two joined by ``+`` (a vision method then an LLM
+    method) or ``package.module:ClassName``, a Pruner class of the user's, imported now; the error lists the known
+    ones, then ``hint``."""
     import tokprune
     from tokprune.pruners.compose import composed_names
+    from tokprune.registry import get_method, is_import_path
 
     known = tokprune.methods()
-    unknown = [n for n in names if n not in known and not composed_names(n, known)]
+    for name in names:
+        if name not in known and is_import_path(name):
+            try:
+                get_method(name)
+            except ValueError as e:
+                raise ValueError(f"{option}: {e}") from None
+    unknown = [n for n in names if n not in known and not is_import_path(n) and not composed_names(n, known)]
     if unknown:
         raise ValueError(f"{option}: unknown method {', '.join(map(repr, unknown))}; known: {', '.join(known)}{hint}")
 

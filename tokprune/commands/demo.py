@@ -88,6 +88,8 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, then run the reference or the tiny-model demo; exit code 1 when keep-all differs."""
     check(args)
+    what = f"tiny {args.family} model" if args.family is not None else (args.model or "llava-shapes")
+    say(f"tokprune demo: loading torch, transformers and {what}...")
     if args.family is not None:
         return run_tiny(args)
     return run_reference(args)
@@ -171,26 +173,24 @@ def run_reference(args: argparse.Namespace) -> int:
     meta = read_meta(name)
     samples = list(ShapesVQA("test", n=args.samples, types=tuple(meta["question_types"])))
 
-    runs = {}  # method -> (answers, kept indices per sample); the method first: a bad budget fails at once
-    for label in [method] + (["random"] if method != "random" else []):
-        kept: list[torch.Tensor] = []
-        with tokprune.pruned(model, label, **budget):
-            runs[label] = (predict(model, processor, samples, kept=kept), kept)
-    base = predict(model, processor, samples)
-
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tokprune {tokprune.__version__} demo: {name} (trained reference model, {n_params / 1e6:.2f}M "
-          f"parameters), {args.samples} Shapes-VQA test samples")
+    say(f"tokprune {tokprune.__version__} demo: {name} (trained reference model, {n_params / 1e6:.2f}M "
+        f"parameters), {args.samples} Shapes-VQA test samples")
     if why:
-        print(f"method     : {method} ({why})")
+        say(f"method     : {method} ({why})")
 
     def score(answers: list[str]) -> float:
         return 100 * sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
 
-    print(f"unpruned   : accuracy {score(base):5.1f}%")
-    for label, (answers, kept) in runs.items():
-        print(f"{label:<11}: accuracy {score(answers):5.1f}% keeping {kept[0].numel()} of {GRID * GRID} "
-              "visual tokens" + ("  (the floor: any method should beat it)" if label == "random" else ""))
+    runs = {}  # method -> (answers, kept indices per sample); the method first: a bad budget fails at once
+    for label in [method] + (["random"] if method != "random" else []):  # each line as soon as it is known
+        kept: list[torch.Tensor] = []
+        with tokprune.pruned(model, label, **budget):
+            runs[label] = (predict(model, processor, samples, kept=kept), kept)
+        say(f"{label:<11}: accuracy {score(runs[label][0]):5.1f}% keeping {kept[0].numel()} of {GRID * GRID} "
+            "visual tokens" + ("  (the floor: any method should beat it)" if label == "random" else ""))
+    base = predict(model, processor, samples)
+    say(f"unpruned   : accuracy {score(base):5.1f}%")
     answers, kept = runs[method]
     note = nothing_pruned_note(GRID * GRID, kept[0].numel())
     if note:
@@ -220,6 +220,11 @@ def run_reference(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
+def say(line: str) -> None:
+    """Print one line of the demo at once (flushed), so a slow machine shows each step as it is done."""
+    print(line, flush=True)
+
+
 def token_grid(model: Any, inputs: dict[str, Any], n_visual: int, family: str) -> tuple[int, int]:
     """(rows, cols) of the first image's LLM tokens, for drawing; ValueError where they are not one grid."""
     import math
@@ -245,6 +250,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     from tokprune.viz import kept_picture
 
     model, proc = tiny_model(args.family)
+    say(f"tokprune {tokprune.__version__} demo: tiny {args.family} ({sum(p.numel() for p in model.parameters())} "
+        f"parameters, random weights), methods available: {', '.join(tokprune.methods())}")
     method, why = choose_method(model, args.method)
     budget = budget_of(args, TINY_KEEP_RATIO)
     image = make_image(seed=0)
@@ -263,8 +270,6 @@ def run_tiny(args: argparse.Namespace) -> int:
             n_all = tokprune.last_record(model).n_kept[0][0]
     agree = torch.equal(full, base)
 
-    print(f"tokprune {tokprune.__version__} demo: tiny {args.family} ({sum(p.numel() for p in model.parameters())} "
-          f"parameters, random weights), methods available: {', '.join(tokprune.methods())}")
     if why:
         print(f"method     : {method} ({why})")
     print(f"unpruned   : generated {base.tolist()}")

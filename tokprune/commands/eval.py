@@ -49,22 +49,32 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _list(text: str | None, kind: type, flag: str) -> list[Any]:
+    """The items of a comma-separated option; an empty or a repeated item is an error (``--keep 8,8``,
+    ``--methods cls,``)."""
+    from tokprune.commands.args import split_list
+
+    if not text:
+        return []
     try:
-        return [kind(x.strip()) for x in text.split(",") if x.strip()] if text else []
+        items = [kind(x) for x in split_list(text, flag)]
     except ValueError as e:
-        raise ValueError(f"{flag}: {e}") from e
+        raise ValueError(f"{flag}: {e}" if not str(e).startswith(flag) else str(e)) from e
+    if len(set(items)) < len(items):  # 0.5 and .5 are one budget
+        raise ValueError(f"{flag} {text!r}: a value is listed twice; list each once")
+    return items
 
 
 def spec_from_args(args: argparse.Namespace) -> Any:
+    lists = dict(tasks=_list(args.tasks, str, "--tasks"), methods=_list(args.methods, str, "--methods"),
+                 keeps=_list(args.keep, int, "--keep"), keep_ratios=_list(args.keep_ratio, float, "--keep-ratio"),
+                 flops_ratios=_list(args.flops_ratio, float, "--flops-ratio"))  # checked before torch is imported
     import torch
 
     from tokprune.eval.grid import GridSpec
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return GridSpec(
-        model=args.model, tasks=_list(args.tasks, str, "--tasks"), methods=_list(args.methods, str, "--methods"),
-        keeps=_list(args.keep, int, "--keep"), keep_ratios=_list(args.keep_ratio, float, "--keep-ratio"),
-        flops_ratios=_list(args.flops_ratio, float, "--flops-ratio"), baselines=not args.no_baselines,
+        model=args.model, **lists, baselines=not args.no_baselines,
         limit=args.limit, batch_size=args.batch_size, device=device,
         dtype=args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"), attn=args.attn,
         seed=args.seed, template=args.template, max_new_tokens=args.max_new_tokens, include_path=args.include_path,
@@ -73,8 +83,12 @@ def spec_from_args(args: argparse.Namespace) -> Any:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     from tokprune.commands.args import check_method_options
+    from tokprune.registry import get_method, is_import_path
 
     methods = _list(args.methods, str, "--methods")
+    for m in methods:
+        if is_import_path(m) and m not in _registered():
+            get_method(m)  # a user's Pruner class: imported (and registered) now, so its options are known
     if args.option and not methods:
         raise ValueError("--option sets options of the --methods; pass --methods too")
     return check_method_options([m for m in methods if m in _registered()], args.option)
@@ -88,13 +102,12 @@ def _registered() -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid; exit 2 on bad arguments (before any model loads), 1 when a cell failed, else 0."""
-    from tokprune.eval import runner
-    from tokprune.eval.validate import EvalArgumentError
-
     try:
-        spec = spec_from_args(args)
+        spec = spec_from_args(args)  # list errors first, before torch and the grid's modules are imported
+        from tokprune.eval import runner
+
         result = runner.run(spec, args.out, resume=args.resume, progress=not args.no_progress)
-    except (EvalArgumentError, ValueError) as e:
+    except ValueError as e:  # EvalArgumentError included
         print(f"tokprune eval: error: {e}", file=sys.stderr)
         return 2
     print(open(f"{args.out}/results.md", encoding="utf-8").read())

@@ -6,9 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tokprune.api import schedule
 from tokprune.commands import args as types
-from tokprune.configs import load
 from tokprune.flops import CONVENTIONS, DEFAULT_N_TEXT, FlopsReport, for_budget
 
 _UNITS = {"full": "FLOPs, whole model, all tokens", "3ndm": "paper convention, MACs, visual tokens only",
@@ -67,14 +65,30 @@ def check(args: argparse.Namespace) -> None:
     has_budget = args.keep is not None or args.keep_ratio is not None or "flops_ratio" in args.options
     if args.stages is not None and (has_budget or args.method is not None or args.layer is not None):
         raise ValueError("--stages is the whole schedule: pass it without --method, --keep, --keep-ratio and --layer")
-    if args.stages is None and not has_budget:
-        raise ValueError("pass a budget: --method M with --keep N or --keep-ratio R (e.g. --method fastv --keep 192), "
-                         "or an explicit schedule --stages LAYER:KEPT,...")
+    needs_budget = args.method is None or default_budget(args.method, args.options) is None
+    if args.stages is None and not has_budget and needs_budget:
+        own = "" if args.method is None else f" (--method {args.method} has no default budget)"
+        raise ValueError(f"pass a budget{own}: --method M with --keep N or --keep-ratio R (e.g. --method fastv --keep "
+                         "192), or an explicit schedule --stages LAYER:KEPT,...")
     if args.decode_steps and args.convention != "full":
         raise ValueError(f"--decode-steps is counted by --convention full only ({args.convention} counts the prefill "
                          "of visual tokens); drop one of them")
     if args.json:
         types.check_writable(args.json, "--json")
+
+
+def default_budget(method: str, options: dict[str, Any] | None = None) -> float | None:
+    """The kept fraction ``method`` (with its ``options``; family options aside) runs without a budget
+    (``tokprune.apply`` does the same: PyramidDrop's, TransPrune's and VFlowOpt's papers give a schedule, CATP's
+    ``prune_ratio`` is one), or None when it needs one."""
+    import dataclasses
+
+    from tokprune.api import make_pruner
+    from tokprune.registry import get_method
+
+    own = {f.name for f in dataclasses.fields(get_method(method))}
+    pruner = make_pruner(method, {k: v for k, v in (options or {}).items() if k in own})
+    return getattr(pruner, "default_keep_ratio", lambda: None)()
 
 
 def format_report(report: FlopsReport, title: str) -> str:
@@ -93,6 +107,9 @@ def format_report(report: FlopsReport, title: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, then compute and print; a bad argument raises (``tokprune.cli`` makes it one line)."""
+    from tokprune.api import schedule  # torch and transformers: only once the arguments are checked
+    from tokprune.configs import load
+
     check(args)
     config = load(args.config)
     if args.stages is not None:
@@ -109,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.keep is not None or args.keep_ratio is not None:
         budget = f"keep={args.keep}" if args.keep is not None else f"keep_ratio={args.keep_ratio}"
     else:
-        budget = "preset schedule"
+        budget = "no budget: the method's default schedule (as tokprune.apply runs it)"
     if args.option:
         budget += "  " + " ".join(f"{k}={v}" for k, v in args.option)
     title = f"{args.config}  method={args.method or '-'}  {budget}  convention={args.convention}"

@@ -58,9 +58,11 @@ def load_model(name: str) -> tuple[Any, Any, str | None]:
         return model, processor, read_meta(name)["family"]
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokprune import hub
+
     try:
-        processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name).eval()
+        processor = hub.load(AutoProcessor.from_pretrained, name)
+        model = hub.load(AutoModelForImageTextToText.from_pretrained, name).eval()
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise OSError(f"--model {name}: cannot load it ({first}); pass a reference model ({', '.join(NAMES)}), "
@@ -87,32 +89,34 @@ def default_methods(model: Any) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from PIL import Image
-
-    from tokprune.commands.args import check_method_options, check_methods, check_writable
+    from tokprune.commands.args import check_method_options, check_methods, check_writable, split_list
     from tokprune.data import ShapesVQA
+    from tokprune.data.images import open_rgb
     from tokprune.reference.arch import image_size
     from tokprune.reference.text import prompt
     from tokprune.viz import budget_of, compare, save
 
     # every argument is checked before the model loads
-    budgets = [budget_of(b) for b in (args.keep or "0.25,0.125").split(",")]
+    budgets = [budget_of(b) for b in split_list(args.keep or "0.25,0.125", "--keep")]
     if any(b.get("keep", 1) < 1 for b in budgets):
         raise ValueError(f"--keep {args.keep}: a token count must be >= 1 (or pass a kept fraction, e.g. 0.25)")
-    if args.methods:
-        check_methods(args.methods.split(","), option="--methods")
+    if len({tuple(b.items()) for b in budgets}) < len(budgets):
+        raise ValueError(f"--keep {args.keep}: a budget is listed twice; list each once")
+    methods = split_list(args.methods, "--methods") if args.methods else None
+    if methods:
+        check_methods(methods, option="--methods")
     if args.option and not args.methods:
         raise ValueError("--option needs --methods: the default is every method, and each takes its own options")
-    options = check_method_options(args.methods.split(",") if args.methods else [], args.option)
+    options = check_method_options(methods or [], args.option)
     if args.image is not None and not Path(args.image).is_file():
         raise FileNotFoundError(f"--image {args.image}: no such file")
     if Path(args.out).suffix.lower() not in (".png", ".svg"):
         raise ValueError(f"--out {args.out}: the picture is written as .png or .svg; name the file so")
     check_writable(args.out, "--out")
+    image = open_rgb(args.image, f"--image {args.image}") if args.image is not None else None  # before the model
     model, processor, ref_family = load_model(args.model)
-    methods = args.methods.split(",") if args.methods else default_methods(model)
-    if args.image is not None:
-        image = Image.open(args.image).convert("RGB")
+    methods = methods or default_methods(model)
+    if image is not None:
         question = args.question or "what is in the image ?"
     else:
         sample = ShapesVQA("test", n=args.sample + 1)[args.sample]

@@ -20,11 +20,11 @@ from tokprune.commands.bench import DTYPES
 DEFAULT_MODEL = "llava-shapes"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_QUESTION = "Describe the image in detail."
+#: :data:`tokprune.eval.tune.SAMPLERS`, repeated here so that ``tokprune -h`` imports no torch (a test checks both)
+SAMPLERS = ("tpe", "gp")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from tokprune.eval.tune import SAMPLERS
-
     p = sub.add_parser(
         "tune", help="search a method's hyper-parameters (VFlowOpt's visual-information-flow optimiser)",
         description="Bayesian optimisation (Optuna) of a method's declared search space: maximise the mean cosine "
@@ -113,10 +113,10 @@ def load_samples(spec: str, n: int, bundle: Any, question: str) -> tuple[list[st
         samples = list(ShapesVQA("train", n=n))
         return [bundle.prompt(s.question) for s in samples], [s.image(bundle.image_size or 64) for s in samples]
     if kind == "images":
-        from PIL import Image
+        from tokprune.data.images import open_rgb
 
         files = sorted(p for p in Path(spec).expanduser().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
-        return [bundle.prompt(question)] * len(files), [Image.open(f).convert("RGB") for f in files]
+        return [bundle.prompt(question)] * len(files), [open_rgb(f) for f in files]
     from tokprune.eval.tasks import load_task
 
     examples = load_task(spec, limit=n).examples

@@ -34,6 +34,13 @@ def _device(device: str | None) -> str:
     return "cpu"
 
 
+def answer_length(bundle: Any, gen_kwargs: dict[str, Any]) -> int:
+    """Tokens to generate for one request, as ``tokprune eval`` does: the bundle's fixed answer length (an explicit
+    ``max_new_tokens``, or a reference model's one token), else the task's ``max_new_tokens``, else the model's
+    default (16)."""
+    return int(bundle.answer_tokens or gen_kwargs.get("max_new_tokens") or bundle.max_new_tokens)
+
+
 class TokPruneLMM(lmms):
     """See the module docstring. ``costs`` collects ``(task, doc_id, Cost)`` of every request answered."""
 
@@ -99,7 +106,7 @@ class TokPruneLMM(lmms):
             _, gen_kwargs, *_ = req.args
             until = gen_kwargs.get("until") or ()
             until = (until,) if isinstance(until, str) else tuple(until)
-            n = int(gen_kwargs.get("max_new_tokens") or self.bundle.max_new_tokens)
+            n = answer_length(self.bundle, gen_kwargs)
             groups.setdefault((n, until), []).append((i, req))
         for (n, until), members in groups.items():
             for j in range(0, len(members), self.batch_size_per_gpu):

@@ -22,8 +22,9 @@ def _require() -> None:
     try:
         import lmms_eval  # noqa: F401
     except ImportError as e:
-        raise ImportError("lmms-eval is not installed (see the README: pip install 'tokprune[eval]' then "
-                          "pip install --no-deps lmms-eval==0.7.3)") from e
+        raise ImportError("lmms-eval is not installed; install it the lean way (README, 'Evaluation'): pip install "
+                          "'tokprune[eval]' accelerate evaluate loguru pytablewriter pytz sacrebleu tenacity "
+                          "'filelock<4', then pip install --no-deps lmms-eval==0.7.3") from e
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,10 +114,16 @@ def process_results(doc, results):
 '''
 
 
-def write_task(name: str, data: str | Path, out_dir: str | Path, scoring: str, max_new_tokens: int = 16,
+def write_task(name: str, data: str | Path, out_dir: str | Path, scoring: str, max_new_tokens: int | None = None,
                split: str = "test") -> Path:
     """Write ``<out_dir>/<name>.yaml`` (+ ``<name>_utils.py``): an lmms-eval task over local ``data`` (a
-    ``.parquet`` file or a ``save_to_disk`` directory) with tokprune's scoring. Returns the YAML path."""
+    ``.parquet`` file or a ``save_to_disk`` directory) with tokprune's scoring. Returns the YAML path.
+
+    Generation is what ``tokprune eval`` does on the same data, so both score the same answers: greedy, no stop
+    string (lmms-eval would otherwise cut at a blank line), and by default no ``max_new_tokens`` of the task's own
+    (the model's answer length applies: one token for the reference models, 16 for others, or the model's
+    explicit ``max_new_tokens``). ``max_new_tokens`` writes one into the task (a reference model still answers in
+    its one token)."""
     from tokprune.eval.scoring import SCORINGS
 
     if scoring not in SCORINGS:
@@ -135,8 +142,9 @@ def write_task(name: str, data: str | Path, out_dir: str | Path, scoring: str, m
                 f"{utils}.doc_to_target_idx\nmetric_list:\n  - {{metric: acc, aggregation: mean, "
                 "higher_is_better: true}\n")
     else:
-        body = (f"output_type: generate_until\ndoc_to_target: answer\ngeneration_kwargs: {{max_new_tokens: "
-                f"{max_new_tokens}, do_sample: false}}\nprocess_results: !function {utils}.process_results\n"
+        length = "" if max_new_tokens is None else f"max_new_tokens: {int(max_new_tokens)}, "
+        body = (f"output_type: generate_until\ndoc_to_target: answer\ngeneration_kwargs: {{{length}until: [], "
+                f"do_sample: false}}\nprocess_results: !function {utils}.process_results\n"
                 "metric_list:\n  - {metric: accuracy, aggregation: mean, higher_is_better: true}\n")
     yaml = (f"task: {name}\n{source}test_split: {split}\ndoc_to_visual: !function {utils}.doc_to_visual\n"
             f"doc_to_text: !function {utils}.doc_to_text\n{body}metadata: {{version: 0.0}}\n")

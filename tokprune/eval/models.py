@@ -23,7 +23,10 @@ IMAGE_PLACEHOLDER = "<image>"
 class ModelBundle:
     """A loaded model ready for evaluation. ``prompt(question)`` is the full text with the image placeholder;
     ``image_size`` is the side (px) generated images are rendered at (None: the data's own size);
-    ``max_new_tokens`` bounds generated answers."""
+    ``max_new_tokens`` bounds generated answers. ``answer_tokens``: the answer length that holds whatever a task
+    asks (lmms-eval tasks carry their own ``max_new_tokens``): the user's explicit ``max_new_tokens``, or the
+    reference models' one-token answers (they were trained to answer in one token and never emit an end of
+    sequence); None lets a task's own setting apply."""
 
     name: str
     model: Any
@@ -32,6 +35,7 @@ class ModelBundle:
     template: str
     image_size: int | None
     max_new_tokens: int
+    answer_tokens: int | None = None
 
     @property
     def family(self) -> str:
@@ -62,8 +66,10 @@ def resolve_config(name: str) -> Any:
         raise FileNotFoundError(f"model directory {name!r} has no config.json")
     if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise FileNotFoundError(f"model directory {name!r} does not exist")
+    from tokprune import hub
+
     try:
-        return AutoConfig.from_pretrained(str(local) if local.exists() else name)
+        return hub.load(AutoConfig.from_pretrained, str(local) if local.exists() else name)
     except OSError as e:
         raise FileNotFoundError(f"cannot read the config of model {name!r}: {e}") from e
 
@@ -78,13 +84,16 @@ def load(name: str, *, device: str = "cpu", dtype: Any = None, attn: str = "sdpa
         return _reference(name, device, dtype, attn, template, max_new_tokens)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from tokprune import hub
+
     path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval().to(device)
-    processor = AutoProcessor.from_pretrained(path)
+    model = hub.load(AutoModelForImageTextToText.from_pretrained, path, dtype=dtype, attn_implementation=attn)
+    model = model.eval().to(device)
+    processor = hub.load(AutoProcessor.from_pretrained, path)
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
     prompt, described = _prompt_builder(processor, template)
-    return ModelBundle(name, model, processor, prompt, described, None, max_new_tokens or 16)
+    return ModelBundle(name, model, processor, prompt, described, None, max_new_tokens or 16, max_new_tokens)
 
 
 def _reference(name: str, device: str, dtype: Any, attn: str, template: str | None,
@@ -105,7 +114,7 @@ def _reference(name: str, device: str, dtype: Any, attn: str, template: str | No
     # single-token answers: the reference models were trained to answer in one token, and greedy decoding of
     # one token is the argmax their accuracy is defined by
     return ModelBundle(name, model.to(device), processor, build, prompt(family, "{question}").replace(
-        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1)
+        IMAGE_TAG[family], IMAGE_PLACEHOLDER), image_size(family), max_new_tokens or 1, max_new_tokens or 1)
 
 
 def _prompt_builder(processor: Any, template: str | None) -> tuple[Callable[[str], str], str]:

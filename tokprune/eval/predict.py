@@ -36,6 +36,7 @@ class Cost:
     input_tokens: int  # LLM tokens after the last pruning stage (text + visual_final)
     tflops: float  # analytic prefill FLOPs, whole model, logits for the last token (10^12)
     tflops_3ndm: float  # the papers' convention: LLM visual tokens only, MACs (10^12)
+    visual_special: int = 0  # of visual_final: special tokens kept on top of the budget (LLaVA-NeXT's newlines)
 
 
 @dataclass
@@ -88,11 +89,21 @@ def costs(bundle: Any, inputs: dict[str, torch.Tensor]) -> list[Cost]:
                                  merged=None)
     schedules = flops.from_record(config, record, **flops.geometry_from_inputs(inputs))
     out = []
-    for s in schedules:
+    for b, s in enumerate(schedules):
         full = flops.estimate(config, s, "full", logits_to_keep=1).tflops
         paper = flops.estimate(config, s, "3ndm").tflops
-        out.append(Cost(int(s.visual[-1]), sum(s.visual) / len(s.visual), int(s.n_text + s.visual[-1]), full, paper))
+        out.append(Cost(int(s.visual[-1]), sum(s.visual) / len(s.visual), int(s.n_text + s.visual[-1]), full, paper,
+                        _special_kept(record, b)))
     return out
+
+
+def _special_kept(record: Any, b: int) -> int:
+    """Special tokens (no patch: LLaVA-NeXT's newlines) among sample ``b``'s visual tokens after the last stage."""
+    special = getattr(record, "special", None)
+    if not special:
+        return 0
+    kept = record.kept[b] if getattr(record, "stages", None) else [None] * len(special[b])
+    return sum(int((mask.cpu() if k is None else mask.cpu()[k.cpu()]).sum()) for mask, k in zip(special[b], kept))
 
 
 def _pad_id(bundle: Any) -> int:

@@ -73,14 +73,57 @@ def _pct(x: float | None, spec: str = ".1f") -> str:
     return "n/a" if x is None else format(100 * x, spec)
 
 
-def _groups(rows: list[dict[str, Any]]) -> list[tuple[tuple[str, Any], list[str]]]:
-    """Budgets in grid order, each with its methods in grid order."""
-    order: dict[tuple[str, Any], list[str]] = {}
+def _content(row: dict[str, Any]) -> float:
+    """Visual tokens after the last stage, less the special ones kept on top of any budget (LLaVA-NeXT's newlines)."""
+    return row["visual_tokens_final"] - (row.get("visual_tokens_special") or 0)
+
+
+def kept_budget(rows: list[dict[str, Any]], budget: tuple[str, Any], unpruned: list[dict[str, Any]]
+                ) -> tuple[str, Any]:
+    """The budget a method's ``rows`` (one budget, every task) really kept: ``budget`` itself, or, when they keep
+    more than it asks (CATP on one image: stage 1 only, ``1 - R/2`` of the tokens), the count or kept fraction
+    they keep, so the row is grouped and labelled by that. Compared without special tokens, with one token of
+    rounding slack for fractions (against the ``unpruned`` rows of the same tasks)."""
+    kind, value = budget
+    ok = [r for r in rows if r["status"] == "ok"]
+    if kind not in ("keep", "keep_ratio") or not ok:
+        return budget
+    base = {r["task"]: r for r in unpruned if r["status"] == "ok"}
+    content = sum(_content(r) for r in ok) / len(ok)
+    if kind == "keep":
+        return ("keep", round(content)) if content > value + 0.5 else budget
+    full = [_content(base[r["task"]]) for r in ok if r["task"] in base]
+    if len(full) != len(ok) or not all(full):
+        return budget
+    n = sum(full) / len(full)
+    return ("keep_ratio", round(content / n, 4)) if content > value * n + 1 else budget
+
+
+def budget_label(budget: tuple[str, Any], kept: tuple[str, Any]) -> str:
+    """The Budget cell: what was asked, and what was kept when that differs."""
+    if kept == budget:
+        return str(budget[1])
+    what = f"{kept[1]} tokens" if kept[0] == "keep" else f"{kept[1]:.1%}"
+    return f"{budget[1]} (keeps {what})"
+
+
+def _groups(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]] | None = None
+            ) -> list[tuple[tuple[str, Any], list[tuple[str, tuple[str, Any]]]]]:
+    """Groups by the budget really kept (:func:`kept_budget`), each with its (method, asked budget) entries in
+    grid order; kinds in grid order, larger budgets first. ``all_rows`` (default ``rows``): where the unpruned
+    rows are found."""
+    all_rows = rows if all_rows is None else all_rows
+    unpruned = [r for r in all_rows if r["method"] == UNPRUNED]
+    entries: dict[tuple[str, tuple[str, Any]], None] = {}
     for r in rows:
-        methods = order.setdefault(budget_of(r), [])
-        if r["method"] not in methods:
-            methods.append(r["method"])
-    return list(order.items())
+        entries.setdefault((r["method"], budget_of(r)), None)
+    order: dict[tuple[str, Any], list[tuple[str, tuple[str, Any]]]] = {}
+    for method, budget in entries:
+        mine = [r for r in all_rows if r["method"] == method and budget_of(r) == budget]
+        order.setdefault(kept_budget(mine, budget, unpruned), []).append((method, budget))
+    kinds = list(dict.fromkeys(k for k, _ in order))
+    return sorted(order.items(), key=lambda g: (kinds.index(g[0][0]),
+                                                -g[0][1] if isinstance(g[0][1], (int, float)) else 0))
 
 
 def _budget_title(budget: tuple[str, Any], n_visual: int | None) -> str:
@@ -116,10 +159,10 @@ def markdown(data: dict[str, Any]) -> str:
         "|---|---|---|---|" + "---|" * len(tasks) + "---|",
     ]
     errors = []
-    for budget, methods in _groups(rows):
-        if budget[0] != "unpruned":
-            lines.append(f"| ***{_budget_title(budget, n_visual)}*** |" + " |" * (len(tasks) + 4))
-        for m in methods:
+    for group, entries in _groups(rows):
+        if group[0] != "unpruned":
+            lines.append(f"| ***{_budget_title(group, n_visual)}*** |" + " |" * (len(tasks) + 4))
+        for m, budget in entries:
             mine = [cell.get((m, budget, t)) for t in tasks]
             ok = [r for r in mine if r and r["status"] == "ok"]
             accs = ["n/a" if r is None else ("error" if r["status"] != "ok" else _pct(r["accuracy"])) for r in mine]
@@ -135,7 +178,7 @@ def markdown(data: dict[str, Any]) -> str:
                 flops = f"{tf:.4g}" + (f" ({sum(ratios) / len(ratios):.0%})" if ratios else "")
             else:
                 tokens = flops = "n/a"
-            label = "-" if budget[0] == "unpruned" else str(budget[1])
+            label = "-" if budget[0] == "unpruned" else budget_label(budget, group)
             lines.append(f"| {m} | {label} | {tokens} | {flops} | " + " | ".join(accs) + f" | {avg} |")
     lines += _hard_table(rows, tasks)
     if errors:
@@ -151,13 +194,13 @@ def _hard_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> list[str]:
     lines = ["", "### Hard subset: accuracy % on the samples the downsample baseline gets wrong (count in brackets)",
              "", "| Method | Budget | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
     cell = {(r["method"], budget_of(r), r["task"]): r for r in hard}
-    for budget, methods in _groups(hard):
-        for m in methods:
+    for group, entries in _groups(hard, rows):
+        for m, budget in entries:
             vals = []
             for t in tasks:
                 r = cell.get((m, budget, t))
                 vals.append("n/a" if r is None else f"{_pct(r['hard_accuracy'])} ({r['hard_n']})")
-            lines.append(f"| {m} | {budget[1]} | " + " | ".join(vals) + " |")
+            lines.append(f"| {m} | {budget_label(budget, group)} | " + " | ".join(vals) + " |")
     return lines
 
 
@@ -166,14 +209,14 @@ def points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, str
     """Per method: (mean TFLOPs over tasks, mean accuracy % over tasks, budget label), complete budgets only."""
     tasks = set(r["task"] for r in rows)
     out: dict[str, list[tuple[float, float, str]]] = {}
-    for budget, methods in _groups(rows):
-        for m in methods:
+    for group, entries in _groups(rows):
+        for m, budget in entries:
             mine = [r for r in rows if r["method"] == m and budget_of(r) == budget and r["status"] == "ok"]
             if len(mine) != len(tasks):
                 continue
             tf = sum(r["tflops"] for r in mine) / len(mine)
             acc = 100 * sum(r["accuracy"] for r in mine) / len(mine)
-            out.setdefault(m, []).append((tf, acc, str(budget[1])))
+            out.setdefault(m, []).append((tf, acc, budget_label(budget, group)))
     return {m: sorted(p) for m, p in out.items()}
 
 

@@ -44,6 +44,7 @@ def run(spec: GridSpec, out: str | Path, *, resume: bool = False, progress: bool
     the model when an argument is bad."""
     out = Path(out)
     learnt = check(spec)
+    _check_out(out)
     previous = _previous(out, spec, resume)
     done = {r["key"]: r for r in previous.get("rows", []) if r.get("status") == "ok"}
     grid = cells(spec)
@@ -63,6 +64,19 @@ def run(spec: GridSpec, out: str | Path, *, resume: bool = False, progress: bool
     else:
         store.write(out, data)
     return result
+
+
+def _check_out(out: Path) -> None:
+    """``out`` can hold the run (a folder, or creatable under a writable one): checked before the model loads, not
+    when the first cell is saved."""
+    from tokprune.commands.args import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise EvalArgumentError(f"--out {out}: is a file; pass a directory for the run")
+    try:
+        check_writable(str(out), "--out", make_folders=True)
+    except OSError as e:
+        raise EvalArgumentError(str(e)) from None
 
 
 def _previous(out: Path, spec: GridSpec, resume: bool) -> dict[str, Any]:
@@ -196,6 +210,7 @@ def _run_cell(bundle: Any, cell: Cell, options: dict[str, Any], spec: GridSpec, 
     return {**_base_row(cell, device), "status": "ok", "metric": metric, "n": n,
             "accuracy": score if score is not None else sum(bool(s.correct) for s in samples) / n,
             "visual_tokens_final": mean(lambda c: c.visual_final), "visual_tokens_mean": mean(lambda c: c.visual_mean),
+            "visual_tokens_special": mean(lambda c: c.visual_special),
             "input_tokens": mean(lambda c: c.input_tokens), "tflops": mean(lambda c: c.tflops),
             "tflops_3ndm": mean(lambda c: c.tflops_3ndm), "prefill_ms": latency,
             "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None}

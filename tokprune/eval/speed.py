@@ -135,6 +135,8 @@ class SpeedRow:
     speedup: float | None = None  # measured: unpruned prefill / this prefill
     bound: float | None = None  # analytic: unpruned FLOPs / these FLOPs (same depth as measured)
     full_depth_bound: float | None = None  # analytic bound of the real-depth model for the same pruning
+    encoder_speedup: float | None = None  # measured: unpruned encoder ms / this encoder ms
+    encoder_bound: float | None = None  # analytic: vision + projector FLOPs ratio (counts encoder cuts, FlowCut)
     error: str | None = None
 
     @property
@@ -143,6 +145,14 @@ class SpeedRow:
         if self.scoring_ms is None and self.select_ms is None:
             return None
         return (self.scoring_ms or 0.0) + (self.select_ms or 0.0)
+
+    @property
+    def overhead_goal(self) -> float | None:
+        """Issue #28's ceiling on scoring + selection as a share of the prefill: 1% for methods that prune only
+        before the LLM, 3% for those with an in-LLM stage."""
+        if self.kind is None:
+            return None
+        return 0.03 if "llm" in self.kind.split("+") else 0.01
 
     @property
     def of_bound(self) -> float | None:
@@ -156,7 +166,8 @@ class SpeedReport:
     rows: list[SpeedRow]
 
     def to_dict(self) -> dict[str, Any]:
-        rows = [{**asdict(r), "overhead_ms": r.overhead_ms, "of_bound": r.of_bound} for r in self.rows]
+        rows = [{**asdict(r), "overhead_ms": r.overhead_ms, "of_bound": r.of_bound, "overhead_goal": r.overhead_goal}
+                for r in self.rows]
         return {"meta": self.meta, "rows": rows}
 
     def to_markdown(self) -> str:
@@ -180,22 +191,25 @@ class SpeedReport:
         lines += [
             "speed-up = unpruned prefill / case prefill (same run); of bound = speed-up / bound; overhead = scoring "
             "(attention taps) + selection (record timings); shares are of the case's prefill and of the unpruned "
-            f"model's vision encoder ({_f(enc, '.1f')} ms).",
+            f"model's vision encoder ({_f(enc, '.1f')} ms); goal: overhead <= 1% of the prefill for pre-LLM methods, "
+            "<= 3% with an in-LLM stage. encoder speed-up / bound: unpruned encoder ms / case encoder ms, and the "
+            "vision + projector FLOPs ratio (counts tokens dropped inside the encoder, FlowCut; 1.00x otherwise).",
             "",
             "| case | stage | visual tokens | prefill ms | speed-up | bound | of bound | real-depth bound "
-            "| encoder ms | overhead ms | % of prefill | % of encoder |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| encoder ms | overhead ms | % of prefill | % of encoder | goal | encoder speed-up | encoder bound |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             if r.error:
-                lines.append(f"| {r.label} | error: {r.error.replace('|', '/')} |" + " |" * 10)
+                lines.append(f"| {r.label} | error: {r.error.replace('|', '/')} |" + " |" * 13)
                 continue
             ov = r.overhead_ms
             lines.append(
                 f"| {r.label} | {r.kind or '-'} | {_f(r.visual_tokens, '.0f')} | {_f(r.prefill_ms, '.1f')} "
                 f"| {_f(r.speedup, '.2f', 'x')} | {_f(r.bound, '.2f', 'x')} | {_f(r.of_bound, '.1%')} "
                 f"| {_f(r.full_depth_bound, '.2f', 'x')} | {_f(r.encoder_ms, '.1f')} | {_f(ov, '.2f')} "
-                f"| {_f(_share(ov, r.prefill_ms), '.2%')} | {_f(_share(ov, enc), '.2%')} |")
+                f"| {_f(_share(ov, r.prefill_ms), '.2%')} | {_f(_share(ov, enc), '.2%')} | {_goal(r)} "
+                f"| {_f(r.encoder_speedup, '.2f', 'x')} | {_f(r.encoder_bound, '.2f', 'x')} |")
         return "\n".join(lines) + "\n"
 
     def write(self, directory: str | Path, name: str = "speed") -> list[Path]:
@@ -222,6 +236,14 @@ def cpu_model() -> str:
 
 def _f(x: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if x is None else format(x, spec) + suffix
+
+
+def _goal(r: SpeedRow) -> str:
+    """'<= 1% ok' / '<= 3% MISSED' for the overhead share of the prefill (n/a without a measured overhead)."""
+    share, goal = _share(r.overhead_ms, r.prefill_ms), r.overhead_goal
+    if share is None or goal is None:
+        return "n/a"
+    return f"<= {goal:.0%} {'ok' if share <= goal else 'MISSED'}"
 
 
 def _share(part: float | None, whole: float | None) -> float | None:
@@ -359,14 +381,18 @@ def _rows(config: Any, cases: Sequence[Case], samples: list[_Samples], errors: l
         row.tflops = flops.estimate(config, sched, logits_to_keep=1).tflops
         if s.record is not None:
             row.full_depth_bound = 1 / full_depth_ratio(full_config or config, s.record, **geometry)
+            rep = flops.record_report(config, s.record, logits_to_keep=1, **geometry)
+            enc = rep.vision + rep.projector
+            row.encoder_bound = (rep.baseline.vision + rep.baseline.projector) / enc if enc else None
     base = rows[0]
     for r in rows:
         if r.error or base.error:
             continue
         r.speedup = base.prefill_ms / r.prefill_ms if r.prefill_ms else None
         r.bound = base.tflops / r.tflops if r.tflops else None
+        r.encoder_speedup = base.encoder_ms / r.encoder_ms if r.encoder_ms and base.encoder_ms else None
         if r.method is None:
-            r.full_depth_bound = 1.0
+            r.full_depth_bound = r.encoder_bound = 1.0
     return rows
 
 
@@ -384,12 +410,14 @@ def readme_snippet(paths: Sequence[str | Path]) -> str:
                 f"text tokens; {m['device']}; medians of {m['repeats']}; unpruned prefill "
                 f"{_f(base['prefill_ms'], '.0f')} ms, of which the vision encoder {_f(base['encoder_ms'], '.0f')} ms):",
                 "", "| case | measured speed-up | analytic bound (this depth) | measured / bound "
-                "| real-depth bound | scoring + selection, % of prefill |", "|---|---|---|---|---|---|"]
+                "| real-depth bound | scoring + selection, % of prefill | encoder speed-up (bound) |",
+                "|---|---|---|---|---|---|---|"]
         for r in rows[1:]:
             if r["error"]:
                 continue
             out.append(f"| {r['label']} | {_f(r['speedup'], '.2f', 'x')} | {_f(r['bound'], '.2f', 'x')} "
                        f"| {_f(r['of_bound'], '.0%')} | {_f(r['full_depth_bound'], '.2f', 'x')} "
-                       f"| {_f(_share(r['overhead_ms'], r['prefill_ms']), '.2%')} |")
+                       f"| {_f(_share(r['overhead_ms'], r['prefill_ms']), '.2%')} "
+                       f"| {_f(r.get('encoder_speedup'), '.2f', 'x')} ({_f(r.get('encoder_bound'), '.2f', 'x')}) |")
         out.append("")
     return "\n".join(out)

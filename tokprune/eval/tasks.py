@@ -194,16 +194,16 @@ def _stored_image(value: Any, base: Path) -> Callable[[int | None], Image.Image]
     """A loader for an image stored as bytes (parquet / arrow ``{"bytes", "path"}``), a path, or a PIL image."""
 
     def load(size: int | None) -> Image.Image:
+        from tokprune.data.images import open_rgb
+
         if isinstance(value, Image.Image):
-            img = value
-        elif isinstance(value, dict) and value.get("bytes"):
-            img = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            p = value.get("path") if isinstance(value, dict) else value
-            if not p:
-                raise ValueError(f"image {value!r} has neither bytes nor a path")
-            p = Path(p) if Path(p).is_absolute() else base / p
-            img = Image.open(p)
-        return img.convert("RGB")
+            return value.convert("RGB")
+        if isinstance(value, dict) and value.get("bytes"):
+            name = f"{base} (stored image{' ' + value['path'] if value.get('path') else ''})"
+            return open_rgb(io.BytesIO(value["bytes"]), name)
+        p = value.get("path") if isinstance(value, dict) else value
+        if not p:
+            raise ValueError(f"image {value!r} has neither bytes nor a path")
+        return open_rgb(Path(p) if Path(p).is_absolute() else base / p)
 
     return load

@@ -31,8 +31,15 @@ def check(spec: GridSpec) -> dict[str, Any]:
     known = method_names()
     for m in spec.methods:
         if m not in known and not composed_names(m, known):
-            raise EvalArgumentError(f"unknown method {m!r}; methods: {', '.join(known)} (or two joined by +: a "
-                                    "vision method, then an LLM method)")
+            from tokprune.registry import get_method, is_import_path
+
+            if not is_import_path(m):
+                raise EvalArgumentError(f"unknown method {m!r}; methods: {', '.join(known)}, or "
+                                        "package.module:ClassName for a Pruner class of your own")
+            try:
+                get_method(m)  # a user's Pruner class: imported now, before the model loads
+            except ValueError as e:
+                raise EvalArgumentError(str(e)) from None
     if spec.methods and not (spec.keeps or spec.keep_ratios or spec.flops_ratios):
         raise EvalArgumentError("pass budgets: --keep, --keep-ratio and/or --flops-ratio")
     if spec.batch_size < 1:

@@ -18,12 +18,8 @@ from packaging.version import Version
 
 from tokprune.errors import UntestedTransformersError
 
-#: the release of each tested minor that CI installs (oldest first; CI runs the whole suite on each)
-TESTED_RELEASES: dict[str, str] = {"5.23": "5.23.0", "5.24": "5.24.0", "5.25": "5.25.0"}
-#: minor releases of transformers the full test suite passes on
-TESTED: tuple[str, ...] = tuple(TESTED_RELEASES)
-#: the environment variable that lets a user run on an untested release (with one warning)
-OVERRIDE_ENV = "TOKPRUNE_ALLOW_UNTESTED_TRANSFORMERS"
+# the tested window lives in a module that imports nothing (the CLI reads it without transformers); names kept here
+from tokprune.transformers_window import OVERRIDE_ENV, TESTED, TESTED_RELEASES  # noqa: E402,F401
 
 VERSION = Version(transformers.__version__)
 MINOR = f"{VERSION.major}.{VERSION.minor}"

@@ -5,6 +5,7 @@ from tokprune.pruners import (  # noqa: F401
     cdpruner,
     cls_attention,
     dart,
+    divprune,
     fastv,
     flowcut,
     hiprune,
@@ -14,6 +15,7 @@ from tokprune.pruners import (  # noqa: F401
     transprune,
     vflowopt,
     visionzip,
+    vispruner,
 )
 from tokprune.pruners.base import (
     LLMDecision,

@@ -8,6 +8,7 @@ and docs/methods.md (the paper has no public code, so it is the spec).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from tokprune.pruners.base import (
 )
 from tokprune.registry import register_method
 from tokprune.rules import catp as rules
+from tokprune.schedule import Schedule
 
 #: the paper's stage-2 layer by LLM depth: K = 6 for LLaVA-NeXT-7B / InternVL2.5-8B (32 layers) and Qwen2.5-VL-7B
 #: (28), K = 10 for LLaVA-NeXT-13B (40); other depths: 6 scaled from 32 layers
@@ -154,6 +156,18 @@ class CATP(Pruner):
         """One image alone (stage 1 only): ``floor(S (1 - R/2))`` at every stage. In a row of several images the
         budgets are pooled (:meth:`row_budgets`)."""
         return self.stage1(n_visual, keep)
+
+    def schedule(self, info: ModelInfo, n_visual: int, keep: int, keep_ratio: float | None = None) -> Schedule:
+        """One image alone: its stage-1 count at every stage, which is more than ``keep`` (``floor(S (1 - R/2))``,
+        at least half the image); the schedule's note says so, since ``keep`` is the final count of each image of a
+        few-shot prompt only."""
+        sched = super().schedule(info, n_visual, keep, keep_ratio)
+        if keep >= n_visual:
+            return sched
+        r = self.ratio(n_visual, keep)
+        note = (f"one image runs stage 1 only and keeps floor(S (1 - R/2)) = {sched.stages[-1].keep} of {n_visual} "
+                f"at R = {r:.3f}, not keep={keep}; keep is the final count of each image of a few-shot prompt")
+        return dataclasses.replace(sched, note=note)
 
     def row_budgets(self, info: ModelInfo, stage: int, n_visual: list[int], keep: list[int]) -> list[int]:
         """Per image of a row: stage 0 ``floor(S_i (1 - R/2))``; stage 1 (after K) the demonstrations' pool

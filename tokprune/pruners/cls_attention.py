@@ -9,17 +9,47 @@ import torch
 from tokprune.pruners.base import ModelInfo, Pruner, Signal, UnsupportedError, VisionRequest, VisionSignals
 from tokprune.registry import register_method
 
-CLS_FREE_HINT = "methods that need no [CLS] token: fastv, random, hiprune, visionzip"
 #: vtc_cls default: layers 16..22 of LLaVA-1.5's CLIP (the reference code's default start layer 16), 7 layers
 DEFAULT_SPAN = 7
 
 
+_HINTING: list[bool] = []  # set while runs_without_cls asks every method (its [CLS] methods raise without a hint)
+
+
 def _require_cls(name: str, info: ModelInfo) -> None:
     if not info.has_cls:
+        hint = "" if _HINTING else f"; methods that run without one here: {', '.join(runs_without_cls(info))}"
         raise UnsupportedError(
-            f"{name} ranks patches by [CLS] attention, but the {info.family} vision encoder has no [CLS] token; "
-            f"{CLS_FREE_HINT}"
+            f"{name} ranks patches by [CLS] attention, but the {info.family} vision encoder has no [CLS] token{hint}"
         )
+
+
+def runs_without_cls(info: ModelInfo) -> list[str]:
+    """The registered methods whose :meth:`~tokprune.Pruner.check` accepts ``info`` (a model without [CLS]):
+    computed from the registry, so a new method shows up in the hint by itself."""
+    from tokprune.registry import METHODS
+
+    out = []
+    _HINTING.append(True)
+    try:
+        for name, cls in sorted(METHODS.items()):
+            if _accepts(cls, info):
+                out.append(name)
+    finally:
+        _HINTING.pop()
+    return out
+
+
+def _accepts(cls: type[Pruner], info: ModelInfo) -> bool:
+    """Whether a method with its default options runs on ``info``: its check passes and it asks for no [CLS]
+    signal the encoder lacks."""
+    try:
+        pruner = cls()
+        pruner.check(info)
+        request = pruner.vision_request(info)
+    except (UnsupportedError, ValueError, TypeError):
+        return False
+    return request is None or info.has_cls or not any(sig.kind == "cls" for sig in request.signals)
 
 
 def _resolve_layer(layer: int, info: ModelInfo) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,13 @@ class RandomPrune(Pruner):
         super().__post_init__()
         if self.seed_by not in SEED_BY:
             raise ValueError(f"random: seed_by must be one of {SEED_BY}, got {self.seed_by!r}")
+        try:
+            if isinstance(self.seed, (bool, float, str)):
+                raise TypeError
+            self.seed = operator.index(self.seed)  # numpy / torch integer scalars too
+        except TypeError:
+            raise TypeError(f"random: seed must be an int (it seeds each image's generator), "
+                            f"got {self.seed!r}") from None
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         return VisionRequest((PIXELS,) if self.seed_by == "content" else ())

@@ -1,7 +1,7 @@
 """Model-free selection rules of the pruning methods, as pure tensor functions.
 
 Each module here (``hiprune``, ``visionzip``, ``flowcut``, ``pdrop``, ``transprune``, ``vflowopt``, ``catp``,
-``cdpruner``, ``dart``)
+``cdpruner``, ``dart``, ``divprune``, ``vispruner``)
 holds one method's scoring, counting and selection rules written against plain tensors: attention rows or
 statistics, keys, values, hidden states, pixels and grid shapes go in; kept indices, counts, merged features
 and their source indices come out. They know nothing about models, hooks or caches: the pruners in

@@ -96,9 +96,9 @@ def compare(model: Any, processor: Any, images: Image.Image | Sequence[Image.Ima
         raise ValueError("pass at least one method and one budget")
     text = text if text is not None else prompt_for(processor, question, len(imgs))
     base = run_once(model, processor, imgs, text)
-    rows = []
+    rows, over_rows = [], []
     for method in methods:
-        cells = []
+        cells, over = [], False
         for b in budgets:
             budget = budget_of(b)
             r = run_once(model, processor, imgs, text, method, budget, record_scores=scores, **options)
@@ -108,7 +108,28 @@ def compare(model: Any, processor: Any, images: Image.Image | Sequence[Image.Ima
             pic = picture(imgs, r.record, size=size, scores=scored)
             if scores and not scored:  # the method ranks by no per-token score (e.g. flowcut's in-encoder cut)
                 pic = titled(pic, f"{method} records no per-token scores")
-            cells.append(titled(pic, f"{budget_label(budget)}: {kept}/{total} tokens, answer {r.answer!r}"))
-        rows.append(titled(hstack(cells, gap=10), method, side="left", label_width=max(map(text_width, methods))))
+            more = keeps_more(r.record, budget)
+            over = over or more
+            title = (f"{budget_label(budget)}: {kept}/{total} tokens, answer {r.answer!r}" if not more else
+                     f"keeps {kept}/{total} tokens, more than {budget_label(budget)}, answer {r.answer!r}")
+            cells.append(titled(pic, title))
+        row = titled(hstack(cells, gap=10), method, side="left", label_width=max(map(text_width, methods)))
+        (over_rows if over else rows).append(row)
+    if over_rows:  # not beside the methods that keep the column's budget: a group of their own, below
+        note = "these keep more than their column's budget (each title says what they keep)"
+        rows.append(titled(vstack(over_rows, gap=10), note))
     grid = vstack(rows, gap=10)
     return titled(grid, f"{type(model).__name__}: {question!r} (unpruned answer {base.answer!r})")
+
+
+def keeps_more(record: Any, budget: dict[str, Any]) -> bool:
+    """Whether the first prompt's kept tokens (special tokens such as LLaVA-NeXT's newlines aside) exceed what
+    ``budget`` asks of its images (CATP on one image runs its stage 1 only and keeps ``1 - R/2`` of them)."""
+    special = record.special[0] if record.special else [None] * len(record.kept[0])
+    asked = 0
+    kept = 0
+    for n, k, mask in zip(record.n_visual[0], record.kept[0], special):
+        content = n - (0 if mask is None else int(mask.sum()))
+        asked += tokprune.Budget(keep=budget.get("keep"), keep_ratio=budget.get("keep_ratio")).count(content)
+        kept += int(k.numel()) - (0 if mask is None else int(mask.cpu()[k.cpu()].sum()))
+    return kept > asked

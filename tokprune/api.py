@@ -150,7 +150,8 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
 def check_foreign_family_options(adapter_cls: type, method: str | Pruner, options: dict[str, Any]) -> None:
     """Refuse an option that belongs to another model family (``tile_budget`` on LLaVA-1.5), naming that family,
     instead of calling it an unknown option of the method."""
-    own = {f.name for f in dataclasses.fields(method if isinstance(method, Pruner) else get_method(method))}
+    cls = method if isinstance(method, Pruner) else Compose if JOIN in method else get_method(method)
+    own = {f.name for f in dataclasses.fields(cls)}
     for key in options:
         families = [fam for fam, cls in MODELS.items() if key in cls.options and cls is not adapter_cls]
         if key not in own and families:

@@ -119,6 +119,18 @@ def test_duplicates_are_never_kept_together():
     assert tuple(sorted(picks)) in sets
 
 
+def test_greedy_past_the_kernel_rank_picks_distinct_tokens():
+    """A rank-2 kernel (6 tokens on 2 directions) asked for 5 picks: past the rank the gains are 0 / NaN, and the
+    authors' loop re-picks an already chosen token there (a duplicate); tokprune takes the lowest-index token not
+    yet picked, so the kept set is 5 distinct tokens that agree with the reference up to the rank."""
+    x = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0], [1.0, 0]])
+    kernel = rules.conditional_kernel(rules.similarity(x[None]), torch.ones(1, 6))
+    picks = rules.dpp_greedy(kernel, 5)[0].tolist()
+    assert len(set(picks)) == 5 and picks[:2] == [0, 2]
+    ref = authors_rule(x[None], x[None], torch.tensor([[1.0, 1.0]]), 5)[0].tolist()
+    assert len(set(ref)) < 5  # the reference's duplicate: why the mask exists
+
+
 def test_greedy_matches_exhaustive_search_where_it_is_exact():
     """k = 1 (the largest diagonal) and block-orthogonal kernels (the MAP factorises over blocks of one token
     each ... and of the greedy's own first picks) on many random tiny sets: the greedy's determinant equals the

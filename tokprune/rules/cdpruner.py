@@ -17,7 +17,10 @@ crop, the crops of one image in one batch):
 :func:`dpp_greedy` runs that loop batched over images of one size: one loop over the k picks with tensor work
 inside, the same operations in the same order as the reference, so on the same device the picks agree. Past the
 kernel's rank the gains turn 0 / NaN and ``torch.argmax`` (which treats NaN as the largest value) then picks the
-lowest-index remaining token; the reference behaves the same, and we keep it (tiny test models hit it).
+lowest-index token whose gain is NaN; the reference behaves the same, and we keep it (tiny test models hit it).
+One deviation: once the gains are NaN, a token already picked can carry a NaN gain too (``-inf - NaN``), and the
+reference then picks it again (a duplicate, so fewer distinct tokens than its budget); :func:`dpp_greedy` masks the
+picked tokens, so it takes the lowest-index token not yet picked instead.
 """
 
 from __future__ import annotations
@@ -70,8 +73,11 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2
     basis = torch.zeros(b, k, n, device=dev, dtype=kernel.dtype)  # c_t, one row per pick (contiguous for bmm)
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    taken = torch.zeros(b, n, dtype=torch.bool, device=dev)
     for step in range(k):
-        j = gain.argmax(-1)
+        # a picked token's gain is -inf, or NaN once the kernel is exhausted: never pick it again
+        j = gain.masked_fill(taken, -float("inf")).argmax(-1)
+        taken[rows, j] = True
         picks[:, step] = j
         coeff = basis[rows, :step, j]  # (B, step): c_t[j] of the earlier picks
         proj = torch.bmm(coeff.unsqueeze(1), basis[:, :step]).squeeze(1)  # sum_t c_t[j] c_t

@@ -157,3 +157,15 @@ def test_two_process_data_parallel_on_cpu(local_tasks: dict[str, Any], tokprune_
     (samples,) = tmp_path.rglob("*_samples_tp_shapes.jsonl")
     doc_ids = [json.loads(line)["doc_id"] for line in samples.read_text().splitlines()]
     assert sorted(doc_ids) == list(range(N))
+
+
+def test_the_process_group_lmms_eval_opened_is_closed_at_exit(tmp_path: Path) -> None:
+    """lmms-eval never destroys its gloo group; tokprune's model does at exit, so no rank aborts during teardown."""
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('closed' if not dist.is_initialized() else 'open'))  # runs last\n"
+            "from tokprune.eval import lmms_model\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)\n"
+            "assert dist.is_initialized()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "closed"

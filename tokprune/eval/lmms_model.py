@@ -14,6 +14,7 @@ LOCAL_RANK GPU; lmms-eval shards the requests and gathers the results.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -39,6 +40,22 @@ def answer_length(bundle: Any, gen_kwargs: dict[str, Any]) -> int:
     ``max_new_tokens``, or a reference model's one token), else the task's ``max_new_tokens``, else the model's
     default (16)."""
     return int(bundle.answer_tokens or gen_kwargs.get("max_new_tokens") or bundle.max_new_tokens)
+
+
+def _close_process_group() -> None:
+    """Destroy the process group lmms-eval opened for a data-parallel run before the interpreter exits.
+
+    lmms-eval 0.7.3 calls ``init_process_group("gloo")`` on CPU and never destroys it; gloo's threads then meet
+    interpreter teardown and a rank may abort ("terminate called without an active exception", exit -6) after
+    every result was written, which fails the whole ``torchrun``.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_close_process_group)
 
 
 class TokPruneLMM(lmms):

@@ -14,6 +14,8 @@ import tokprune.patches  # noqa: F401  (registers the built-in model families)
 import tokprune.pruners  # noqa: F401  (registers the built-in methods)
 from tokprune import budget_solver
 from tokprune.config import Budget
+from tokprune.copying import HOOK, PatchedCopy
+from tokprune.eager import forget_compiled_code
 from tokprune.info import model_info  # noqa: F401  (re-exported: tokprune.api.model_info)
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
@@ -143,7 +145,7 @@ def apply(model: nn.Module, method: str | Pruner | None = None, keep: int | None
     if is_patched(model):
         remove(model)
     adapter.install()
-    setattr(model, ATTR, Handle(adapter))
+    _attach(model, Handle(adapter))
     return compiled
 
 
@@ -168,6 +170,9 @@ def remove(model: nn.Module) -> nn.Module:
     if isinstance(handle, Handle):
         handle._adapter.remove()
         delattr(orig, ATTR)
+        if isinstance(vars(orig).get(HOOK), PatchedCopy):
+            delattr(orig, HOOK)
+        forget_compiled_code()
     return model
 
 
@@ -199,7 +204,27 @@ def _reinstall(model: nn.Module, handle: Handle) -> None:
     record = adapter.record
     adapter.install()
     adapter.record = record
+    _attach(model, handle)
+
+
+def _attach(model: nn.Module, handle: Handle) -> None:
+    """Mark ``model`` patched by ``handle`` (hooks already installed): ``model.tokprune``, a ``__deepcopy__`` that
+    gives a copy its own patch (:mod:`tokprune.copying`), and compiled code traced before the hooks changed dropped
+    (:func:`tokprune.eager.forget_compiled_code`)."""
     setattr(model, ATTR, handle)
+    object.__setattr__(model, HOOK, PatchedCopy(model, handle, _own_patch))
+    forget_compiled_code()
+
+
+def _own_patch(clone: nn.Module) -> None:
+    """The last step of ``copy.deepcopy`` of a patched model: the copied patch (its adapter refers to the copy's
+    modules) is taken off the copy, shared wrappers and tap registrations included, and installed again, so every
+    hook, tap and wrapper of the copy is bound to the copy. Its method, options, budget and last record are copies
+    of the original's."""
+    handle = vars(clone).get(ATTR)
+    if isinstance(handle, Handle):
+        handle._adapter.remove()
+        _reinstall(clone, handle)
 
 
 def last_record(model: nn.Module) -> PruneRecord | None:

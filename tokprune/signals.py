@@ -29,6 +29,7 @@ from tokprune.attention import (  # noqa: F401  (re-exported: the taps' statisti
     received_attention,
     varlen_chunks,
 )
+from tokprune.eager import eager
 
 TapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float, dict], None]
 
@@ -55,7 +56,7 @@ class AttentionTaps:
             raise RuntimeError(f"{type(module).__name__} already has an attention tap")
         if not self._saved:
             self._install()
-        object.__setattr__(module, TAP_ATTR, (fn, skip))
+        object.__setattr__(module, TAP_ATTR, (eager(fn), eager(skip) if skip is not None else None))
         self._modules.add(module)
 
     def discard(self, module: nn.Module) -> None:
@@ -71,7 +72,7 @@ class AttentionTaps:
     def replace(self, module: nn.Module, fn: TapFn) -> None:
         """Swap the tap function of an already tapped ``module`` (its skip is kept)."""
         if TAP_ATTR in vars(module):
-            object.__setattr__(module, TAP_ATTR, (fn, vars(module)[TAP_ATTR][1]))
+            object.__setattr__(module, TAP_ATTR, (eager(fn), vars(module)[TAP_ATTR][1]))
 
     def _install(self) -> None:
         keys = set(ALL_ATTENTION_FUNCTIONS.keys()) | {"eager"}

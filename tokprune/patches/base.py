@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tokprune.config import Budget
+from tokprune.eager import eager
 from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.prefill import Orchestrator, PrefillState
@@ -276,8 +277,8 @@ class Adapter:
 
     def install(self) -> None:
         orch = self.orchestrator
-        self._handles.append(self.model.register_forward_pre_hook(orch.pre_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(orch.post_forward, always_call=True))
+        self._handles.append(self.model.register_forward_pre_hook(eager(orch.pre_forward), with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(eager(orch.post_forward), always_call=True))
         if self.vision is not None:
             self.vision.install()
         if self.encoder_cut is not None:

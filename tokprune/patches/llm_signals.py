@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokprune.eager import eager
 from tokprune.patches.compat import cache_kwargs
 from tokprune.pruners.base import LLMRequest, Observed
 from tokprune.signals import TAPS, attention_rows, remove_installed
@@ -92,9 +93,10 @@ class LLMTaps:
             if not 0 <= lay < len(layers):
                 raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {len(layers)} layers")
             for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
-                self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
+                self._handles.append(mod.register_forward_hook(eager(partial(self._observe, lay, part)),
+                                                                 with_kwargs=True))
         if self.request.embeddings:
-            self._handles.append(layers[0].register_forward_pre_hook(self._embed, with_kwargs=True))
+            self._handles.append(layers[0].register_forward_pre_hook(eager(self._embed), with_kwargs=True))
 
     def remove(self) -> None:
         remove_installed(self._handles, self._tapped)

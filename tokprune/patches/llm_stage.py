@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokprune.eager import eager
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
 from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
@@ -44,7 +45,8 @@ class LLMStages:
     def install(self) -> None:
         lm = self.adapter.language_model
         for i in range(self.layers[0], len(lm.layers)):
-            self._handles.append(lm.layers[i].register_forward_pre_hook(partial(self._layer_hook, i), with_kwargs=True))
+            self._handles.append(lm.layers[i].register_forward_pre_hook(eager(partial(self._layer_hook, i)),
+                                                                    with_kwargs=True))
         if self.taps is not None:
             self.taps.install()
 

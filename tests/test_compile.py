@@ -10,8 +10,9 @@
   (TorchDynamo does not guard on nn-module hooks), giving wrong shapes or a missing-rows error.
 
 Every check runs with ``fail_on_recompile_limit_hit`` and counts the frames compiled, so a case cannot pass by
-silently falling back to eager execution. The full ``aot_eager`` matrix is marked ``compile_matrix`` (CI runs it on
-the newest transformers release only; it takes minutes on a 2-core CPU).
+silently falling back to eager execution. The full matrix, the ``inductor`` cases and the other backends of the
+compile-then-apply test are marked ``compile_matrix``: CI runs them on the newest transformers release only (minutes on
+a 2-core CPU); a subset runs on every release.
 """
 
 from __future__ import annotations
@@ -103,12 +104,14 @@ def test_apply_then_compile_aot_eager_every_method(family, method):
 
 
 @pytest.mark.parametrize("family, method", [("llava", "flowcut"), ("llava", "vflowopt"), ("qwen2_vl", "hiprune"),
-                                            ("qwen2_vl", "visionzip"), ("llava", "dart")])
+                                            ("qwen2_vl", "visionzip")])
 def test_apply_then_compile_aot_eager_failed_before(family, method):
-    """The combinations that raised (or, dart, gave wrong logits) before the hooks ran outside the compiler."""
+    """Combinations that raised before the hooks ran outside the compiler (every release; the full matrix above
+    holds them too)."""
     apply_then_compile(family, method, "aot_eager")
 
 
+@pytest.mark.compile_matrix
 @needs_cxx
 @pytest.mark.parametrize("family, method", [("llava", "flowcut"), ("qwen2_vl", "vflowopt"), ("llava", "fastv"),
                                             ("qwen2_vl", "visionzip")])
@@ -116,12 +119,14 @@ def test_apply_then_compile_inductor(family, method):
     apply_then_compile(family, method, "inductor")
 
 
-@pytest.mark.parametrize("family, method", [("llava", "cls"), ("qwen2_vl", "pdrop")])
+@pytest.mark.parametrize("family, method", [("llava", "cls"),
+                                            pytest.param("qwen2_vl", "pdrop", marks=pytest.mark.compile_matrix)])
 def test_apply_then_compile_eager_backend(family, method):
     apply_then_compile(family, method, "eager")
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=needs_cxx)])
+@pytest.mark.parametrize("backend", [pytest.param("eager", marks=pytest.mark.compile_matrix), "aot_eager",
+                                     pytest.param("inductor", marks=[needs_cxx, pytest.mark.compile_matrix])])
 def test_compile_then_apply_and_switch_methods(backend):
     """``apply`` on the compiled wrapper patches its original module, after the wrapper has already compiled and
     run unpatched; then another method (with LLM taps and stages) replaces the first on the compiled model, and

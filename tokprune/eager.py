@@ -25,8 +25,12 @@ F = TypeVar("F", bound=Callable)
 
 def eager(fn: F) -> F:
     """``fn`` (a hook, a tap, a wrapped model method) run as plain Python even inside a compiled model: Dynamo
-    skips it and every frame it calls (``recursive=True``)."""
-    return torch.compiler.disable(fn, recursive=True)
+    skips it and every frame it calls (``recursive=True``). Idempotent: a function it returned comes back as is."""
+    if getattr(fn, "_tokprune_eager", False):
+        return fn
+    wrapped = torch.compiler.disable(fn, recursive=True)
+    wrapped._tokprune_eager = True
+    return wrapped
 
 
 _frames_at_reset = 0

@@ -44,11 +44,16 @@ def forget_compiled_code() -> None:
     ``skip_nnmodule_hook_guards``) nor on the attention-function table tokprune's taps wrap, so code compiled before
     a patch changed would go on running the old patch, or none: wrong answers with no error. After the reset every
     compiled model (this one and any other in the process) traces again at its next call, under the hooks it has
-    then. A process that never compiled anything pays nothing."""
+    then. A process that never compiled anything pays nothing. It also turns TorchDynamo's guards on module hooks on
+    (``skip_nnmodule_hook_guards = False``, for the process): one compiled decoder-layer forward serves every layer,
+    and without those guards the code traced for a layer without tokprune's hooks ran for a hooked one."""
     global _frames_at_reset
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is None:
         return
+    # one code object serves every decoder layer; with hook guards skipped, code compiled for a layer without
+    # tokprune's hooks would be reused for a hooked one (TranSPrune's observers were skipped from the second call on)
+    dynamo.config.skip_nnmodule_hook_guards = False
     try:
         from torch._dynamo.utils import counters
 

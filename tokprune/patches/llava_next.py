@@ -44,6 +44,7 @@ content tokens plus the newlines with every method.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +66,7 @@ class _Packing:
     image_sizes: torch.Tensor  # (n_images, 2)
     n_tiles: list[int]  # tiles per image that went through the encoder
     per_tile: int  # features per tile before packing
-    strategy: str
+    options: dict[str, Any]  # the call's other arguments by name (strategy on NeXT, aspect ratio on OneVision)
     outputs: list[torch.Tensor]  # the packed features it returned (to recognise them after generate expands them)
 
 
@@ -119,13 +120,46 @@ class LlavaNextAdapter(LlavaAdapter):
         super().remove()
 
     def _recording(self, pack: Any) -> Any:
-        def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
-            out = pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
-            self._packing = _Packing(torch.as_tensor(image_sizes).cpu(), [int(f.shape[0]) for f in image_features],
-                                     int(image_features[0].shape[1]), vision_feature_select_strategy, list(out[0]))
+        """Wrap the model's ``pack_image_features``: whatever way HF calls it, the call is bound to the method's
+        public parameter names (``image_features``, ``image_sizes``, ``image_newline``; a renamed one fails here,
+        loudly), and its other arguments are kept by name to replay it (:meth:`pack_values`)."""
+        signature = inspect.signature(pack)
+        missing = {"image_features", "image_sizes", "image_newline"} - set(signature.parameters)
+        if missing:
+            import transformers
+
+            raise RuntimeError(f"{type(self.base).__name__}.pack_image_features has no parameter "
+                               f"{', '.join(sorted(missing))} in transformers {transformers.__version__}; tokprune "
+                               "calls it by these names (see python -m tokprune.compat --check)")
+
+        @functools.wraps(pack)
+        def pack_image_features(*args: Any, **kwargs: Any) -> Any:
+            call = signature.bind(*args, **kwargs)
+            call.apply_defaults()
+            out = pack(*args, **kwargs)
+            options = dict(call.arguments)
+            features, sizes = options.pop("image_features"), options.pop("image_sizes")
+            options.pop("image_newline")
+            self._packing = _Packing(torch.as_tensor(sizes).cpu(), [int(f.shape[0]) for f in features],
+                                     int(features[0].shape[1]), options, list(out[0]))
             return out
 
         return pack_image_features
+
+    def pack_values(self, values: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor,
+                    **options: Any) -> list[torch.Tensor]:
+        """The model's own ``pack_image_features`` (unwrapped) on per-tile values (n_tiles, per_tile, C) of each
+        image, called by keyword only; ``options``: its family-specific arguments by name (LLaVA-NeXT's
+        ``vision_feature_select_strategy``, LLaVA-OneVision's ``vision_aspect_ratio``). The one place tokprune
+        calls it."""
+        packed, _ = type(self.base).pack_image_features(self.base, image_features=values, image_sizes=image_sizes,
+                                                        image_newline=newline, **options)
+        return list(packed)
+
+    def dummy_pack_options(self) -> dict[str, Any]:
+        """The packing arguments, by name, of a dummy packing of content-only tiles (``side * side`` tokens each)
+        before the model's own call was seen (per-tile cut budgets). Family hook."""
+        return {"vision_feature_select_strategy": "default"}
 
     def _sizing(self, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -155,8 +189,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for j, size in enumerate(self._sizes):
             tiles = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
             ones = torch.ones(tiles, side * side, 1)
-            packed, _ = type(self.base).pack_image_features(self.base, [ones], self._sizes[j:j + 1], "default",
-                                                            image_newline=torch.zeros(1))
+            packed = self.pack_values([ones], self._sizes[j:j + 1], torch.zeros(1), **self.dummy_pack_options())
             content = int(packed[0].sum())
             out += [self.budget.count(content, rounding=self.pruner.ratio_rounding)] * tiles
             if out[-1] >= content:  # the budget keeps every content token: no tile is cut (keep-all is the model)
@@ -172,9 +205,8 @@ class LlavaNextAdapter(LlavaAdapter):
         pk = self._packing
         rest = per_tile.shape[2:]
         flat = per_tile.reshape(*per_tile.shape[:2], -1).float()
-        packed, _ = type(self.base).pack_image_features(
-            self.base, [flat], pk.image_sizes[j:j + 1], pk.strategy,
-            image_newline=torch.full((flat.shape[-1],), newline, device=per_tile.device))
+        packed = self.pack_values([flat], pk.image_sizes[j:j + 1],
+                                  torch.full((flat.shape[-1],), newline, device=per_tile.device), **pk.options)
         return packed[0].reshape(-1, *rest)
 
     def _sources(self, features: list[torch.Tensor]) -> list[int]:

@@ -49,6 +49,9 @@ class ModelInfo:
     has_cls: bool
     llm_layers: int
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
+    #: whether a method may drop tokens inside the vision encoder: False where the LLM's visual tokens are not a
+    #: subset of the encoder's (LLaVA-OneVision's anyres_max resize blends neighbouring crop tokens)
+    encoder_cuts: bool = True
 
     def encoder_layer(self, layer: int, what: str = "vision layer") -> int:
         """The 0-based encoder layer ``layer`` names (a negative one counts from the last); an error names the
@@ -60,6 +63,27 @@ class ModelInfo:
             raise ValueError(f"{what}={layer} is out of range for an encoder with {self.vision_layers} layers; pass "
                              f"a layer in [0, {self.vision_layers - 1}] (or a negative one counting from the last)")
         return resolved
+
+
+_HINTING: list[bool] = []  # set while _runs_on asks every method (so their refusals compute no hint)
+
+
+def _runs_on(info: ModelInfo) -> list[str]:
+    """The registered methods whose check accepts ``info`` with their default options (for error hints)."""
+    from tokprune.registry import METHODS
+
+    out = []
+    _HINTING.append(True)
+    try:
+        for name, cls in sorted(METHODS.items()):
+            try:
+                cls().check(info)
+            except (ValueError, TypeError):  # UnsupportedError is a ValueError
+                continue
+            out.append(name)
+    finally:
+        _HINTING.pop()
+    return out
 
 
 class ScoreSink:
@@ -610,6 +634,13 @@ class Pruner:
             raise UnsupportedError(
                 f"positions={self.positions!r} is not defined for {info.family} (M-RoPE keeps each token's 3-D "
                 "position); use positions='original'"
+            )
+        if not info.encoder_cuts and self.encoder_cut(info) is not None:
+            hint = "" if _HINTING else f"; methods that run here: {', '.join(_runs_on(info))}"
+            raise UnsupportedError(
+                f"{self.name} drops tokens inside the vision encoder, but {info.family} blends the encoder's tokens "
+                f"before the LLM sees them (a bilinear resize of large crop grids), so no encoder cut maps to LLM "
+                f"tokens{hint}"
             )
         layers = self.llm_layers(info)
         for k in layers:

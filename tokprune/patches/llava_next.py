@@ -138,6 +138,9 @@ class LlavaNextAdapter(LlavaAdapter):
             call.apply_defaults()
             out = pack(*args, **kwargs)
             options = dict(call.arguments)
+            for name, param in signature.parameters.items():  # **kwargs of the signature: replayed as given
+                if param.kind is inspect.Parameter.VAR_KEYWORD:
+                    options.update(options.pop(name, {}))
             features, sizes = options.pop("image_features"), options.pop("image_sizes")
             options.pop("image_newline")
             self._packing = _Packing(torch.as_tensor(sizes).cpu(), [int(f.shape[0]) for f in features],

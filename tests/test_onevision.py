@@ -1,0 +1,190 @@
+"""LLaVA-OneVision specifics on the tiny model (the family x method matrix runs in tests/test_families.py).
+
+What the matrix does not reach: an anyres_max interpolated crop grid and its tiles, true multi-image samples
+(``batch_num_images`` > 1: base tile + one newline per image), mixed batches of those, the refusals (video, an
+in-encoder cut, [CLS] methods) and the keyword calls into HF's ``pack_image_features``. References are the
+unpatched model fed the kept tokens (``mm_encoder_outputs``) or the masking oracle of ``tests/oracles.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracles
+import tokprune
+from tokprune.testing import image_prompt, make_image, tiny_model
+
+TOL = 1e-5
+N_NEW = 6
+GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, output_logits=True,
+           return_dict_in_generate=True)
+SIZES = [(112, 84), (168, 84)]  # (W, H): a 2x2-tile image (crop grid 4x4 -> resized to 2x2) and a 1x2-tile one
+
+
+@pytest.fixture(scope="module")
+def ov():
+    return tiny_model("llava_onevision")
+
+
+@pytest.fixture(autouse=True)
+def _unpatched(ov):
+    yield
+    tokprune.remove(ov[0])
+
+
+def images(sizes=SIZES, seed: int = 0):
+    return [make_image(w, h, seed=seed + j) for j, (w, h) in enumerate(sizes)]
+
+
+@torch.no_grad()
+def fed_kept(model, x, kept: list[torch.Tensor], generate: bool = False):
+    """The unpatched model fed only the kept visual tokens of a one-row prompt (contiguous positions, as the
+    unpatched model numbers a shorter prompt)."""
+    out = model.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"],
+                                         batch_num_images=x["batch_num_images"], return_dict=True)
+    ids = x["input_ids"]
+    pos = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    keep = ids[0] != model.config.image_token_id
+    for run, k in zip(torch.split(pos, [f.shape[0] for f in out.pooler_output]), kept):
+        keep[run[k]] = True
+    fed = out.__class__(**dict(out.items()))
+    fed.pooler_output = [f[k] for f, k in zip(out.pooler_output, kept)]
+    kw = dict(input_ids=ids[:, keep], mm_encoder_outputs={"image": fed})
+    if not generate:
+        return model(**kw).logits
+    return oracles.greedy_decode(model, N_NEW, position_ids=torch.arange(int(keep.sum()))[None], **kw)
+
+
+def test_the_tiny_model_resizes_one_crop_grid_and_not_the_other(ov):
+    model, proc = ov
+    x = proc(images=images(), text=image_prompt(proc, 2), return_tensors="pt")
+    feats = model.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"]).pooler_output
+    # base 2x2 + crop grid + one newline per crop row: 4x4 resized to 2x2 (anyres_max_2), 2x4 kept as it is
+    assert [f.shape[0] for f in feats] == [4 + 2 * 2 + 2, 4 + 2 * 4 + 2]
+
+
+def test_tiles_of_a_resized_grid_and_the_per_tile_budget(ov):
+    """The 4x4 crop grid of a 2x2-tile image, halved by the bilinear resize: each resized token is the mean of a
+    2x2 block of patches, which lies in one tile (tile side 2 patches), so the layout is known by hand."""
+    model, proc = ov
+    x = proc(images=images(), text=image_prompt(proc, 2), return_tensors="pt")
+    with torch.no_grad(), tokprune.pruned(model, "vispruner", keep=5, tile_budget="per_tile"):
+        model(**x)
+        adapter = model.tokprune._adapter
+        feats = model.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"],
+                                               batch_num_images=x["batch_num_images"]).pooler_output
+        layout = adapter.tile_layout(list(feats))
+        rec = tokprune.last_record(model)
+    assert layout[0].tolist() == [0, 0, 0, 0, 1, 2, -1, 3, 4, -1]
+    assert layout[1].tolist() == [0, 0, 0, 0, 1, 1, 2, 2, -1, 1, 1, 2, 2, -1]
+    kept = rec.kept[0][0]
+    content = kept[layout[0][kept] >= 0]
+    # keep 5 over tiles of 4, 1, 1, 1, 1 content tokens: one per tile, and both newlines on top
+    assert sorted(layout[0][content].tolist()) == [0, 1, 2, 3, 4]
+    assert set(kept.tolist()) >= {6, 9}
+
+
+@pytest.mark.parametrize("method", ["random", "vispruner", "divprune"])
+def test_multi_image_sample_keeps_k_like_the_model_fed_them(ov, method):
+    """A nested image list: one sample, two images, each its base tile (4 tokens) plus one newline."""
+    model, proc = ov
+    x = proc(images=[images()], text=image_prompt(proc, 2), return_tensors="pt")
+    assert x["batch_num_images"].tolist() == [2]
+    k = 2
+    with torch.no_grad():
+        tokprune.apply(model, method, keep=k)
+        out = model(**x).logits
+        gen = model.generate(**x, **GEN)
+        rec = tokprune.last_record(model)
+        tokprune.remove(model)
+        ref = fed_kept(model, x, rec.kept[0])
+        ref_gen = fed_kept(model, x, rec.kept[0], generate=True)
+    assert rec.n_visual == [[5, 5]] and rec.n_kept == [[k + 1, k + 1]]
+    assert all(int(kept[-1]) == 4 for kept in rec.kept[0])  # the newline is kept
+    assert (out - ref).abs().max() <= TOL
+    assert torch.equal(gen.sequences[:, -N_NEW:], ref_gen.sequences[:, -N_NEW:])
+    assert max((a - b).abs().max().item() for a, b in zip(gen.logits, ref_gen.logits)) <= TOL
+
+
+def test_multi_image_fastv_equals_the_masking_oracle(ov):
+    model, proc = ov
+    x = proc(images=[images()], text=image_prompt(proc, 2), return_tensors="pt")
+    with torch.no_grad():
+        tokprune.apply(model, "fastv", keep=2, layer=2)
+        out = model(**x).logits
+        rec = tokprune.last_record(model)
+        tokprune.remove(model)
+        ids = x["input_ids"][0]
+        runs = torch.split((ids == model.config.image_token_id).nonzero()[:, 0], rec.n_visual[0])
+        keep = ids != model.config.image_token_id
+        for run, kept in zip(runs, rec.kept[0]):
+            keep[run[kept]] = True
+        with oracles.CutMask(model, [(2, keep[None])]):
+            ref = model(**x).logits
+    assert rec.n_kept == [[3, 3]]
+    assert (out[0] - ref[0, keep]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastv"])
+def test_batch_of_a_two_image_sample_and_an_anyres_one_matches_single_runs(ov, method):
+    """batch_num_images [2, 1]: the first sample's images are base tiles only, the second's is tiled (anyres)."""
+    model, proc = ov
+    ims = images([(112, 84), (56, 84), (84, 112)])
+    texts = [image_prompt(proc, 2, "compare the first and second picture ?"), image_prompt(proc, 1, "what ?")]
+    batch = proc(images=[ims[:2], ims[2:]], text=texts, return_tensors="pt", padding=True)
+    assert batch["batch_num_images"].tolist() == [2, 1] and (batch["attention_mask"] == 0).any()
+    with torch.no_grad(), tokprune.pruned(model, method, keep_ratio=0.5):
+        gen = model.generate(**batch, **GEN)
+        rec = tokprune.last_record(model)
+        singles = [model.generate(**proc(images=[im], text=t, return_tensors="pt"), **GEN)
+                   for t, im in zip(texts, (ims[:2], ims[2:]))]
+    assert rec.n_visual[0] == [5, 5] and rec.n_visual[1][0] > 5
+    for b, g in enumerate(singles):
+        assert torch.equal(gen.sequences[b, -N_NEW:], g.sequences[0, -N_NEW:])
+        assert max((la[b] - lb[0]).abs().max().item() for la, lb in zip(gen.logits, g.logits)) <= TOL
+
+
+def test_video_inputs_raise(ov):
+    model, proc = ov
+    x = proc(images=images()[:1], text=image_prompt(proc, 1), return_tensors="pt")
+    tokprune.apply(model, "random", keep=2)
+    with pytest.raises(Exception, match="does not prune video inputs"):
+        model(**x, pixel_values_videos=torch.zeros(1, 2, 3, 28, 28))
+
+
+def test_methods_that_need_what_siglip_lacks_refuse(ov):
+    model, _ = ov
+    with pytest.raises(tokprune.UnsupportedError, match=r"no \[CLS\] token.*fastv.*random"):
+        tokprune.apply(model, "cls", keep=4)
+    with pytest.raises(tokprune.UnsupportedError, match=r"drops tokens inside the vision encoder.*fastv.*visionzip"):
+        tokprune.apply(model, "flowcut", keep=4)
+    assert not tokprune.is_patched(model)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_pack_image_features_is_called_by_keyword(family, monkeypatch):
+    """HF may reorder its private ``pack_image_features`` parameters (OneVision's order differs from NeXT's; a
+    positional call written for one breaks on the other): tokprune's calls are by keyword, so a reordered version
+    gives the same pruned logits; a renamed parameter fails at ``apply``, naming it."""
+    model, proc = tiny_model(family)
+    x = proc(images=images(), text=image_prompt(proc, 2), return_tensors="pt")
+    base_cls = type(model.model)
+    original = base_cls.pack_image_features
+    with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=4):
+        ref = model(**x).logits
+
+    def reordered(self, image_features, image_sizes, image_newline=None, **options):  # OneVision's order on NeXT
+        return original(self, image_features=image_features, image_sizes=image_sizes, image_newline=image_newline,
+                        **options)
+
+    monkeypatch.setattr(base_cls, "pack_image_features", reordered)
+    with torch.no_grad(), tokprune.pruned(model, "visionzip", keep=4):
+        assert torch.equal(model(**x).logits, ref)
+
+    def renamed(self, image_features, sizes, image_newline=None, **options):
+        return original(self, image_features, sizes, image_newline=image_newline, **options)
+
+    monkeypatch.setattr(base_cls, "pack_image_features", renamed)
+    with pytest.raises(RuntimeError, match="has no parameter image_sizes"):
+        tokprune.apply(model, "visionzip", keep=4)

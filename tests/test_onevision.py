@@ -188,3 +188,24 @@ def test_pack_image_features_is_called_by_keyword(family, monkeypatch):
     monkeypatch.setattr(base_cls, "pack_image_features", renamed)
     with pytest.raises(RuntimeError, match="has no parameter image_sizes"):
         tokprune.apply(model, "visionzip", keep=4)
+
+
+@pytest.mark.parametrize("hw", [(384, 384), (768, 768), (500, 1900), (2304, 2304), (1000, 3000)])
+def test_flops_token_count_of_the_7b_config_is_the_processors(hw):
+    """``tokprune.flops.image_work`` on llava-onevision-7b (anyres_max_9 over up to 6x6 tiles of 27x27 SigLIP
+    patches) gives the visual tokens HF's processor writes for an image of that size (the 2304 px square is
+    resized: 162x162 -> 81x81)."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from tokprune import configs, flops
+    config = configs.load("llava-onevision-7b")
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 384, "width": 384},
+                                         image_grid_pinpoints=config.image_grid_pinpoints)
+    proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # no video processor needed for the count
+    proc.image_processor, proc.num_image_tokens, proc.vision_aspect_ratio = ip, 729, "anyres_max_9"
+    work = flops.image_work(config, image_size=hw)
+    assert work.llm_tokens == proc._get_number_of_features(*hw, 384, 384)
+    assert work.sequences * 729 == work.projector_tokens and work.cls == 0

@@ -209,3 +209,31 @@ def test_flops_token_count_of_the_7b_config_is_the_processors(hw):
     work = flops.image_work(config, image_size=hw)
     assert work.llm_tokens == proc._get_number_of_features(*hw, 384, 384)
     assert work.sequences * 729 == work.projector_tokens and work.cls == 0
+
+
+def test_feature_layer_signal_projects_to_the_features_where_nothing_is_resized(ov):
+    """``Signal("hidden_out", feature layer)`` pushed through the packing: on the image whose crop grid is not
+    resized its projection is exactly what the LLM receives; on the resized one the packing blends hidden states
+    (a blend of projections there: the projector is not linear), so only the base tile and newlines agree."""
+    from tokprune.pruners.base import Pruner, Signal, VisionRequest
+
+    seen = {}
+
+    class Hidden(Pruner):
+        def vision_request(self, info):
+            return VisionRequest((Signal("hidden_out", info.feature_layer),))
+
+        def vision_scores(self, signals):
+            seen["signals"] = signals
+            return [torch.zeros(len(i)) for i in signals.special]
+
+    model, proc = ov
+    x = proc(images=images(), text=image_prompt(proc, 2), return_tensors="pt")
+    with torch.no_grad(), tokprune.pruned(model, Hidden(), keep=2, tile_budget="global"):
+        model(**x)
+        sig = seen["signals"]
+        hidden = sig[Signal("hidden_out", 2)]
+        proj = [model.model.multi_modal_projector(h) for h in hidden]
+    content = [f[~sp] for f, sp in zip(sig.features, sig.special)]
+    assert torch.allclose(proj[1], content[1], atol=1e-5)
+    assert torch.allclose(proj[0][:4], content[0][:4], atol=1e-5) and not torch.allclose(proj[0], content[0])

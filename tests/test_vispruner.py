@@ -142,7 +142,7 @@ def _hidden_out(model, x, layer: int) -> list[torch.Tensor]:
 
 def _importance(model, x, layer: int) -> list[torch.Tensor]:
     """Per image: head-mean [CLS] attention (LLaVA) or received attention (Qwen) at ``layer``, eager maps."""
-    if hasattr(model.model, "visual"):
+    if hasattr(model.model, "visual") or not oracles.has_cls(model):  # Qwen, SigLIP (LLaVA-OneVision)
         return oracles.received(model, x, layer)
     att = oracles.vision_attention(model, x, layer)[0]
     return oracles.per_token(model, x, [att.mean(1)[:, 0]])
@@ -153,7 +153,8 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
     """Two images per prompt. LLaVA: [CLS] attention of the feature layer; Qwen: received attention (the documented
     CLS-free variant); LLaVA-NeXT: ``tile_budget="per_tile_reference"`` (``T`` tokens in every tile, the
     reference's count) on images whose tiles lose nothing to unpadding, where the reference's per-crop pick is
-    exactly ours; newlines kept on top."""
+    exactly ours; newlines kept on top. LLaVA-OneVision: received attention (no [CLS]), one budget over each
+    image's content tokens (``tile_budget="global"``), newlines kept on top."""
     fam = ZOO[family]
     nxt = family == "llava_next"
     sizes = [(112, 84), (84, 112)] if nxt else [(64, 48), (56, 56)] if family == "llava" else None
@@ -162,6 +163,8 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
     # diverse of 4 per tile; LLaVA 3 + 4 of 16; Qwen 5 + 5 of 12 and 18
     k, ratio = (3, 0.34) if nxt else (7, 0.5) if family == "llava" else (10, 0.5)
     opts = {"tile_budget": "per_tile_reference"} if nxt else {}
+    if family == "llava_onevision":  # received attention; one budget over each image's content tokens
+        k, opts = 5, {"tile_budget": "global"}
     with torch.no_grad():
         tokprune.apply(fam.model, "vispruner", keep=k, important_ratio=ratio, **opts)
         out = fam.model(**x).logits
@@ -182,7 +185,9 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
                 expected = idx[authors_vispruner(h[idx], s[idx], k, ratio)]
                 assert torch.equal(kept[tiles[kept] == t], expected)
         else:
-            assert torch.equal(kept, authors_vispruner(h, s, k, ratio))
+            content = (~torch.isnan(s)).nonzero()[:, 0]  # LLaVA-OneVision: newlines kept on top
+            expected = content[authors_vispruner(h[content], s[content], k, ratio)]
+            assert torch.equal(kept, torch.cat([expected, (torch.isnan(s)).nonzero()[:, 0]]).sort().values)
     assert (out - ref).abs().max() <= TOL
     assert_same_generation(gen, ref_gen)
 

@@ -169,7 +169,7 @@ def test_options_are_validated_with_the_fix():
 
 
 def test_runs_on_every_family():
-    # LLaVA-NeXT: per tile above; LLaVA-OneVision: the family x method matrix only (tests/test_families.py)
+    # LLaVA-NeXT: per tile above; LLaVA-OneVision: per tile in tests/test_onevision.py
     assert set(CASES) | {"llava_next", "llava_onevision"} == set(families())
 
 

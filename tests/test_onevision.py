@@ -237,3 +237,36 @@ def test_feature_layer_signal_projects_to_the_features_where_nothing_is_resized(
     content = [f[~sp] for f, sp in zip(sig.features, sig.special)]
     assert torch.allclose(proj[1], content[1], atol=1e-5)
     assert torch.allclose(proj[0][:4], content[0][:4], atol=1e-5) and not torch.allclose(proj[0], content[0])
+
+
+def test_hiprune_selects_per_tile_like_its_reference_rule(ov):
+    """Two images whose crop grids are not resized (1x2 and 2x1 tiles of 2x2 patches): HiPrune per tile (received
+    attention: SigLIP has no [CLS]) equals its reference rule on each tile's tokens; the tile of every packed token
+    is written by hand from the packing order, newlines on top."""
+    from test_hiprune import reference_select
+
+    from tokprune.info import model_info
+    from tokprune.pruners.hiprune import HiPrune
+
+    model, proc = ov
+    x = proc(images=images([(168, 84), (84, 168)]), text=image_prompt(proc, 2), return_tensors="pt")
+    tiles = [torch.tensor([0] * 4 + [1, 1, 2, 2, -1] * 2),
+             torch.tensor([0] * 4 + [1, 1, -1] * 2 + [2, 2, -1] * 2)]
+    k = 9  # 3 per tile: round(1.0 * 3 / 5) = 1 anchor and its 2 true neighbours
+    pruner = HiPrune(alpha=1.0, object_layer=0, wrap_rows=False)
+    with torch.no_grad():
+        tokprune.apply(model, pruner, keep=k)
+        out = model(**x).logits
+        rec = tokprune.last_record(model)
+        tokprune.remove(model)
+        obj_layer, deep_layer = pruner.layers(model_info(model))
+        obj, deep = oracles.received(model, x, obj_layer), oracles.received(model, x, deep_layer)
+        ref = fed_kept(model, x, rec.kept[0])
+    assert rec.n_visual == [[14, 16]]
+    for j, tile in enumerate(tiles):
+        expected = [(tile < 0).nonzero()[:, 0]]
+        for t in range(3):
+            idx = (tile == t).nonzero()[:, 0]
+            expected.append(idx[reference_select(obj[j][idx], deep[j][idx], 2, k // 3, 1.0, wrap_rows=False)])
+        assert torch.equal(rec.kept[0][j], torch.cat(expected).sort().values)
+    assert (out - ref).abs().max() <= TOL

@@ -249,11 +249,12 @@ def _anyres_grid(config: Any, image_size: tuple[int, int]) -> tuple[int, int, in
     )
 
     vc = config.vision_config
-    tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    size, pinpoints = list(image_size), config.image_grid_pinpoints  # HF's helpers, called by keyword
+    tiles = image_size_to_num_patches(image_size=size, grid_pinpoints=pinpoints, patch_size=vc.image_size)
     side = vc.image_size // vc.patch_size
-    gh, gw = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    gh, gw = get_anyres_image_grid_shape(image_size=size, grid_pinpoints=pinpoints, patch_size=vc.image_size)
     # unpad_image only looks at shapes: a meta tensor gives the unpadded grid without allocating
-    grid = unpad_image(torch.empty(1, gh * side, gw * side, device="meta"), list(image_size))
+    grid = unpad_image(tensor=torch.empty(1, gh * side, gw * side, device="meta"), original_size=size)
     rows, cols = grid.shape[1:]
     return tiles, rows, cols
 

@@ -190,7 +190,8 @@ class LlavaNextAdapter(LlavaAdapter):
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         out: list[int] = []
         for j, size in enumerate(self._sizes):
-            tiles = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            tiles = image_size_to_num_patches(image_size=size, grid_pinpoints=cfg.image_grid_pinpoints,
+                                              patch_size=cfg.vision_config.image_size)
             ones = torch.ones(tiles, side * side, 1)
             packed = self.pack_values([ones], self._sizes[j:j + 1], torch.zeros(1), **self.dummy_pack_options())
             content = int(packed[0].sum())

@@ -47,6 +47,8 @@ def zoo(family: str) -> tuple[Any, Any]:
 
 
 MATRIX = [(f, m) for f in families() for m in tokprune.methods() if supported(f, m)]
+#: two-method compositions (a vision method, then an LLM method), tokprune.Compose through "a+b"
+COMPOSED = [("llava", "cls+fastv"), ("qwen2_vl", "hiprune+pdrop")]
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +145,7 @@ def test_keep_all_beam_search_is_the_unpatched_models(family, method):
 
 
 # ---------------------------------------------------------------------------------------------- pruned
-@pytest.mark.parametrize("family, method", MATRIX)
+@pytest.mark.parametrize("family, method", MATRIX + COMPOSED)
 def test_pruned_beam_search_equals_each_row_expanded_by_hand(family, method):
     """A padded batch (row 0: two images of different sizes, row 1: one more) with 3 beams: every sample's beams,
     scores and kept sets equal that sample's beam search with its inputs repeated by hand."""

@@ -303,15 +303,20 @@ class Orchestrator:
         record.special = layout.per_row([sp.to(ids.device) for sp in layout.special])
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
         if a.encoder_cut is not None:
-            record.encoder_cuts = list(a.encoder_cut.history)
-            if layout.source is not None:  # one entry per item, as n_visual counts them (not per LLaVA-NeXT tile)
-                n = max(layout.source) + 1
-                record.encoder_cuts = [(layer, expand(kept, layout.source) if len(kept) == n else kept)
-                                       for layer, kept in record.encoder_cuts]
+            record.encoder_cuts = self.encoder_cuts(layout)
         if layout.source is not None:
             ctx.notes.append(f"generate repeated {max(layout.source) + 1} encoded image(s) over {len(layout.source)} "
                              "LLM items (beam search / num_return_sequences): the encoder and the vision signals ran "
                              "once per image, each copy is selected like its row run alone")
+
+    def encoder_cuts(self, layout: VisualLayout) -> list[tuple[int, list[torch.Tensor]]]:
+        """The in-encoder cuts for the record: per encoder sequence, as the encoder ran; where ``generate`` repeated
+        the images and each sequence is one image (not a LLaVA-NeXT tile), one entry per item, as ``n_visual``."""
+        history = list(self.adapter.encoder_cut.history)
+        if layout.source is None:
+            return history
+        n = max(layout.source) + 1
+        return [(layer, expand(kept, layout.source) if len(kept) == n else kept) for layer, kept in history]
 
     def encoder_kwargs(self, kw: dict, layout: VisualLayout) -> dict:
         """The forward kwargs with the encoder outputs passed in (pixels dropped) and explicit positions."""

@@ -306,8 +306,8 @@ class Orchestrator:
             record.encoder_cuts = self.encoder_cuts(layout)
         if layout.source is not None:
             ctx.notes.append(f"generate repeated {max(layout.source) + 1} encoded image(s) over {len(layout.source)} "
-                             "LLM items (beam search / num_return_sequences): the encoder and the vision signals ran "
-                             "once per image, each copy is selected like its row run alone")
+                             "LLM items (beam search / num_return_sequences): the encoder and any vision signals ran "
+                             "once per image; each expanded row is pruned like that row run alone")
 
     def encoder_cuts(self, layout: VisualLayout) -> list[tuple[int, list[torch.Tensor]]]:
         """The in-encoder cuts for the record: per encoder sequence, as the encoder ran; where ``generate`` repeated

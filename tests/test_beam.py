@@ -87,9 +87,10 @@ def batch_inputs(family: str) -> dict:
     return x
 
 
-def beams(n: int) -> dict:
-    return dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, num_beams=n, num_return_sequences=n, do_sample=False,
-                output_scores=True, return_dict_in_generate=True)
+def beams(n: int, returned: int | None = None) -> dict:
+    """``n`` beams, ``returned`` sequences returned per prompt (all ``n`` by default)."""
+    return dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, num_beams=n, num_return_sequences=returned or n,
+                do_sample=False, output_scores=True, return_dict_in_generate=True)
 
 
 @torch.no_grad()
@@ -145,26 +146,28 @@ def test_keep_all_beam_search_is_the_unpatched_models(family, method):
 
 
 # ---------------------------------------------------------------------------------------------- pruned
+@pytest.mark.parametrize("n_beams, returned", [(3, 3), (2, 1)])
 @pytest.mark.parametrize("family, method", MATRIX + COMPOSED)
-def test_pruned_beam_search_equals_each_row_expanded_by_hand(family, method):
-    """A padded batch (row 0: two images of different sizes, row 1: one more) with 3 beams: every sample's beams,
-    scores and kept sets equal that sample's beam search with its inputs repeated by hand."""
+def test_pruned_beam_search_equals_each_row_expanded_by_hand(family, method, n_beams, returned):
+    """A padded batch (row 0: two images of different sizes, row 1: one more) with 3 beams (all returned) or 2 (the
+    best returned): every sample's returned beams, their scores and the kept sets of all its beams equal that
+    sample's beam search with its inputs repeated by hand."""
     model, _ = zoo(family)
     x = batch_inputs(family)
     with torch.no_grad(), tokprune.pruned(model, method, keep_ratio=0.5, **options(family, method)):
-        got = model.generate(**x, **beams(3))
+        got = model.generate(**x, **beams(n_beams, returned))
         rec = tokprune.last_record(model)
         refs = []
         for row in range(len(ROWS)):
-            refs.append((by_hand(model, row_inputs(family, row), **beams(3)), tokprune.last_record(model)))
-    assert [len(r) for r in rec.n_visual] == [2, 2, 2, 1, 1, 1]
+            refs.append((by_hand(model, row_inputs(family, row), **beams(n_beams, returned)),
+                         tokprune.last_record(model)))
+    assert [len(r) for r in rec.n_visual] == [2] * n_beams + [1] * n_beams
     assert any("beam search" in note for note in rec.notes)
     assert all(0 < sum(k) < sum(n) for k, n in zip(rec.n_kept, rec.n_visual))  # something was pruned
     for row, (ref, ref_rec) in enumerate(refs):
-        rows = slice(3 * row, 3 * row + 3)
         assert not any("beam search" in note for note in ref_rec.notes)  # the reference never shared an image
-        assert_rows_equal(got, ref, rows)
-        assert same_kept(rec, ref_rec, rows)
+        assert_rows_equal(got, ref, slice(returned * row, returned * (row + 1)))
+        assert same_kept(rec, ref_rec, slice(n_beams * row, n_beams * (row + 1)))
 
 
 @pytest.mark.parametrize("family, method", MATRIX)

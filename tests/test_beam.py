@@ -209,3 +209,15 @@ def test_readme_headline_example_runs_beam_search():
     assert out.shape[0] == 2
     assert rec.n_kept == [[8], [8]]
     assert all(torch.equal(k[0], single.kept[0][0]) for k in rec.kept)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "fastv"])
+@pytest.mark.parametrize("family", families())
+def test_static_cache_beams_equal_dynamic(family, method):
+    model, _ = zoo(family)
+    x = batch_inputs(family)
+    with torch.no_grad(), tokprune.pruned(model, method, keep_ratio=0.5, **options(family, method)):
+        dyn = model.generate(**x, **beams(2))
+        sta = model.generate(**x, cache_implementation="static", **beams(2))
+    assert torch.equal(dyn.sequences, sta.sequences)
+    assert (dyn.sequences_scores - sta.sequences_scores).abs().max().item() <= TOL

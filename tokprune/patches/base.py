@@ -67,7 +67,8 @@ class Adapter:
         cut = pruner.encoder_cut(self.info)
         self.encoder_cut = EncoderCutStage(self, cut) if cut is not None else None
         layers = pruner.llm_layers(self.info)
-        self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
+        self.llm = LLMStages(self, layers, {k: pruner.llm_stage_request(self.info, k) for k in layers}
+                             ) if layers else None
         self.record: PruneRecord | None = None  # the last image prefill's record (tokprune.last_record)
         self.orchestrator = Orchestrator(self)
         self._handles: list[Any] = []

@@ -324,3 +324,26 @@ def test_two_llm_methods_generate_batch_with_padding_and_static_cache(tiny):
             alone = model.generate(**proc(images=[img], text=text, return_tensors="pt"), **GEN)[:, -4:]
             assert torch.equal(out[row], alone[0])
     assert torch.equal(out, static)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl"])
+def test_two_llm_methods_on_other_families(family):
+    """FastV then DART on the tiled and M-RoPE families: keep-all is the unpatched model; a padded batch generates
+    what each row generates alone, the static cache what the dynamic one does."""
+    model, proc = tiny_model(family)
+    imgs = [make_image(112, 84, seed=1), make_image(84, 112, seed=2)]
+    texts = [image_prompt(proc, 1, "is there a red square in the picture , yes or no ?"), image_prompt(proc, 1)]
+    batch = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+    c = _stack(_llm("fastv", layer=1), _llm("dart", layer=2))
+    with torch.no_grad():
+        want = model(**batch).logits
+        with tokprune.pruned(model, c, keep_ratio=1.0):
+            assert torch.equal(model(**batch).logits, want)
+        with tokprune.pruned(model, c, keep_ratio=0.5):
+            out = model.generate(**batch, **GEN)[:, -4:]
+            assert [s.layer for s in tokprune.last_record(model).stages] == [1, 2]
+            static = model.generate(**batch, cache_implementation="static", **GEN)[:, -4:]
+            for row, (img, text) in enumerate(zip(imgs, texts)):
+                alone = model.generate(**proc(images=[img], text=text, return_tensors="pt"), **GEN)[:, -4:]
+                assert torch.equal(out[row], alone[0])
+    assert torch.equal(out, static)

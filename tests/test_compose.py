@@ -282,6 +282,8 @@ def test_two_llm_methods_record_flops_show_and_names(tiny):
         model(**x)
         rec = tokprune.last_record(model)
     assert rec.method == "cls+fastv+dart"
+    _, alone = _record(model, x, "cls", keep=12)
+    assert torch.equal(rec.stages[0].kept[0][0], alone.stages[0].kept[0][0])
     assert [(s.kind, s.layer, s.kept[0][0].numel()) for s in rec.stages] == [("vision", None, 12), ("llm", 1, 6),
                                                                              ("llm", 2, 3)]
     assert all(st.scores is not None for st in rec.stages[:2])  # cls and FastV score; DART selects by pivots

@@ -59,9 +59,20 @@ def _once(model, x: dict) -> tuple:
     return logits, kept, tokens
 
 
+def _stacked():
+    """A vision method and two LLM methods with different signal sources (see tests/test_compose.py)."""
+    from tokprune.registry import get_method
+
+    return tokprune.Compose(vision="visionzip", llm=(get_method("fastv")(layer=1), get_method("pdrop")(layers=(2, 3))))
+
+
+CASES += [("llava", "stacked"), ("qwen2_vl", "stacked")]
+
+
 @pytest.mark.parametrize("family,method", CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_two_threads_get_what_each_gets_alone(family, method):
     model, proc = _model(family)
+    method = _stacked() if method == "stacked" else method
     prompts = _prompts(proc)
     if method is not None:
         tokprune.apply(model, method, keep_ratio=0.5)

@@ -185,7 +185,8 @@ def _image_mask(ids, image_id, kept_abs):
 
 @pytest.mark.parametrize("methods", [(("fastv", {"layer": 1}), ("dart", {"layer": 2})),
                                      (("pdrop", {"layers": (1, 2)}), ("fastv", {"layer": 3})),
-                                     (("dart", {"layer": 1}), ("pdrop", {"layers": (2, 3)}))])
+                                     (("dart", {"layer": 1}), ("pdrop", {"layers": (2, 3)})),
+                                     (("fastv", {"layer": 1}), ("sparsevlm", {"layers": (2, 3), "counts": (8, 4)}))])
 def test_two_llm_methods_keep_all_is_identical(tiny, methods):
     model, proc = tiny
     x = _inputs(proc)

@@ -152,6 +152,13 @@ class Adapter:
         not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
         return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
+    def prompt_tokens(self, features: list[torch.Tensor]) -> list[int] | None:
+        """Per visual item, the placeholder tokens the processor wrote for it in the prompt, where the family lays
+        the item out with another number of tokens (the orchestrator then resizes each run before the vision
+        stage, :mod:`tokprune.patches.relayout`); None (the default): one placeholder per feature row. Family hook
+        (LLaVA-NeXT's ``per_tile_reference``: the references' spatial layout)."""
+        return None
+
     def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]
                      ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
         """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``

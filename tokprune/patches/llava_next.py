@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from tokprune.patches.llava import LlavaAdapter, square_grid
-from tokprune.pruners.base import VisionSignals
+from tokprune.pruners.base import UnsupportedError, VisionSignals
 from tokprune.registry import register_model
 
 #: owner index stride of tiles presented to a pruner as separate images (tile t of image i -> i * STRIDE + t)
@@ -67,6 +67,8 @@ class _Packing:
     per_tile: int  # features per tile before packing
     strategy: str
     outputs: list[torch.Tensor]  # the packed features it returned (to recognise them after generate expands them)
+    spatial: bool = False  # packed as the references do (``per_tile_reference`` with a cut): see spatial_pack
+    held: list[int] | None = None  # per image, the placeholders the processor wrote (HF's layout's tokens)
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:
@@ -82,6 +84,18 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
         left = min(k, sum(sizes)) - sum(shares)
         room = [i for i in room if shares[i] < sizes[i]]
     return shares
+
+
+def spatial_pack(per_tile: torch.Tensor, grid_hw: tuple[int, int], side: int) -> torch.Tensor:
+    """The references' "spatial" packing of one image's per-tile values (n_tiles, side * side, ...): the base tile
+    in raster order, then the crops' full grids stitched into one (rows of crops, each crop ``side`` x ``side``,
+    padding patches included) in raster order; no unpadding, no newline. ``grid_hw``: the crops' (rows, cols)."""
+    if per_tile.shape[0] == 1:
+        return per_tile[0]
+    rows, cols = grid_hw
+    rest = per_tile.shape[2:]
+    crops = per_tile[1:].reshape(rows, cols, side, side, *rest).transpose(1, 2).reshape(-1, *rest)
+    return torch.cat([per_tile[0], crops])
 
 
 @register_model("llava_next")
@@ -120,12 +134,66 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _recording(self, pack: Any) -> Any:
         def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            sizes = torch.as_tensor(image_sizes).cpu()
+            per_tile = int(image_features[0].shape[1])
+            if self._spatial(per_tile):
+                return self._spatial_packing(image_features, sizes, vision_feature_select_strategy)
             out = pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
-            self._packing = _Packing(torch.as_tensor(image_sizes).cpu(), [int(f.shape[0]) for f in image_features],
-                                     int(image_features[0].shape[1]), vision_feature_select_strategy, list(out[0]))
+            self._packing = _Packing(sizes, [int(f.shape[0]) for f in image_features], per_tile,
+                                     vision_feature_select_strategy, list(out[0]))
             return out
 
         return pack_image_features
+
+    # ------------------------------------------------------------------ the references' spatial layout
+    def reference_count(self, per_tile: int) -> int:
+        """``per_tile_reference``: the count ``T`` every tile keeps (``keep``, or ``round(keep_ratio * per_tile)``)."""
+        if self.budget.keep is not None:
+            return self.budget.keep
+        return round(self.budget.keep_ratio * per_tile)
+
+    def _spatial(self, per_tile: int) -> bool:
+        """Whether images are packed in the references' spatial layout: ``per_tile_reference`` with a vision stage
+        that cuts (a count that keeps whole tiles leaves HF's layout, so keep-all is the unpatched model)."""
+        return (self.opts["tile_budget"] == "per_tile_reference" and self.vision is not None
+                and self.reference_count(per_tile) < per_tile)
+
+    def _grid_hw(self, size: torch.Tensor) -> tuple[int, int]:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        cfg = self.model.config
+        rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        return int(rows), int(cols)
+
+    def _side(self) -> int:
+        cfg = self.model.config.vision_config
+        return cfg.image_size // cfg.patch_size
+
+    def _spatial_packing(self, image_features: list[torch.Tensor], sizes: torch.Tensor,
+                         strategy: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """HF's ``pack_image_features`` replaced by :func:`spatial_pack` (``per_tile_reference``), recording how
+        many placeholders the processor wrote per image (HF's layout) so the prompt can be resized."""
+        side = self._side()
+        if strategy != "default" or int(image_features[0].shape[1]) != side * side:
+            raise UnsupportedError("tile_budget='per_tile_reference' packs each tile's patch grid as the references "
+                                   "do; it needs vision_feature_select_strategy='default' (no [CLS] in the features)")
+        out = [spatial_pack(f, self._grid_hw(sizes[j]), side) for j, f in enumerate(image_features)]
+        held = []
+        for j, f in enumerate(image_features):
+            ones = torch.ones(int(f.shape[0]), side * side, 1)
+            packed, _ = type(self.base).pack_image_features(self.base, [ones], sizes[j:j + 1], strategy,
+                                                            image_newline=torch.zeros(1))
+            held.append(int(packed[0].shape[0]))
+        self._packing = _Packing(sizes, [int(f.shape[0]) for f in image_features], side * side, strategy, out,
+                                 spatial=True, held=held)
+        return out, torch.tensor([int(o.shape[0]) for o in out], device=out[0].device)
+
+    def prompt_tokens(self, features: list[torch.Tensor]) -> list[int] | None:
+        """In the spatial layout, each image's placeholders in the prompt (HF's unpadded layout with newlines)."""
+        pk = self._packing
+        if pk is None or not pk.spatial:
+            return None
+        return [pk.held[j] for j in self._sources(features)]
 
     def _sizing(self, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -170,6 +238,8 @@ class LlavaNextAdapter(LlavaAdapter):
         """Push per-tile values (n_tiles, per_tile, ...) of encoded image ``j`` through the model's own packing;
         newline slots get ``newline``. Returns (n_packed, ...)."""
         pk = self._packing
+        if pk.spatial:
+            return spatial_pack(per_tile, self._grid_hw(pk.image_sizes[j]), self._side())
         rest = per_tile.shape[2:]
         flat = per_tile.reshape(*per_tile.shape[:2], -1).float()
         packed, _ = type(self.base).pack_image_features(
@@ -212,6 +282,8 @@ class LlavaNextAdapter(LlavaAdapter):
                                                                             list[torch.Tensor]]:
         """Newlines are the special tokens. Coordinates: the base tile's square grid (part 0); the crops' stitched,
         unpadded grid (part = crop tile), whose rows end at the newlines (a newline sits one past its row's end)."""
+        if self._packing is not None and self._packing.spatial:
+            return self._spatial_layout(features)
         grids, special = [], []
         for layout in self.tile_layout(features):
             newline = layout < 0
@@ -227,6 +299,21 @@ class LlavaNextAdapter(LlavaAdapter):
             grids.append(grid)
             special.append(newline)
         return grids, special
+
+    def _spatial_layout(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Spatial layout coordinates: the base tile's square grid (part 0); a crop's patches at their place in
+        the stitched grid of full crops (part = crop tile). No special token."""
+        pk, side = self._packing, self._side()
+        p = torch.arange(side * side)
+        grids = []
+        for f, j in zip(features, self._sources(features)):
+            rows, cols = self._grid_hw(pk.image_sizes[j])
+            t = torch.arange(pk.n_tiles[j])[:, None].expand(-1, side * side)
+            ti, tj = (t - 1).clamp(min=0) // max(cols, 1), (t - 1).clamp(min=0) % max(cols, 1)
+            crop = torch.stack([ti * side + p // side, tj * side + p % side, t], -1)  # (n_tiles, P, 3)
+            crop[0] = torch.stack([p // side, p % side, torch.zeros_like(p)], -1)
+            grids.append(self._pack(crop, j, -1.0).to(f.device))
+        return grids, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
     def to_tokens(self, calls: list[torch.Tensor], features: list[torch.Tensor],
                   reduce: str = "mean") -> list[torch.Tensor]:
@@ -252,8 +339,7 @@ class LlavaNextAdapter(LlavaAdapter):
             tiles = [(tile == t).nonzero()[:, 0] for t in range(int(tile.max()) + 1)]
             sizes = [int(p.numel()) for p in tiles]
             if reference:  # T in every tile, base included (FasterVLM's count)
-                per = self.budget.keep if self.budget.keep is not None else round(
-                    self.budget.keep_ratio * self._packing.per_tile)
+                per = self.reference_count(self._packing.per_tile)
                 shares = [min(per, n) if k < sum(sizes) else n for n in sizes]
             else:
                 shares = split_budget(k, sizes)

@@ -24,14 +24,20 @@ from tokprune.testing import tiny_model
 UNPADDED, PADDED = [(112, 84), (84, 112)], [(112, 56), (60, 112)]
 
 
+def tile_pixels(model, x) -> tuple[torch.Tensor, list[int]]:
+    """Every image's tiles' pixels (all tiles, image by image) and the tiles per image."""
+    cfg = model.config
+    sizes = x["image_sizes"]
+    n_tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+    return torch.cat([p[:n] for p, n in zip(x["pixel_values"], n_tiles)]), n_tiles
+
+
 @torch.no_grad()
 def tile_values(model, x) -> tuple[list[torch.Tensor], tuple, list[int]]:
     """Per image, its tiles' projected patch features (n_tiles, side * side, D) as the model computes them, the
     vision tower's eager attention maps of all tiles (per layer: (tiles, heads, 1 + P, 1 + P)), tiles per image."""
     m, cfg = model.model, model.config
-    sizes = x["image_sizes"]
-    n_tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
-    pixels = torch.cat([p[:n] for p, n in zip(x["pixel_values"], n_tiles)])
+    pixels, n_tiles = tile_pixels(model, x)
     hidden = m.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
     feats = torch.split(m.multi_modal_projector(hidden), n_tiles)
     m.vision_tower.set_attn_implementation("eager")
@@ -82,7 +88,13 @@ def hiprune_masks(att, object_layer: int, deep_layer: int, t: int, alpha: float,
 def spatial_reference(model, x, masks_of) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per image of a one-row prompt: the reference's LLM tokens and their indices in the spatial layout."""
     feats, att, n_tiles = tile_values(model, x)
-    masks = torch.split(masks_of(att), n_tiles)
+    return spatial_kept(model, x, feats, torch.split(masks_of(att), n_tiles))
+
+
+def spatial_kept(model, x, feats: list[torch.Tensor], masks: list[torch.Tensor]
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per image: the tokens the per-tile index ``masks`` keep from ``feats``, in the spatial order, and their
+    indices in the spatial layout."""
     tokens, kept = [], []
     for f, mask, size in zip(feats, masks, x["image_sizes"]):
         flat_mask = spatial_order(mask, size, model.config)

@@ -162,10 +162,18 @@ def reference_llm_tokens(model, x, dominant: int, contextual: int) -> list[torch
     the unpatched LLaVA-1.5, then its ``encode_images_visionzip``: the projector maps ``[CLS] + dominant +
     contextual`` built from the feature layer's hidden states (``visionzip(model, dominant=...)`` passes
     ``dominant - 1`` as ``dominant_num``). Per image, the LLM input tokens in the reference's order."""
+    saved, _ = reference_saved(model, x, dominant, contextual)
+    return list(model.model.multi_modal_projector(saved))
+
+
+@torch.no_grad()
+def reference_saved(model, x, dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CLIPVisionTower_VisionZip.forward`` on every encoder sequence (image or tile): ``hidden_states_save``
+    ([CLS] + dominant + contextual, before the projector) and ``all_indices`` ([CLS] then the top patches + 1)."""
     inner, cfg = model.model, model.config
     layer = oracles._feature_layer(model)
     (attn_weights, keys), = oracles.eager_weights_and_keys(model, x, layer)
-    hidden_states = inner.vision_tower(x["pixel_values"], output_hidden_states=True).hidden_states[
+    hidden_states = inner.vision_tower(oracles.clip_pixels(model, x), output_hidden_states=True).hidden_states[
         cfg.vision_feature_layer]
     metric = keys.mean(1)  # the reference stores the head-mean raw keys of that layer
     dominant_num, contextual_num = dominant - 1, contextual
@@ -188,8 +196,7 @@ def reference_llm_tokens(model, x, dominant: int, contextual: int) -> list[torch
     counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
     aggregated = torch.bmm(assign_one_hot.transpose(1, 2), hidden_filtered[:, others, :]) / counts
     contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated
-    saved = torch.cat([dominant_tokens, contextual_tokens], dim=1)
-    return list(inner.multi_modal_projector(saved))
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices
 
 
 @torch.no_grad()
@@ -281,3 +288,68 @@ def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot
         ref, _ = reference_logits(model, x, reference_llm_tokens(model, x, k - c, c), 0)
     assert rec.n_visual[0] == [17] and rec.kept[0][0][0] == 0 and rec.merged[0][0].slots[0] == 0
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT, reference
+@torch.no_grad()
+def reference_next_tokens(model, x, dominant: int, contextual: int) -> list[torch.Tensor]:
+    """VisionZip's LLaVA-NeXT path (dvlab-research/VisionZip ``visionzip/llava_arch.py``: its "unpad" branch,
+    ``restore_image_features_sorted``), transcribed: per tile the projected [CLS] + dominant + contextual; per
+    image the base tile's tokens as they are, then the crops' dominant patches put back on the stitched grid of
+    full crops (no unpadding) and read in raster order, then every crop's [CLS], then every crop's contextual
+    tokens; no newline."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    cfg = model.config
+    saved, keep_idx = reference_saved(model, x, dominant, contextual)
+    feats = model.model.multi_modal_projector(saved)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    n_tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+               for s in x["image_sizes"]]
+    out = []
+    for f, idx, size in zip(torch.split(feats, n_tiles), torch.split(keep_idx, n_tiles), x["image_sizes"]):
+        crops, crop_idx = f[1:], idx[1:]
+        n, d = crops.shape[0], crops.shape[-1]
+        restore = crop_idx.sort(dim=1).values[:, 1:] - 1
+        grid = torch.zeros(n, side * side, d)
+        mask = torch.zeros(n, side * side, dtype=torch.bool)
+        mask.scatter_(1, restore, True)
+        grid[mask] = crops[:, 1:dominant].reshape(-1, d)
+        rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        grid = grid.view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, d)
+        mask = mask.view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+        out.append(torch.cat([f[0], grid[mask], crops[:, 0], crops[:, dominant:].reshape(-1, d)]))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[(224, 168), (168, 224)], [(224, 112), (120, 224)]], ids=["unpadded", "padded"])
+def test_next_reference_layout_merges_before_the_projector(sizes):
+    """``tile_budget="per_tile_reference"`` on LLaVA-NeXT (tiles of 4 x 4 patches): by default the reference's
+    tokens in the reference's order, logits of the prefill and of greedy decoding within 1e-4 of the unpatched
+    model fed them; ``merge="llm"`` stays an option (and differs)."""
+    from test_families import prompt
+    from test_tile_reference import fed
+
+    from tokprune.testing import make_image
+
+    model, proc = tiny_model("llava_next", tile=56)
+    x = proc(images=[make_image(w, h, seed=j) for j, (w, h) in enumerate(sizes)], text=prompt(ZOO["llava_next"], 2),
+             return_tensors="pt")
+    keep, contextual = 7, 2
+    with torch.no_grad():
+        tokprune.apply(model, "visionzip", keep=keep, contextual=contextual, tile_budget="per_tile_reference")
+        out = model(**x).logits
+        gen = model.generate(**x, **GEN)
+        rec = tokprune.last_record(model)
+        tokprune.apply(model, "visionzip", keep=keep, contextual=contextual, tile_budget="per_tile_reference",
+                       merge="llm")
+        other = model(**x).logits
+        tokprune.remove(model)
+    tokens = reference_next_tokens(model, x, keep - contextual, contextual)
+    assert [int(t.shape[0]) for t in tokens] == [int(k.numel()) for k in rec.kept[0]]
+    assert out.shape[1] == other.shape[1] and (out - fed(model, x, tokens)).abs().max() <= 1e-4
+    assert (other - fed(model, x, tokens)).abs().max() > 1e-3
+    assert_same_generation(gen, fed(model, x, tokens, generate=True), tol=1e-4)

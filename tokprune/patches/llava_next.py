@@ -43,6 +43,7 @@ content tokens plus the newlines with every method.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,9 @@ from typing import Any
 import torch
 
 from tokprune.patches.llava import LlavaAdapter, square_grid
-from tokprune.pruners.base import UnsupportedError, VisionSignals
+from tokprune.pruners.base import ModelInfo, Signal, UnsupportedError, VisionSignals
 from tokprune.registry import register_model
+from tokprune.selection import Placement
 
 #: owner index stride of tiles presented to a pruner as separate images (tile t of image i -> i * STRIDE + t)
 TILE_STRIDE = 1000
@@ -116,6 +118,13 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def fixed_visual_tokens(self) -> int | None:
         return None  # varies with each image's size
+
+    def model_info(self) -> ModelInfo:
+        """LLaVA's, except that tokens are built before the projector (``encoder_merge``) only in the references'
+        spatial layout (``tile_budget="per_tile_reference"``), where VisionZip's reference builds them."""
+        info = super().model_info()
+        reference = (getattr(self, "opts", None) or {}).get("tile_budget") == "per_tile_reference"
+        return dataclasses.replace(info, encoder_merge=info.encoder_merge and reference)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -325,6 +334,45 @@ class LlavaNextAdapter(LlavaAdapter):
                                f"{sum(pk.n_tiles)}")
         per_image = [self._pack(r, j, float("nan")) for j, r in enumerate(torch.split(per_tile, pk.n_tiles))]
         return [per_image[j].to(f.device) for f, j in zip(features, src)]
+
+    # ------------------------------------------------------------------ merges before the projector
+    def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
+        """The LLM tokens of per-tile encoder-space decisions (VisionZip's reference): ``project(rows @ E)`` with
+        ``E`` the image's feature-layer tokens in its packed order, then one [CLS] per tile; in the order of
+        :meth:`encoder_row_order`."""
+        if isinstance(self.model.config.vision_feature_layer, (list, tuple)):
+            raise UnsupportedError("a merge before the projector needs a single vision_feature_layer")
+        j = self._sources([features])[0]
+        pk = self._packing
+        calls = self.vision.raw.get(Signal("hidden_out", self.info.feature_layer)) if self.vision else None
+        if not calls:
+            raise RuntimeError("a merge before the projector needs Signal('hidden_out', feature_layer) in the "
+                               "method's VisionRequest")
+        tiles = torch.split(torch.cat(calls), pk.n_tiles)[j].float()  # (n_tiles, 1 + P, D_enc)
+        enc = torch.cat([self._pack(tiles[:, 1:], j, 0.0), tiles[:, 0]])
+        rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
+        if rows.shape[1] != enc.shape[0]:
+            raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns; image {j} has {features.shape[0]} tokens "
+                               f"and {pk.n_tiles[j]} tiles (a decision per tile: rows over its tokens, then [CLS])")
+        out = self.project(rows @ enc)[self.encoder_row_order(placement, features)]
+        return out.to(device=features.device, dtype=features.dtype)
+
+    def encoder_row_order(self, placement: Placement, features: torch.Tensor) -> torch.Tensor:
+        """The order of an image's encoder rows in the LLM sequence, as VisionZip's reference packs a LLaVA-NeXT
+        image (``restore_image_features_sorted``): the base tile's rows as built ([CLS], dominant, contextual);
+        then the crops' patch rows at their places in the spatial layout (raster order over the stitched full
+        crops), then the crops' [CLS] rows, then their merged rows, tile by tile. Without ``row_kinds``: as built."""
+        kinds = placement.row_kinds
+        m = int(placement.encoder_rows.shape[0])
+        order = torch.arange(m, device=placement.slots.device)
+        if kinds is None:
+            return order
+        slot = placement.slots[placement.new_at]
+        tile = self.tile_layout([features])[0].to(slot.device)[slot]
+        kinds = kinds.to(slot.device)
+        group = torch.where(tile == 0, 0, torch.where(kinds == 1, 1, torch.where(kinds == 0, 2, 3)))
+        key = group * (m + int(features.shape[0])) + torch.where(group == 1, slot, order)
+        return key.argsort(stable=True)
 
     # ------------------------------------------------------------------ budgets
     def budget_parts(self, signals: VisionSignals, image_budget: Callable[[torch.Tensor], int]

@@ -21,8 +21,6 @@ from tokprune.rules.visionzip import PAPER_SPLIT, visionzip_select, visionzip_sp
 #: where contextual tokens are merged: before the projector, in the encoder's feature space (the reference), or
 #: after it, on the LLM-ready tokens (every family; Qwen3-VL's DeepStack levels merge alike)
 MERGES = ("encoder", "llm")
-#: the families whose adapter merges before the projector (LLaVA-1.5's CLIP + token-wise MLP projector)
-ENCODER_MERGE_FAMILIES = ("llava",)
 
 
 def _count(name: str, value: int | None) -> None:
@@ -112,17 +110,21 @@ class VisionZip(Pruner):
                              f"or 'llm' (the LLM-ready tokens, every family), got {self.merge!r}")
 
     def merge_space(self, info: ModelInfo) -> str:
-        """Where contextual tokens merge on this model: ``merge``, or by default "encoder" on LLaVA-1.5 (the
-        reference) and "llm" elsewhere."""
+        """Where contextual tokens merge on this model: ``merge``, or by default "encoder" where the adapter builds
+        tokens before its projector (``info.encoder_merge``: LLaVA-1.5; LLaVA-NeXT with
+        ``tile_budget="per_tile_reference"``, the reference's layout) and "llm" elsewhere."""
         if self.merge is not None:
             return self.merge
-        return "encoder" if info.family in ENCODER_MERGE_FAMILIES else "llm"
+        return "encoder" if info.encoder_merge and info.has_cls else "llm"
 
     def check(self, info: ModelInfo) -> None:
         super().check(info)
-        if self.merge_space(info) == "encoder" and (info.family not in ENCODER_MERGE_FAMILIES or not info.has_cls):
-            raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on "
-                                   f"{', '.join(ENCODER_MERGE_FAMILIES)}, not {info.family}; use merge='llm'")
+        if self.merge_space(info) == "encoder" and not (info.encoder_merge and info.has_cls):
+            where = ("LLaVA-NeXT merges before the projector only in the reference's layout: pass "
+                     "tile_budget='per_tile_reference', or " if info.family == "llava_next" else "")
+            raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on LLaVA-1.5 "
+                                   f"and on LLaVA-NeXT with tile_budget='per_tile_reference', not {info.family} "
+                                   f"here; {where}use merge='llm'")
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         f = info.feature_layer
@@ -226,6 +228,7 @@ class VisionZip(Pruner):
             owner[patches[merged]] = dom + assign[merged]
             if cls_pos.numel():
                 owner[cls_pos] = 0
+            kinds = torch.tensor([0] + [1] * (dom - 1) + [2] * ctx, dtype=torch.long, device=dev)  # ENCODER_ROW_KINDS
             out.append(VisionDecision(torch.zeros(0, dtype=torch.long, device=dev), owner, slots=slots,
-                                      encoder_rows=rows))
+                                      encoder_rows=rows, row_kinds=kinds))
         return out

@@ -23,17 +23,21 @@ budget is spread:
   is presented with owner index ``i * TILE_STRIDE + t``, so per-image seeded rules (``random``) draw independently
   per tile.
 * ``"global"``: one top-k over all content tokens of the image.
-* ``"per_tile_reference"``: the count of FasterVLM's live code path (its anyres branch): ``keep`` is the count
-  ``T`` *every* tile keeps, the base tile included (``keep_ratio``: that share of a full tile, ``round(ratio *
-  576)`` on LLaVA-NeXT-7B), so an image keeps about ``n_tiles * T`` content tokens; the paper's NeXT numbers ("29
-  per crop -> 145 total") use this count. The layout stays HF's: the references (FasterVLM and HiPrune both
-  hard-code ``mm_patch_merge_type = 'spatial'``) stitch each crop's full 24 x 24 grid with *no unpadding and no
-  newline tokens*, so their picks on padding reach the LLM; here a tile picks ``min(T, its visible tokens)``
-  among the tokens HF's unpadded layout keeps, and the newlines stay. That layout is not reproduced.
-  Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning).
+* ``"per_tile_reference"``: the references' count *and layout*. FasterVLM and HiPrune (and VisPruner /
+  CDPruner, which strip ``_unpad``) hard-code ``mm_patch_merge_type = 'spatial'``: every tile, the base included,
+  keeps ``T`` patches of its full grid, and the LLM gets the base tile's kept tokens in raster order, then the
+  crops' kept tokens in the raster order of the stitched grid of *full* crops, *with no unpadding and no newline
+  token* (picks on padding reach the LLM). Here ``keep`` is ``T`` (``keep_ratio``: that share of a full tile,
+  ``round(ratio * 576)`` on LLaVA-NeXT-7B; HiPrune's ``HIPRUNE_RETENTION=R`` is ``keep=int(R / n_tiles)``), and
+  the model's ``pack_image_features`` is replaced by that spatial packing (:func:`spatial_pack`), so ``n_visual``
+  is ``n_tiles * 576`` and the prompt's placeholder run of each image is resized to it before the vision stage
+  (the :meth:`prompt_tokens` hook). A count that keeps whole tiles leaves HF's layout (keep-all is the model).
+  VisionZip merges before the projector there by default, its rows ordered as its reference packs a NeXT image
+  (:meth:`encoder_row_order`). Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning);
+  HF's ``"default"`` feature strategy only.
 
-**Newline tokens** are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the budget (the
-model's trained layout; FasterVLM's and HiPrune's NeXT code emit none, see above); a method may set
+**Newline tokens** (HF's layout) are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the
+budget (the model's trained layout; the references' spatial layout has none, see above); a method may set
 ``keep_newlines = False`` (on its class, or per instance as FlowCut's
 ``newlines=False``, its reference's layout) and then none are kept. By default ``keep_ratio=0.5`` keeps half of the
 content tokens plus the newlines with every method.

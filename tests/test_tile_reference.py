@@ -18,6 +18,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 import oracles
 import tokprune
+import tokprune.api
 from tokprune.testing import tiny_model
 
 #: image sizes (w, h): the first pair loses nothing to unpadding; the second pads (the reference keeps padding)
@@ -168,16 +169,27 @@ def test_hiprune_is_the_authors_rule_on_full_tiles():
     assert (out - fed(model, x, tokens)).abs().max() <= TOL
 
 
-def test_batch_with_padding_matches_single_rows():
+#: every method that runs only a vision stage on LLaVA-NeXT (the ones ``per_tile_reference`` accepts)
+VISION_ONLY = [m for m in tokprune.methods() if all(
+    st.kind == "vision" for st in tokprune.api.schedule(ZOO["llava_next"].model, m, keep=1, n_visual=16).stages)]
+
+
+@pytest.mark.parametrize("method", VISION_ONLY)
+def test_batch_with_padding_matches_single_rows(method):
+    """Every vision-only method in the references' layout: ``T`` per tile, no newline, and a left-padded batch of
+    rows with different images (and different placeholder changes per row) decodes as the rows alone."""
     fam = ZOO["llava_next"]
     images = [make_image(w, h, seed=s) for s, (w, h) in enumerate([(112, 56), (56, 84), (84, 112)])]
     texts = [prompt(fam, 2, "compare the first and second picture ?"), prompt(fam, 1, "what ?")]
     batch = fam.proc(images=images, text=texts, return_tensors="pt", padding=True)
     assert (batch["attention_mask"] == 0).any()
-    with torch.no_grad(), tokprune.pruned(fam.model, "cls", keep=1, tile_budget="per_tile_reference"):
+    with torch.no_grad(), tokprune.pruned(fam.model, method, keep=2, tile_budget="per_tile_reference"):
         gen = fam.model.generate(**batch, **GEN)
+        rec = tokprune.last_record(fam.model)
         single = [fam.model.generate(**fam.proc(images=ims, text=t, return_tensors="pt"), **GEN)
                   for t, ims in zip(texts, (images[:2], images[2:]))]
+    assert [[n % 4 for n in row] for row in rec.n_visual] == [[0, 0], [0]]  # whole 2 x 2 tiles, no newline
+    assert rec.n_kept == [[n // 2 for n in row] for row in rec.n_visual]  # 2 of every tile's 4
     for b, g in enumerate(single):
         assert torch.equal(gen.sequences[b, -N_NEW:], g.sequences[0, -N_NEW:])
         assert max((la[b] - lb[0]).abs().max().item() for la, lb in zip(gen.logits, g.logits)) <= TOL

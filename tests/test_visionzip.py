@@ -48,12 +48,12 @@ def test_dominant_and_contextual_tokens_equal_the_reference_rule(family):
     assert_same_generation(gen, ref_gen)
 
 
-def test_next_selects_dominant_and_contextual_per_tile_and_keeps_newlines():
+def test_next_llm_merge_selects_dominant_and_contextual_per_tile_and_keeps_newlines():
     fam = ZOO["llava_next"]
     x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 full 2 x 2 tiles per image
     k = 15  # 3 per tile = 2 dominant + 1 contextual
     with torch.no_grad():
-        tokprune.apply(fam.model, "visionzip", keep=k, dominant=2)
+        tokprune.apply(fam.model, "visionzip", keep=k, dominant=2, merge="llm")
         out = fam.model(**x).logits
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
@@ -267,9 +267,9 @@ def test_llava_keep_all_and_the_merge_option_are_checked():
             assert torch.equal(fam.model(**x).logits, base)
     with pytest.raises(ValueError, match="merge must be"):
         VisionZip(merge="before")
-    for family in ("llava_next", "qwen2_vl"):
+    for family, opts in (("llava_next", {"tile_budget": "global"}), ("qwen2_vl", {})):
         with pytest.raises(tokprune.UnsupportedError, match="merge='llm'"):
-            tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder")
+            tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder", **opts)
 
 
 def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot():
@@ -353,3 +353,52 @@ def test_next_reference_layout_merges_before_the_projector(sizes):
     assert out.shape[1] == other.shape[1] and (out - fed(model, x, tokens)).abs().max() <= 1e-4
     assert (other - fed(model, x, tokens)).abs().max() > 1e-3
     assert_same_generation(gen, fed(model, x, tokens, generate=True), tol=1e-4)
+
+
+def test_next_default_merges_before_the_projector_per_tile_in_hf_layout():
+    """The default ``tile_budget="per_tile"`` (HF's unpadded layout, newlines kept): every tile builds the
+    reference's ``[CLS] + dominant + contextual`` before the projector (``reference_saved`` on its tiles); each
+    token sits at its slot in HF's layout (a dominant patch its own, a contextual token its target's, [CLS] the
+    tile's lowest free one), newlines at theirs; the unpatched model fed those tokens gives the same logits."""
+    fam = ZOO["llava_next"]
+    x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 full 2 x 2 tiles per image
+    dom, ctx = 2, 1  # per tile: [CLS] + 1 dominant patch + 1 contextual token
+    with torch.no_grad():
+        tokprune.apply(fam.model, "visionzip", keep=5 * (dom + ctx), dominant=dom)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        saved, all_indices = reference_saved(fam.model, x, dom, ctx)
+        tokens = fam.model.model.multi_modal_projector(saved)  # (tiles, 1 + 1 + 1, D)
+        tiles = [t for t, _ in next_tile_scores(fam, x, [1])]
+        n_tiles = [int(t.max()) + 1 for t in tiles]
+    built, kept = [], []
+    for j, (tile, toks, idx_all) in enumerate(zip(tiles, torch.split(tokens, n_tiles),
+                                                  torch.split(all_indices, n_tiles))):
+        slot_token = {int(s): None for s in (tile < 0).nonzero()[:, 0]}  # newlines: as they are
+        for t in range(n_tiles[j]):
+            idx = (tile == t).nonzero()[:, 0]  # the tile's tokens in packed (raster) order
+            p = idx.numel()
+            free = torch.ones(p + 1, dtype=torch.bool)
+            free[idx_all[t]] = False  # [CLS] and the dominant patches
+            rest = free.nonzero()[:, 0]
+            target = int(rest[torch.arange(0, rest.numel(), max(1, rest.numel() // ctx))[:ctx]][0]) - 1
+            dominant = sorted(int(i) - 1 for i in idx_all[t][1:])
+            cls_slot = min(set(range(p)) - set(dominant) - {target})
+            slot_token[int(idx[cls_slot])] = toks[t, 0]
+            for r, d in enumerate(dominant):
+                slot_token[int(idx[d])] = toks[t, 1 + r]
+            slot_token[int(idx[target])] = toks[t, dom]
+        kept.append(torch.tensor(sorted(slot_token)))
+        built.append(slot_token)
+        assert torch.equal(rec.kept[0][j], kept[-1])
+
+    def replace(j, full, fed):
+        return torch.stack([full[s] if built[j][s] is None else built[j][s] for s in kept[j].tolist()])
+
+    with torch.no_grad():
+        ref = kept_tokens_reference(fam, x, rec.kept[0], replace=replace)
+        with tokprune.pruned(fam.model, "visionzip", keep=5 * (dom + ctx), dominant=dom, merge="llm"):
+            other = fam.model(**x).logits
+    assert (out - ref).abs().max() <= 1e-4
+    assert (other - ref).abs().max() > 1e-3  # the LLM-token merge differs (half the contextual norm)

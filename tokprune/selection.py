@@ -371,11 +371,13 @@ class _ImageChoice:
         return m
 
     def _place_encoder_parts(self, keep_special: torch.Tensor | None) -> Placement:
+        """The rows' slots plus the special tokens the method keeps (LLaVA-NeXT's newlines in HF's layout): the
+        family builds the rows and takes the special tokens' features as they are (``slots[new_at]``: the rows')."""
         rows, sl, kinds = self.encoder_parts
-        # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)
-        if keep_special is not None and bool(keep_special.any()):
-            raise UnsupportedError("an encoder-space decision cannot keep special tokens (LLaVA-NeXT newlines)")
-        slots = sl.sort().values
+        kept = [sl]
+        if keep_special is not None:
+            kept.append(keep_special.nonzero()[:, 0].to(sl.device))  # sync: once per image, the kept specials
+        slots = torch.cat(kept).sort().values
         return Placement(slots, torch.searchsorted(slots, sl), self.assign, encoder_rows=rows, row_kinds=kinds)
 
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:

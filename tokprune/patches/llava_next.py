@@ -124,11 +124,11 @@ class LlavaNextAdapter(LlavaAdapter):
         return None  # varies with each image's size
 
     def model_info(self) -> ModelInfo:
-        """LLaVA's, except that tokens are built before the projector (``encoder_merge``) only in the references'
-        spatial layout (``tile_budget="per_tile_reference"``), where VisionZip's reference builds them."""
+        """LLaVA's, except that tokens are built before the projector (``encoder_merge``) per tile only (one
+        decision per tile, over its own [CLS] and patches), not with ``tile_budget="global"``."""
         info = super().model_info()
-        reference = (getattr(self, "opts", None) or {}).get("tile_budget") == "per_tile_reference"
-        return dataclasses.replace(info, encoder_merge=info.encoder_merge and reference)
+        per_tile = (getattr(self, "opts", None) or {}).get("tile_budget", "per_tile") != "global"
+        return dataclasses.replace(info, encoder_merge=info.encoder_merge and per_tile)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -342,8 +342,9 @@ class LlavaNextAdapter(LlavaAdapter):
     # ------------------------------------------------------------------ merges before the projector
     def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
         """The LLM tokens of per-tile encoder-space decisions (VisionZip's reference): ``project(rows @ E)`` with
-        ``E`` the image's feature-layer tokens in its packed order, then one [CLS] per tile; in the order of
-        :meth:`encoder_row_order`."""
+        ``E`` the image's feature-layer tokens in its packed order, then one [CLS] per tile. In the references'
+        spatial layout in the order of :meth:`encoder_row_order`; in HF's layout every row at its slot, in slot
+        order, with the kept newlines at theirs (the model's trained layout; the reference has no such layout)."""
         if isinstance(self.model.config.vision_feature_layer, (list, tuple)):
             raise UnsupportedError("a merge before the projector needs a single vision_feature_layer")
         j = self._sources([features])[0]
@@ -358,8 +359,12 @@ class LlavaNextAdapter(LlavaAdapter):
         if rows.shape[1] != enc.shape[0]:
             raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns; image {j} has {features.shape[0]} tokens "
                                f"and {pk.n_tiles[j]} tiles (a decision per tile: rows over its tokens, then [CLS])")
-        out = self.project(rows @ enc)[self.encoder_row_order(placement, features)]
-        return out.to(device=features.device, dtype=features.dtype)
+        built = self.project(rows @ enc).to(device=features.device, dtype=features.dtype)
+        if pk.spatial:  # the references' layout: VisionZip's order
+            return built[self.encoder_row_order(placement, features)]
+        out = features[placement.slots.to(features.device)].clone()  # HF's layout: every token at its slot,
+        out[placement.new_at.to(features.device)] = built  # the newlines as they are
+        return out
 
     def encoder_row_order(self, placement: Placement, features: torch.Tensor) -> torch.Tensor:
         """The order of an image's encoder rows in the LLM sequence, as VisionZip's reference packs a LLaVA-NeXT

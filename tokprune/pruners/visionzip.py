@@ -118,8 +118,7 @@ class VisionZip(Pruner):
 
     def merge_space(self, info: ModelInfo) -> str:
         """Where contextual tokens merge on this model: ``merge``, or by default "encoder" where the adapter builds
-        tokens before its projector (``info.encoder_merge``: LLaVA-1.5; LLaVA-NeXT with
-        ``tile_budget="per_tile_reference"``, the reference's layout) and "llm" elsewhere."""
+        tokens before its projector (``info.encoder_merge``: LLaVA-1.5; LLaVA-NeXT per tile) and "llm" elsewhere."""
         if self.merge is not None:
             return self.merge
         return "encoder" if info.encoder_merge and info.has_cls else "llm"
@@ -127,11 +126,10 @@ class VisionZip(Pruner):
     def check(self, info: ModelInfo) -> None:
         super().check(info)
         if self.merge_space(info) == "encoder" and not (info.encoder_merge and info.has_cls):
-            where = ("LLaVA-NeXT merges before the projector only in the reference's layout: pass "
-                     "tile_budget='per_tile_reference', or " if info.family == "llava_next" else "")
+            where = ("LLaVA-NeXT merges before the projector per tile: pass tile_budget='per_tile' or "
+                     "'per_tile_reference', or " if info.family == "llava_next" else "")
             raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on LLaVA-1.5 "
-                                   f"and on LLaVA-NeXT with tile_budget='per_tile_reference', not {info.family} "
-                                   f"here; {where}use merge='llm'")
+                                   f"and per tile on LLaVA-NeXT, not {info.family} here; {where}use merge='llm'")
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         f = info.feature_layer

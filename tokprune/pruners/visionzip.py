@@ -49,8 +49,8 @@ class VisionZip(Pruner):
     each part's budget, ``dominant = round(keep * dominant_share)``, the rest contextual (None: 54/64 = 0.84375,
     the paper's); exclusive with ``dominant`` / ``contextual``.
 
-    ``merge="encoder"`` (the default on LLaVA-1.5 and on LLaVA-NeXT with ``tile_budget="per_tile_reference"``, the
-    reference dvlab-research/VisionZip ``visionzip/clip_encoder.py``): inside the vision path, from the feature
+    ``merge="encoder"`` (the default on LLaVA-1.5 and per tile on LLaVA-NeXT, the reference dvlab-research/VisionZip
+    ``visionzip/clip_encoder.py``): inside the vision path, from the feature
     layer's hidden states, the tokens ``[CLS] + dominant + contextual`` in that order (dominant in raster order, a
     contextual token = its target ``+`` the mean of its members, weights summing to 2; a target nobody joined stays
     itself), mapped by the projector (a :class:`~tokprune.pruners.base.VisionDecision` with ``encoder_rows``); the
@@ -63,10 +63,12 @@ class VisionZip(Pruner):
     every tile builds ``[CLS] + dominant + contextual`` (``keep`` per tile) and the LLM sees the base tile's tokens
     in that order, then the crops' dominant patches in the raster order of the stitched full crops, then every
     crop's [CLS], then every crop's contextual tokens, no newline (``row_kinds`` tell the adapter which row is
-    which).
+    which). With the default ``tile_budget="per_tile"`` (HF's layout, which the reference never uses) each tile
+    builds the same tokens, each at its slot (a contextual token at its target's, the [CLS] at the tile's lowest
+    free one), in slot order, newlines kept; ``dominant`` counts each tile's [CLS].
 
-    ``merge="llm"`` (the default on LLaVA-NeXT's HF layout and on Qwen, where Qwen3-VL's DeepStack levels must
-    merge alike): where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep
+    ``merge="llm"`` (the default on Qwen, where Qwen3-VL's DeepStack levels must merge alike, and on LLaVA-NeXT
+    with ``tile_budget="global"``): where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep
     their slots (raster order); each contextual token takes the slot (and position id) of the lowest-index patch it
     absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's
     sources. Deviations from the reference there:
@@ -78,10 +80,10 @@ class VisionZip(Pruner):
     * the [CLS] token reaches the LLM only where the model's features carry it (LLaVA's
       ``vision_feature_select_strategy="full"``: it is kept first, at its own slot). With HF's default ``"default"``
       strategy the projector never sees [CLS], so its slot goes to one more dominant patch (``dominant`` patches);
-    * LLaVA-NeXT (``tile_budget="per_tile"``, HF's layout): each tile (base included) selects its own ``dominant +
-      contextual`` in HF's unpadded layout (the model's trained layout) and the newlines are kept on top, as for
-      ``cls`` / ``hiprune``; the reference's NeXT path (above) emits no newline and reads the crops in the
-      "spatial" layout: ``tile_budget="per_tile_reference"``;
+    * LLaVA-NeXT with ``merge="llm"``: each tile (base included) selects its own ``dominant + contextual`` in
+      HF's unpadded layout (the model's trained layout) and the newlines are kept on top, as for ``cls`` /
+      ``hiprune``; the reference's NeXT path (above) emits no newline and reads the crops in the "spatial"
+      layout: ``tile_budget="per_tile_reference"``;
     * CLS-free encoders (Qwen2/2.5/3-VL): dominant tokens by the attention each merged token receives at the
       feature layer (the last block; mean over heads and all queries, 2x2 merge unit averaged), the variant
       HiPrune and VFlowOpt report as VisionZip on Qwen; keys are the block's post-RoPE keys, merge-unit mean.

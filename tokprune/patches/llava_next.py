@@ -33,8 +33,8 @@ budget is spread:
   is ``n_tiles * 576`` and the prompt's placeholder run of each image is resized to it before the vision stage
   (the :meth:`prompt_tokens` hook). A count that keeps whole tiles leaves HF's layout (keep-all is the model).
   VisionZip (which merges before the projector per tile by default) orders its rows there as its reference packs
-  a NeXT image (:meth:`encoder_row_order`); in HF's layout every row sits at its slot. Vision-only methods only (an LLM stage's per-image budget has no per-tile meaning);
-  HF's ``"default"`` feature strategy only.
+  a NeXT image (:meth:`encoder_row_order`); in HF's layout every row sits at its slot. Vision-only methods only
+  (an LLM stage's per-image budget has no per-tile meaning); HF's ``"default"`` feature strategy only.
 
 **Newline tokens** (HF's layout) are never scored. Every stage, vision or LLM (FastV), keeps them all on top of the
 budget (the model's trained layout; the references' spatial layout has none, see above); a method may set

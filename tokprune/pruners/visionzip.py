@@ -68,10 +68,10 @@ class VisionZip(Pruner):
     free one), in slot order, newlines kept; ``dominant`` counts each tile's [CLS].
 
     ``merge="llm"`` (the default on Qwen, where Qwen3-VL's DeepStack levels must merge alike, and on LLaVA-NeXT
-    with ``tile_budget="global"``): where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep
-    their slots (raster order); each contextual token takes the slot (and position id) of the lowest-index patch it
-    absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's
-    sources. Deviations from the reference there:
+    with ``tile_budget="global"``): where the tokens sit (the seam's position policy, docs/design.md): dominant
+    patches keep their slots (raster order); each contextual token takes the slot (and position id) of the
+    lowest-index patch it absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists
+    each contextual token's sources. Deviations from the reference there:
 
     * the tokens the LLM receives (after the projector / Qwen's merger) are merged, as a weighted mean. The
       contextual token keeps the reference's relative weights (target 1, each of its n members 1/n) normalised:

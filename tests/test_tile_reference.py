@@ -207,3 +207,13 @@ def test_keep_all_and_llm_methods():
     with pytest.raises(ValueError, match="use tile_budget='per_tile' or 'global'"):
         tokprune.apply(fam.model, "fastv", keep=4, tile_budget="per_tile_reference")
     assert not tokprune.is_patched(fam.model)
+
+
+def test_static_cache_matches_dynamic():
+    """The resized prompt and the pruned cache under a static cache (VisionZip: encoder-space rows as well)."""
+    fam = ZOO["llava_next"]
+    x = inputs(fam, sizes=PADDED)
+    with torch.no_grad(), tokprune.pruned(fam.model, "visionzip", keep=3, tile_budget="per_tile_reference"):
+        dyn = fam.model.generate(**x, **GEN)
+        sta = fam.model.generate(**x, cache_implementation="static", **GEN)
+    assert_same_generation(dyn, sta)

@@ -217,3 +217,22 @@ def test_static_cache_matches_dynamic():
         dyn = fam.model.generate(**x, **GEN)
         sta = fam.model.generate(**x, cache_implementation="static", **GEN)
     assert_same_generation(dyn, sta)
+
+
+@pytest.mark.parametrize("method", ["cls", "visionzip"])
+def test_beam_search_equals_each_row_expanded_by_hand(method):
+    """Beams share an encoded image (``generate`` repeats its outputs): the resized prompt of every beam row and
+    the kept sets equal each row's beam search with its inputs repeated by hand (tests/test_beam.py's oracle)."""
+    from test_beam import ROWS, assert_rows_equal, batch_inputs, beams, by_hand, row_inputs, same_kept, zoo
+
+    model, _ = zoo("llava_next")
+    x = batch_inputs("llava_next")
+    with torch.no_grad(), tokprune.pruned(model, method, keep=2, tile_budget="per_tile_reference"):
+        got = model.generate(**x, **beams(2))
+        rec = tokprune.last_record(model)
+        refs = [(by_hand(model, row_inputs("llava_next", r), **beams(2)), tokprune.last_record(model))
+                for r in range(len(ROWS))]
+    assert all(n % 4 == 0 for row in rec.n_visual for n in row)  # whole tiles: the spatial layout
+    for row, (ref, ref_rec) in enumerate(refs):
+        assert_rows_equal(got, ref, slice(2 * row, 2 * (row + 1)))
+        assert same_kept(rec, ref_rec, slice(2 * row, 2 * (row + 1)))

@@ -152,11 +152,12 @@ class Adapter:
         not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
         return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
-    def prompt_tokens(self, features: list[torch.Tensor]) -> list[int] | None:
-        """Per visual item, the placeholder tokens the processor wrote for it in the prompt, where the family lays
-        the item out with another number of tokens (the orchestrator then resizes each run before the vision
-        stage, :mod:`tokprune.patches.relayout`); None (the default): one placeholder per feature row. Family hook
-        (LLaVA-NeXT's ``per_tile_reference``: the references' spatial layout)."""
+    def relayout(self, encoded: Any) -> Any | None:
+        """The encoder outputs with the items laid out the family's own way, where that differs from the layout
+        the processor wrote placeholders for and ``generate`` bookkeeps (the orchestrator then resizes each item's
+        placeholder run to its new token count before the vision stage, :mod:`tokprune.patches.relayout`); None
+        (the default): as they are. Family hook (LLaVA-NeXT's ``per_tile_reference``: the references' spatial
+        layout)."""
         return None
 
     def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]

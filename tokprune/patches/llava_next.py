@@ -29,9 +29,10 @@ budget is spread:
   crops' kept tokens in the raster order of the stitched grid of *full* crops, *with no unpadding and no newline
   token* (picks on padding reach the LLM). Here ``keep`` is ``T`` (``keep_ratio``: that share of a full tile,
   ``round(ratio * 576)`` on LLaVA-NeXT-7B; HiPrune's ``HIPRUNE_RETENTION=R`` is ``keep=int(R / n_tiles)``), and
-  the model's ``pack_image_features`` is replaced by that spatial packing (:func:`spatial_pack`), so ``n_visual``
-  is ``n_tiles * 576`` and the prompt's placeholder run of each image is resized to it before the vision stage
-  (the :meth:`prompt_tokens` hook). A count that keeps whole tiles leaves HF's layout (keep-all is the model).
+  the prefill swaps HF's packed features for that spatial packing (:func:`spatial_pack`, the :meth:`relayout`
+  hook; ``generate`` still sees HF's), so ``n_visual`` is ``n_tiles * 576`` and the prompt's placeholder run of
+  each image is resized to it before the vision stage. A count that keeps whole tiles leaves HF's layout (keep-all
+  is the model).
   VisionZip (which merges before the projector per tile by default) orders its rows there as its reference packs
   a NeXT image (:meth:`encoder_row_order`); in HF's layout every row sits at its slot. Vision-only methods only
   (an LLM stage's per-image budget has no per-tile meaning); HF's ``"default"`` feature strategy only.
@@ -74,7 +75,7 @@ class _Packing:
     strategy: str
     outputs: list[torch.Tensor]  # the packed features it returned (to recognise them after generate expands them)
     spatial: bool = False  # packed as the references do (``per_tile_reference`` with a cut): see spatial_pack
-    held: list[int] | None = None  # per image, the placeholders the processor wrote (HF's layout's tokens)
+    laid: list[torch.Tensor] | None = None  # then, per image, its features in that layout (:meth:`relayout`)
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:
@@ -149,11 +150,12 @@ class LlavaNextAdapter(LlavaAdapter):
         def pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
             sizes = torch.as_tensor(image_sizes).cpu()
             per_tile = int(image_features[0].shape[1])
-            if self._spatial(per_tile):
-                return self._spatial_packing(image_features, sizes, vision_feature_select_strategy)
             out = pack(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
             self._packing = _Packing(sizes, [int(f.shape[0]) for f in image_features], per_tile,
                                      vision_feature_select_strategy, list(out[0]))
+            if self._spatial(per_tile):  # HF's output stays what generate() sees; the prefill swaps it in
+                self._packing.laid = self._spatial_packing(image_features, sizes, vision_feature_select_strategy)
+                self._packing.spatial = True
             return out
 
         return pack_image_features
@@ -183,30 +185,24 @@ class LlavaNextAdapter(LlavaAdapter):
         return cfg.image_size // cfg.patch_size
 
     def _spatial_packing(self, image_features: list[torch.Tensor], sizes: torch.Tensor,
-                         strategy: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """HF's ``pack_image_features`` replaced by :func:`spatial_pack` (``per_tile_reference``), recording how
-        many placeholders the processor wrote per image (HF's layout) so the prompt can be resized."""
+                         strategy: str) -> list[torch.Tensor]:
+        """Each image's per-tile features packed by :func:`spatial_pack` (``per_tile_reference``)."""
         side = self._side()
         if strategy != "default" or int(image_features[0].shape[1]) != side * side:
             raise UnsupportedError("tile_budget='per_tile_reference' packs each tile's patch grid as the references "
                                    "do; it needs vision_feature_select_strategy='default' (no [CLS] in the features)")
-        out = [spatial_pack(f, self._grid_hw(sizes[j]), side) for j, f in enumerate(image_features)]
-        held = []
-        for j, f in enumerate(image_features):
-            ones = torch.ones(int(f.shape[0]), side * side, 1)
-            packed, _ = type(self.base).pack_image_features(self.base, [ones], sizes[j:j + 1], strategy,
-                                                            image_newline=torch.zeros(1))
-            held.append(int(packed[0].shape[0]))
-        self._packing = _Packing(sizes, [int(f.shape[0]) for f in image_features], side * side, strategy, out,
-                                 spatial=True, held=held)
-        return out, torch.tensor([int(o.shape[0]) for o in out], device=out[0].device)
+        return [spatial_pack(f, self._grid_hw(sizes[j]), side) for j, f in enumerate(image_features)]
 
-    def prompt_tokens(self, features: list[torch.Tensor]) -> list[int] | None:
-        """In the spatial layout, each image's placeholders in the prompt (HF's unpadded layout with newlines)."""
+    def relayout(self, encoded: Any) -> Any | None:
+        """In the spatial layout, the encoder outputs with every image's features in that layout (a copy of an
+        image, as ``generate`` repeats them for beams, gets the same tensor); None in HF's layout. ``generate`` and
+        the processor's placeholders only ever see HF's layout; the prefill resizes the runs."""
         pk = self._packing
         if pk is None or not pk.spatial:
             return None
-        return [pk.held[j] for j in self._sources(features)]
+        new = encoded.__class__(**dict(encoded.items()))
+        new.pooler_output = [pk.laid[j] for j in self._sources(list(encoded.pooler_output))]
+        return new
 
     def _sizing(self, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -270,6 +266,7 @@ class LlavaNextAdapter(LlavaAdapter):
                 "pass pixel_values and image_sizes so the encoder runs under the patch"
             )
         ids = {id(t): j for j, t in enumerate(pk.outputs)}
+        ids.update({id(t): j for j, t in enumerate(pk.laid or [])})  # the spatial layout's tensors
         src = [ids.get(id(f)) for f in features]
         if None in src:
             raise RuntimeError(

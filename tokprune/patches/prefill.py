@@ -97,7 +97,7 @@ class VisualLayout:
     #: its own encoded image (no expansion)
     source: list[int] | None = None
     #: where the family re-laid items out with other token counts than the processor's placeholders
-    #: (``adapter.prompt_tokens``): per row, the tokens the prompt gained (negative: lost), and its width before
+    #: (``adapter.relayout``): per row, the tokens the prompt gained (negative: lost), and its width before
     added: torch.Tensor | None = None
     n_prompt: int | None = None
 
@@ -270,10 +270,11 @@ class Orchestrator:
         ids = kw["input_ids"]
         mask2d = mask_to_2d(kw.get("attention_mask"), ids.shape[1])
         encoded = self.encoded_images(kw)
+        held = [int(f.shape[0]) for f in encoded.pooler_output]  # the processor's placeholders per item
+        encoded = a.relayout(encoded) or encoded
         feats = list(encoded.pooler_output)
         counts = [int(f.shape[0]) for f in feats]
-        held = a.prompt_tokens(feats)
-        spans = image_spans(ids, a.image_token_id, counts if held is None else held)
+        spans = image_spans(ids, a.image_token_id, held)
         pos = kw.get("position_ids")
         pos = a.default_positions(ids, mask2d, kw) if pos is None else pos
         resized = self.resized(kw, ids, mask2d, pos, spans, counts, held)
@@ -292,11 +293,11 @@ class Orchestrator:
                             kw["input_ids"].shape[1])
 
     def resized(self, kw: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
-                spans: list[list[torch.Tensor]], counts: list[int], held: list[int] | None) -> Resized | None:
+                spans: list[list[torch.Tensor]], counts: list[int], held: list[int]) -> Resized | None:
         """The prompt with each item's placeholder run resized to its features' count, where the family laid
-        the items out with other counts than the processor (``adapter.prompt_tokens``); None where they agree."""
+        the items out with other counts than the processor (``adapter.relayout``); None where they agree."""
         a = self.adapter
-        if held is None or held == counts:
+        if held == counts:
             return None
         if a.vision is None or any(kw.get(k) is not None for k in a.token_keys):
             raise NotImplementedError(f"{a.pruner.name}: a family layout with other token counts than the prompt's "

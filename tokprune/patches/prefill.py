@@ -76,6 +76,8 @@ class PrefillState:
     ctx: PrefillContext
     decode: DecodeState | None = None
     llm: Any = None  # the LLMRun of this prefill, when the method has LLM stages
+    #: what a family keeps for this prefill's decode steps (Qwen: ``rope_deltas``), read by ``Adapter.decode_inputs``
+    family: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -437,7 +439,8 @@ class Orchestrator:
         self.local.state = state
         if state.llm is not None:
             state.llm.phase = "decode"
-        return kw if state.decode is None else decode_kwargs(kw, past, state.decode)
+        kw = kw if state.decode is None else decode_kwargs(kw, past, state.decode)
+        return self.adapter.decode_inputs(kw, past, state)
 
 
 def decode_kwargs(kw: dict, past: int, st: DecodeState) -> dict:

@@ -40,6 +40,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """LLaVA-OneVision: LLaVA-NeXT's tiles and packing on SigLIP, with anyres_max interpolation (module doc)."""
 
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    #: no ``per_tile_reference``: it reproduces the LLaVA-NeXT references' spatial packing, which no OneVision
+    #: pruning reference uses and which the anyres_max resize does not fit
+    options = {"tile_budget": ("per_tile", "global")}
 
     def model_info(self) -> ModelInfo:
         return dataclasses.replace(super().model_info(), encoder_cuts=False)

@@ -52,6 +52,8 @@ class ModelInfo:
     #: whether a method may drop tokens inside the vision encoder: False where the LLM's visual tokens are not a
     #: subset of the encoder's (LLaVA-OneVision's anyres_max resize blends neighbouring crop tokens)
     encoder_cuts: bool = True
+    #: whether the adapter builds LLM tokens before its projector (``VisionDecision.encoder_rows``) in this layout
+    encoder_merge: bool = False
 
     def encoder_layer(self, layer: int, what: str = "vision layer") -> int:
         """The 0-based encoder layer ``layer`` names (a negative one counts from the last); an error names the
@@ -334,6 +336,10 @@ class VisionSignals:
         )
 
 
+#: what an encoder-space row is (``VisionDecision.row_kinds``)
+ENCODER_ROW_KINDS = ("cls", "patch", "merged")
+
+
 @dataclass
 class VisionDecision:
     """A vision stage's answer for one image that also adds new tokens (VisionZip's contextual tokens, VFlowOpt's
@@ -356,6 +362,11 @@ class VisionDecision:
     and, with ``positions="original"``, the position ids; with re-indexed positions the LLM sees the rows in row
     order at contiguous positions), and ``assign`` (n,) only records each patch's row for the record (-1: none).
     The method requests ``Signal("hidden_out", feature_layer)``; families without a token-wise projector refuse it.
+    An image split into several budget parts (LLaVA-NeXT tiles) answers with one such decision per part, each over
+    its part's own sequence (its encoder sequence's [CLS] at 0, the part's token p at ``1 + p``); ``row_kinds``
+    (m,) long, optional, says what each row is (:data:`ENCODER_ROW_KINDS`: 0 the [CLS] token, 1 a patch as itself,
+    2 a merged token), for a family that lays rows out by kind (LLaVA-NeXT's spatial layout, as VisionZip's
+    reference restores dominant patches to their grid places and appends the rest).
 
     Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
     *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
@@ -370,6 +381,7 @@ class VisionDecision:
     features: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     encoder_rows: torch.Tensor | None = None
+    row_kinds: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:

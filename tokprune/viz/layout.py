@@ -108,8 +108,10 @@ def unpadded_shape(rows: int, cols: int, image_hw: tuple[int, int]) -> tuple[int
 
 
 def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n_visual: int | None = None,
-                newlines: bool = True) -> Layout:
-    """LLaVA-NeXT: base tile, then the unpadded high-resolution grid with a newline token after every row.
+                newlines: bool = True, spatial: bool = False) -> Layout:
+    """LLaVA-NeXT: base tile, then the unpadded high-resolution grid with a newline token after every row
+    (``spatial``: the references' layout of ``tile_budget="per_tile_reference"``, the whole canvas grid, padding
+    included, no newline).
 
     ``image_hw``: the (height, width) the processor reported in ``image_sizes`` (the record's ``image_sizes``);
     ``config``: the model's ``LlavaNextConfig`` (tile size, patch size, grid pinpoints). The base tile is the whole
@@ -128,6 +130,8 @@ def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n
     ih, iw = (int(v) for v in image_hw)
     canvas_h, canvas_w = select_best_resolution((ih, iw), config.image_grid_pinpoints)
     r0, r1, c0, c1 = unpadded_shape(canvas_h // p, canvas_w // p, (ih, iw))
+    if spatial:
+        r0, r1, c0, c1, newlines = 0, canvas_h // p, 0, canvas_w // p, False
     if canvas_w / iw < canvas_h / ih:
         new_w, new_h = canvas_w, min(math.ceil(ih * canvas_w / iw), canvas_h)
     else:
@@ -193,7 +197,9 @@ def layout_of(record: Any, image_size: tuple[int, int], sample: int = 0, image: 
     if family in ("llava_next", "llava_onevision"):
         if record.image_sizes is None:
             raise ValueError("the LLaVA-NeXT record has no image_sizes; pass image_sizes to the forward")
-        return next_layout(image_size, record.image_sizes[sample][image], config, n_visual=n)
+        hw = record.image_sizes[sample][image]
+        spatial = next_layout(image_size, hw, config, spatial=True)  # tile_budget="per_tile_reference"
+        return spatial if n == spatial.n_tokens else next_layout(image_size, hw, config, n_visual=n)
     if record.image_grid_thw is None:
         raise ValueError("the Qwen record has no image_grid_thw; pass image_grid_thw to the forward")
     merge = config.vision_config.spatial_merge_size

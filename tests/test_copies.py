@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import tokprune
+from tokprune.pruners.base import UnsupportedError
 from tokprune.signals import TAP_ATTR
 from tokprune.testing import image_prompt, make_image, tiny_model
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 METHODS = ["fastv", "flowcut", "visionzip"]  # an LLM stage; an encoder cut with an LLM cut on Qwen; vision taps
 
 
@@ -49,7 +50,10 @@ def test_deepcopy_of_a_patched_model_has_its_own_patch(family, method):
     with torch.no_grad():
         plain = model(**a).logits
         bare = hooks(model)  # after a forward: transformers adds hooks of its own at the first call
-        tokprune.apply(model, method, keep_ratio=0.5)
+        try:
+            tokprune.apply(model, method, keep_ratio=0.5)
+        except UnsupportedError as e:
+            pytest.skip(f"{method} does not run on {family}: {e}")
         want_a, kept_a = model(**a).logits, kept(model)
         want_b, kept_b = model(**b).logits, kept(model)
         assert not torch.equal(want_a, plain)  # the method pruned something

@@ -21,7 +21,7 @@ import torch
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
-from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
+from tokprune.patches.sequence import first_of, gather_seq, kept_slots, last_real_index
 from tokprune.pruners.base import LLMDecision, LLMRequest, LLMSignals, Observed, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage, spread
 from tokprune.selection import Budgets, ImageBudget, check_indices, llm_budgets, select_llm
@@ -219,13 +219,18 @@ class LLMRun:
         b, n_cur = hidden.shape[:2]
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = self._keep_mask(rel)
-        counts = keep.sum(1)
-        # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
-        width, fewest = torch.stack([counts.max(), counts.min()]).tolist()
-        self.any_dead = fewest < width  # rows shorter than the longest carry dead slots
-        spare = ~keep
-        dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
-        slots = kept_slots(keep | dead, width)  # sorted per row
+        pad = ~torch.gather(self.real0, 1, self.idx)  # padding slots (never dead: they keep the prompt's mask)
+        real_keep = keep & ~pad
+        counts = real_keep.sum(1)
+        # the batch re-packed: width = the longest row's surviving tokens; a shorter row is filled with its own
+        # padding slots first, then with dead slots (dropped tokens, previously dead ones included)
+        fill = counts.max() - counts
+        pads = first_of(pad, fill)
+        dead = first_of(~keep, fill - pads.sum(1))
+        # sync: once per LLM stage, the new sequence length (an output shape) and whether a row has dead slots
+        width, any_dead = torch.stack([counts.max(), dead.any().long()]).tolist()
+        self.any_dead = bool(any_dead)
+        slots = kept_slots(real_keep | pads | dead, width)  # sorted per row
         new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]

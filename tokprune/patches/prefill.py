@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tokprune.patches.compat import get_cache
-from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
+from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, padded_right, repack, take
 from tokprune.pruners.base import VISION_COMPACT, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.selection import Budgets, Placement
@@ -287,7 +287,10 @@ class Orchestrator:
         keeps = [p.slots.to(layout.ids.device) for p in placements]
         self.record_vision(record, layout, placements, keeps, scores)
         keep_mask = self.keep_mask(layout, keeps)
-        idx, valid = left_repad(keep_mask)
+        real = layout.mask2d.bool() if layout.mask2d is not None else None
+        # the batch re-packed: its width is the longest pruned row, padding the cut freed is dropped too
+        idx, valid = left_repad(keep_mask) if real is None else repack(keep_mask & real, ~real,
+                                                                       padded_right(layout.mask2d))
         new = self.rewrite(new, layout, keep_mask, idx, valid)
         new["mm_encoder_outputs"]["image"] = a.prune_encoder_outputs(layout.encoded, placements)
         ids, mask2d = layout.ids, layout.mask2d

@@ -20,6 +20,7 @@ import torch
 
 import tokprune
 import tokprune.api
+from tokprune.patches.sequence import padded_right, repack, repack_slots
 from tokprune.testing import QWEN_IMAGE_TAG, families, make_image, tiny_model
 
 TOL = 1e-4
@@ -45,6 +46,44 @@ def _unpatched():
     yield
     for model, _ in MODELS.values():
         tokprune.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------- the slot rules
+def _rows(*texts: str) -> torch.Tensor:
+    return torch.tensor([[c == "1" for c in t] for t in texts])
+
+
+def test_repack_keeps_own_padding_first_then_pads_on_the_batch_side():
+    # row 0: two padding slots, 4 real tokens, 1 cut; row 1: no padding, 6 real tokens, 4 cut; row 2 kept whole
+    pad = _rows("1100000", "0000000", "1110000")
+    keep = _rows("0011011", "1000011", "0001111")
+    idx, valid = repack(keep, pad, right=False)
+    assert idx.shape[1] == 4  # the longest kept row (rows 0 and 2), not the 7 of the padded batch
+    assert idx[0].tolist() == [2, 3, 5, 6] and valid[0].all()
+    assert idx[1].tolist()[1:] == [0, 5, 6] and valid[1].tolist() == [False, True, True, True]  # new left padding
+    assert idx[2].tolist() == [3, 4, 5, 6] and valid[2].all()  # padding the batch no longer needs is dropped
+    idx, valid = repack(keep, pad, right=True)
+    assert idx[1].tolist()[:3] == [0, 5, 6] and valid[1].tolist() == [True, True, True, False]  # new right padding
+    # a shorter row fills with its own padding before any new slot (keep-all stays bit-identical)
+    idx, valid = repack(_rows("0011111", "1111111"), _rows("1100000", "0000000"))
+    assert idx.tolist() == [list(range(7))] * 2 and valid.all()
+
+
+def test_padding_side_is_read_from_the_mask():
+    assert not bool(padded_right(torch.tensor([[0, 1, 1], [1, 1, 1]])))
+    assert bool(padded_right(torch.tensor([[1, 1, 0], [1, 1, 1]])))
+    assert not bool(padded_right(torch.ones(2, 3))) and padded_right(None) is False
+
+
+def test_llm_repack_fills_with_own_padding_then_dead_slots():
+    pad = _rows("110000", "000000")
+    keep = _rows("110011", "111001")  # row 0: 2 real survivors; row 1: 4 (two cut)
+    slots, dead, any_dead = repack_slots(keep, pad)
+    assert slots.tolist() == [[0, 1, 4, 5], [0, 1, 2, 5]] and not any_dead and not dead.any()
+    keep = _rows("110001", "111011")  # row 0: 1 real survivor + its 2 padding slots + 2 dropped tokens made dead
+    slots, dead, any_dead = repack_slots(keep, pad)
+    assert slots.tolist() == [[0, 1, 2, 3, 5], [0, 1, 2, 4, 5]] and any_dead
+    assert dead[0].tolist() == [False, False, True, True, False, False] and not dead[1].any()
 
 
 def _text(name: str, n_images: int, question: str) -> str:

@@ -7,7 +7,8 @@ those named hooks and never names a family. Per forward of the top-level ``*ForC
 * **prefill** (a prompt with visual items and no cache yet): :meth:`Orchestrator.layout` reads the prompt's
   :class:`VisualLayout` (each visual item's features, span, grid, special tokens, owner and modality), a
   :class:`PrefillState` is created for this prefill alone, the vision stage runs (signals, the selection core of
-  :mod:`tokprune.selection`, the sequence rewrite with left re-padding), and the LLM stages get their own run;
+  :mod:`tokprune.selection`, the sequence rewrite re-packed to the longest pruned row), and the LLM stages get
+  their own run;
 * **decode** (a cache with tokens in it): the prefill's state is found again by the cache object the step passes
   (so two requests interleaved on one model never share state), the 2D mask is rebuilt for the pruned prompt and
   "compact" positions shifted;
@@ -329,7 +330,7 @@ class Orchestrator:
 
     def rewrite(self, new: dict, layout: VisualLayout, keep_mask: torch.Tensor, idx: torch.Tensor,
                 valid: torch.Tensor) -> dict:
-        """Every per-token input gathered to the kept tokens and left re-padded; then the family's own fix-ups
+        """Every per-token input gathered to the kept tokens and re-padded; then the family's own fix-ups
         (``adapter.after_rewrite``: Qwen renumbers its text position row and sets ``rope_deltas``)."""
         a = self.adapter
         ids, pos = layout.ids, layout.positions

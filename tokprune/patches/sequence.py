@@ -83,6 +83,25 @@ def repack(keep: torch.Tensor, pad: torch.Tensor, right: torch.Tensor | bool = F
     return left_repad(keep | first_of(pad, width - lens), width, right)
 
 
+def repack_slots(keep: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Re-pack a batch at an LLM stage, where slots cannot be invented (the hidden states exist only for tokens):
+    ``keep`` (B, n) the current slots that survive (padding included), ``pad`` (B, n) the padding slots.
+
+    The width becomes the longest row's surviving real tokens. A shorter row is filled with its own padding slots
+    first (left as they are, masked by the prompt's mask), then with *dead* slots: dropped tokens kept in the tensor
+    and masked as keys. Returns the sorted ``slots`` (B, width) into the current sequence, ``dead`` (B, n) over the
+    current slots, and whether any row has a dead slot.
+    """
+    real = keep & ~pad
+    counts = real.sum(1)
+    fill = counts.max() - counts
+    pads = first_of(pad, fill)
+    dead = first_of(~keep, fill - pads.sum(1))
+    # sync: once per LLM stage, the new sequence length (an output shape) and whether a row has dead slots
+    width, any_dead = torch.stack([counts.max(), dead.any().long()]).tolist()
+    return kept_slots(real | pads | dead, width), dead, bool(any_dead)
+
+
 def kept_slots(keep: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width) positions of the True entries of each row of ``keep`` (B, N), ascending; every row must hold
     exactly ``width`` of them. ``keep.nonzero()[:, 1].view(B, width)`` without the host sync."""

@@ -199,18 +199,21 @@ class Adapter:
         """(cos, sin) of the language model for the given positions (used for "compact" positions in the LLM)."""
         return self.language_model.rotary_emb(x, position_ids=position_ids)
 
-    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement], source: list[int] | None = None) -> Any:
         """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
-        per-token outputs extend this and merge them the same way)."""
+        per-token outputs extend this and merge them the same way). ``source``: per item, the encoded image it is
+        a copy of (beams expanded by ``generate``), None when each item is its own."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [self.build_encoder_rows(j, p, f) if p.encoder_rows is not None else p.build(f)
+        new.pooler_output = [self.build_encoder_rows(j if source is None else source[j], p, f)
+                             if p.encoder_rows is not None else p.build(f)
                              for j, (f, p) in enumerate(zip(out.pooler_output, placements))]
         return new
 
     # ------------------------------------------------------------------ merges before the projector
     def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
         """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
-        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` image ``image``'s encoder sequence."""
+        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` encoded image ``image``'s encoder
+        sequence."""
         enc = self.encoder_sequence(image)
         rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
         if rows.shape[1] != enc.shape[0]:

@@ -113,7 +113,8 @@ class Qwen2VLAdapter(Adapter):
         if len(counts) != len(features) or [int(f.shape[0]) for f in features] != counts:
             raise RuntimeError(
                 f"{len(counts)} images went through the ViT but {len(features)} reached the LLM with other token "
-                "counts (beam search or expanded inputs are not supported with vision signals)"
+                "counts (image features computed outside this call or generate(); pass pixel_values and "
+                "image_grid_thw so the ViT runs under the patch)"
             )
         return [u.to(f.device) for u, f in zip(torch.split(units, counts), features)]
 

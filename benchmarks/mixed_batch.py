@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"({os.cpu_count()} CPUs)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"mixed-batch-{Path(args.config).stem}"
+    stem = f"mixed-batch-{args.config if args.config in configs.names() else Path(args.config).stem}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     md = to_markdown(report)
     (out / f"{stem}.md").write_text(md, encoding="utf-8")

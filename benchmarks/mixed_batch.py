@@ -8,7 +8,7 @@ rule restored around the two re-packing functions, nothing else changes) and pru
 must give the same last-token logits (the rule only moves padding); the script checks it.
 
     python benchmarks/mixed_batch.py --config qwen2.5-vl-3b --llm-layers 4 --vision-layers 4 \\
-        --methods divprune,fastv --keep-ratio 0.25 --out benchmarks/results/cpu-loaded-2c
+        --methods divprune,fastv --keep-ratio 0.25 --out benchmarks/results/cpu-xeon-2c-loaded
 
 writes ``<out>/mixed-batch-<config>.{json,md}``. Qwen configs (the images' token counts follow their size).
 """
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokprune  # noqa: E402
 from tokprune import configs  # noqa: E402
-from tokprune.eval.proxy import reduce_depth  # noqa: E402
+from tokprune.eval.proxy import depth_of, reduce_depth  # noqa: E402
 from tokprune.patches import llm_stage, prefill, sequence  # noqa: E402
 
 #: the batches: per row an image size (H, W) or None for a text-only row
@@ -150,8 +150,8 @@ def to_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="qwen2.5-vl-3b")
-    p.add_argument("--llm-layers", type=int)
-    p.add_argument("--vision-layers", type=int)
+    p.add_argument("--llm-layers", type=int, help="decoder layers of the proxy (default: 4, or all if fewer)")
+    p.add_argument("--vision-layers", type=int, help="vision blocks of the proxy (default: 4, or all if fewer)")
     p.add_argument("--methods", default="divprune,fastv")
     p.add_argument("--keep-ratio", type=float, default=0.25)
     p.add_argument("--n-text", type=int, default=95)
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     full = configs.load(args.config)
-    config, depth = reduce_depth(full, args.llm_layers, args.vision_layers)
+    real = depth_of(full)
+    config, depth = reduce_depth(full, args.llm_layers or min(4, real.llm[1]),
+                                 args.vision_layers or min(4, real.vision[1]))
     model = configs.build_model(config, "cpu", torch.float32)
     load = os.getloadavg()
     report: dict[str, Any] = {"meta": {"model": args.config, "depth": depth.label(), "device": "CPU",

@@ -10,9 +10,9 @@
   (TorchDynamo does not guard on nn-module hooks), giving wrong shapes or a missing-rows error.
 
 Every check runs with ``fail_on_recompile_limit_hit`` and counts the frames compiled, so a case cannot pass by
-silently falling back to eager execution. The full matrix, the ``inductor`` cases and the other backends of the
-compile-then-apply test are marked ``compile_matrix``: CI runs them on the newest transformers release only (minutes on
-a 2-core CPU); a subset runs on every release.
+silently falling back to eager execution. The full matrix, the ``inductor`` cases and the compile-then-apply test
+are marked ``compile_matrix``: CI runs them on the newest transformers release only (minutes on a 2-core CPU); the
+other cases run on every release (tests/test_reliability.py also compiles, then applies, on every release).
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def test_apply_then_compile_eager_backend(family, method):
     apply_then_compile(family, method, "eager")
 
 
-@pytest.mark.parametrize("backend", [pytest.param("eager", marks=pytest.mark.compile_matrix), "aot_eager",
-                                     pytest.param("inductor", marks=[needs_cxx, pytest.mark.compile_matrix])])
+@pytest.mark.compile_matrix
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=needs_cxx)])
 def test_compile_then_apply_and_switch_methods(backend):
     """``apply`` on the compiled wrapper patches its original module, after the wrapper has already compiled and
     run unpatched; then another method (with LLM taps and stages) replaces the first on the compiled model, and

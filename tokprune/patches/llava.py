@@ -76,7 +76,8 @@ class LlavaAdapter(Adapter):
         if per_image.shape[0] != len(features):
             raise RuntimeError(
                 f"{per_image.shape[0]} images went through the vision tower but {len(features)} reached the LLM "
-                "(beam search or expanded inputs are not supported with vision signals)"
+                "(image features computed outside this call or generate(); pass pixel_values so the encoder runs "
+                "under the patch)"
             )
         return [r.to(f.device) for r, f in zip(per_image, features)]
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from tokprune.patches.llava import LlavaAdapter, square_grid
+from tokprune.patches.threads import PerThread
 from tokprune.pruners.base import VisionSignals
 from tokprune.registry import register_model
 
@@ -90,6 +91,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     model_classes = ("LlavaNextForConditionalGeneration",)
     options = {"tile_budget": ("per_tile", "global", "per_tile_reference")}
+    #: this thread's last packing and the image sizes of its encoder call in progress (per thread: two threads
+    #: encoding through one patched model at once never read each other's)
+    _packing = PerThread()
+    _sizes = PerThread()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -46,13 +46,17 @@ def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) ->
 
 
 class LLMTaps:
-    """Installs and answers an :class:`LLMRequest` for the stages of one model."""
+    """Installs and answers the :class:`LLMRequest` of each LLM stage of one model (``requests``: stage layer ->
+    request). Each stage taps its own module (layer K-1 as it runs, or layer K under a probe) and computes its own
+    rows, values and keys; observed modules, ``row_layers`` and the input embeddings serve every stage that asks.
+    Several stages may tap one attention module (a probe of layer K and the next stage's rows of layer K as it
+    runs): one tap on the module calls each of them, and each answers only its own kind of call."""
 
-    def __init__(self, stages: LLMStages, request: LLMRequest) -> None:
-        self.stages, self.request = stages, request
+    def __init__(self, stages: LLMStages, requests: dict[int, LLMRequest]) -> None:
+        self.stages, self.requests = stages, requests
         self._handles: list[Any] = []
         self._tapped: list[Any] = []
-        self._layer = 0  # the layer of the tap call in progress (read by _rows for per-query slots)
+        self._ran: dict[int, LLMRequest] = {}  # row_layers layer -> the request whose rows it records
 
     def _probing(self) -> bool:
         """Whether the forward in progress is a probe of this model's run (its attention kernel is skipped)."""
@@ -72,33 +76,48 @@ class LLMTaps:
         layers = self.stages.adapter.language_model.layers
         n = len(layers)
         self._install_observers(layers)
-        probe = self.request.source == "probe"
-        for k in self.stages.layers:
-            mod = layers[k if probe else k - 1].self_attn
-            TAPS.add(mod, partial(self._tap, k), skip=self._probing if probe else None)
-            self._tapped.append(mod)
-        for lay in self.request.row_layers:
-            if not 0 <= lay < n:
-                raise ValueError(f"LLMRequest records the rows of layer {lay}; the LLM has {n} layers")
-            mod = layers[lay].self_attn
-            if mod in self._tapped:
-                raise ValueError(f"LLMRequest row_layers: layer {lay} is already tapped for a stage's rows")
-            TAPS.add(mod, partial(self._tap_ran, lay))
+        calls: dict[int, list[Any]] = {}  # decoder layer -> the tap functions on its self_attn
+        probed: set[int] = set()
+        for k, request in self.requests.items():
+            probe = request.source == "probe"
+            at = k if probe else k - 1
+            calls.setdefault(at, []).append(partial(self._tap, k))
+            if probe:
+                probed.add(at)
+        for lay in self._row_layers(n):
+            calls.setdefault(lay, []).append(partial(self._tap_ran, lay))
+        for at, fns in calls.items():
+            mod = layers[at].self_attn
+            TAPS.add(mod, fns[0] if len(fns) == 1 else partial(_each, tuple(fns)),
+                     skip=self._probing if at in probed else None)
             self._tapped.append(mod)
 
+    def _row_layers(self, n: int) -> list[int]:
+        """The ``row_layers`` of every stage's request (each recorded once, for the request naming it)."""
+        for request in self.requests.values():
+            for lay in request.row_layers:
+                if not 0 <= lay < n:
+                    raise ValueError(f"LLMRequest records the rows of layer {lay}; the LLM has {n} layers")
+                other = self._ran.setdefault(lay, request)
+                if other != request:
+                    raise ValueError(f"two LLM stages record the rows of layer {lay} (row_layers) with different "
+                                     "requests; give them the same queries / heads / domain or another layer")
+        return list(self._ran)
+
     def _install_observers(self, layers: Any) -> None:
-        """Forward hooks on the observed modules, and the embeddings hook on layer 0 when requested."""
-        for lay in self.request.observe:
+        """Forward hooks on the modules any stage observes, and the embeddings hook on layer 0 when one asks."""
+        observe = sorted({lay for r in self.requests.values() for lay in r.observe})
+        for lay in observe:
             if not 0 <= lay < len(layers):
                 raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {len(layers)} layers")
             for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
                 self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
-        if self.request.embeddings:
+        if any(r.embeddings for r in self.requests.values()):
             self._handles.append(layers[0].register_forward_pre_hook(self._embed, with_kwargs=True))
 
     def remove(self) -> None:
         remove_installed(self._handles, self._tapped)
-        self._handles, self._tapped = [], []
+        self._handles, self._tapped, self._ran = [], [], {}
 
     # ------------------------------------------------------------------ signals
     def probe(self, run: LLMRun, k: int, hidden: torch.Tensor, kw: dict) -> None:
@@ -112,17 +131,18 @@ class LLMTaps:
             run.probing = False
 
     def _tap(self, k: int, module, query, key, value, mask, scaling, kwargs) -> None:
-        st = self._prefill_run(probe_only=self.request.source == "probe")
+        """The signals of the stage cutting before layer ``k``, from the attention call it taps."""
+        request = self.requests[k]
+        st = self._prefill_run(probe_only=request.source == "probe")
         if st is None:
             return
         n = query.shape[2]
-        self._layer = k
-        st.rows[k] = self._rows(st, query, key, mask, scaling)
-        if self.request.values == "heads":
+        st.rows[k] = self._rows(st, request, k, query, key, mask, scaling)
+        if request.values == "heads":
             st.values[k] = value[:, :, :n].float()
-        elif self.request.values:
+        elif request.values:
             st.values[k] = value[:, :, :n].float().mean(1)
-        if self.request.keys:
+        if request.keys:
             st.keys[k] = key[:, :, :n].detach()
 
     def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:
@@ -131,8 +151,7 @@ class LLMTaps:
         if st is None:
             return
         n = query.shape[2]
-        self._layer = layer
-        rows = self._rows(st, query, key, mask, scaling)
+        rows = self._rows(st, self._ran[layer], layer, query, key, mask, scaling)
         idx = st.idx[:, :n]
         full = rows.new_zeros(*rows.shape[:-1], st.n0)
         st.ran[layer] = full.scatter(-1, idx if rows.dim() == 2 else idx[:, None].expand_as(rows), rows)
@@ -143,33 +162,35 @@ class LLMTaps:
         return {lay: torch.gather(r, -1, idx if r.dim() == 2 else idx[:, None].expand(-1, r.shape[1], -1))
                 for lay, r in st.ran.items()}
 
-    def _rows(self, st: LLMRun, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
-        """The requested rows of one attention call over the current sequence, (B, n) or (B, H, n)."""
+    def _rows(self, st: LLMRun, request: LLMRequest, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any,
+              scaling: float) -> torch.Tensor:
+        """The rows ``request`` asks for from one attention call (of decoder ``layer``) over the current sequence,
+        (B, n) or (B, H, n)."""
         n = query.shape[2]
-        rows, weights = self._query_rows(st, n)
-        keys = st.visual_slots(n) if self.request.domain == "visual" else None
+        rows, weights = self._query_rows(st, request, n)
+        keys = st.visual_slots(n) if request.domain == "visual" else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
             mask = mask[..., :n]
         model_dtype = getattr(st.adapter.pruner, "score_dtype", "float32") == "model"
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys,
                                model_dtype=model_dtype)[..., :n]
-        if self.request.per_query:
-            st.query_slots[self._layer] = torch.where(weights > 0, rows, -1)
-            out = probs.mean(1) if self.request.heads == "mean" else probs
+        if request.per_query:
+            st.query_slots[layer] = torch.where(weights > 0, rows, -1)
+            out = probs.mean(1) if request.heads == "mean" else probs
             return out.to(query.dtype).float() if model_dtype else out
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
-        out = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
+        out = rows_mean.mean(1) if request.heads == "mean" else rows_mean
         return out.to(query.dtype).float() if model_dtype else out  # score_dtype="model": the references' rounding
 
-    def _query_rows(self, st: LLMRun, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query_rows(self, st: LLMRun, request: LLMRequest, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""
-        if self.request.queries == "last":
+        if request.queries == "last":
             return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
-        span = st.current_spans()[self.request.queries][:, :n]
+        span = st.current_spans()[request.queries][:, :n]
         counts = span.sum(1)
         # sync: once per LLM stage: an empty instruction span is an error, not a silent empty row
         if bool(((counts == 0) & st.has_images()).any()):
-            raise ValueError(f"a row's {self.request.queries} span is empty (the prompt ends with its image); "
+            raise ValueError(f"a row's {request.queries} span is empty (the prompt ends with its image); "
                              "ask for queries='last' or put the question after the image")
         # sync: once per LLM stage, the widest instruction span (an output shape)
         r = int(counts.max().clamp_min(1))
@@ -199,3 +220,9 @@ class LLMTaps:
         x = args[0] if args else kw["hidden_states"]
         y = out[0] if isinstance(out, tuple) else out
         st.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())
+
+
+def _each(fns: tuple[Any, ...], *args: Any) -> None:
+    """One tap calling several (stages tapping the same attention module)."""
+    for fn in fns:
+        fn(*args)

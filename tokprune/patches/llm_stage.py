@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 class LLMStages:
     """Installs a pruner's LLM stages on one model (decoder-layer pre-hooks and the LLM taps); owned by an
     :class:`~tokprune.patches.base.Adapter`. Holds no per-prefill state: each prefill gets its own :class:`LLMRun`
-    (in the adapter's per-prefill state), which the hooks find for the forward that is running."""
+    (in the adapter's per-prefill state), which the hooks find for the forward that is running. ``requests``: per
+    stage layer, the decoder signals that stage asks for (None: hidden states only)."""
 
-    def __init__(self, adapter: Adapter, layers: tuple[int, ...], request: LLMRequest | None) -> None:
-        self.adapter, self.layers, self.request = adapter, layers, request
-        self.taps = LLMTaps(self, request) if request is not None else None
+    def __init__(self, adapter: Adapter, layers: tuple[int, ...], requests: dict[int, LLMRequest | None]) -> None:
+        self.adapter, self.layers, self.requests = adapter, layers, requests
+        wanted = {k: r for k, r in requests.items() if r is not None}
+        self.taps = LLMTaps(self, wanted) if wanted else None
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ install / remove
@@ -84,7 +86,7 @@ class LLMRun:
                  origin: list[list[torch.Tensor]], mask2d: torch.Tensor | None, record: PruneRecord,
                  ctx: PrefillContext, budgets: list[list[ImageBudget]] | None = None) -> None:
         self.stages, self.adapter, self.layers = stages, stages.adapter, stages.layers
-        self.request, self.taps = stages.request, stages.taps
+        self.requests, self.taps = stages.requests, stages.taps
         if budgets is None:
             a = self.adapter
             every = Budgets(a.pruner, a.info, a.budget)
@@ -148,7 +150,8 @@ class LLMRun:
         s = self.stage_of(i)
         if self.phase == "prefill":
             if i == self.layers[s] and len(self.stage) == s:
-                if self.request is not None and self.request.source == "probe":
+                request = self.requests[i]
+                if request is not None and request.source == "probe":
                     self.taps.probe(self, i, hidden, {**kw, **self.stage[s - 1]["kwargs"]} if s else kw)
                 hidden = self._run_stage(s, hidden, kw)
             kw = {**kw, **self.stage[s]["kwargs"]}
@@ -176,7 +179,7 @@ class LLMRun:
     def _signals(self, s: int, hidden: torch.Tensor, content: list[list[torch.Tensor]]) -> LLMSignals:
         """What stage ``s`` sees: the hidden states, the taps' rows / values / observations, the current slots."""
         k, taps = self.layers[s], self.taps
-        if taps is not None and k not in self.rows:
+        if self.requests[k] is not None and k not in self.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")
         return LLMSignals(layer=k, hidden=hidden, attention=self.rows.get(k),
@@ -187,11 +190,11 @@ class LLMRun:
                           rows_at=taps.rows_at(self) if taps else {}, last=self.qcur, keys=self.keys.get(k),
                           query_slots=self.query_slots.get(k), embeddings=LLMTaps.current_embeddings(self),
                           budgets=[[(b.n, b.keep) for b in brow] for brow in self.budgets],
-                          valid=self.valid_slots(), normed=self._normed(hidden))
+                          valid=self.valid_slots(), normed=self._normed(hidden, self.requests[k]))
 
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``."""
-        want = self.request is not None and self.request.final_norm
+    def _normed(self, hidden: torch.Tensor, request: LLMRequest | None) -> torch.Tensor | None:
+        """``hidden`` through the decoder's final norm, when the stage asks (``LLMRequest(final_norm=True)``)."""
+        want = request is not None and request.final_norm
         return self.adapter.language_model.norm(hidden) if want else None
 
     def _decide(self, s: int, signals: LLMSignals, content: list[list[torch.Tensor]]

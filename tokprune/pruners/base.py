@@ -604,6 +604,12 @@ class Pruner:
         states only."""
         return None
 
+    def llm_stage_request(self, info: ModelInfo, layer: int) -> LLMRequest | None:
+        """Decoder signals of the LLM stage cutting before ``layer`` (one of :meth:`llm_layers`); each stage asks
+        for its own, so stages with different signal sources can run in one prefill (a composition of two LLM
+        methods). Default: :meth:`llm_request`, the same for every stage."""
+        return self.llm_request(info)
+
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""
         if self.positions in VISION_COMPACT and not info.supports_compact:

@@ -171,6 +171,14 @@ class Adapter:
         not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
         return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
+    def relayout(self, encoded: Any) -> Any | None:
+        """The encoder outputs with the items laid out the family's own way, where that differs from the layout
+        the processor wrote placeholders for and ``generate`` bookkeeps (the orchestrator then resizes each item's
+        placeholder run to its new token count before the vision stage, :mod:`tokprune.patches.relayout`); None
+        (the default): as they are. Family hook (LLaVA-NeXT's ``per_tile_reference``: the references' spatial
+        layout)."""
+        return None
+
     def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]
                      ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
         """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``

@@ -50,6 +50,7 @@ class LlavaAdapter(Adapter):
             has_cls=hasattr(embeddings, "class_embedding"),
             llm_layers=len(self.language_model.layers),
             supports_compact=True,
+            encoder_merge=hasattr(embeddings, "class_embedding"),
         )
 
     def fixed_visual_tokens(self) -> int | None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from tokprune.patches.compat import get_cache
+from tokprune.patches.relayout import Resized, resize_runs
 from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
 from tokprune.pruners.base import VISION_COMPACT, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage
@@ -97,6 +98,10 @@ class VisualLayout:
     #: per item, the index of the encoded image it is a copy of (:func:`encoder_sources`); None when every item is
     #: its own encoded image (no expansion)
     source: list[int] | None = None
+    #: where the family re-laid items out with other token counts than the processor's placeholders
+    #: (``adapter.relayout``): per row, the tokens the prompt gained (negative: lost), and its width before
+    added: torch.Tensor | None = None
+    n_prompt: int | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -267,19 +272,40 @@ class Orchestrator:
         ids = kw["input_ids"]
         mask2d = mask_to_2d(kw.get("attention_mask"), ids.shape[1])
         encoded = self.encoded_images(kw)
+        held = [int(f.shape[0]) for f in encoded.pooler_output]  # the processor's placeholders per item
+        encoded = a.relayout(encoded) or encoded
         feats = list(encoded.pooler_output)
-        spans = image_spans(ids, a.image_token_id, [int(f.shape[0]) for f in feats])
+        counts = [int(f.shape[0]) for f in feats]
+        spans = image_spans(ids, a.image_token_id, held)
+        pos = kw.get("position_ids")
+        pos = a.default_positions(ids, mask2d, kw) if pos is None else pos
+        resized = self.resized(kw, ids, mask2d, pos, spans, counts, held)
+        if resized is not None:
+            ids, mask2d, pos = resized.ids, resized.mask2d, resized.positions
+            spans = image_spans(ids, a.image_token_id, counts)
         rows, j = [], 0
         for row in spans:
             rows.append(list(range(j, j + len(row))))
             j += len(row)
-        pos = kw.get("position_ids")
-        pos = a.default_positions(ids, mask2d, kw) if pos is None else pos
         source = encoder_sources(feats)
         grid, special = a.token_layout(distinct(feats, source), kw)  # once per encoded image
         grid = None if grid is None else expand(grid, source)
         return VisualLayout(ids, mask2d, pos, encoded, feats, spans, rows, grid, expand(special, source),
-                            ["image"] * len(feats), source)
+                            ["image"] * len(feats), source, None if resized is None else resized.added,
+                            kw["input_ids"].shape[1])
+
+    def resized(self, kw: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
+                spans: list[list[torch.Tensor]], counts: list[int], held: list[int]) -> Resized | None:
+        """The prompt with each item's placeholder run resized to its features' count, where the family laid
+        the items out with other counts than the processor (``adapter.relayout``); None where they agree."""
+        a = self.adapter
+        if held == counts:
+            return None
+        if a.vision is None or any(kw.get(k) is not None for k in a.token_keys):
+            raise NotImplementedError(f"{a.pruner.name}: a family layout with other token counts than the prompt's "
+                                      "placeholders needs a vision stage and no labels")
+        pad_id = a.model.config.get_text_config().pad_token_id
+        return resize_runs(ids, mask2d, pos, spans, counts, pad_id if pad_id is not None else 0)
 
     def encoded_images(self, kw: dict) -> Any:
         """The encoder outputs: ``generate()``'s pre-encoded ones, or the family's ``encode_images`` run now."""
@@ -347,7 +373,9 @@ class Orchestrator:
         ids, mask2d = layout.ids, layout.mask2d
         mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
         offset = ((ids == a.image_token_id) & ~keep_mask).sum(1) if a.positions in VISION_COMPACT else None
-        state.decode = DecodeState(ids.shape[1], idx.shape[1], mask_pruned, offset)
+        if layout.added is not None:  # runs resized before the stage: decode steps count the processor's prompt
+            offset = (0 if offset is None else offset) - layout.added
+        state.decode = DecodeState(layout.n_prompt or ids.shape[1], idx.shape[1], mask_pruned, offset)
         record.timings["select_vision_s"] = time.perf_counter() - t0
         spans = self.new_spans(layout, keep_mask, idx, keeps)
         return VisionResult(new, spans, layout.per_row(keeps), mask_pruned)

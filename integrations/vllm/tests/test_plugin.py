@@ -134,3 +134,31 @@ def test_compiled_vision_encoder_is_refused():
     with pytest.raises(cfg.ConfigError, match="compile_mm_encoder"):
         check_engine(SimpleNamespace(compilation_config=SimpleNamespace(compile_mm_encoder=True)))
     check_engine(SimpleNamespace(compilation_config=SimpleNamespace(compile_mm_encoder=False)))
+
+
+def test_refused_families_name_the_reason():
+    """LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL with tokprune settings stop at engine start with the reason; without
+    settings they are vLLM's own classes."""
+    from tokprune_vllm import REFUSED, REFUSING, refuse
+
+    assert set(REFUSING) == set(REFUSED)
+    settings = SimpleNamespace(model_config=SimpleNamespace(hf_config=conf(method="cls", keep=16)))
+    for arch, target in REFUSING.items():
+        cls = getattr(refuse, target.split(":")[1])
+        assert cls.__mro__[1].__name__ == arch
+        with pytest.raises(cfg.ConfigError, match="tokprune cannot serve " + arch):
+            cls(vllm_config=settings)
+
+
+def test_settings_on_an_unserved_model_are_refused():
+    """A model class that is not the plugin's (vLLM's own, for any other architecture) would ignore the settings:
+    the runner's load_model refuses it; the plugin's classes and models without settings pass."""
+    from tokprune_vllm.runner import check_served
+    from torch import nn
+
+    with pytest.raises(cfg.ConfigError, match="does not serve"):
+        check_served(nn.Linear(1, 1), conf(method="cls", keep=16))
+    check_served(nn.Linear(1, 1), conf())
+    served = nn.Linear(1, 1)
+    served.tokprune = None
+    check_served(served, conf(method="cls", keep=16))

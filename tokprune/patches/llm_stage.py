@@ -6,9 +6,12 @@ gathered copies of those objects; the hooks on the following layers swap in the 
 surgery: layers of a stage only ever store the tokens they see. During decode only the mask columns (and, for
 "compact" positions, the rotary embeddings) of pruned layers are remapped.
 
-Rows of a batch may keep different numbers of tokens (several images, different budgets). The batch stays
-rectangular: shorter rows carry *dead* slots, dropped tokens that stay in the tensor but are masked as keys for
-every query (each still attends to itself, so no row is fully masked and no NaN can leak).
+Rows of a batch may keep different numbers of tokens (several images, different budgets, a text-only row). Each
+stage re-packs the batch (:func:`~tokprune.patches.sequence.repack_slots`): its width becomes the longest row's
+surviving real tokens, padding the cut freed included. The batch stays rectangular: a shorter row keeps its own
+padding slots first, then carries *dead* slots, dropped tokens that stay in the tensor but are masked as keys for
+every query (each still attends to itself, so no row is fully masked and no NaN can leak). New padding slots are
+never invented here, as no hidden states exist for them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
-from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
+from tokprune.patches.sequence import gather_seq, last_real_index, repack_slots
 from tokprune.pruners.base import LLMDecision, LLMRequest, LLMSignals, Observed, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage, spread
 from tokprune.selection import Budgets, ImageBudget, check_indices, llm_budgets, select_llm
@@ -216,19 +219,16 @@ class LLMRun:
 
     def _rewrite(self, rel: list[list[torch.Tensor]], hidden: torch.Tensor, kw: dict, news: list
                  ) -> tuple[torch.Tensor, list | None]:
-        """Apply a stage's decision: the surviving slots (shorter rows padded with dead slots), the bookkeeping of
+        """Apply a stage's decision: the surviving slots (re-packed to the longest row), the bookkeeping of
         visual tokens and their origin, new tokens written into their slots, and the gathered kwargs of this and
         later layers. Returns the shortened hidden states and the record's merges (None without new tokens)."""
         b, n_cur = hidden.shape[:2]
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = self._keep_mask(rel)
-        counts = keep.sum(1)
-        # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
-        width, fewest = torch.stack([counts.max(), counts.min()]).tolist()
-        self.any_dead = fewest < width  # rows shorter than the longest carry dead slots
-        spare = ~keep
-        dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
-        slots = kept_slots(keep | dead, width)  # sorted per row
+        pad = ~torch.gather(self.real0, 1, self.idx)  # padding slots (never dead: they keep the prompt's mask)
+        # the batch re-packed to its longest row's survivors; shorter rows: own padding first, then dead slots
+        slots, dead, self.any_dead = repack_slots(keep, pad)
+        width = slots.shape[1]
         new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]

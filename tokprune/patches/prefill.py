@@ -7,7 +7,8 @@ those named hooks and never names a family. Per forward of the top-level ``*ForC
 * **prefill** (a prompt with visual items and no cache yet): :meth:`Orchestrator.layout` reads the prompt's
   :class:`VisualLayout` (each visual item's features, span, grid, special tokens, owner and modality), a
   :class:`PrefillState` is created for this prefill alone, the vision stage runs (signals, the selection core of
-  :mod:`tokprune.selection`, the sequence rewrite with left re-padding), and the LLM stages get their own run;
+  :mod:`tokprune.selection`, the sequence rewrite re-packed to the longest pruned row), and the LLM stages get
+  their own run;
 * **decode** (a cache with tokens in it): the prefill's state is found again by the cache object the step passes
   (so two requests interleaved on one model never share state), the 2D mask is rebuilt for the pruned prompt and
   "compact" positions shifted;
@@ -37,7 +38,7 @@ from torch import nn
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.relayout import Resized, resize_runs
-from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
+from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, padded_right, repack, take
 from tokprune.pruners.base import VISION_COMPACT, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.selection import Budgets, Placement
@@ -367,7 +368,10 @@ class Orchestrator:
         keeps = [p.slots.to(layout.ids.device) for p in placements]
         self.record_vision(record, layout, placements, keeps, scores)
         keep_mask = self.keep_mask(layout, keeps)
-        idx, valid = left_repad(keep_mask)
+        real = layout.mask2d.bool() if layout.mask2d is not None else None
+        # the batch re-packed: its width is the longest pruned row, padding the cut freed is dropped too
+        idx, valid = left_repad(keep_mask) if real is None else repack(keep_mask & real, ~real,
+                                                                       padded_right(layout.mask2d))
         new = self.rewrite(new, layout, keep_mask, idx, valid)
         new["mm_encoder_outputs"]["image"] = a.prune_encoder_outputs(layout.encoded, placements, layout.source)
         ids, mask2d = layout.ids, layout.mask2d
@@ -408,7 +412,7 @@ class Orchestrator:
 
     def rewrite(self, new: dict, layout: VisualLayout, keep_mask: torch.Tensor, idx: torch.Tensor,
                 valid: torch.Tensor) -> dict:
-        """Every per-token input gathered to the kept tokens and left re-padded; then the family's own fix-ups
+        """Every per-token input gathered to the kept tokens and re-padded; then the family's own fix-ups
         (``adapter.after_rewrite``: Qwen renumbers its text position row and sets ``rope_deltas``)."""
         a = self.adapter
         ids, pos = layout.ids, layout.positions

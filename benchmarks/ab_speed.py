@@ -126,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
                 res = ask(procs[name], method, keep)
                 ms.setdefault((name, method, keep), []).append(res["ms"])
                 info[(name, method, keep)] = res
+        write(args, cases, trees, ready, ms, info, r + 1)
         print(f"[ab] round {r + 1}/{args.rounds} done at {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
+    return 0
+
+
+def write(args, cases, trees, ready, ms, info, done: int) -> None:
+    """The table of the rounds done so far (rewritten after each round)."""
     rows = []
     for method, keep in cases:
         for name in trees:
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [f"## before / after, one interleaved run: {args.config}, {ready['after']['depth']}", "",
              f"CPU {cpu_model()}, {os.cpu_count()} cores, fp32, batch 1, {args.n_text} text tokens; medians of "
-             f"{args.rounds} round-robin rounds (before and after alternate who goes first); "
+             f"{done} round-robin rounds (before and after alternate who goes first); "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {args.note}", "",
              "*bound*: this checkout's analytic FLOPs bound for what the case ran in the after tree (it counts "
              "the probes of pdrop / transprune; both trees kept the same counts per stage unless a row says "
@@ -165,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print("\n".join(lines))
-    return 0
+    print("\n".join(lines), file=sys.stderr)
 
 
 if __name__ == "__main__":

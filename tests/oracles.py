@@ -230,11 +230,36 @@ def clip_pixels(model, x) -> torch.Tensor:
     pv = x["pixel_values"]
     if pv.dim() == 4:
         return pv
+    return torch.cat([p[:k] for p, k in zip(pv, tiles_per_image(model, x))])
+
+
+def tiles_per_image(model, x) -> list[int]:
+    """Tiles each anyres image sends through the encoder (LLaVA-OneVision: one per image of a multi-image sample)."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = model.config
     n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
-    return torch.cat([p[:k] for p, k in zip(pv, n)])
+    if x.get("batch_num_images") is not None:  # LLaVA-OneVision: base tile only where a sample has several images
+        single = [int(c) == 1 for c in x["batch_num_images"] for _ in range(int(c))]
+        n = [k if one else 1 for k, one in zip(n, single)]
+    return n
+
+
+def pack(model, values: list[torch.Tensor], sizes: torch.Tensor, newline: torch.Tensor) -> list[torch.Tensor]:
+    """The model's own packing of per-tile values, by keyword: LLaVA-NeXT with the "default" strategy (no [CLS]
+    in the values), LLaVA-OneVision with its config's ``vision_aspect_ratio``."""
+    cfg = model.config
+    extra = ({"vision_aspect_ratio": cfg.vision_aspect_ratio} if hasattr(cfg, "vision_aspect_ratio")
+             else {"vision_feature_select_strategy": "default"})
+    packed, _ = model.model.pack_image_features(image_features=values, image_sizes=sizes, image_newline=newline,
+                                                **extra)
+    return list(packed)
+
+
+def has_cls(model) -> bool:
+    """Whether the CLIP-style encoder puts a [CLS] token first (SigLIP, LLaVA-OneVision's, does not)."""
+    return hasattr(model.model.vision_tower.embeddings, "class_embedding") or hasattr(
+        getattr(model.model.vision_tower, "vision_model", None), "class_embedding")
 
 
 @torch.no_grad()
@@ -244,7 +269,6 @@ def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> li
     calls, averages every merge unit (4 consecutive patches) and, for values read ``inside`` the blocks, undoes
     Qwen2.5-VL's window order (the ViT's input is in raster order)."""
     inner = model.model
-    cfg = model.config
     if hasattr(inner, "visual"):
         vt = inner.visual
         grid = x["image_grid_thw"]
@@ -257,17 +281,13 @@ def per_token(model, x, per_call: list[torch.Tensor], inside: bool = True) -> li
                                                window_size=vt.window_size, patch_size=vt.patch_size)
             units = units[torch.argsort(index)]
         return list(torch.split(units, (grid.prod(-1) // 4).tolist()))
-    tiles = torch.cat(per_call)[:, 1:]
+    tiles = torch.cat(per_call)[:, int(has_cls(model)):]
     if x["pixel_values"].dim() == 4:
         return list(tiles)
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    n = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in x["image_sizes"]]
     out = []
-    for j, t in enumerate(torch.split(tiles, n)):
+    for j, t in enumerate(torch.split(tiles, tiles_per_image(model, x))):
         flat = t.reshape(*t.shape[:2], -1).float()
-        packed, _ = inner.pack_image_features([flat], x["image_sizes"][j:j + 1], "default",
-                                              image_newline=torch.full((flat.shape[-1],), float("nan")))
+        packed = pack(model, [flat], x["image_sizes"][j:j + 1], torch.full((flat.shape[-1],), float("nan")))
         out.append(packed[0].reshape(-1, *t.shape[2:]))
     return out
 

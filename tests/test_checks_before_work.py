@@ -102,8 +102,9 @@ def test_a_bad_seed_is_a_clear_error(llava: tuple[Any, Any]) -> None:
 
 def test_tile_budget_on_a_model_that_is_not_llava_next_names_the_family(llava: tuple[Any, Any]) -> None:
     model, _ = llava
-    with pytest.raises(TypeError, match=r"tile_budget is a llava_next family option \(models "
-                                        r"LlavaNextForConditionalGeneration\), not an option of this llava model"):
+    with pytest.raises(TypeError, match=r"tile_budget is a llava_next / llava_onevision family option \(models "
+                                        r"LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration\), "
+                                        r"not an option of this llava model"):
         tokprune.apply(model, "cls", keep=4, tile_budget="global")
 
 

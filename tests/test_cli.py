@@ -166,8 +166,8 @@ def test_flops_json_is_written(tmp_path, capsys):
     assert json.loads(js.read_text())["stages"] == [[8, 0.5], [16, 0.25], [24, 0.125]]
 
 
-DEFAULT_METHOD = {"llava": "cls", "llava_next": "cls", "qwen2_vl": "fastv", "qwen2_5_vl": "fastv",
-                  "qwen3_vl": "fastv"}
+DEFAULT_METHOD = {"llava": "cls", "llava_next": "cls", "llava_onevision": "fastv", "qwen2_vl": "fastv",
+                  "qwen2_5_vl": "fastv", "qwen3_vl": "fastv"}
 
 
 @pytest.mark.parametrize("method", [None, "fastv", "random"])

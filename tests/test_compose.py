@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import oracles
 import tokprune
 import tokprune.api
 from tokprune.commands.args import check_methods
@@ -153,6 +154,199 @@ def test_eval_accepts_a_composition():
     from tokprune.eval.validate import EvalArgumentError, method_names, supports_flops_ratio
     from tokprune.pruners.compose import composed_names
 
-    assert composed_names("cls+fastv", method_names()) and not composed_names("cls+cls+fastv", method_names())
+    assert composed_names("cls+fastv", method_names()) and composed_names("visionzip+fastv+dart", method_names())
+    assert not composed_names("cls+nothing", method_names()) and not composed_names("cls", method_names())
     assert not supports_flops_ratio("visionzip+transprune") and supports_flops_ratio("transprune")
     assert issubclass(EvalArgumentError, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------- two LLM methods
+# Each LLM stage asks for its own decoder signals: FastV the last token's row of layer K-1 as it ran, DART the keys
+# of layer K-1 and the final-norm hidden states, PyramidDrop a probe of layer K itself. The references below run no
+# composition code: the unpatched model under the masking oracle of the earlier cuts (oracles.CutMask: the dropped
+# tokens hidden as keys from their cut on, which is what feeding only the survivors to later layers means with
+# original positions), each method's own rule recomputed from eager attention / SDPA's keys.
+
+def _stack(*methods, **kw):
+    return tokprune.Compose(vision=None, llm=methods, **kw)
+
+
+def _llm(name, **opts):
+    from tokprune.registry import get_method
+
+    return get_method(name)(**opts)
+
+
+def _image_mask(ids, image_id, kept_abs):
+    m = ids != image_id
+    m[kept_abs] = True
+    return m[None]
+
+
+@pytest.mark.parametrize("methods", [(("fastv", {"layer": 1}), ("dart", {"layer": 2})),
+                                     (("pdrop", {"layers": (1, 2)}), ("fastv", {"layer": 3})),
+                                     (("dart", {"layer": 1}), ("pdrop", {"layers": (2, 3)})),
+                                     (("fastv", {"layer": 1}), ("sparsevlm", {"layers": (2, 3), "counts": (8, 4)}))])
+def test_two_llm_methods_keep_all_is_identical(tiny, methods):
+    model, proc = tiny
+    x = _inputs(proc)
+    with torch.no_grad():
+        want = model(**x).logits
+    c = _stack(*(_llm(n, **o) for n, o in methods))
+    got, rec = _record(model, x, c, keep_ratio=1.0)
+    assert torch.equal(got, want)
+    assert [s.kind for s in rec.stages] == ["llm"] * len(rec.stages) and len(rec.stages) >= 2
+
+
+@torch.no_grad()
+def test_fastv_then_dart_each_cut_equals_the_method_alone_on_the_previous_survivors(tiny):
+    """Different signal sources in one prefill: FastV (last-token row of layer 0) cuts 16 -> 14 before layer 1, DART
+    (keys of layer 1, final-norm states entering layer 2) 14 -> 12 before layer 2. FastV's cut equals FastV alone;
+    DART's equals the authors' rule (tests/test_dart.py) run on the survivors of FastV's cut, and the logits equal the
+    unpatched model under both cuts."""
+    from test_dart import LayerKeys, authors_rule
+
+    model, proc = tiny
+    x = _inputs(proc, seed=4)
+    ids = x["input_ids"][0]
+    img = (ids == model.config.image_token_id).nonzero()[:, 0]
+    c = _stack(_llm("fastv", layer=1), _llm("dart", layer=2), llm_keep=14)
+    got, rec = _record(model, x, c, keep=12)
+    _, alone = _record(model, x, _llm("fastv", layer=1), keep=14)
+    assert [(s.layer, s.kept[0][0].numel()) for s in rec.stages] == [(1, 14), (2, 12)]
+    first = rec.stages[0].kept[0][0]
+    assert torch.equal(first, alone.stages[0].kept[0][0])
+    # DART alone on the survivors: layer 1's keys and the hidden states entering layer 2, under FastV's cut
+    cut1 = _image_mask(ids, model.config.image_token_id, img[first])
+    entering = {}
+    lm = model.model.language_model
+
+    def grab(mod, args, kw):
+        entering.setdefault("h", (args[0] if args else kw["hidden_states"]).detach())
+
+    handle = lm.layers[2].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with oracles.CutMask(model, [(1, cut1)]), LayerKeys(model, 1) as spy:
+            model(**x)
+    finally:
+        handle.remove()
+    alive = cut1[0].nonzero()[:, 0]  # the sequence DART alone would be fed: FastV's survivors
+    keys = spy.keys[0].transpose(0, 1).flatten(1)[alive]
+    hidden = lm.norm(entering["h"])[0][alive]
+    start = int(img[0])  # the image starts where it did: nothing before it was dropped
+    want = sorted(int(alive[j]) for j in authors_rule(hidden, keys, start, 14, 1))
+    assert (img[rec.stages[1].kept[0][0]]).tolist() == want
+    with oracles.CutMask(model, [(1, cut1), (2, _image_mask(ids, model.config.image_token_id, torch.tensor(want)))]):
+        ref = model(**x).logits
+    final = _image_mask(ids, model.config.image_token_id, torch.tensor(want))[0]
+    assert (got[0] - ref[0, final]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_probe_then_previous_on_one_attention_module(tiny):
+    """PyramidDrop probes layers 1 and 2 (its rows come from layer K's own q/k, kernel skipped), then FastV reads the
+    rows of layer 2 as it runs (before layer 3): two stages tap layer 2's attention. Each cut equals the method's
+    rule on the eager attention of the unpatched model under the earlier cuts, and the logits equal the masking
+    oracle."""
+    model, proc = tiny
+    x = _inputs(proc, seed=6)
+    ids = x["input_ids"][0]
+    iid = model.config.image_token_id
+    img = (ids == iid).nonzero()[:, 0]
+    # the first LLM method's positions run the prefill (PyramidDrop's "compact" on LLaVA); the oracle's are original
+    c = _stack(_llm("pdrop", layers=(1, 2)), _llm("fastv", layer=3), llm_keep=8, positions="original")
+    got, rec = _record(model, x, c, keep=4)
+    assert [s.layer for s in rec.stages] == [1, 2, 3]
+    cuts, alive = [], torch.arange(img.numel())
+    for st, (layer, row_layer) in zip(rec.stages, [(1, 1), (2, 2), (3, 2)]):  # probe: layer K; FastV: layer K-1
+        rows = oracles.eager_rows_under_cuts(model, x, cuts, row_layer)[0, :, -1].mean(0)
+        k = st.kept[0][0].numel()
+        want = alive[oracles.topk_sorted(rows[img[alive]], k)]
+        assert torch.equal(st.kept[0][0], want), layer
+        alive = want
+        cuts.append((layer, _image_mask(ids, iid, img[want])))
+    with oracles.CutMask(model, cuts):
+        ref = model(**x).logits
+    assert (got[0] - ref[0, cuts[-1][1][0]]).abs().max() <= 1e-5
+    _, alone = _record(model, x, _llm("pdrop", layers=(1, 2), positions="original"), keep=8)  # the first part alone
+    assert [torch.equal(a.kept[0][0], b.kept[0][0]) for a, b in zip(alone.stages, rec.stages)] == [True, True]
+
+
+def test_two_llm_methods_record_flops_show_and_names(tiny):
+    from tokprune.viz.panels import stage_name, stages_picture
+
+    model, proc = tiny
+    x = _inputs(proc)
+    c = tokprune.Compose(vision="cls", llm=(_llm("fastv", layer=1), _llm("dart", layer=2)))
+    assert c.chain(16, 3) == [16, 12, 6, 3]  # each part keeps twice what the next keeps
+    with torch.no_grad(), tokprune.pruned(model, c, keep=3, record_scores=True):
+        model(**x)
+        rec = tokprune.last_record(model)
+    assert rec.method == "cls+fastv+dart"
+    _, alone = _record(model, x, "cls", keep=12)
+    assert torch.equal(rec.stages[0].kept[0][0], alone.stages[0].kept[0][0])
+    assert [(s.kind, s.layer, s.kept[0][0].numel()) for s in rec.stages] == [("vision", None, 12), ("llm", 1, 6),
+                                                                             ("llm", 2, 3)]
+    assert all(st.scores is not None for st in rec.stages[:2])  # cls and FastV score; DART selects by pivots
+    layers = rec.flops.llm_layers
+    assert layers[0] > layers[1] > layers[-1]  # both LLM cuts counted
+    assert [stage_name(rec, i) for i in range(3)] == ["vision", "LLM layer 1", "LLM layer 2"]
+    assert stages_picture(make_image(64, 48), rec).width > 0
+    sched = tokprune.api.schedule(model, c, keep=3)
+    assert [(s.kind, s.layer, s.keep) for s in sched.stages] == [("vision", None, 12), ("llm", 1, 6), ("llm", 2, 3)]
+    named = tokprune.api.make_pruner("fastv+dart", {})
+    assert named.vision_method is None and [m.name for m in named.llm_methods] == ["fastv", "dart"]
+    named = tokprune.api.make_pruner("visionzip+fastv+pdrop", {"llm_keep": 32})
+    assert named.vision_method.name == "visionzip" and named.name == "visionzip+fastv+pdrop"
+
+
+def test_two_llm_methods_refusals(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="both cut before decoder layer 2; two stages cannot share a layer"):
+        tokprune.apply(model, "fastv+dart", keep=4)
+    with pytest.raises(ValueError, match="list the methods in layer order"):
+        tokprune.apply(model, _stack(_llm("fastv", layer=3), _llm("dart", layer=2)), keep=4)
+    with pytest.raises(ValueError, match="needs two or more LLM methods"):
+        tokprune.Compose(vision=None, llm="fastv")
+    with pytest.raises(ValueError, match="every LLM method but the last"):
+        _stack(_llm("fastv", layer=1), _llm("dart", layer=2), llm_keep=(8, 4))
+    with pytest.raises(ValueError, match="LLM stages only"):
+        tokprune.apply(model, _stack(_llm("fastv", layer=1), "cls"), keep=4)
+
+
+def test_two_llm_methods_generate_batch_with_padding_and_static_cache(tiny):
+    model, proc = tiny
+    imgs = [make_image(64, 48, seed=1), make_image(48, 64, seed=2)]
+    texts = [image_prompt(proc, 1, "is there a red square in the picture , yes or no ?"), image_prompt(proc, 1)]
+    batch = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+    c = _stack(_llm("fastv", layer=1), _llm("dart", layer=2), llm_keep=14)
+    with torch.no_grad(), tokprune.pruned(model, c, keep=12):
+        out = model.generate(**batch, **GEN)[:, -4:]
+        static = model.generate(**batch, cache_implementation="static", **GEN)[:, -4:]
+        for row, (img, text) in enumerate(zip(imgs, texts)):
+            alone = model.generate(**proc(images=[img], text=text, return_tensors="pt"), **GEN)[:, -4:]
+            assert torch.equal(out[row], alone[0])
+    assert torch.equal(out, static)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "qwen3_vl"])
+def test_two_llm_methods_on_other_families(family):
+    """FastV then DART on the tiled and M-RoPE families: keep-all is the unpatched model; a padded batch generates
+    what each row generates alone, the static cache what the dynamic one does."""
+    model, proc = tiny_model(family)
+    imgs = [make_image(112, 84, seed=1), make_image(84, 112, seed=2)]
+    texts = [image_prompt(proc, 1, "is there a red square in the picture , yes or no ?"), image_prompt(proc, 1)]
+    batch = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+    c = _stack(_llm("fastv", layer=1), _llm("dart", layer=2))
+    with torch.no_grad():
+        want = model(**batch).logits
+        with tokprune.pruned(model, c, keep_ratio=1.0):
+            assert torch.equal(model(**batch).logits, want)
+        with tokprune.pruned(model, c, keep_ratio=0.5):
+            out = model.generate(**batch, **GEN)[:, -4:]
+            assert [s.layer for s in tokprune.last_record(model).stages] == [1, 2]
+            static = model.generate(**batch, cache_implementation="static", **GEN)[:, -4:]
+            for row, (img, text) in enumerate(zip(imgs, texts)):
+                alone = model.generate(**proc(images=[img], text=text, return_tensors="pt"), **GEN)[:, -4:]
+                assert torch.equal(out[row], alone[0])
+    assert torch.equal(out, static)

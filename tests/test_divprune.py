@@ -156,7 +156,7 @@ def test_batched_rows_equal_single_rows_and_bad_k_raises():
 # ---------------------------------------------------------------------------------------------- end to end
 def content_tokens(fam, x, j: int, feats: torch.Tensor) -> torch.Tensor:
     """Indices of image ``j``'s content tokens (LLaVA-NeXT: not a newline)."""
-    if fam.name != "llava_next":
+    if fam.name not in ("llava_next", "llava_onevision"):
         return torch.arange(feats.shape[0])
     nl = fam.model.model.image_newline.to(feats.dtype)
     return (~(feats == nl).all(-1)).nonzero()[:, 0]
@@ -169,7 +169,7 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
     fam = ZOO[family]
     x = inputs(fam) if family != "llava" else inputs(fam, sizes=[(64, 48), (56, 56)])
     k = 5
-    opts = {"tile_budget": "global"} if family == "llava_next" else {}
+    opts = {"tile_budget": "global"} if family in ("llava_next", "llava_onevision") else {}
     with torch.no_grad():
         tokprune.apply(fam.model, "divprune", keep=k, **opts)
         out = fam.model(**x).logits

@@ -18,6 +18,7 @@ from tokprune.patches.compat import cache_kwargs, output_cache
 TINY = {
     "tiny-llava": None,
     "tiny-llava-next": (40, 56),  # non-square: unpadding removes rows
+    "tiny-llava-onevision": (84, 112),  # a 4x4 crop grid that anyres_max_2 shrinks to 2x2
     "tiny-qwen2-vl": (84, 112),
     "tiny-qwen2.5-vl": (112, 140),
     "tiny-qwen3-vl": (96, 64),
@@ -167,7 +168,7 @@ def test_apply_forward_equals_analytic_pruned_schedule(name: str, method: str) -
 def test_method_schedule_estimate_equals_the_forward_record(name: str, method: str) -> None:
     # What `tokprune flops --method M` prints (the method's schedule for the image size) must be what the pruned
     # forward runs: on LLaVA-NeXT the row newlines a method keeps ride on top of `keep` in both.
-    if method == "cls" and "qwen" in name:
+    if method == "cls" and ("qwen" in name or "onevision" in name):
         pytest.skip("cls needs a [CLS] token")
     config = configs.load(name)
     model = _tiny(name, "sdpa")
@@ -183,7 +184,7 @@ def test_method_schedule_estimate_equals_the_forward_record(name: str, method: s
     n_text = inputs["input_ids"].shape[1] - sched.n_visual
     assert estimate(config, from_record(config, record, **flops.geometry_from_inputs(inputs))) == for_budget(
         config, schedule=sched, n_text=n_text, image_size=TINY[name])
-    if name == "tiny-llava-next" and method != "fastv":
+    if name in ("tiny-llava-next", "tiny-llava-onevision") and method != "fastv":
         assert sched.special > 0 and sched.plan()[-1][1] == 4 + sched.special
 
 
@@ -439,11 +440,12 @@ def test_from_record_qwen_and_next_geometry() -> None:
 
 # dims from the public config.json files (see tokprune/configs/*.json "_source")
 # (LLM layers, d, m, q_dim, kv_dim, ViT layers, ViT width, parameters in billions of the built model; the model
-# cards print 7.06, 13.4, 7.06, 8.29, 8.29, 3.75 and 8.77 B)
+# cards print 7.06, 13.4, 7.06, 8.03, 8.29, 8.29, 3.75 and 8.77 B)
 EXPECTED = {
     "llava-1.5-7b": (32, 4096, 11008, 4096, 4096, 24, 1024, 7.06),
     "llava-1.5-13b": (40, 5120, 13824, 5120, 5120, 24, 1024, 13.35),
     "llava-next-7b": (32, 4096, 11008, 4096, 4096, 24, 1024, 7.06),
+    "llava-onevision-7b": (28, 3584, 18944, 3584, 512, 26, 1152, 8.03),
     "qwen2-vl-7b": (28, 3584, 18944, 3584, 512, 32, 1280, 8.29),
     "qwen2.5-vl-7b": (28, 3584, 18944, 3584, 512, 32, 1280, 8.29),
     "qwen2.5-vl-3b": (36, 2048, 11008, 2048, 256, 32, 1280, 3.75),

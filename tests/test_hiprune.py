@@ -169,7 +169,8 @@ def test_options_are_validated_with_the_fix():
 
 
 def test_runs_on_every_family():
-    assert set(CASES) | {"llava_next"} == set(families())
+    # LLaVA-NeXT: per tile above; LLaVA-OneVision: per tile in tests/test_onevision.py
+    assert set(CASES) | {"llava_next", "llava_onevision"} == set(families())
 
 
 def test_record_scores_hold_the_deep_layer_statistic():

@@ -50,6 +50,8 @@ SCRIPT_FASTER = {
     # a LLaVA-1.5-7B-width proxy: minutes a method on a loaded CPU; the same script on the tiny config
     "benchmarks/speed.py": ["--config", "tiny-llava", "--keep", "8", "--min-repeats", "1", "--max-repeats", "1",
                             "--warmup", "0"],
+    # a Qwen2.5-VL-3B-width proxy: minutes on a loaded CPU; the same script on the tiny config
+    "benchmarks/mixed_batch.py": ["--config", "tiny-qwen2-vl", "--repeats", "1"],
     "benchmarks/cdpruner_greedy.py": ["--tokens", "64", "--dim", "64", "--text", "8", "--keep", "8", "--prompt", "16",
                                       "--repeats", "1"],
     "benchmarks/catp_greedy.py": ["--repeats", "1", "--images", "2", "--tokens", "64", "--dim", "256", "--text", "16"],

@@ -52,10 +52,13 @@ class Request:
         self.mask = self.x["attention_mask"]
 
     def step(self) -> None:
+        """One token, without ``position_ids`` (the model finds them: Qwen from its prefill's ``rope_deltas``), and
+        without a mask when the prompt has no padding (Qwen then counts positions from the cache length)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
         token = torch.tensor(self.tokens[-1])[:, None]
         name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        out = self.model(input_ids=token, attention_mask=self.mask, use_cache=True, **{name: self.cache})
+        mask = None if bool(self.mask.all()) else self.mask
+        out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **{name: self.cache})
         self._take(out)
 
     def _take(self, out) -> None:
@@ -88,6 +91,41 @@ def test_interleaved_prefills_match_each_alone(method, budget):
         rec_b = tokprune.last_record(model)
     assert ra.tokens == want_a and rb.tokens == want_b
     assert [len(row) for row in rec_b.n_visual] == [2, 1]  # the last record is the last prefill's (B's)
+
+
+FAMILY_METHODS = [(f, m) for f in ("llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+                  for m in ("fastv", "visionzip", "flowcut", "vflowopt")]
+FAMILY_METHODS += [("llava", "flowcut"), ("llava", "vflowopt")]
+
+
+def _family_prompts(family: str) -> tuple:
+    model, proc = tiny_model(family)
+    a = proc(images=[make_image(112, 84, seed=0)], text=image_prompt(proc, 1, "what is in the image ?"),
+             return_tensors="pt")
+    imgs = [make_image(112, 84, seed=7), make_image(84, 112, seed=8), make_image(112, 112, seed=9)]
+    texts = [image_prompt(proc, 2, "is there a red square in the picture , yes or no ?"),
+             image_prompt(proc, 1, "what ?")]
+    return model, a, proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("family,method", FAMILY_METHODS)
+def test_interleaved_prefills_match_each_alone_on_every_family(family, method):
+    """The interleaving on every family and with the in-encoder cut (FlowCut) and VFlowOpt: A's decode steps read
+    A's state (its LLM run, Qwen's ``rope_deltas`` of A's prefill, not B's), and the hand loop's tokens are
+    ``generate()``'s (which passes explicit positions), so the positions the patch finds are the right ones."""
+    model, a, b = _family_prompts(family)
+    assert bool(a["attention_mask"].all()) and not bool(b["attention_mask"].all())  # no-mask and mask decode paths
+    with torch.no_grad(), tokprune.pruned(model, method, keep_ratio=0.5):
+        want_a, want_b = _alone(model, a), _alone(model, b)
+        gen = model.generate(**a, max_new_tokens=STEPS + 1, min_new_tokens=STEPS + 1, do_sample=False)
+        ra, rb = Request(model, a), Request(model, b)
+        ra.prefill()
+        rb.prefill()
+        for _ in range(STEPS):
+            ra.step()
+            rb.step()
+    assert ra.tokens == want_a and rb.tokens == want_b
+    assert [t[0] for t in want_a] == gen[0, a["input_ids"].shape[1]:].tolist()
 
 
 def test_interleaved_prefills_differ_from_each_other():

@@ -94,8 +94,8 @@ class MergeDropped(Pruner):
 
 
 def _global(family: str) -> dict:
-    """LLaVA-NeXT: one budget over the whole image (so a score's top-k is the image's top-k)."""
-    return {"tile_budget": "global"} if family == "llava_next" else {}
+    """LLaVA-NeXT, LLaVA-OneVision: one budget over the whole image (so a score's top-k is the image's top-k)."""
+    return {"tile_budget": "global"} if family in ("llava_next", "llava_onevision") else {}
 
 
 def _vision_layers(family: str) -> list[int]:
@@ -143,7 +143,8 @@ def test_every_signal_kind_is_aligned_with_the_visual_tokens(family):
     for r, o in zip(rec, ref):  # the pruner sees each image's content tokens (newline slots of the oracle: NaN)
         assert torch.allclose(r, o[~torch.isnan(o).any(-1)], atol=1e-6)
     hidden = sig[Signal("hidden_out", 1)]
-    if not fam.qwen:  # the feature layer's output through the projector is what the LLM receives
+    if family in ("llava", "llava_next"):  # the feature layer's output through the projector is what the LLM
+        # receives (LLaVA-OneVision: layer 1 is not its feature layer, see tests/test_onevision.py)
         proj = [fam.model.model.multi_modal_projector(h) for h in hidden]
         assert all(torch.allclose(p, f, atol=1e-5) for p, f in zip(proj, sig.features))
 
@@ -167,7 +168,8 @@ def test_raw_pixels_per_token_are_the_unnormalised_patches(family):
         p = fam.model.config.vision_config.patch_size
         px = oracles.clip_pixels(fam.model, raw)
         patches = px.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).flatten(1, 2).flatten(-2)
-        ref = oracles.per_token(fam.model, raw, [torch.cat([patches[:, :1] * float("nan"), patches], 1)])
+        cls = [patches[:, :1] * float("nan")] if oracles.has_cls(fam.model) else []  # SigLIP: no [CLS] slot
+        ref = oracles.per_token(fam.model, raw, [torch.cat([*cls, patches], 1)])
     for g, r in zip(got, ref):
         r = r[~torch.isnan(r).flatten(1).any(-1)]
         assert g.shape == r.shape and torch.allclose(g, r, atol=1e-5)
@@ -198,7 +200,8 @@ def test_token_grid_coordinates_and_newline_mask(family):
             assert torch.equal(grid[:, :2], hw - hw.min(0).values)
         assert not any(s.any() for s in rec.special[0])
     else:
-        newlines = [n_visual_newlines(fam, x, j) for j in range(2)] if family == "llava_next" else [0, 0]
+        anyres = family in ("llava_next", "llava_onevision")
+        newlines = [n_visual_newlines(fam, x, j) for j in range(2)] if anyres else [0, 0]
         assert [int(s.sum()) for s in rec.special[0]] == newlines
         for grid in sig.grid:  # content tokens only; each (row, col, part) unique
             assert len({tuple(r) for r in grid.tolist()}) == grid.shape[0]

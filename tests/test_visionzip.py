@@ -13,7 +13,9 @@ import tokprune
 from tokprune.pruners.visionzip import VisionZip
 from tokprune.testing import families, tiny_model
 
-FAMILIES = [f for f in families() if f != "llava_next"]  # LLaVA-NeXT: per tile, below
+#: LLaVA-NeXT: per tile, below; LLaVA-OneVision: tiles and newlines, which this per-image oracle does not model
+#: (its visionzip runs in the family x method matrix of tests/test_families.py)
+FAMILIES = [f for f in families() if f not in ("llava_next", "llava_onevision")]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -48,12 +50,12 @@ def test_dominant_and_contextual_tokens_equal_the_reference_rule(family):
     assert_same_generation(gen, ref_gen)
 
 
-def test_next_selects_dominant_and_contextual_per_tile_and_keeps_newlines():
+def test_next_llm_merge_selects_dominant_and_contextual_per_tile_and_keeps_newlines():
     fam = ZOO["llava_next"]
     x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 full 2 x 2 tiles per image
     k = 15  # 3 per tile = 2 dominant + 1 contextual
     with torch.no_grad():
-        tokprune.apply(fam.model, "visionzip", keep=k, dominant=2)
+        tokprune.apply(fam.model, "visionzip", keep=k, dominant=2, merge="llm")
         out = fam.model(**x).logits
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
@@ -162,10 +164,18 @@ def reference_llm_tokens(model, x, dominant: int, contextual: int) -> list[torch
     the unpatched LLaVA-1.5, then its ``encode_images_visionzip``: the projector maps ``[CLS] + dominant +
     contextual`` built from the feature layer's hidden states (``visionzip(model, dominant=...)`` passes
     ``dominant - 1`` as ``dominant_num``). Per image, the LLM input tokens in the reference's order."""
+    saved, _ = reference_saved(model, x, dominant, contextual)
+    return list(model.model.multi_modal_projector(saved))
+
+
+@torch.no_grad()
+def reference_saved(model, x, dominant: int, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CLIPVisionTower_VisionZip.forward`` on every encoder sequence (image or tile): ``hidden_states_save``
+    ([CLS] + dominant + contextual, before the projector) and ``all_indices`` ([CLS] then the top patches + 1)."""
     inner, cfg = model.model, model.config
     layer = oracles._feature_layer(model)
     (attn_weights, keys), = oracles.eager_weights_and_keys(model, x, layer)
-    hidden_states = inner.vision_tower(x["pixel_values"], output_hidden_states=True).hidden_states[
+    hidden_states = inner.vision_tower(oracles.clip_pixels(model, x), output_hidden_states=True).hidden_states[
         cfg.vision_feature_layer]
     metric = keys.mean(1)  # the reference stores the head-mean raw keys of that layer
     dominant_num, contextual_num = dominant - 1, contextual
@@ -188,8 +198,7 @@ def reference_llm_tokens(model, x, dominant: int, contextual: int) -> list[torch
     counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
     aggregated = torch.bmm(assign_one_hot.transpose(1, 2), hidden_filtered[:, others, :]) / counts
     contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated
-    saved = torch.cat([dominant_tokens, contextual_tokens], dim=1)
-    return list(inner.multi_modal_projector(saved))
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices
 
 
 @torch.no_grad()
@@ -260,9 +269,9 @@ def test_llava_keep_all_and_the_merge_option_are_checked():
             assert torch.equal(fam.model(**x).logits, base)
     with pytest.raises(ValueError, match="merge must be"):
         VisionZip(merge="before")
-    for family in ("llava_next", "qwen2_vl"):
+    for family, opts in (("llava_next", {"tile_budget": "global"}), ("qwen2_vl", {})):
         with pytest.raises(tokprune.UnsupportedError, match="merge='llm'"):
-            tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder")
+            tokprune.apply(ZOO[family].model, "visionzip", keep=4, merge="encoder", **opts)
 
 
 def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot():
@@ -281,3 +290,117 @@ def test_llava_full_strategy_keeps_the_reference_tokens_with_cls_at_its_own_slot
         ref, _ = reference_logits(model, x, reference_llm_tokens(model, x, k - c, c), 0)
     assert rec.n_visual[0] == [17] and rec.kept[0][0][0] == 0 and rec.merged[0][0].slots[0] == 0
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT, reference
+@torch.no_grad()
+def reference_next_tokens(model, x, dominant: int, contextual: int) -> list[torch.Tensor]:
+    """VisionZip's LLaVA-NeXT path (dvlab-research/VisionZip ``visionzip/llava_arch.py``: its "unpad" branch,
+    ``restore_image_features_sorted``), transcribed: per tile the projected [CLS] + dominant + contextual; per
+    image the base tile's tokens as they are, then the crops' dominant patches put back on the stitched grid of
+    full crops (no unpadding) and read in raster order, then every crop's [CLS], then every crop's contextual
+    tokens; no newline."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    cfg = model.config
+    saved, keep_idx = reference_saved(model, x, dominant, contextual)
+    feats = model.model.multi_modal_projector(saved)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    n_tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+               for s in x["image_sizes"]]
+    out = []
+    for f, idx, size in zip(torch.split(feats, n_tiles), torch.split(keep_idx, n_tiles), x["image_sizes"]):
+        crops, crop_idx = f[1:], idx[1:]
+        n, d = crops.shape[0], crops.shape[-1]
+        restore = crop_idx.sort(dim=1).values[:, 1:] - 1
+        grid = torch.zeros(n, side * side, d)
+        mask = torch.zeros(n, side * side, dtype=torch.bool)
+        mask.scatter_(1, restore, True)
+        grid[mask] = crops[:, 1:dominant].reshape(-1, d)
+        rows, cols = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        grid = grid.view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, d)
+        mask = mask.view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
+        out.append(torch.cat([f[0], grid[mask], crops[:, 0], crops[:, dominant:].reshape(-1, d)]))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[(224, 168), (168, 224)], [(224, 112), (120, 224)]], ids=["unpadded", "padded"])
+def test_next_reference_layout_merges_before_the_projector(sizes):
+    """``tile_budget="per_tile_reference"`` on LLaVA-NeXT (tiles of 4 x 4 patches): by default the reference's
+    tokens in the reference's order, logits of the prefill and of greedy decoding within 1e-4 of the unpatched
+    model fed them; ``merge="llm"`` stays an option (and differs)."""
+    from test_families import prompt
+    from test_tile_reference import fed
+
+    from tokprune.testing import make_image
+
+    model, proc = tiny_model("llava_next", tile=56)
+    x = proc(images=[make_image(w, h, seed=j) for j, (w, h) in enumerate(sizes)], text=prompt(ZOO["llava_next"], 2),
+             return_tensors="pt")
+    keep, contextual = 7, 2
+    with torch.no_grad():
+        tokprune.apply(model, "visionzip", keep=keep, contextual=contextual, tile_budget="per_tile_reference")
+        out = model(**x).logits
+        gen = model.generate(**x, **GEN)
+        rec = tokprune.last_record(model)
+        tokprune.apply(model, "visionzip", keep=keep, contextual=contextual, tile_budget="per_tile_reference",
+                       merge="llm")
+        other = model(**x).logits
+        tokprune.remove(model)
+    tokens = reference_next_tokens(model, x, keep - contextual, contextual)
+    assert [int(t.shape[0]) for t in tokens] == [int(k.numel()) for k in rec.kept[0]]
+    assert out.shape[1] == other.shape[1] and (out - fed(model, x, tokens)).abs().max() <= 1e-4
+    assert (other - fed(model, x, tokens)).abs().max() > 1e-3
+    assert_same_generation(gen, fed(model, x, tokens, generate=True), tol=1e-4)
+
+
+def test_next_default_merges_before_the_projector_per_tile_in_hf_layout():
+    """The default ``tile_budget="per_tile"`` (HF's unpadded layout, newlines kept): every tile builds the
+    reference's ``[CLS] + dominant + contextual`` before the projector (``reference_saved`` on its tiles); each
+    token sits at its slot in HF's layout (a dominant patch its own, a contextual token its target's, [CLS] the
+    tile's lowest free one), newlines at theirs; the unpatched model fed those tokens gives the same logits."""
+    fam = ZOO["llava_next"]
+    x = inputs(fam, sizes=[(112, 84), (84, 112)])  # 5 full 2 x 2 tiles per image
+    dom, ctx = 2, 1  # per tile: [CLS] + 1 dominant patch + 1 contextual token
+    with torch.no_grad():
+        tokprune.apply(fam.model, "visionzip", keep=5 * (dom + ctx), dominant=dom)
+        out = fam.model(**x).logits
+        rec = tokprune.last_record(fam.model)
+        tokprune.remove(fam.model)
+        saved, all_indices = reference_saved(fam.model, x, dom, ctx)
+        tokens = fam.model.model.multi_modal_projector(saved)  # (tiles, 1 + 1 + 1, D)
+        tiles = [t for t, _ in next_tile_scores(fam, x, [1])]
+        n_tiles = [int(t.max()) + 1 for t in tiles]
+    built, kept = [], []
+    for j, (tile, toks, idx_all) in enumerate(zip(tiles, torch.split(tokens, n_tiles),
+                                                  torch.split(all_indices, n_tiles))):
+        slot_token = {int(s): None for s in (tile < 0).nonzero()[:, 0]}  # newlines: as they are
+        for t in range(n_tiles[j]):
+            idx = (tile == t).nonzero()[:, 0]  # the tile's tokens in packed (raster) order
+            p = idx.numel()
+            free = torch.ones(p + 1, dtype=torch.bool)
+            free[idx_all[t]] = False  # [CLS] and the dominant patches
+            rest = free.nonzero()[:, 0]
+            target = int(rest[torch.arange(0, rest.numel(), max(1, rest.numel() // ctx))[:ctx]][0]) - 1
+            dominant = sorted(int(i) - 1 for i in idx_all[t][1:])
+            cls_slot = min(set(range(p)) - set(dominant) - {target})
+            slot_token[int(idx[cls_slot])] = toks[t, 0]
+            for r, d in enumerate(dominant):
+                slot_token[int(idx[d])] = toks[t, 1 + r]
+            slot_token[int(idx[target])] = toks[t, dom]
+        kept.append(torch.tensor(sorted(slot_token)))
+        built.append(slot_token)
+        assert torch.equal(rec.kept[0][j], kept[-1])
+
+    def replace(j, full, fed):
+        return torch.stack([full[s] if built[j][s] is None else built[j][s] for s in kept[j].tolist()])
+
+    with torch.no_grad():
+        ref = kept_tokens_reference(fam, x, rec.kept[0], replace=replace)
+        with tokprune.pruned(fam.model, "visionzip", keep=5 * (dom + ctx), dominant=dom, merge="llm"):
+            other = fam.model(**x).logits
+    assert (out - ref).abs().max() <= 1e-4
+    assert (other - ref).abs().max() > 1e-3  # the LLM-token merge differs (half the contextual norm)

@@ -16,8 +16,8 @@ from test_families import (
     assert_same_generation,
     inputs,
     kept_tokens_reference,
-    next_tile_scores,
 )
+from test_tile_reference import fed, spatial_kept, tile_pixels, tile_values
 
 import oracles
 import tokprune
@@ -142,7 +142,7 @@ def _hidden_out(model, x, layer: int) -> list[torch.Tensor]:
 
 def _importance(model, x, layer: int) -> list[torch.Tensor]:
     """Per image: head-mean [CLS] attention (LLaVA) or received attention (Qwen) at ``layer``, eager maps."""
-    if hasattr(model.model, "visual"):
+    if hasattr(model.model, "visual") or not oracles.has_cls(model):  # Qwen, SigLIP (LLaVA-OneVision)
         return oracles.received(model, x, layer)
     att = oracles.vision_attention(model, x, layer)[0]
     return oracles.per_token(model, x, [att.mean(1)[:, 0]])
@@ -152,8 +152,9 @@ def _importance(model, x, layer: int) -> list[torch.Tensor]:
 def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
     """Two images per prompt. LLaVA: [CLS] attention of the feature layer; Qwen: received attention (the documented
     CLS-free variant); LLaVA-NeXT: ``tile_budget="per_tile_reference"`` (``T`` tokens in every tile, the
-    reference's count) on images whose tiles lose nothing to unpadding, where the reference's per-crop pick is
-    exactly ours; newlines kept on top."""
+    reference's count and "spatial" layout: every tile's full grid, no newline, see tests/test_tile_reference.py;
+    the reference's own ``mm_patch_merge_type.replace('_unpad', '')``). LLaVA-OneVision: received attention (no
+    [CLS]), one budget over each image's content tokens (``tile_budget="global"``), newlines kept on top."""
     fam = ZOO[family]
     nxt = family == "llava_next"
     sizes = [(112, 84), (84, 112)] if nxt else [(64, 48), (56, 56)] if family == "llava" else None
@@ -162,6 +163,8 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
     # diverse of 4 per tile; LLaVA 3 + 4 of 16; Qwen 5 + 5 of 12 and 18
     k, ratio = (3, 0.34) if nxt else (7, 0.5) if family == "llava" else (10, 0.5)
     opts = {"tile_budget": "per_tile_reference"} if nxt else {}
+    if family == "llava_onevision":  # received attention; one budget over each image's content tokens
+        k, opts = 5, {"tile_budget": "global"}
     with torch.no_grad():
         tokprune.apply(fam.model, "vispruner", keep=k, important_ratio=ratio, **opts)
         out = fam.model(**x).logits
@@ -169,22 +172,37 @@ def test_kept_sets_and_logits_equal_the_authors_rule_on_every_family(family):
         rec = tokprune.last_record(fam.model)
         tokprune.remove(fam.model)
         layer = tokprune.api.model_info(fam.model).feature_layer
+        if nxt:
+            ref, ref_gen = _next_reference(fam, x, rec, layer, k, ratio)
+            assert (out - ref).abs().max() <= TOL
+            assert_same_generation(gen, ref_gen)
+            return
         scores, hidden = _importance(fam.model, x, layer), _hidden_out(fam.model, x, layer)
         ref = kept_tokens_reference(fam, x, rec.kept[0])
         ref_gen = kept_tokens_reference(fam, x, rec.kept[0], generate=True)
     for j, (s, h) in enumerate(zip(scores, hidden)):
         kept = rec.kept[0][j].cpu()
-        if nxt:
-            tiles, _ = next_tile_scores(fam, x, [layer])[j]
-            assert (tiles[kept] == -1).sum() == (tiles == -1).sum()  # every newline kept
-            for t in range(int(tiles.max()) + 1):
-                idx = (tiles == t).nonzero()[:, 0]
-                expected = idx[authors_vispruner(h[idx], s[idx], k, ratio)]
-                assert torch.equal(kept[tiles[kept] == t], expected)
-        else:
-            assert torch.equal(kept, authors_vispruner(h, s, k, ratio))
+        content = (~torch.isnan(s)).nonzero()[:, 0]  # LLaVA-OneVision: newlines kept on top
+        expected = content[authors_vispruner(h[content], s[content], k, ratio)]
+        assert torch.equal(kept, torch.cat([expected, (torch.isnan(s)).nonzero()[:, 0]]).sort().values)
     assert (out - ref).abs().max() <= TOL
     assert_same_generation(gen, ref_gen)
+
+
+@torch.no_grad()
+def _next_reference(fam, x, rec, layer: int, k: int, ratio: float):
+    """LLaVA-NeXT: the authors' rule on every tile's full grid, packed in the reference's spatial layout; checks
+    the kept sets and returns the unpatched model's logits and decoding on those tokens."""
+    feats, att, n_tiles = tile_values(fam.model, x)
+    pixels, _ = tile_pixels(fam.model, x)
+    hidden = fam.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer + 1][:, 1:]
+    importance = att[layer][:, :, 0, 1:].mean(1)
+    masks = torch.zeros_like(importance, dtype=torch.bool)
+    for i in range(masks.shape[0]):
+        masks[i, authors_vispruner(hidden[i].float(), importance[i], k, ratio)] = True
+    tokens, kept = spatial_kept(fam.model, x, feats, torch.split(masks, n_tiles))
+    assert [r.tolist() for r in rec.kept[0]] == [r.tolist() for r in kept]
+    return fed(fam.model, x, tokens), fed(fam.model, x, tokens, generate=True)
 
 
 @pytest.mark.parametrize("family", families())

@@ -113,6 +113,38 @@ def test_next_layout_matches_the_models_own_packing(next_model, hw) -> None:
     assert (strip == (90, 200, 90)).all(-1).any() and ((strip == (70, 70, 70)).all(-1).any() or rows == 1)
 
 
+def test_next_spatial_layout_of_the_reference_tile_budget(next_model) -> None:
+    """``tile_budget="per_tile_reference"`` packs the references' way (base tile, then the stitched grid of full
+    crops, padding included, no newline): the layout names the token the reference's flattening
+    (``view(rows, cols, g, g).permute(0, 2, 1, 3)``) puts at each canvas cell, and ``layout_of`` picks it from a
+    record of such a run."""
+    import tokprune
+    from tokprune.testing import image_prompt, make_image
+
+    cfg = next_model.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    hw = (56, 84)  # a padded image: the canvas's top and bottom rows are padding
+    layout = next_layout((hw[1], hw[0]), hw, cfg, spatial=True)
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    th, tw = get_anyres_image_grid_shape(list(hw), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    i, j = np.divmod(np.arange(g * g), g)
+    crops = np.stack([1000 + (ti * g + i) * 100 + (tj * g + j) for ti in range(th) for tj in range(tw)])
+    codes = np.concatenate([np.arange(g * g), crops.reshape(th, tw, g, g).transpose(0, 2, 1, 3).reshape(-1)])
+    base, hi = layout.views
+    assert layout.n_tokens == codes.size == g * g * (1 + th * tw) and hi.newlines is None
+    assert (codes[base.tokens] == np.arange(g * g).reshape(g, g)).all()
+    want = 1000 + np.arange(th * g)[:, None] * 100 + np.arange(tw * g)[None, :]
+    assert (codes[hi.tokens] == want).all()
+    model, proc = next_model, tiny_model("llava_next")[1]
+    x = proc(images=[make_image(hw[1], hw[0])], text=image_prompt(proc), return_tensors="pt")
+    with torch.no_grad(), tokprune.pruned(model, "cls", keep=2, tile_budget="per_tile_reference"):
+        model(**x)
+        rec = tokprune.last_record(model)
+    got = layout_of(rec, (hw[1], hw[0]))
+    assert got.n_tokens == rec.n_visual[0][0] == layout.n_tokens and got.views[1].newlines is None
+
+
 def test_next_tiled_image_with_unpadding_pixels(next_model) -> None:
     """An 84 x 56 (w x h) image: 2x2 tiles of 28 px (a 4x4 token grid on a 56 x 56 canvas). The image is resized
     to 56 x 38 and centred, so unpadding drops the top and bottom token rows; the two rows left cover canvas rows

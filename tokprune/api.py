@@ -18,7 +18,7 @@ from tokprune.info import model_info  # noqa: F401  (re-exported: tokprune.api.m
 from tokprune.patches.base import Adapter
 from tokprune.patches.compat import check_transformers
 from tokprune.pruners.base import Pruner
-from tokprune.pruners.compose import JOIN, Compose
+from tokprune.pruners.compose import JOIN, Compose, from_names
 from tokprune.record import PruneRecord
 from tokprune.registry import METHODS, MODELS, adapter_for, get_method
 from tokprune.schedule import Schedule
@@ -57,11 +57,11 @@ class Handle:
 def make_pruner(method: str, options: dict[str, Any]) -> Pruner:
     """Build a method's dataclass from keyword options, naming the valid ones when an option is unknown and
     refusing a non-bool value for a flag (``"no"`` is truthy: it would silently switch the flag on);
-    ``"<vision method>+<llm method>"`` builds a :class:`~tokprune.pruners.compose.Compose` of both."""
+    ``"<vision method>+<llm method>"`` (or more parts, see :class:`~tokprune.pruners.compose.Compose`) builds a
+    composition of them."""
     if JOIN in method:
-        vision, _, llm = method.partition(JOIN)
         cls = Compose
-        options = {"vision": get_method(vision)(), "llm": get_method(llm)(), **options}
+        options = {**from_names([get_method(name)() for name in method.split(JOIN)]), **options}
     else:
         cls = get_method(method)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -65,7 +65,8 @@ class PruneRecord:
     timings: dict[str, float] = field(default_factory=dict)
     #: methods that drop inside the vision encoder (FlowCut): per cut layer ``(layer, kept)``, ``kept[s]`` the
     #: indices of encoder sequence ``s`` (a LLaVA image or tile with [CLS] at 0, a Qwen image's patches in the ViT's
-    #: order) that survive after that layer, in encoder call order
+    #: order) that survive after that layer, in encoder call order; where ``generate`` repeated the images for beams
+    #: (one sequence per image: LLaVA-1.5, Qwen), one entry per visual item of the expanded rows, each its image's
     encoder_cuts: list[tuple[int, list[torch.Tensor]]] | None = None
     #: per sample, per image: (H, W) pixel sizes (LLaVA-NeXT) or (t, h, w) patch grids (Qwen), when the forward had them
     image_sizes: list[list[tuple[int, ...]]] | None = None

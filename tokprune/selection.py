@@ -122,6 +122,7 @@ def select_vision(pruner: Pruner, signals: VisionSignals, parts: list[Part], poo
     ``record_scores``, the score it gave each original token (NaN where it scored none, None when it selects
     without scoring). Raises when the pruner returns the wrong count (per part, or per row when ``pooled``; at
     most the budget when ``at_most``), unsorted indices or an inconsistent merge."""
+    ordinal = _part_ordinals(parts)  # an encoder-space decision of part q of an image reads its q-th [CLS]
     parts = [p for p in parts if p[2] > 0 or pooled]
     sub = signals.subset([(j, idx) for j, idx, _, _ in parts], [owner for *_, owner in parts])
     ks = [k for _, _, k, _ in parts]
@@ -136,7 +137,7 @@ def select_vision(pruner: Pruner, signals: VisionSignals, parts: list[Part], poo
     images = [_ImageChoice(int(f.shape[0]), f.device) for f in signals.features]
     rows: dict[int, list[int]] = {}
     for (j, idx, k, owner), pick in zip(parts, picks):
-        got = images[j].add(pick, idx, None if pooled or at_most else k, pruner.name)
+        got = images[j].add(pick, idx, None if pooled or at_most else k, pruner.name, ordinal[id(idx)])
         if at_most and got > k:
             raise RuntimeError(f"{pruner.name}.select_vision returned {got} kept tokens where the bound is {k}")
         rows.setdefault(owner[0], [0, 0])
@@ -147,6 +148,19 @@ def select_vision(pruner: Pruner, signals: VisionSignals, parts: list[Part], poo
                                   for f in signals.features]
     placements = [img.place(sp if pruner.keep_newlines else None, sp) for img, sp in zip(images, special)]
     return placements, scores
+
+
+def _part_ordinals(parts: list[Part]) -> dict[int, tuple[int, int]]:
+    """Per part (by its index tensor's id): (its ordinal among its image's parts, the image's part count)."""
+    count: dict[int, int] = {}
+    for j, *_ in parts:
+        count[j] = count.get(j, 0) + 1
+    seen: dict[int, int] = {}
+    out = {}
+    for j, idx, *_ in parts:
+        out[id(idx)] = (seen.get(j, 0), count[j])
+        seen[j] = seen.get(j, 0) + 1
+    return out
 
 
 def llm_budgets(pruner: Pruner, info: ModelInfo, stage: int, content: list[list[torch.Tensor]],
@@ -212,6 +226,8 @@ class Placement:
     #: (m, n_enc) an encoder-space decision's rows (see VisionDecision): every token is built before the projector,
     #: in row order, by the adapter (:meth:`~tokprune.patches.base.Adapter.build_encoder_rows`), not by build()
     encoder_rows: torch.Tensor | None = None
+    #: (m,) what each encoder row is (``VisionDecision.row_kinds``), when the pruner said
+    row_kinds: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
@@ -259,15 +275,20 @@ class _ImageChoice:
         self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
         self.m = 0
         self.encoder: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, assign)
+        self.encoder_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, kinds)
 
-    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str) -> int:
-        """Take one part's answer (``k``: its budget, None when pooled); returns the tokens it keeps or adds."""
+    def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str,
+            part: tuple[int, int] = (0, 1)) -> int:
+        """Take one part's answer (``k``: its budget, None when pooled; ``part``: its ordinal among the image's
+        parts and their count); returns the tokens it keeps or adds."""
         n_part = int(idx.numel())
         if not isinstance(pick, VisionDecision):
             check_indices(pick, n_part, k, who)
             self.kept.append(idx[pick.to(idx.device)])
             return int(pick.numel())
         if pick.encoder_rows is not None:
+            if part[1] > 1:
+                return self._add_encoder_part(pick, idx, k, who, part)
             return self._add_encoder(pick, idx, k, who)
         m = pick.n_new
         check_indices(pick.kept, n_part, None if k is None else k - m,
@@ -322,7 +343,46 @@ class _ImageChoice:
         self.encoder = (rows, idx[sl], pick.assign.to(idx.device).long())
         return m
 
+    def _add_encoder_part(self, pick: VisionDecision, idx: torch.Tensor, k: int | None, who: str,
+                          part: tuple[int, int]) -> int:
+        """An encoder-space decision for part ``part[0]`` of an image of ``part[1]`` parts (LLaVA-NeXT tiles): its
+        rows over (its [CLS], its tokens) become rows over the image's sequence (the image's tokens, then one [CLS]
+        per part, part ``q``'s at ``n + q``), appended after the earlier parts' rows."""
+        rows, m, n_part = pick.encoder_rows, pick.n_new, int(idx.numel())
+        if self.kept or self.m or pick.kept.numel() or pick.slots is None or (k is not None and m != k):
+            raise RuntimeError(f"{who}: an encoder-space decision has no kept tokens, {k} rows (the budget) and "
+                               "one slot per row, in every part of its image")
+        if rows.dim() != 2 or rows.shape[1] != 1 + n_part:
+            raise RuntimeError(f"{who}: an encoder-space decision of an image part has rows over 1 + {n_part} columns "
+                               "(the part's [CLS], then its tokens)")
+        sl = pick.slots.to(idx.device).long()
+        # sync: once per part: validating the pruner's decision (a clear error)
+        if sl.shape != (m,) or bool(((sl < 0) | (sl >= n_part)).any()) or sl.unique().numel() != m:
+            raise RuntimeError(f"{who}: slots must be ({m},) distinct indices into the part's {n_part} tokens")
+        full = rows.new_zeros(m, self.n + part[1])
+        full[:, self.n + part[0]] = rows[:, 0]
+        full[:, idx] = rows[:, 1:]
+        kinds = pick.row_kinds if pick.row_kinds is not None else torch.full((m,), -1, dtype=torch.long)
+        done = self.encoder_parts or (rows.new_zeros(0, self.n + part[1]), idx.new_zeros(0), kinds.new_zeros(0))
+        a = pick.assign.to(idx.device).long()
+        self.assign[idx] = torch.where(a >= 0, a + int(done[0].shape[0]), a)
+        self.encoder_parts = (torch.cat([done[0], full]), torch.cat([done[1], idx[sl]]),
+                              torch.cat([done[2], kinds.to(done[2].device)]))
+        return m
+
+    def _place_encoder_parts(self, keep_special: torch.Tensor | None) -> Placement:
+        """The rows' slots plus the special tokens the method keeps (LLaVA-NeXT's newlines in HF's layout): the
+        family builds the rows and takes the special tokens' features as they are (``slots[new_at]``: the rows')."""
+        rows, sl, kinds = self.encoder_parts
+        kept = [sl]
+        if keep_special is not None:
+            kept.append(keep_special.nonzero()[:, 0].to(sl.device))  # sync: once per image, the kept specials
+        slots = torch.cat(kept).sort().values
+        return Placement(slots, torch.searchsorted(slots, sl), self.assign, encoder_rows=rows, row_kinds=kinds)
+
     def place(self, keep_special: torch.Tensor | None, special: torch.Tensor) -> Placement:
+        if self.encoder_parts is not None:  # rows of several parts, over the image's sequence
+            return self._place_encoder_parts(keep_special)
         if self.encoder is not None:  # every token of the image is a row (special tokens have no encoder row)
             rows, sl, assign = self.encoder
             # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)

@@ -144,19 +144,69 @@ def tiny_llava_next(attn: str = "sdpa", seed: int = 0, tile: int = 28) -> tuple[
     return model, proc
 
 
-def _qwen_processor(processor_cls: type, tok: PreTrainedTokenizerFast, patch: int) -> Any:
-    """A Qwen processor without a video processor (the video class needs torchvision, absent here)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+#: LLaVA-OneVision's tokenizer also names a video placeholder (its config has a video token id)
+ONEVISION_SPECIAL = [*LLAVA_SPECIAL, "<video>"]
+
+
+@_factory("llava_onevision")
+def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0, tile: int = 28,
+                         aspect_ratio: str = "anyres_max_2") -> tuple[Any, Any]:
+    """LLaVA-OneVision in miniature: SigLIP (no [CLS], 3 layers, 14 px patches, tiles of ``tile`` px = 2x2
+    patches), anyres grid pinpoints 1x2 / 2x1 / 2x2 tiles, unpad + ``image_newline``, and ``aspect_ratio``
+    ``"anyres_max_2"``: a crop grid larger than about 2 tiles' patches (x 1.1^2) is shrunk by bilinear
+    interpolation, as ``anyres_max_9`` does on the 7B model (a 2x2-tile image is; a 1x2 one is not). Llama LLM
+    of the other tiny LLaVAs (the 7B model's is Qwen2; the LLM is not what the family patches)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tok = make_tokenizer(ONEVISION_SPECIAL, unk="<unk>", pad="<pad>", bos="<s>", eos="</s>")
+    ids = tok.convert_tokens_to_ids
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=tile, patch_size=14, vision_use_head=False)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=_llama_text(tok), image_token_index=ids("<image>"),
+                               video_token_index=ids("<video>"), image_grid_pinpoints=pinpoints,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio=aspect_ratio)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    half = [0.5, 0.5, 0.5]  # SigLIP's normalisation, as the 7B checkpoint's processor config
+    ip = LlavaOnevisionImageProcessorPil(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints,
+                                         image_mean=half, image_std=half)
+    cls = _image_only(LlavaOnevisionProcessor)
+    proc = cls(image_processor=ip, tokenizer=tok, video_processor=None, num_image_tokens=(tile // 14) ** 2,
+               vision_feature_select_strategy="full", image_token="<image>", video_token="<video>",
+               vision_aspect_ratio=aspect_ratio)
+    return model, proc
+
+
+def _image_only(processor_cls: type) -> type:
+    """``processor_cls`` without a video processor (the video classes need torchvision, absent here)."""
 
     class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
         def check_argument_for_proper_class(self, name: str, arg: Any) -> Any:
             return None if arg is None else super().check_argument_for_proper_class(name, arg)
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = f"Tiny{processor_cls.__name__}"
+    return ImageOnly
+
+
+def _qwen_processor(processor_cls: type, tok: PreTrainedTokenizerFast, patch: int) -> Any:
+    """A Qwen processor without a video processor (the video class needs torchvision, absent here)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     unit = 2 * patch  # one merged (LLM) token covers 2x2 patches
     ip = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 4 * unit**2, "longest_edge": 64 * unit**2})
-    return ImageOnly(image_processor=ip, tokenizer=tok, video_processor=None)
+    return _image_only(processor_cls)(image_processor=ip, tokenizer=tok, video_processor=None)
 
 
 def _qwen(config_cls: type, model_cls: type, processor_cls: type, vision: dict, text: dict, patch: int,

@@ -105,7 +105,7 @@ def example_inputs(config: PretrainedConfig, *, n_text: int = 16, n_images: int 
     vc = config.vision_config
     if family == "llava":
         shape: tuple[int, ...] = (n_img, vc.num_channels, vc.image_size, vc.image_size)
-    elif family == "llava_next":
+    elif family in ("llava_next", "llava_onevision"):
         size = image_size if image_size is not None else (2 * vc.image_size, 2 * vc.image_size)
         shape = (n_img, work.sequences, vc.num_channels, vc.image_size, vc.image_size)
         inputs["image_sizes"] = torch.tensor([list(size)] * n_img, device=device)

@@ -70,7 +70,7 @@ def encode(bundle: Any, prompts: Sequence[str], images: Sequence[Image.Image],
         enc = dict(proc(images=list(images), text=list(prompts), return_tensors="pt", padding=True,
                         **options.get("processor_kwargs", {})))
     enc.pop("token_type_ids", None)
-    if bundle.family in ("llava", "llava_next"):  # positions from each row's first real token, as generate() does
+    if bundle.family in ("llava", "llava_next", "llava_onevision"):  # from each row's first real token, as generate()
         enc["position_ids"] = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)
     device = bundle.model.device
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}

@@ -70,7 +70,7 @@ class Architecture:
     projector: ProjectorShape | None = None
 
 
-_LLAVA = ("llava", "llava_next")
+_LLAVA = ("llava", "llava_next", "llava_onevision")
 _QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FAMILIES = _LLAVA + _QWEN
 
@@ -100,7 +100,7 @@ def describe(config: Any) -> Architecture:
     family = getattr(config, "model_type", None)
     if family in _LLAVA:
         vc = config.vision_config
-        if vc.model_type != "clip_vision_model":
+        if vc.model_type not in ("clip_vision_model", "siglip_vision_model"):  # both: fc1 / fc2 MLP
             raise NotImplementedError(f"FLOPs of a {family} model with a {vc.model_type} vision tower are not modelled")
         d = config.text_config.hidden_size
         layer = config.vision_feature_layer
@@ -241,9 +241,9 @@ def _qwen25_windows(vc: Any, h: int, w: int) -> tuple[int, ...]:
     return tuple(r * c * merge**2 for r in rows for c in cols)
 
 
-def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(tiles through CLIP, visual tokens after unpadding + newlines, newlines) of one LLaVA-NeXT image of size
-    (H, W)."""
+def _anyres_grid(config: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(tiles through the encoder, rows, cols of the stitched and unpadded crop grid) of one anyres image of size
+    (H, W) (LLaVA-NeXT, LLaVA-OneVision)."""
     import torch
     from transformers.models.llava_next.modeling_llava_next import (
         get_anyres_image_grid_shape,
@@ -252,12 +252,33 @@ def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, in
     )
 
     vc = config.vision_config
-    tiles = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    size, pinpoints = list(image_size), config.image_grid_pinpoints  # HF's helpers, called by keyword
+    tiles = image_size_to_num_patches(image_size=size, grid_pinpoints=pinpoints, patch_size=vc.image_size)
     side = vc.image_size // vc.patch_size
-    gh, gw = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, vc.image_size)
+    gh, gw = get_anyres_image_grid_shape(image_size=size, grid_pinpoints=pinpoints, patch_size=vc.image_size)
     # unpad_image only looks at shapes: a meta tensor gives the unpadded grid without allocating
-    grid = unpad_image(torch.empty(1, gh * side, gw * side, device="meta"), list(image_size))
+    grid = unpad_image(tensor=torch.empty(1, gh * side, gw * side, device="meta"), original_size=size)
     rows, cols = grid.shape[1:]
+    return tiles, rows, cols
+
+
+def _llava_next_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(tiles through CLIP, visual tokens after unpadding + newlines, newlines) of one LLaVA-NeXT image of size
+    (H, W)."""
+    tiles, rows, cols = _anyres_grid(config, image_size)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return tiles, side * side + rows * (cols + 1), rows
+
+
+def _onevision_tiles(config: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(tiles through SigLIP, visual tokens, newlines) of one LLaVA-OneVision image of size (H, W) alone in its
+    sample: LLaVA-NeXT's unpadded grid, shrunk as ``anyres_max_<n>`` does when it exceeds n tiles (x 1.1^2)."""
+    tiles, rows, cols = _anyres_grid(config, image_size)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    max_tiles = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
     return tiles, side * side + rows * (cols + 1), rows
 
 
@@ -287,6 +308,11 @@ def image_work(config: Any, *, image_size: tuple[int, int] | None = None,
         patches = (vc.image_size // vc.patch_size) ** 2
         return VisionWork((patches + 1,) * layers, patches, tiles * patches, n_llm, sequences=tiles, cls=1,
                           newlines=newlines)
+    if arch.family == "llava_onevision":  # SigLIP: no [CLS] token
+        size = tuple(image_size) if image_size is not None else (2 * vc.image_size, 2 * vc.image_size)
+        tiles, n_llm, newlines = _onevision_tiles(config, size)
+        patches = (vc.image_size // vc.patch_size) ** 2
+        return VisionWork((patches,) * layers, patches, tiles * patches, n_llm, sequences=tiles, newlines=newlines)
     merge = vc.spatial_merge_size
     if grid_thw is not None:
         t, h, w = (int(x) for x in grid_thw)

@@ -109,10 +109,14 @@ def _record_images(config: Any, arch: Architecture, b: int, n_vis: list[int], im
         return [], []
     if arch.family == "llava":
         return [image_work(config) for _ in n_vis], []
-    if arch.family == "llava_next":
+    if arch.family in ("llava_next", "llava_onevision"):
         if image_sizes is None:
             return [], ["vision part not counted: LLaVA-NeXT image sizes unknown (pass image_sizes)"]
-        return [image_work(config, image_size=tuple(int(x) for x in s)) for s in image_sizes[b]], []
+        works = [image_work(config, image_size=tuple(int(x) for x in s)) for s in image_sizes[b]]
+        if arch.family == "llava_onevision":  # an image of a multi-image sample is its base tile + one newline
+            works = [replace(w, projector_tokens=w.patches, llm_tokens=n, sequences=1, newlines=1)
+                     if n == w.patches + 1 != w.llm_tokens else w for w, n in zip(works, n_vis)]
+        return works, []
     if grids is not None:
         return [image_work(config, grid_thw=tuple(int(x) for x in g)) for g in grids[b]], []
     notes = ["Qwen2.5-VL grid unknown: window attention assumes a near-square grid"] if arch.vision.windowed else []

@@ -30,11 +30,15 @@ from tokprune.patches.encoder_cut import EncoderCutStage
 from tokprune.patches.llm_stage import LLMStages
 from tokprune.patches.prefill import Orchestrator, PrefillState
 from tokprune.patches.sequence import paired_text_positions
+from tokprune.patches.threads import PerThread
 from tokprune.patches.vision_stage import VisionStage
 from tokprune.pruners.base import ModelInfo, Pruner, UnsupportedError
 from tokprune.record import PruneRecord
 from tokprune.schedule import Schedule
 from tokprune.selection import Placement, image_budget
+
+#: a thread that has run no prefill on this model yet
+_NO_RECORD = object()
 
 #: the image normalisation of the CLIP, LLaVA(-NeXT) and Qwen-VL processors
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,6 +59,8 @@ class Adapter:
     options: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: fill ``Stage.scores`` (``tokprune.apply(..., record_scores=True)``)
     record_scores: bool = False
+    #: the calling thread's last image prefill's record (see :attr:`record`)
+    _thread_record = PerThread(lambda: _NO_RECORD)
 
     def __init__(self, model: nn.Module, pruner: Pruner, budget: Budget, **options: Any) -> None:
         self.model, self.pruner, self.budget = model, pruner, budget
@@ -67,8 +73,9 @@ class Adapter:
         cut = pruner.encoder_cut(self.info)
         self.encoder_cut = EncoderCutStage(self, cut) if cut is not None else None
         layers = pruner.llm_layers(self.info)
-        self.llm = LLMStages(self, layers, pruner.llm_request(self.info)) if layers else None
-        self.record: PruneRecord | None = None  # the last image prefill's record (tokprune.last_record)
+        self.llm = LLMStages(self, layers, {k: pruner.llm_stage_request(self.info, k) for k in layers}
+                             ) if layers else None
+        self.record = None  # the last image prefill's record (tokprune.last_record)
         self.orchestrator = Orchestrator(self)
         self._handles: list[Any] = []
 
@@ -91,6 +98,18 @@ class Adapter:
         probe = cls.__new__(cls)  # model_info reads only the modules
         probe.model = model
         return probe.model_info()
+
+    @property
+    def record(self) -> PruneRecord | None:
+        """What ``tokprune.last_record`` reports: the record of the calling thread's last prefill (two threads on one
+        model each read their own), or, in a thread that ran none, the model's last one."""
+        own = self._thread_record
+        return self._model_record if own is _NO_RECORD else own
+
+    @record.setter
+    def record(self, value: PruneRecord | None) -> None:
+        self._thread_record = value
+        self._model_record = value
 
     # ------------------------------------------------------------------ family hooks
     def model_info(self) -> ModelInfo:  # family hook
@@ -152,6 +171,14 @@ class Adapter:
         not say) and its special-token mask (n_i,) (tokens that carry no patch). Default: none special, no grid."""
         return None, [torch.zeros(f.shape[0], dtype=torch.bool, device=f.device) for f in features]
 
+    def relayout(self, encoded: Any) -> Any | None:
+        """The encoder outputs with the items laid out the family's own way, where that differs from the layout
+        the processor wrote placeholders for and ``generate`` bookkeeps (the orchestrator then resizes each item's
+        placeholder run to its new token count before the vision stage, :mod:`tokprune.patches.relayout`); None
+        (the default): as they are. Family hook (LLaVA-NeXT's ``per_tile_reference``: the references' spatial
+        layout)."""
+        return None
+
     def budget_parts(self, signals: Any, image_budget: Callable[[torch.Tensor], int]
                      ) -> list[tuple[int, torch.Tensor, int, tuple[int, int]]]:
         """How a vision budget is spent: (image, token indices, tokens to keep, owner) per part; ``image_budget``
@@ -199,18 +226,21 @@ class Adapter:
         """(cos, sin) of the language model for the given positions (used for "compact" positions in the LLM)."""
         return self.language_model.rotary_emb(x, position_ids=position_ids)
 
-    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement], source: list[int] | None = None) -> Any:
         """Encoder outputs holding only the surviving tokens, new (merged) ones in their slots (families with extra
-        per-token outputs extend this and merge them the same way)."""
+        per-token outputs extend this and merge them the same way). ``source``: per item, the encoded image it is
+        a copy of (beams expanded by ``generate``), None when each item is its own."""
         new = out.__class__(**dict(out.items()))
-        new.pooler_output = [self.build_encoder_rows(j, p, f) if p.encoder_rows is not None else p.build(f)
+        new.pooler_output = [self.build_encoder_rows(j if source is None else source[j], p, f)
+                             if p.encoder_rows is not None else p.build(f)
                              for j, (f, p) in enumerate(zip(out.pooler_output, placements))]
         return new
 
     # ------------------------------------------------------------------ merges before the projector
     def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
         """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
-        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` image ``image``'s encoder sequence."""
+        ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` encoded image ``image``'s encoder
+        sequence."""
         enc = self.encoder_sequence(image)
         rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
         if rows.shape[1] != enc.shape[0]:
@@ -261,6 +291,11 @@ class Adapter:
         """Family fix-ups after the prefill's per-token inputs were gathered to the kept tokens (``positions``: the
         unpruned prompt's position ids). Default: none."""
         return new
+
+    def decode_inputs(self, kw: dict, past: int, state: PrefillState) -> dict:
+        """Family fix-ups of a decode step's kwargs from its prefill's ``state.family`` (``past``: tokens in the
+        cache). Default: none. Qwen builds M-RoPE positions from the prefill's own ``rope_deltas``."""
+        return kw
 
     def encode_images(self, kw: dict) -> Any:
         """Run the model's own ``get_image_features`` with the pixel kwargs of a forward call."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tokprune.patches.threads import PerThread
 from tokprune.patches.vision_stage import check_indices
 from tokprune.pruners.base import EncoderCut, EncoderStep, Signal
 from tokprune.signals import TAPS, _repeat_kv, remove_installed
@@ -66,7 +67,25 @@ def sequence_signals(names: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, v
 
 
 class EncoderCutStage:
-    """Runs a pruner's :class:`EncoderCut` on one model; owned by an :class:`~tokprune.patches.base.Adapter`."""
+    """Runs a pruner's :class:`EncoderCut` on one model; owned by an :class:`~tokprune.patches.base.Adapter`.
+
+    What one encoder call learns (the survivors, the pending decision, the key mask, the cut history the record
+    copies) is per thread (:class:`~tokprune.patches.threads.PerThread`): two threads encoding through one patched
+    model at once never read each other's cut; within a thread, each encoder call starts afresh (``reset``) and
+    its prefill reads it before the next call."""
+
+    origin = PerThread()  # batch: per row; packed: global positions
+    counts = PerThread(list)
+    n_full = PerThread(int)
+    bounds = PerThread()  # packed: image boundaries in the original sequence
+    chunks = PerThread(dict)
+    pending = PerThread()
+    mask = PerThread()
+    state = PerThread(list)
+    keep = PerThread(list)
+    n_tokens = PerThread(list)
+    history = PerThread(list)
+    dropped = PerThread(bool)
 
     def __init__(self, adapter: Adapter, cut: EncoderCut) -> None:
         self.adapter, self.cut = adapter, cut
@@ -84,17 +103,18 @@ class EncoderCutStage:
         self.reset()
 
     def reset(self) -> None:
-        self.origin: list[torch.Tensor] | torch.Tensor | None = None  # batch: per row; packed: global positions
-        self.counts: list[int] = []
+        """This thread's encoder-call state, emptied (at each encoder call, and at remove)."""
+        self.origin = None
+        self.counts = []
         self.n_full = 0
-        self.bounds: torch.Tensor | None = None  # packed: image boundaries in the original sequence
-        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]] = {}
-        self.pending: int | None = None
-        self.mask: torch.Tensor | None = None
-        self.state: list[dict[str, Any]] = []
-        self.keep: list[int] = []
-        self.n_tokens: list[int] = []
-        self.history: list[tuple[int, list[torch.Tensor]]] = []
+        self.bounds = None
+        self.chunks = {}
+        self.pending = None
+        self.mask = None
+        self.state = []
+        self.keep = []
+        self.n_tokens = []
+        self.history = []
         self.dropped = False
 
     # ------------------------------------------------------------------ install / remove

@@ -50,6 +50,7 @@ class LlavaAdapter(Adapter):
             has_cls=hasattr(embeddings, "class_embedding"),
             llm_layers=len(self.language_model.layers),
             supports_compact=True,
+            encoder_merge=hasattr(embeddings, "class_embedding"),
         )
 
     def fixed_visual_tokens(self) -> int | None:
@@ -76,7 +77,8 @@ class LlavaAdapter(Adapter):
         if per_image.shape[0] != len(features):
             raise RuntimeError(
                 f"{per_image.shape[0]} images went through the vision tower but {len(features)} reached the LLM "
-                "(beam search or expanded inputs are not supported with vision signals)"
+                "(image features computed outside this call or generate(); pass pixel_values so the encoder runs "
+                "under the patch)"
             )
         return [r.to(f.device) for r, f in zip(per_image, features)]
 

@@ -56,13 +56,17 @@ def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) ->
 
 
 class LLMTaps:
-    """Installs and answers an :class:`LLMRequest` for the stages of one model."""
+    """Installs and answers the :class:`LLMRequest` of each LLM stage of one model (``requests``: stage layer ->
+    request). Each stage taps its own module (layer K-1 as it runs, or layer K under a probe) and computes its own
+    rows, values and keys; observed modules, ``row_layers`` and the input embeddings serve every stage that asks.
+    Several stages may tap one attention module (a probe of layer K and the next stage's rows of layer K as it
+    runs): one tap on the module calls each of them, and each answers only its own kind of call."""
 
-    def __init__(self, stages: LLMStages, request: LLMRequest) -> None:
-        self.stages, self.request = stages, request
+    def __init__(self, stages: LLMStages, requests: dict[int, LLMRequest]) -> None:
+        self.stages, self.requests = stages, requests
         self._handles: list[Any] = []
         self._tapped: list[Any] = []
-        self._layer = 0  # the layer of the tap call in progress (read by _rows for per-query slots)
+        self._ran: dict[int, LLMRequest] = {}  # row_layers layer -> the request whose rows it records
         self._elided: list[tuple[nn.Module, Any]] = []  # (projection, its own instance forward or None)
 
     def _probing(self) -> bool:
@@ -83,43 +87,58 @@ class LLMTaps:
         layers = self.stages.adapter.language_model.layers
         n = len(layers)
         self._install_observers(layers)
-        probe = self.request.source == "probe"
-        for k in self.stages.layers:
-            mod = layers[k if probe else k - 1].self_attn
-            TAPS.add(mod, partial(self._tap, k), skip=self._probing if probe else None)
-            self._tapped.append(mod)
+        calls: dict[int, list[Any]] = {}  # decoder layer -> the tap functions on its self_attn
+        probed: set[int] = set()
+        for k, request in self.requests.items():
+            probe = request.source == "probe"
+            at = k if probe else k - 1
+            calls.setdefault(at, []).append(partial(self._tap, k))
             if probe:
-                self._elide_projections(mod)
-        for lay in self.request.row_layers:
-            if not 0 <= lay < n:
-                raise ValueError(f"LLMRequest records the rows of layer {lay}; the LLM has {n} layers")
-            mod = layers[lay].self_attn
-            if mod in self._tapped:
-                raise ValueError(f"LLMRequest row_layers: layer {lay} is already tapped for a stage's rows")
-            TAPS.add(mod, partial(self._tap_ran, lay))
+                probed.add(at)
+        for lay in self._row_layers(n):
+            calls.setdefault(lay, []).append(partial(self._tap_ran, lay))
+        for at, fns in calls.items():
+            mod = layers[at].self_attn
+            TAPS.add(mod, fns[0] if len(fns) == 1 else partial(_each, tuple(fns)),
+                     skip=self._probing if at in probed else None)
+            if at in probed:
+                self._elide_projections(mod, self.requests[at])
             self._tapped.append(mod)
 
+    def _row_layers(self, n: int) -> list[int]:
+        """The ``row_layers`` of every stage's request (each recorded once, for the request naming it)."""
+        for request in self.requests.values():
+            for lay in request.row_layers:
+                if not 0 <= lay < n:
+                    raise ValueError(f"LLMRequest records the rows of layer {lay}; the LLM has {n} layers")
+                other = self._ran.setdefault(lay, request)
+                if other != request:
+                    raise ValueError(f"two LLM stages record the rows of layer {lay} (row_layers) with different "
+                                     "requests; give them the same queries / heads / domain or another layer")
+        return list(self._ran)
+
     def _install_observers(self, layers: Any) -> None:
-        """Forward hooks on the observed modules, and the embeddings hook on layer 0 when requested."""
-        for lay in self.request.observe:
+        """Forward hooks on the modules any stage observes, and the embeddings hook on layer 0 when one asks."""
+        observe = sorted({lay for r in self.requests.values() for lay in r.observe})
+        for lay in observe:
             if not 0 <= lay < len(layers):
                 raise ValueError(f"LLMRequest observes layer {lay}; the LLM has {len(layers)} layers")
             for part, mod in (("attn", layers[lay].self_attn), ("mlp", layers[lay].mlp)):
                 self._handles.append(mod.register_forward_hook(partial(self._observe, lay, part), with_kwargs=True))
-        if self.request.embeddings:
+        if any(r.embeddings for r in self.requests.values()):
             self._handles.append(layers[0].register_forward_pre_hook(self._embed, with_kwargs=True))
 
-    def _elide_projections(self, attn: nn.Module) -> None:
+    def _elide_projections(self, attn: nn.Module, request: LLMRequest) -> None:
         """While this model probes (and only then, per prefill: the real layer's calls run as before), the probed
         layer's ``q_proj`` computes the query rows only and ``v_proj`` / ``o_proj`` compute nothing; a family whose
         attention has no such ``nn.Linear`` keeps the full projection."""
         for name in ("q_proj", "v_proj", "o_proj"):
             proj = getattr(attn, name, None)
-            if not isinstance(proj, nn.Linear) or (name == "v_proj" and self.request.values):
+            if not isinstance(proj, nn.Linear) or (name == "v_proj" and request.values):
                 continue
             own = proj.__dict__.get("forward")  # an instance forward someone else installed (restored on remove)
             inner = own if own is not None else type(proj).forward.__get__(proj)
-            elided = self._query_rows_only if name == "q_proj" else _zeros_like_output
+            elided = partial(self._query_rows_only, request) if name == "q_proj" else _zeros_like_output
             proj.forward = partial(self._elidable, inner, elided, proj)
             self._elided.append((proj, own))
 
@@ -127,9 +146,10 @@ class LLMTaps:
         run = self._prefill_run(probe_only=True)
         return inner(x) if run is None else elided(run, inner, proj, x)
 
-    def _query_rows_only(self, run: LLMRun, inner: Any, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def _query_rows_only(self, request: LLMRequest, run: LLMRun, inner: Any, proj: nn.Linear,
+                         x: torch.Tensor) -> torch.Tensor:
         """The query projection of the rows the probe's tap reads; zeros elsewhere (never read)."""
-        rows, _ = self._query_rows(run, x.shape[1])
+        rows, _ = self._query_rows(run, request, x.shape[1])
         part = inner(torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1])))
         out = x.new_zeros(*x.shape[:-1], part.shape[-1])
         return out.scatter_(1, rows[..., None].expand_as(part), part)
@@ -141,13 +161,13 @@ class LLMTaps:
                 proj.__dict__.pop("forward", None)
             else:
                 proj.forward = own
-        self._handles, self._tapped, self._elided = [], [], []
+        self._handles, self._tapped, self._ran, self._elided = [], [], {}, []
 
     # ------------------------------------------------------------------ signals
     def probe(self, run: LLMRun, k: int, hidden: torch.Tensor, kw: dict) -> None:
         """Layer ``k``'s q/k on the hidden states entering it (its norm and projections; no kernel, no cache)."""
         layer = self.stages.adapter.language_model.layers[k]
-        _, weights = self._query_rows(run, hidden.shape[1])
+        _, weights = self._query_rows(run, self.requests[k], hidden.shape[1])
         run.probe_rows[k] = (weights > 0).sum(1).clamp_min(1)  # per row, for the FLOPs count (no sync)
         run.probing = True
         try:
@@ -157,17 +177,18 @@ class LLMTaps:
             run.probing = False
 
     def _tap(self, k: int, module, query, key, value, mask, scaling, kwargs) -> None:
-        st = self._prefill_run(probe_only=self.request.source == "probe")
+        """The signals of the stage cutting before layer ``k``, from the attention call it taps."""
+        request = self.requests[k]
+        st = self._prefill_run(probe_only=request.source == "probe")
         if st is None:
             return
         n = query.shape[2]
-        self._layer = k
-        st.rows[k] = self._rows(st, query, key, mask, scaling)
-        if self.request.values == "heads":
+        st.rows[k] = self._rows(st, request, k, query, key, mask, scaling)
+        if request.values == "heads":
             st.values[k] = value[:, :, :n].float()
-        elif self.request.values:
+        elif request.values:
             st.values[k] = value[:, :, :n].float().mean(1)
-        if self.request.keys:
+        if request.keys:
             st.keys[k] = key[:, :, :n].detach()
 
     def _tap_ran(self, layer: int, module, query, key, value, mask, scaling, kwargs) -> None:
@@ -176,8 +197,7 @@ class LLMTaps:
         if st is None:
             return
         n = query.shape[2]
-        self._layer = layer
-        rows = self._rows(st, query, key, mask, scaling)
+        rows = self._rows(st, self._ran[layer], layer, query, key, mask, scaling)
         idx = st.idx[:, :n]
         full = rows.new_zeros(*rows.shape[:-1], st.n0)
         st.ran[layer] = full.scatter(-1, idx if rows.dim() == 2 else idx[:, None].expand_as(rows), rows)
@@ -188,38 +208,40 @@ class LLMTaps:
         return {lay: torch.gather(r, -1, idx if r.dim() == 2 else idx[:, None].expand(-1, r.shape[1], -1))
                 for lay, r in st.ran.items()}
 
-    def _rows(self, st: LLMRun, query: torch.Tensor, key: torch.Tensor, mask: Any, scaling: float) -> torch.Tensor:
-        """The requested rows of one attention call over the current sequence, (B, n) or (B, H, n)."""
+    def _rows(self, st: LLMRun, request: LLMRequest, layer: int, query: torch.Tensor, key: torch.Tensor, mask: Any,
+              scaling: float) -> torch.Tensor:
+        """The rows ``request`` asks for from one attention call (of decoder ``layer``) over the current sequence,
+        (B, n) or (B, H, n)."""
         n = query.shape[2]
-        rows, weights = self._query_rows(st, n)
-        keys = st.visual_slots(n) if self.request.domain == "visual" else None
+        rows, weights = self._query_rows(st, request, n)
+        keys = st.visual_slots(n) if request.domain == "visual" else None
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > n:
             mask = mask[..., :n]
         model_dtype = getattr(st.adapter.pruner, "score_dtype", "float32") == "model"
         probs = attention_rows(query, key[:, :, :n], mask, scaling, rows, causal=True, keys=keys,
                                model_dtype=model_dtype)[..., :n]
-        if self.request.per_query:
-            st.query_slots[self._layer] = torch.where(weights > 0, rows, -1)
-            out = probs.mean(1) if self.request.heads == "mean" else probs
+        if request.per_query:
+            st.query_slots[layer] = torch.where(weights > 0, rows, -1)
+            out = probs.mean(1) if request.heads == "mean" else probs
             return out.to(query.dtype).float() if model_dtype else out
         rows_mean = (probs * weights[:, None, :, None]).sum(2) / weights.sum(1).clamp_min(1)[:, None, None]
-        out = rows_mean.mean(1) if self.request.heads == "mean" else rows_mean
+        out = rows_mean.mean(1) if request.heads == "mean" else rows_mean
         return out.to(query.dtype).float() if model_dtype else out  # score_dtype="model": the references' rounding
 
-    def _query_rows(self, st: LLMRun, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query_rows(self, st: LLMRun, request: LLMRequest, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""
-        if self.request.queries == "last":
+        if request.queries == "last":
             return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
         # a probe asks twice (its query projection, then its tap): the slots change only when a stage rewrites them
-        key = (len(st.stage), n)
+        key = (len(st.stage), n, request.queries)
         memo = st.__dict__.get("_query_rows_memo")
         if memo is not None and memo[0] == key:
             return memo[1]
-        span = st.current_spans()[self.request.queries][:, :n]
+        span = st.current_spans()[request.queries][:, :n]
         counts = span.sum(1)
         # sync: once per LLM stage: an empty instruction span is an error, not a silent empty row
         if bool(((counts == 0) & st.has_images()).any()):
-            raise ValueError(f"a row's {self.request.queries} span is empty (the prompt ends with its image); "
+            raise ValueError(f"a row's {request.queries} span is empty (the prompt ends with its image); "
                              "ask for queries='last' or put the question after the image")
         # sync: once per LLM stage, the widest instruction span (an output shape)
         r = int(counts.max().clamp_min(1))
@@ -250,3 +272,9 @@ class LLMTaps:
         x = args[0] if args else kw["hidden_states"]
         y = out[0] if isinstance(out, tuple) else out
         st.observed[(layer, part)] = Observed.of(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())
+
+
+def _each(fns: tuple[Any, ...], *args: Any) -> None:
+    """One tap calling several (stages tapping the same attention module)."""
+    for fn in fns:
+        fn(*args)

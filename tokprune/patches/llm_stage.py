@@ -6,9 +6,12 @@ gathered copies of those objects; the hooks on the following layers swap in the 
 surgery: layers of a stage only ever store the tokens they see. During decode only the mask columns (and, for
 "compact" positions, the rotary embeddings) of pruned layers are remapped.
 
-Rows of a batch may keep different numbers of tokens (several images, different budgets). The batch stays
-rectangular: shorter rows carry *dead* slots, dropped tokens that stay in the tensor but are masked as keys for
-every query (each still attends to itself, so no row is fully masked and no NaN can leak).
+Rows of a batch may keep different numbers of tokens (several images, different budgets, a text-only row). Each
+stage re-packs the batch (:func:`~tokprune.patches.sequence.repack_slots`): its width becomes the longest row's
+surviving real tokens, padding the cut freed included. The batch stays rectangular: a shorter row keeps its own
+padding slots first, then carries *dead* slots, dropped tokens that stay in the tensor but are masked as keys for
+every query (each still attends to itself, so no row is fully masked and no NaN can leak). New padding slots are
+never invented here, as no hidden states exist for them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from tokprune.patches.compat import get_cache
 from tokprune.patches.llm_signals import LLMTaps, prompt_spans
-from tokprune.patches.sequence import gather_seq, kept_slots, last_real_index
+from tokprune.patches.sequence import gather_seq, last_real_index, repack_slots
 from tokprune.pruners.base import LLMDecision, LLMRequest, LLMSignals, Observed, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage, spread
 from tokprune.selection import Budgets, ImageBudget, check_indices, llm_budgets, select_llm
@@ -33,11 +36,13 @@ if TYPE_CHECKING:
 class LLMStages:
     """Installs a pruner's LLM stages on one model (decoder-layer pre-hooks and the LLM taps); owned by an
     :class:`~tokprune.patches.base.Adapter`. Holds no per-prefill state: each prefill gets its own :class:`LLMRun`
-    (in the adapter's per-prefill state), which the hooks find for the forward that is running."""
+    (in the adapter's per-prefill state), which the hooks find for the forward that is running. ``requests``: per
+    stage layer, the decoder signals that stage asks for (None: hidden states only)."""
 
-    def __init__(self, adapter: Adapter, layers: tuple[int, ...], request: LLMRequest | None) -> None:
-        self.adapter, self.layers, self.request = adapter, layers, request
-        self.taps = LLMTaps(self, request) if request is not None else None
+    def __init__(self, adapter: Adapter, layers: tuple[int, ...], requests: dict[int, LLMRequest | None]) -> None:
+        self.adapter, self.layers, self.requests = adapter, layers, requests
+        wanted = {k: r for k, r in requests.items() if r is not None}
+        self.taps = LLMTaps(self, wanted) if wanted else None
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------ install / remove
@@ -84,7 +89,7 @@ class LLMRun:
                  origin: list[list[torch.Tensor]], mask2d: torch.Tensor | None, record: PruneRecord,
                  ctx: PrefillContext, budgets: list[list[ImageBudget]] | None = None) -> None:
         self.stages, self.adapter, self.layers = stages, stages.adapter, stages.layers
-        self.request, self.taps = stages.request, stages.taps
+        self.requests, self.taps = stages.requests, stages.taps
         if budgets is None:
             a = self.adapter
             every = Budgets(a.pruner, a.info, a.budget)
@@ -149,7 +154,8 @@ class LLMRun:
         s = self.stage_of(i)
         if self.phase == "prefill":
             if i == self.layers[s] and len(self.stage) == s:
-                if self.request is not None and self.request.source == "probe":
+                request = self.requests[i]
+                if request is not None and request.source == "probe":
                     self.taps.probe(self, i, hidden, {**kw, **self.stage[s - 1]["kwargs"]} if s else kw)
                 hidden = self._run_stage(s, hidden, kw)
             kw = {**kw, **self.stage[s]["kwargs"]}
@@ -177,7 +183,7 @@ class LLMRun:
     def _signals(self, s: int, hidden: torch.Tensor, content: list[list[torch.Tensor]]) -> LLMSignals:
         """What stage ``s`` sees: the hidden states, the taps' rows / values / observations, the current slots."""
         k, taps = self.layers[s], self.taps
-        if taps is not None and k not in self.rows:
+        if self.requests[k] is not None and k not in self.rows:
             raise RuntimeError(f"the attention rows for the stage before layer {k} were not computed (did layer "
                                f"{k - 1} run under the patch?)")
         return LLMSignals(layer=k, hidden=hidden, attention=self.rows.get(k),
@@ -188,11 +194,11 @@ class LLMRun:
                           rows_at=taps.rows_at(self) if taps else {}, last=self.qcur, keys=self.keys.get(k),
                           query_slots=self.query_slots.get(k), embeddings=LLMTaps.current_embeddings(self),
                           budgets=[[(b.n, b.keep) for b in brow] for brow in self.budgets],
-                          valid=self.valid_slots(), normed=self._normed(hidden))
+                          valid=self.valid_slots(), normed=self._normed(hidden, self.requests[k]))
 
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``hidden`` through the decoder's final norm, with ``LLMRequest(final_norm=True)``."""
-        want = self.request is not None and self.request.final_norm
+    def _normed(self, hidden: torch.Tensor, request: LLMRequest | None) -> torch.Tensor | None:
+        """``hidden`` through the decoder's final norm, when the stage asks (``LLMRequest(final_norm=True)``)."""
+        want = request is not None and request.final_norm
         return self.adapter.language_model.norm(hidden) if want else None
 
     def _decide(self, s: int, signals: LLMSignals, content: list[list[torch.Tensor]]
@@ -214,19 +220,16 @@ class LLMRun:
 
     def _rewrite(self, rel: list[list[torch.Tensor]], hidden: torch.Tensor, kw: dict, news: list
                  ) -> tuple[torch.Tensor, list | None]:
-        """Apply a stage's decision: the surviving slots (shorter rows padded with dead slots), the bookkeeping of
+        """Apply a stage's decision: the surviving slots (re-packed to the longest row), the bookkeeping of
         visual tokens and their origin, new tokens written into their slots, and the gathered kwargs of this and
         later layers. Returns the shortened hidden states and the record's merges (None without new tokens)."""
         b, n_cur = hidden.shape[:2]
         self.special = [[sp[r] for sp, r in zip(srow, rrow)] for srow, rrow in zip(self.special, rel)]
         keep = self._keep_mask(rel)
-        counts = keep.sum(1)
-        # sync: once per LLM stage, the new sequence length (an output shape) and whether a row is shorter
-        width, fewest = torch.stack([counts.max(), counts.min()]).tolist()
-        self.any_dead = fewest < width  # rows shorter than the longest carry dead slots
-        spare = ~keep
-        dead = spare & (spare.long().cumsum(1) <= (width - counts)[:, None])
-        slots = kept_slots(keep | dead, width)  # sorted per row
+        pad = ~torch.gather(self.real0, 1, self.idx)  # padding slots (never dead: they keep the prompt's mask)
+        # the batch re-packed to its longest row's survivors; shorter rows: own padding first, then dead slots
+        slots, dead, self.any_dead = repack_slots(keep, pad)
+        width = slots.shape[1]
         new_of_cur = torch.full((b, n_cur), -1, dtype=torch.long, device=hidden.device)
         new_of_cur.scatter_(1, slots, torch.arange(width, device=hidden.device).expand(b, width))
         self.visual = [[new_of_cur[bi, pos[r.to(pos.device)]] for pos, r in zip(row, sel)]

@@ -7,11 +7,18 @@ those named hooks and never names a family. Per forward of the top-level ``*ForC
 * **prefill** (a prompt with visual items and no cache yet): :meth:`Orchestrator.layout` reads the prompt's
   :class:`VisualLayout` (each visual item's features, span, grid, special tokens, owner and modality), a
   :class:`PrefillState` is created for this prefill alone, the vision stage runs (signals, the selection core of
-  :mod:`tokprune.selection`, the sequence rewrite with left re-padding), and the LLM stages get their own run;
+  :mod:`tokprune.selection`, the sequence rewrite re-packed to the longest pruned row), and the LLM stages get
+  their own run;
 * **decode** (a cache with tokens in it): the prefill's state is found again by the cache object the step passes
   (so two requests interleaved on one model never share state), the 2D mask is rebuilt for the pruned prompt and
   "compact" positions shifted;
 * a text-only forward gets no state.
+
+**Expanded rows** (beam search, ``num_return_sequences > 1``): ``generate`` runs the encoder once per image, then
+repeats the encoder's output tensors (the same objects) and the prompt rows ``expand_size`` times. The layout maps
+every item to the encoded image it is (:func:`encoder_sources`, by identity), so the vision signals are computed
+once per encoded image and handed to each copy; every copy is then selected like its source row run alone (the
+selection is per row, so per-row method state such as VFlowOpt's importance exists for every beam).
 
 Video items are recognised (a family reports them through ``visual_modalities``) and refused with a clear error
 until video pruning has its own issue; nothing else here assumes images.
@@ -30,7 +37,8 @@ import torch
 from torch import nn
 
 from tokprune.patches.compat import get_cache
-from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, take
+from tokprune.patches.relayout import Resized, resize_runs
+from tokprune.patches.sequence import image_spans, left_repad, mask_to_2d, padded_right, repack, take
 from tokprune.pruners.base import VISION_COMPACT, PrefillContext
 from tokprune.record import Merged, PruneRecord, Stage
 from tokprune.selection import Budgets, Placement
@@ -69,6 +77,8 @@ class PrefillState:
     ctx: PrefillContext
     decode: DecodeState | None = None
     llm: Any = None  # the LLMRun of this prefill, when the method has LLM stages
+    #: what a family keeps for this prefill's decode steps (Qwen: ``rope_deltas``), read by ``Adapter.decode_inputs``
+    family: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +96,13 @@ class VisualLayout:
     grid: list[torch.Tensor] | None
     special: list[torch.Tensor]
     modality: list[str] = field(default_factory=list)
+    #: per item, the index of the encoded image it is a copy of (:func:`encoder_sources`); None when every item is
+    #: its own encoded image (no expansion)
+    source: list[int] | None = None
+    #: where the family re-laid items out with other token counts than the processor's placeholders
+    #: (``adapter.relayout``): per row, the tokens the prompt gained (negative: lost), and its width before
+    added: torch.Tensor | None = None
+    n_prompt: int | None = None
 
     @property
     def counts(self) -> list[int]:
@@ -99,6 +116,32 @@ class VisualLayout:
     def per_row(self, values: list[Any]) -> list[list[Any]]:
         """A per-item list regrouped per row."""
         return [[values[j] for j in row] for row in self.rows]
+
+
+def encoder_sources(features: list[torch.Tensor]) -> list[int] | None:
+    """Per visual item, the index of the encoded image it is (in the encoder's order), or None when every item is
+    a different tensor. ``generate`` encodes each image once and, for beam search / ``num_return_sequences``,
+    repeats the *same* output tensors per expanded row (``_expand_multimodal_outputs``: ``[A, B] -> [A, B, A, B]``
+    per row); copies are recognised by identity, never by position or value. First occurrences keep the encoder's
+    order, since each row's first copy comes before its repeats."""
+    first: dict[int, int] = {}
+    source = [first.setdefault(id(f), len(first)) for f in features]
+    return None if len(first) == len(features) else source
+
+
+def distinct(values: list[Any], source: list[int] | None) -> list[Any]:
+    """The first item of each encoded image (``values`` itself when there is no expansion)."""
+    if source is None:
+        return values
+    out: dict[int, Any] = {}
+    for v, s in zip(values, source):
+        out.setdefault(s, v)
+    return [out[s] for s in range(len(out))]
+
+
+def expand(per_image: list[Any], source: list[int] | None) -> list[Any]:
+    """Per-encoded-image values handed to every item that is a copy of that image."""
+    return per_image if source is None else [per_image[s] for s in source]
 
 
 @dataclass
@@ -230,16 +273,40 @@ class Orchestrator:
         ids = kw["input_ids"]
         mask2d = mask_to_2d(kw.get("attention_mask"), ids.shape[1])
         encoded = self.encoded_images(kw)
+        held = [int(f.shape[0]) for f in encoded.pooler_output]  # the processor's placeholders per item
+        encoded = a.relayout(encoded) or encoded
         feats = list(encoded.pooler_output)
-        spans = image_spans(ids, a.image_token_id, [int(f.shape[0]) for f in feats])
+        counts = [int(f.shape[0]) for f in feats]
+        spans = image_spans(ids, a.image_token_id, held)
+        pos = kw.get("position_ids")
+        pos = a.default_positions(ids, mask2d, kw) if pos is None else pos
+        resized = self.resized(kw, ids, mask2d, pos, spans, counts, held)
+        if resized is not None:
+            ids, mask2d, pos = resized.ids, resized.mask2d, resized.positions
+            spans = image_spans(ids, a.image_token_id, counts)
         rows, j = [], 0
         for row in spans:
             rows.append(list(range(j, j + len(row))))
             j += len(row)
-        pos = kw.get("position_ids")
-        pos = a.default_positions(ids, mask2d, kw) if pos is None else pos
-        grid, special = a.token_layout(feats, kw)
-        return VisualLayout(ids, mask2d, pos, encoded, feats, spans, rows, grid, special, ["image"] * len(feats))
+        source = encoder_sources(feats)
+        grid, special = a.token_layout(distinct(feats, source), kw)  # once per encoded image
+        grid = None if grid is None else expand(grid, source)
+        return VisualLayout(ids, mask2d, pos, encoded, feats, spans, rows, grid, expand(special, source),
+                            ["image"] * len(feats), source, None if resized is None else resized.added,
+                            kw["input_ids"].shape[1])
+
+    def resized(self, kw: dict, ids: torch.Tensor, mask2d: torch.Tensor | None, pos: torch.Tensor,
+                spans: list[list[torch.Tensor]], counts: list[int], held: list[int]) -> Resized | None:
+        """The prompt with each item's placeholder run resized to its features' count, where the family laid
+        the items out with other counts than the processor (``adapter.relayout``); None where they agree."""
+        a = self.adapter
+        if held == counts:
+            return None
+        if a.vision is None or any(kw.get(k) is not None for k in a.token_keys):
+            raise NotImplementedError(f"{a.pruner.name}: a family layout with other token counts than the prompt's "
+                                      "placeholders needs a vision stage and no labels")
+        pad_id = a.model.config.get_text_config().pad_token_id
+        return resize_runs(ids, mask2d, pos, spans, counts, pad_id if pad_id is not None else 0)
 
     def encoded_images(self, kw: dict) -> Any:
         """The encoder outputs: ``generate()``'s pre-encoded ones, or the family's ``encode_images`` run now."""
@@ -265,7 +332,20 @@ class Orchestrator:
         record.special = layout.per_row([sp.to(ids.device) for sp in layout.special])
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
         if a.encoder_cut is not None:
-            record.encoder_cuts = list(a.encoder_cut.history)
+            record.encoder_cuts = self.encoder_cuts(layout)
+        if layout.source is not None:
+            ctx.notes.append(f"generate repeated {max(layout.source) + 1} encoded image(s) over {len(layout.source)} "
+                             "LLM items (beam search / num_return_sequences): the encoder and any vision signals ran "
+                             "once per image; each expanded row is pruned like that row run alone")
+
+    def encoder_cuts(self, layout: VisualLayout) -> list[tuple[int, list[torch.Tensor]]]:
+        """The in-encoder cuts for the record: per encoder sequence, as the encoder ran; where ``generate`` repeated
+        the images and each sequence is one image (not a LLaVA-NeXT tile), one entry per item, as ``n_visual``."""
+        history = list(self.adapter.encoder_cut.history)
+        if layout.source is None:
+            return history
+        n = max(layout.source) + 1
+        return [(layer, expand(kept, layout.source) if len(kept) == n else kept) for layer, kept in history]
 
     def encoder_kwargs(self, kw: dict, layout: VisualLayout) -> dict:
         """The forward kwargs with the encoder outputs passed in (pixels dropped) and explicit positions."""
@@ -280,20 +360,26 @@ class Orchestrator:
         """Signals, the selection core's decision, and the sequence rewrite around it."""
         a, record = self.adapter, state.record
         t0 = time.perf_counter()
-        signals = a.vision.signals(layout.features, layout.owners, state.ctx, layout.grid, layout.special)
+        signals = a.vision.signals(layout.features, layout.owners, state.ctx, layout.grid, layout.special,
+                                   layout.source)
         if a.vision_request.paired_text:
             signals.paired_text = a.paired_text(layout.ids, layout.mask2d, layout.spans)
         placements, scores = a.vision.select(signals, budgets, a.record_scores)
         keeps = [p.slots.to(layout.ids.device) for p in placements]
         self.record_vision(record, layout, placements, keeps, scores)
         keep_mask = self.keep_mask(layout, keeps)
-        idx, valid = left_repad(keep_mask)
+        real = layout.mask2d.bool() if layout.mask2d is not None else None
+        # the batch re-packed: its width is the longest pruned row, padding the cut freed is dropped too
+        idx, valid = left_repad(keep_mask) if real is None else repack(keep_mask & real, ~real,
+                                                                       padded_right(layout.mask2d))
         new = self.rewrite(new, layout, keep_mask, idx, valid)
-        new["mm_encoder_outputs"]["image"] = a.prune_encoder_outputs(layout.encoded, placements)
+        new["mm_encoder_outputs"]["image"] = a.prune_encoder_outputs(layout.encoded, placements, layout.source)
         ids, mask2d = layout.ids, layout.mask2d
         mask_pruned = take(mask2d if mask2d is not None else torch.ones_like(ids), idx, valid, 0)
         offset = ((ids == a.image_token_id) & ~keep_mask).sum(1) if a.positions in VISION_COMPACT else None
-        state.decode = DecodeState(ids.shape[1], idx.shape[1], mask_pruned, offset)
+        if layout.added is not None:  # runs resized before the stage: decode steps count the processor's prompt
+            offset = (0 if offset is None else offset) - layout.added
+        state.decode = DecodeState(layout.n_prompt or ids.shape[1], idx.shape[1], mask_pruned, offset)
         record.timings["select_vision_s"] = time.perf_counter() - t0
         spans = self.new_spans(layout, keep_mask, idx, keeps)
         return VisionResult(new, spans, layout.per_row(keeps), mask_pruned)
@@ -326,7 +412,7 @@ class Orchestrator:
 
     def rewrite(self, new: dict, layout: VisualLayout, keep_mask: torch.Tensor, idx: torch.Tensor,
                 valid: torch.Tensor) -> dict:
-        """Every per-token input gathered to the kept tokens and left re-padded; then the family's own fix-ups
+        """Every per-token input gathered to the kept tokens and re-padded; then the family's own fix-ups
         (``adapter.after_rewrite``: Qwen renumbers its text position row and sets ``rope_deltas``)."""
         a = self.adapter
         ids, pos = layout.ids, layout.positions
@@ -357,7 +443,8 @@ class Orchestrator:
         self.local.state = state
         if state.llm is not None:
             state.llm.phase = "decode"
-        return kw if state.decode is None else decode_kwargs(kw, past, state.decode)
+        kw = kw if state.decode is None else decode_kwargs(kw, past, state.decode)
+        return self.adapter.decode_inputs(kw, past, state)
 
 
 def decode_kwargs(kw: dict, past: int, st: DecodeState) -> dict:

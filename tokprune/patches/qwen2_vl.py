@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from tokprune.patches.base import Adapter
+from tokprune.patches.prefill import PrefillState
+from tokprune.patches.threads import PerThread
 from tokprune.pruners.base import ModelInfo
 from tokprune.registry import register_model
 
@@ -60,6 +62,8 @@ class Qwen2VLAdapter(Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration",)
     pixel_keys = ("pixel_values", "image_grid_thw")
     token_keys = {"labels": -100, "mm_token_type_ids": 0}
+    #: the ``grid_thw`` of this thread's last vision-tower call (two threads encoding at once keep their own)
+    _vit_grid = PerThread()
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -113,7 +117,8 @@ class Qwen2VLAdapter(Adapter):
         if len(counts) != len(features) or [int(f.shape[0]) for f in features] != counts:
             raise RuntimeError(
                 f"{len(counts)} images went through the ViT but {len(features)} reached the LLM with other token "
-                "counts (beam search or expanded inputs are not supported with vision signals)"
+                "counts (image features computed outside this call or generate(); pass pixel_values and "
+                "image_grid_thw so the ViT runs under the patch)"
             )
         return [u.to(f.device) for u, f in zip(torch.split(units, counts), features)]
 
@@ -171,7 +176,7 @@ class Qwen2VLAdapter(Adapter):
             )
         mrope, deltas = self.base.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid,
                                                  attention_mask=mask2d)
-        self.base.rope_deltas = deltas  # what the unpatched forward stores
+        self._keep_deltas(deltas)
         return torch.cat([text[None], mrope.to(text.dtype)], 0)
 
     def after_rewrite(self, new: dict, pos: torch.Tensor) -> dict:
@@ -185,8 +190,34 @@ class Qwen2VLAdapter(Adapter):
             new["position_ids"] = p
         spatial = pos[-3:] if pos.dim() == 3 else pos[None].expand(3, *pos.shape[-2:])
         n_real = mask.sum(1) if mask is not None else torch.full((b,), n, device=p.device)
-        self.base.rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - n_real.to(spatial.device)).view(b, 1)
+        self._keep_deltas((spatial.amax(dim=(0, 2)) + 1 - n_real.to(spatial.device)).view(b, 1))
         return new
+
+    def _keep_deltas(self, deltas: torch.Tensor) -> None:
+        """``rope_deltas`` of this prefill: in its state (what its decode steps use, see :meth:`decode_inputs`) and on
+        the model (what the unpatched forward stores, read by ``generate()`` continuing from a cache)."""
+        self.base.rope_deltas = deltas
+        state = self.current_state()
+        if state is not None:
+            state.family["rope_deltas"] = deltas
+
+    def decode_inputs(self, kw: dict, past: int, state: PrefillState) -> dict:
+        """A decode step without ``position_ids``: the M-RoPE positions built from *this prefill's* ``rope_deltas``
+        (not the model attribute, which the last prefill of any request or thread overwrote), as the unpatched model
+        does: ``arange(past, past + q) + rope_deltas``, or with a 2D mask ``cumsum(mask) - 1`` at the step's columns
+        (the mask of the pruned prompt, see :func:`~tokprune.patches.prefill.decode_kwargs`) + ``rope_deltas``."""
+        deltas = state.family.get("rope_deltas")
+        if deltas is None or kw.get("position_ids") is not None:
+            return kw
+        x = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        b, q = x.shape[:2]
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:]
+        else:
+            pos = torch.arange(past, past + q, device=x.device).expand(b, q)
+        deltas = deltas.repeat_interleave(b // deltas.shape[0], dim=0).to(pos.device)
+        return {**kw, "position_ids": (pos + deltas)[None].expand(3, b, q)}
 
     # ------------------------------------------------------------------ inputs tokprune cannot prune yet
     def visual_modalities(self, kw: dict) -> set[str]:

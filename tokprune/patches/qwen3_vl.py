@@ -27,8 +27,8 @@ from tokprune.registry import register_model
 class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
 
-    def prune_encoder_outputs(self, out: Any, placements: list[Placement]) -> Any:
-        new = super().prune_encoder_outputs(out, placements)
+    def prune_encoder_outputs(self, out: Any, placements: list[Placement], source: list[int] | None = None) -> Any:
+        new = super().prune_encoder_outputs(out, placements, source)
         levels = getattr(out, "deepstack_features", None)
         if levels is not None:
             new.deepstack_features = [[p.build(f, "DeepStack levels") for f, p in zip(level, placements)]

@@ -39,17 +39,67 @@ def image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int])
     return spans
 
 
-def left_repad(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_repad(keep: torch.Tensor, width: int | None = None,
+               right: torch.Tensor | bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather indices that move each row's kept tokens to the right end of a (B, L) block, L = most kept.
 
     Returns ``idx`` (B, L) and ``valid`` (B, L); invalid slots are left padding (they point at index 0).
     ``width``: L when the caller knows it on the host (no sync at all then); otherwise it is read from ``keep``.
+    ``right`` (a bool or a 0-dim bool tensor, so no host read): put the new padding at the right end instead.
     """
     lens = keep.sum(1)
     if width is None:
         width = int(lens.max())  # sync: once per pruning stage, the new sequence length (an output shape)
-    slot = keep.long().cumsum(1) - 1 + (width - lens)[:, None]
+    shift = torch.where(torch.as_tensor(right, device=keep.device), 0, width - lens)
+    slot = keep.long().cumsum(1) - 1 + shift[:, None]
     return _scatter_slots(keep, slot, width)
+
+
+def padded_right(mask2d: torch.Tensor | None) -> torch.Tensor | bool:
+    """Whether a batch is right-padded (every row starts with a real token, some row ends with padding), as a
+    0-dim bool tensor (no host read); False without a mask. Re-packed rows keep the batch's padding side."""
+    if mask2d is None:
+        return False
+    real = mask2d.bool()
+    return real[:, 0].all() & ~real[:, -1].all()
+
+
+def first_of(spare: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: the first ``n[b]`` True entries of each row of ``spare`` (all of them where it has fewer)."""
+    return spare & (spare.long().cumsum(1) <= n[:, None])
+
+
+def repack(keep: torch.Tensor, pad: torch.Tensor, right: torch.Tensor | bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-pack a batch after a cut: ``keep`` (B, N) the real tokens that stay, ``pad`` (B, N) the padding slots.
+
+    The width becomes the longest row's kept count (padding the cut freed is dropped with the cut tokens). A
+    shorter row is filled with its own padding slots first (so a row the cut left whole keeps its padding, bit for
+    bit), then with new padding slots on the batch's padding side (``right``, see :func:`padded_right`). Returns
+    :func:`left_repad`'s ``(idx, valid)``.
+    """
+    lens = keep.sum(1)
+    width = int(lens.max())  # sync: once per pruning stage, the new sequence length (an output shape)
+    return left_repad(keep | first_of(pad, width - lens), width, right)
+
+
+def repack_slots(keep: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Re-pack a batch at an LLM stage, where slots cannot be invented (the hidden states exist only for tokens):
+    ``keep`` (B, n) the current slots that survive (padding included), ``pad`` (B, n) the padding slots.
+
+    The width becomes the longest row's surviving real tokens. A shorter row is filled with its own padding slots
+    first (left as they are, masked by the prompt's mask), then with *dead* slots: dropped tokens kept in the tensor
+    and masked as keys. Returns the sorted ``slots`` (B, width) into the current sequence, ``dead`` (B, n) over the
+    current slots, and whether any row has a dead slot.
+    """
+    real = keep & ~pad
+    counts = real.sum(1)
+    fill = counts.max() - counts
+    pads = first_of(pad, fill)
+    dead = first_of(~keep, fill - pads.sum(1))
+    # sync: once per LLM stage, the new sequence length (an output shape) and whether a row has dead slots
+    width, any_dead = torch.stack([counts.max(), dead.any().long()]).tolist()
+    return kept_slots(real | pads | dead, width), dead, bool(any_dead)
 
 
 def kept_slots(keep: torch.Tensor, width: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tokprune.patches.prefill import distinct, expand
 from tokprune.pruners.base import (
     ATTENTION_KINDS,
     PrefillContext,
@@ -199,7 +200,12 @@ class VisionStage:
 
     # ------------------------------------------------------------------ signals and selection
     def signals(self, features: list[torch.Tensor], owners: list[tuple[int, int]], ctx: PrefillContext,
-                grid: list[torch.Tensor] | None, special: list[torch.Tensor]) -> VisionSignals:
+                grid: list[torch.Tensor] | None, special: list[torch.Tensor],
+                source: list[int] | None = None) -> VisionSignals:
+        """Every requested signal per item. ``source`` (per item, the encoded image it is a copy of, when
+        ``generate`` expanded the rows for beams): the taps saw each encoded image once, so the values are computed
+        per encoded image and handed to its copies."""
+        encoded = distinct(features, source)
         values = {}
         for sig in self.request.signals:
             calls = self.raw.get(sig)
@@ -210,7 +216,8 @@ class VisionStage:
                 )
             if sig.kind == "received":  # windowed blocks: a column mean over all the image's queries
                 calls = self.adapter.received_per_image(calls)
-            values[sig] = self.adapter.to_tokens(calls, features, "concat" if sig.kind == "pixels" else "mean")
+            per_image = self.adapter.to_tokens(calls, encoded, "concat" if sig.kind == "pixels" else "mean")
+            values[sig] = expand(per_image, source)
         return VisionSignals(features=features, values=values, owners=owners, grid=grid, special=special, ctx=ctx)
 
     def select(self, signals: VisionSignals, budgets: Budgets | None = None, record_scores: bool = False

@@ -49,6 +49,11 @@ class ModelInfo:
     has_cls: bool
     llm_layers: int
     supports_compact: bool  # whether kept tokens may be re-indexed contiguously (not for M-RoPE)
+    #: whether a method may drop tokens inside the vision encoder: False where the LLM's visual tokens are not a
+    #: subset of the encoder's (LLaVA-OneVision's anyres_max resize blends neighbouring crop tokens)
+    encoder_cuts: bool = True
+    #: whether the adapter builds LLM tokens before its projector (``VisionDecision.encoder_rows``) in this layout
+    encoder_merge: bool = False
 
     def encoder_layer(self, layer: int, what: str = "vision layer") -> int:
         """The 0-based encoder layer ``layer`` names (a negative one counts from the last); an error names the
@@ -60,6 +65,27 @@ class ModelInfo:
             raise ValueError(f"{what}={layer} is out of range for an encoder with {self.vision_layers} layers; pass "
                              f"a layer in [0, {self.vision_layers - 1}] (or a negative one counting from the last)")
         return resolved
+
+
+_HINTING: list[bool] = []  # set while _runs_on asks every method (so their refusals compute no hint)
+
+
+def _runs_on(info: ModelInfo) -> list[str]:
+    """The registered methods whose check accepts ``info`` with their default options (for error hints)."""
+    from tokprune.registry import METHODS
+
+    out = []
+    _HINTING.append(True)
+    try:
+        for name, cls in sorted(METHODS.items()):
+            try:
+                cls().check(info)
+            except (ValueError, TypeError):  # UnsupportedError is a ValueError
+                continue
+            out.append(name)
+    finally:
+        _HINTING.pop()
+    return out
 
 
 class ScoreSink:
@@ -310,6 +336,10 @@ class VisionSignals:
         )
 
 
+#: what an encoder-space row is (``VisionDecision.row_kinds``)
+ENCODER_ROW_KINDS = ("cls", "patch", "merged")
+
+
 @dataclass
 class VisionDecision:
     """A vision stage's answer for one image that also adds new tokens (VisionZip's contextual tokens, VFlowOpt's
@@ -332,6 +362,11 @@ class VisionDecision:
     and, with ``positions="original"``, the position ids; with re-indexed positions the LLM sees the rows in row
     order at contiguous positions), and ``assign`` (n,) only records each patch's row for the record (-1: none).
     The method requests ``Signal("hidden_out", feature_layer)``; families without a token-wise projector refuse it.
+    An image split into several budget parts (LLaVA-NeXT tiles) answers with one such decision per part, each over
+    its part's own sequence (its encoder sequence's [CLS] at 0, the part's token p at ``1 + p``); ``row_kinds``
+    (m,) long, optional, says what each row is (:data:`ENCODER_ROW_KINDS`: 0 the [CLS] token, 1 a patch as itself,
+    2 a merged token), for a family that lays rows out by kind (LLaVA-NeXT's spatial layout, as VisionZip's
+    reference restores dominant patches to their grid places and appends the rest).
 
     Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
     *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
@@ -346,6 +381,7 @@ class VisionDecision:
     features: torch.Tensor | None = None
     slots: torch.Tensor | None = None
     encoder_rows: torch.Tensor | None = None
+    row_kinds: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
@@ -616,12 +652,25 @@ class Pruner:
         states only."""
         return None
 
+    def llm_stage_request(self, info: ModelInfo, layer: int) -> LLMRequest | None:
+        """Decoder signals of the LLM stage cutting before ``layer`` (one of :meth:`llm_layers`); each stage asks
+        for its own, so stages with different signal sources can run in one prefill (a composition of two LLM
+        methods). Default: :meth:`llm_request`, the same for every stage."""
+        return self.llm_request(info)
+
     def check(self, info: ModelInfo) -> None:
         """Raise :class:`UnsupportedError` when the method cannot run on this model; called by ``apply``."""
         if self.positions in VISION_COMPACT and not info.supports_compact:
             raise UnsupportedError(
                 f"positions={self.positions!r} is not defined for {info.family} (M-RoPE keeps each token's 3-D "
                 "position); use positions='original'"
+            )
+        if not info.encoder_cuts and self.encoder_cut(info) is not None:
+            hint = "" if _HINTING else f"; methods that run here: {', '.join(_runs_on(info))}"
+            raise UnsupportedError(
+                f"{self.name} drops tokens inside the vision encoder, but {info.family} blends the encoder's tokens "
+                f"before the LLM sees them (a bilinear resize of large crop grids), so no encoder cut maps to LLM "
+                f"tokens{hint}"
             )
         layers = self.llm_layers(info)
         for k in layers:

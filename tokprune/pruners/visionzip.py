@@ -21,8 +21,6 @@ from tokprune.rules.visionzip import PAPER_SPLIT, visionzip_select, visionzip_sp
 #: where contextual tokens are merged: before the projector, in the encoder's feature space (the reference), or
 #: after it, on the LLM-ready tokens (every family; Qwen3-VL's DeepStack levels merge alike)
 MERGES = ("encoder", "llm")
-#: the families whose adapter merges before the projector (LLaVA-1.5's CLIP + token-wise MLP projector)
-ENCODER_MERGE_FAMILIES = ("llava",)
 
 
 def _count(name: str, value: int | None) -> None:
@@ -51,20 +49,29 @@ class VisionZip(Pruner):
     each part's budget, ``dominant = round(keep * dominant_share)``, the rest contextual (None: 54/64 = 0.84375,
     the paper's); exclusive with ``dominant`` / ``contextual``.
 
-    ``merge="encoder"`` (the default on LLaVA-1.5, the reference dvlab-research/VisionZip
-    ``visionzip/clip_encoder.py``): inside the vision path, from the feature layer's hidden states, the tokens
-    ``[CLS] + dominant + contextual`` in that order (dominant in raster order, a contextual token = its target
-    ``+`` the mean of its members, weights summing to 2; a target nobody joined stays itself), mapped by the
-    projector (a :class:`~tokprune.pruners.base.VisionDecision` with ``encoder_rows``); the LLM sees them in that
-    order at contiguous positions (LLaVA's default ``positions="compact"``). ``dominant`` counts the [CLS] token
-    (``dominant - 1`` patches), under either ``vision_feature_select_strategy``. The record's slots: each dominant
-    patch its own, a contextual token its target's, [CLS] its own ("full") or the lowest free one ("default").
+    ``merge="encoder"`` (the default on LLaVA-1.5 and per tile on LLaVA-NeXT, the reference dvlab-research/VisionZip
+    ``visionzip/clip_encoder.py``): inside the vision path, from the feature
+    layer's hidden states, the tokens ``[CLS] + dominant + contextual`` in that order (dominant in raster order, a
+    contextual token = its target ``+`` the mean of its members, weights summing to 2; a target nobody joined stays
+    itself), mapped by the projector (a :class:`~tokprune.pruners.base.VisionDecision` with ``encoder_rows``); the
+    LLM sees them in that order at contiguous positions (LLaVA's default ``positions="compact"``). ``dominant``
+    counts the [CLS] token (``dominant - 1`` patches), under either ``vision_feature_select_strategy``. The record's
+    slots: each dominant patch its own, a contextual token its target's, [CLS] its own ("full") or the lowest free
+    one ("default").
 
-    ``merge="llm"`` (today's seam behaviour; the only one on LLaVA-NeXT and Qwen, where Qwen3-VL's DeepStack levels
-    must merge alike): where the tokens sit (the seam's position policy, docs/design.md): dominant patches keep
-    their slots (raster order); each contextual token takes the slot (and position id) of the lowest-index patch it
-    absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists each contextual token's
-    sources. Deviations from the reference there:
+    LLaVA-NeXT with ``tile_budget="per_tile_reference"`` (the reference's NeXT path, ``visionzip/llava_arch.py``):
+    every tile builds ``[CLS] + dominant + contextual`` (``keep`` per tile) and the LLM sees the base tile's tokens
+    in that order, then the crops' dominant patches in the raster order of the stitched full crops, then every
+    crop's [CLS], then every crop's contextual tokens, no newline (``row_kinds`` tell the adapter which row is
+    which). With the default ``tile_budget="per_tile"`` (HF's layout, which the reference never uses) each tile
+    builds the same tokens, each at its slot (a contextual token at its target's, the [CLS] at the tile's lowest
+    free one), in slot order, newlines kept; ``dominant`` counts each tile's [CLS].
+
+    ``merge="llm"`` (the default on Qwen, where Qwen3-VL's DeepStack levels must merge alike, and on LLaVA-NeXT
+    with ``tile_budget="global"``): where the tokens sit (the seam's position policy, docs/design.md): dominant
+    patches keep their slots (raster order); each contextual token takes the slot (and position id) of the
+    lowest-index patch it absorbed, so it sits among the dominant patches in raster order. ``record.merged`` lists
+    each contextual token's sources. Deviations from the reference there:
 
     * the tokens the LLM receives (after the projector / Qwen's merger) are merged, as a weighted mean. The
       contextual token keeps the reference's relative weights (target 1, each of its n members 1/n) normalised:
@@ -73,10 +80,10 @@ class VisionZip(Pruner):
     * the [CLS] token reaches the LLM only where the model's features carry it (LLaVA's
       ``vision_feature_select_strategy="full"``: it is kept first, at its own slot). With HF's default ``"default"``
       strategy the projector never sees [CLS], so its slot goes to one more dominant patch (``dominant`` patches);
-    * LLaVA-NeXT: each tile (base included) selects its own ``dominant + contextual`` in HF's unpadded layout
-      (the model's trained layout) and the newlines are kept on top, as for ``cls`` / ``hiprune``; the reference's
-      NeXT path emits no newline and reads the crops in the "spatial" layout (keep-all must equal the model, so
-      the newlines stay);
+    * LLaVA-NeXT with ``merge="llm"``: each tile (base included) selects its own ``dominant + contextual`` in
+      HF's unpadded layout (the model's trained layout) and the newlines are kept on top, as for ``cls`` /
+      ``hiprune``; the reference's NeXT path (above) emits no newline and reads the crops in the "spatial"
+      layout: ``tile_budget="per_tile_reference"``;
     * CLS-free encoders (Qwen2/2.5/3-VL): dominant tokens by the attention each merged token receives at the
       feature layer (the last block; mean over heads and all queries, 2x2 merge unit averaged), the variant
       HiPrune and VFlowOpt report as VisionZip on Qwen; keys are the block's post-RoPE keys, merge-unit mean.
@@ -112,17 +119,19 @@ class VisionZip(Pruner):
                              f"or 'llm' (the LLM-ready tokens, every family), got {self.merge!r}")
 
     def merge_space(self, info: ModelInfo) -> str:
-        """Where contextual tokens merge on this model: ``merge``, or by default "encoder" on LLaVA-1.5 (the
-        reference) and "llm" elsewhere."""
+        """Where contextual tokens merge on this model: ``merge``, or by default "encoder" where the adapter builds
+        tokens before its projector (``info.encoder_merge``: LLaVA-1.5; LLaVA-NeXT per tile) and "llm" elsewhere."""
         if self.merge is not None:
             return self.merge
-        return "encoder" if info.family in ENCODER_MERGE_FAMILIES else "llm"
+        return "encoder" if info.encoder_merge and info.has_cls else "llm"
 
     def check(self, info: ModelInfo) -> None:
         super().check(info)
-        if self.merge_space(info) == "encoder" and (info.family not in ENCODER_MERGE_FAMILIES or not info.has_cls):
-            raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on "
-                                   f"{', '.join(ENCODER_MERGE_FAMILIES)}, not {info.family}; use merge='llm'")
+        if self.merge_space(info) == "encoder" and not (info.encoder_merge and info.has_cls):
+            where = ("LLaVA-NeXT merges before the projector per tile: pass tile_budget='per_tile' or "
+                     "'per_tile_reference', or " if info.family == "llava_next" else "")
+            raise UnsupportedError(f"visionzip: merge='encoder' (before the projector) is implemented on LLaVA-1.5 "
+                                   f"and per tile on LLaVA-NeXT, not {info.family} here; {where}use merge='llm'")
 
     def vision_request(self, info: ModelInfo) -> VisionRequest:
         f = info.feature_layer
@@ -227,6 +236,7 @@ class VisionZip(Pruner):
             owner[patches[merged]] = dom + assign[merged]
             if cls_pos.numel():
                 owner[cls_pos] = 0
+            kinds = torch.tensor([0] + [1] * (dom - 1) + [2] * ctx, dtype=torch.long, device=dev)  # ENCODER_ROW_KINDS
             out.append(VisionDecision(torch.zeros(0, dtype=torch.long, device=dev), owner, slots=slots,
-                                      encoder_rows=rows))
+                                      encoder_rows=rows, row_kinds=kinds))
         return out

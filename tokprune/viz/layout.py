@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-FAMILIES = ("llava", "llava_next", *QWEN_FAMILIES)
+FAMILIES = ("llava", "llava_next", "llava_onevision", *QWEN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,10 @@ def unpadded_shape(rows: int, cols: int, image_hw: tuple[int, int]) -> tuple[int
 
 
 def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n_visual: int | None = None,
-                newlines: bool = True) -> Layout:
-    """LLaVA-NeXT: base tile, then the unpadded high-resolution grid with a newline token after every row.
+                newlines: bool = True, spatial: bool = False) -> Layout:
+    """LLaVA-NeXT: base tile, then the unpadded high-resolution grid with a newline token after every row
+    (``spatial``: the references' layout of ``tile_budget="per_tile_reference"``, the whole canvas grid, padding
+    included, no newline).
 
     ``image_hw``: the (height, width) the processor reported in ``image_sizes`` (the record's ``image_sizes``);
     ``config``: the model's ``LlavaNextConfig`` (tile size, patch size, grid pinpoints). The base tile is the whole
@@ -119,7 +121,8 @@ def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n
     from transformers.image_processing_utils import select_best_resolution
 
     vc = config.vision_config
-    if getattr(config, "vision_feature_select_strategy", "default") != "default":
+    family = "llava_onevision" if getattr(config, "model_type", None) == "llava_onevision" else "llava_next"
+    if family == "llava_next" and getattr(config, "vision_feature_select_strategy", "default") != "default":
         raise NotImplementedError("tokprune.viz draws LLaVA-NeXT with vision_feature_select_strategy='default' only")
     g, p = vc.image_size // vc.patch_size, vc.patch_size
     w, h = size
@@ -127,6 +130,8 @@ def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n
     ih, iw = (int(v) for v in image_hw)
     canvas_h, canvas_w = select_best_resolution((ih, iw), config.image_grid_pinpoints)
     r0, r1, c0, c1 = unpadded_shape(canvas_h // p, canvas_w // p, (ih, iw))
+    if spatial:
+        r0, r1, c0, c1, newlines = 0, canvas_h // p, 0, canvas_w // p, False
     if canvas_w / iw < canvas_h / ih:
         new_w, new_h = canvas_w, min(math.ceil(ih * canvas_w / iw), canvas_h)
     else:
@@ -135,12 +140,21 @@ def next_layout(size: tuple[int, int], image_hw: tuple[int, int], config: Any, n
     sx, sy = w / new_w, h / new_h  # canvas pixels -> displayed image pixels
     box = ((c0 * p - off_x) * sx, (r0 * p - off_y) * sy, (c1 * p - off_x) * sx, (r1 * p - off_y) * sy)
     rows, cols = r1 - r0, c1 - c0
+    if family == "llava_onevision":  # SigLIP (no [CLS]); anyres_max resizes a large grid over the same box
+        rows, cols = anyres_max_shape(rows, cols, g, config.vision_aspect_ratio)
     stride = cols + int(newlines)
     tokens = g * g + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]
     nl = g * g + np.arange(rows) * stride + cols if newlines else None
     tiles = f"{canvas_h // vc.image_size}x{canvas_w // vc.image_size}"
     hi = View(f"high-res {tiles} tiles", box, tokens, nl)
-    return _check_count(Layout("llava_next", size, (base, hi), g * g + rows * stride), n_visual)
+    return _check_count(Layout(family, size, (base, hi), g * g + rows * stride), n_visual)
+
+
+def anyres_max_shape(rows: int, cols: int, side: int, aspect_ratio: str) -> tuple[int, int]:
+    """LLaVA-OneVision's ``anyres_max_<n>``: an unpadded (rows, cols) grid larger than n tiles of ``side`` x ``side``
+    patches (by more than 1.1^2) is resized to ``(rows // r, cols // r)``, ``r = sqrt(rows * cols / (n side^2))``."""
+    ratio = math.sqrt(rows * cols / (int(aspect_ratio.removeprefix("anyres_max_")) * side**2))
+    return (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)
 
 
 def qwen_layout(size: tuple[int, int], grid_thw: tuple[int, int, int], merge: int = 2, family: str = "qwen2_vl",
@@ -180,10 +194,12 @@ def layout_of(record: Any, image_size: tuple[int, int], sample: int = 0, image: 
         vc = config.vision_config
         g = vc.image_size // vc.patch_size
         return clip_layout(image_size, g, cls=config.vision_feature_select_strategy == "full", n_visual=n)
-    if family == "llava_next":
+    if family in ("llava_next", "llava_onevision"):
         if record.image_sizes is None:
             raise ValueError("the LLaVA-NeXT record has no image_sizes; pass image_sizes to the forward")
-        return next_layout(image_size, record.image_sizes[sample][image], config, n_visual=n)
+        hw = record.image_sizes[sample][image]
+        spatial = next_layout(image_size, hw, config, spatial=True)  # tile_budget="per_tile_reference"
+        return spatial if n == spatial.n_tokens else next_layout(image_size, hw, config, n_visual=n)
     if record.image_grid_thw is None:
         raise ValueError("the Qwen record has no image_grid_thw; pass image_grid_thw to the forward")
     merge = config.vision_config.spatial_merge_size

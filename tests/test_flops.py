@@ -501,3 +501,24 @@ def test_cli_flops(capsys, tmp_path) -> None:
     assert data["pruned"]["convention"] == "full" and 0 < data["pruned"]["ratio"] < 1
     assert _cli(["flops", "--config", "llava-1.5-7b", "--method", "bogus", "--keep", "4"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["pdrop", "transprune"])
+def test_probe_work_is_counted_exactly(method: str) -> None:
+    # PyramidDrop / TransPrune score each cut with a probe of the next layer's q/k: the record says how many query
+    # rows each probe computed, and the analytic count then equals what torch counts in the pruned forward (the
+    # probe runs the key projection on every token and the query projection on its rows only, no value / output
+    # projection, no kernel)
+    config = configs.load("tiny-llava")
+    model = _tiny("tiny-llava", "sdpa")
+    inputs = configs.example_inputs(config, n_text=10, batch=2)
+    with tokprune.pruned(model, method, keep=4):
+        counted = flops.counted_flops(model, **inputs)
+        record = tokprune.last_record(model)
+    probed = [st for st in record.stages if st.kind == "llm"]
+    assert probed and all(st.probe_rows is not None for st in probed)
+    schedules = from_record(config, record)
+    assert all(len(s.probes) == len(probed) for s in schedules)
+    without = [flops.TokenSchedule(s.visual, s.n_text, s.images, s.notes) for s in schedules]
+    assert estimate(config, schedules).total > estimate(config, without).total
+    assert counted == estimate(config, schedules).total

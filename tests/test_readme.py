@@ -64,7 +64,7 @@ MENTIONS = {"tokprune bench", "tokprune flops", "tokprune eval", "tokprune tune"
 #: installs and the suite this test belongs to
 SKIPPED = ("pip install", "pip uninstall", "python -m pytest", "pytest")
 #: need a CUDA device
-GPU = ("bash benchmarks/gpu.sh",)
+GPU = ("bash benchmarks/gpu.sh", "bash integrations/vllm/bench/gpu.sh")
 #: as written, too long for every CI run (the README gives their time); ``pytest -m slow`` runs them
 SLOW = {
     "bash benchmarks/cpu.sh": "12-25 minutes of CPU (tests/test_speed.py runs the script on tiny configs)",
@@ -178,7 +178,8 @@ def test_shell_command_runs_as_written(command, fresh_clone, monkeypatch, capsys
     if command.startswith(("vllm ", "python -m vllm.")):
         pytest.skip("needs vLLM's own venv (transformers < 5.20): .ci/vllm.sh serves the reference models that way")
     if command.startswith(GPU):
-        pytest.skip("needs CUDA; tests/test_speed.py runs the script on tiny configs")
+        pytest.skip("needs CUDA (tests/test_speed.py runs benchmarks/gpu.sh on tiny configs; the vLLM one checks "
+                    "itself on the CPU proxy with TOKPRUNE_VLLM_BENCH_PROXY=1, in vLLM's venv)")
     argv = shlex.split(command)
     if "--model" in argv and "/" in argv[argv.index("--model") + 1]:
         pytest.skip("a hub model: downloads weights, which this machine cannot (the README says so)")

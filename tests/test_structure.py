@@ -151,7 +151,8 @@ def test_the_cycle_check_sees_a_function_level_cycle(tmp_path):
 
 #: modules a serving engine may import without transformers
 NO_TRANSFORMERS = ("tokprune.pruners", "tokprune.rules", "tokprune.kernels", "tokprune.schedule",
-                   "tokprune.selection", "tokprune.attention", "tokprune.config", "tokprune.tuned", "tokprune.record")
+                   "tokprune.selection", "tokprune.attention", "tokprune.encoder_taps", "tokprune.config",
+                   "tokprune.tuned", "tokprune.record", "tokprune.eval.variants")
 
 
 def test_core_modules_import_without_transformers():

@@ -80,8 +80,8 @@ def test_ttv_of_known_magnitudes_and_directions_follows_the_survivors():
     x = torch.tensor([[1.0, 0], [0, 2.0], [3.0, 0], [1.0, 1.0], [0, 1.0]])
     y = torch.stack([2 * x[0], -x[1], torch.tensor([0, 9.0]), x[3], 2 * x[4]])
     valid = torch.tensor([[True, True, True, False, True]])
-    obs = Observed(x[None], y[None], torch.tensor([[0, 1, 2, 3, 4]]), valid)
-    zero = Observed(x[None], torch.zeros_like(x)[None] + 1e-30, obs.positions, valid)  # mlp contributes ~0
+    obs = Observed.of(x[None], y[None], torch.tensor([[0, 1, 2, 3, 4]]), valid)
+    zero = Observed.of(x[None], torch.zeros_like(x)[None] + 1e-30, obs.positions, valid)  # mlp contributes ~0
     e = torch.exp(torch.tensor([0.0, 2.0, 1.0, 0.0]))  # deltas of the valid slots 0, 1, 2, 4
     expect = {0: 2 * e[0] / e.sum(), 1: 1 * e[1] / e.sum(), 2: 3 * e[2] / e.sum(), 4: 2 * e[3] / e.sum()}
     sig = LLMSignals(layer=1, hidden=torch.zeros(1, 3, 2), attention=torch.zeros(1, 3), visual=[[torch.arange(3)]],

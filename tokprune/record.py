@@ -26,6 +26,10 @@ class Stage:
     #: an LLM stage that adds tokens (SparseVLM's recycling): per row and image, what it built (None: nothing);
     #: ``sources`` / ``slots`` are original indices of the image (a source may itself be an earlier stage's token)
     merged: list[list[Merged | None]] | None = None
+    #: an LLM stage scored by a probe of layer ``layer`` (PyramidDrop, TransPrune: that layer's norm, key projection
+    #: on every token and query projection on the query rows, before the cut): per row, the number of query rows
+    #: ((B,) tensor); the analytic FLOPs count this work (``tokprune.flops``), None when the stage has no probe
+    probe_rows: torch.Tensor | None = None
 
 
 @dataclass

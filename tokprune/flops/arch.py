@@ -176,13 +176,16 @@ class TokenSchedule:
     """Token counts of one sample: ``visual[l]`` visual tokens enter LLM decoder layer ``l``.
 
     ``n_text`` counts every other prompt token (system prompt, question, special tokens); it is the same in every
-    layer. ``images`` holds the vision-encoder work per image (empty: vision part not counted).
+    layer. ``images`` holds the vision-encoder work per image (empty: vision part not counted). ``probes``: the
+    extra work of methods that score a cut with the next layer's q/k (PyramidDrop, TransPrune), one
+    ``(layer, tokens, query_rows)`` per probe of layer ``layer`` on ``tokens`` tokens (counted in that layer).
     """
 
     visual: tuple[int, ...]
     n_text: int = 0
     images: tuple[VisionWork, ...] = ()
     notes: tuple[str, ...] = ()
+    probes: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def n_images(self) -> int:

@@ -34,6 +34,14 @@ def llm_layer_flops(llm: LLMShape, n: int, kv: int | None = None) -> int:
     return proj + attn + mlp
 
 
+def probe_flops(llm: LLMShape, n: int, rows: int) -> int:
+    """Full-convention FLOPs of a probe of one decoder layer (PyramidDrop, TransPrune score a cut with the next
+    layer's q/k): the key projection of ``n`` tokens, the query projection of ``rows`` query rows and their
+    ``rows x n`` attention logits over all heads (tokprune runs nothing else: no value / output projection, no
+    kernel; the norm, RoPE and softmax are elementwise and not counted, as elsewhere)."""
+    return 2 * n * llm.hidden * llm.kv_dim + 2 * rows * llm.hidden * llm.q_dim + 2 * rows * n * llm.q_dim
+
+
 def paper_layer_macs(llm: LLMShape, n: int, ffn_mats: int) -> int:
     """The papers' per-layer count ``4nd^2 + 2n^2d + ffn_mats*ndm`` (MACs; GQA ignored, as the papers do)."""
     d = llm.hidden
@@ -177,7 +185,10 @@ def _estimate_one(arch: Architecture, s: TokenSchedule, convention: str, decode_
         note = f"{convention}: LLM prefill of visual tokens only, in MACs (the papers' 'FLOPs')"
         return FlopsReport(convention, 0, 0, layers, 0, notes=(note, *s.notes))
     tokens = s.tokens
-    layers = tuple(llm_layer_flops(llm, n) for n in tokens)
+    layers = [llm_layer_flops(llm, n) for n in tokens]
+    for layer, n, rows in s.probes:  # the scoring work of next-layer q/k probes, counted in the probed layer
+        layers[layer] += probe_flops(llm, n, rows)
+    layers = tuple(layers)
     head_tokens = tokens[-1] if logits_to_keep <= 0 else min(logits_to_keep, tokens[-1])
     lm_head = 2 * head_tokens * llm.hidden * llm.vocab
     vision = projector = 0

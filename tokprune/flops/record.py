@@ -40,6 +40,7 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
         else:
             text = int(n_text) if isinstance(n_text, int) else int(n_text[b])
         visual = [sum(n_vis)] * arch.llm.layers
+        probes = []
         works, notes = _record_images(config, arch, b, n_vis, image_sizes, image_grid_thw)
         if cuts and works:
             works = [_encoder_cut(w, cuts, first + i) for i, w in enumerate(works)]
@@ -52,11 +53,14 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
                     works = [w.cut(st.layer, c) for w, c in zip(works, counts)]
             elif st.kind == "llm":
                 start = int(st.layer)
+                rows = getattr(st, "probe_rows", None)
+                if rows is not None:  # the probe ran on the tokens entering the stage, before its cut
+                    probes.append((start, visual[start] + text, int(rows[b])))
             else:
                 raise ValueError(f"unknown stage kind {st.kind!r}")
             total = sum(counts)
             visual[start:] = [total] * (len(visual) - start)
-        out.append(TokenSchedule(tuple(visual), text, tuple(works), tuple(notes)))
+        out.append(TokenSchedule(tuple(visual), text, tuple(works), tuple(notes), tuple(probes)))
     return out
 
 

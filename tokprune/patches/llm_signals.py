@@ -4,11 +4,15 @@
   query sample), averaged over those rows, head mean or per head, over the whole causal row or the visual keys only.
   They come from an attention tap on layer K-1 as it runs (``source="previous"``), or from a *probe* of layer K
   (``source="probe"``): at the entry of layer K the layer's own norm and ``self_attn`` run on the current hidden
-  states without a cache, under a tap that computes the rows and skips the attention kernel (the projections run,
-  the kernel does not, nothing is stored). Both work the same way on every family, under any attention backend.
+  states without a cache, under a tap that computes the rows and skips the attention kernel. Only the work the
+  rows need is done: the key projection on every token, the query projection on the query rows only (the other
+  query rows are zeros, never read), and neither the value nor the output projection (they return zero-stride
+  zeros while the probe runs; the real layer's calls are untouched); nothing is stored. Both sources work the same
+  way on every family, under any attention backend.
 * **Values** of the same layer (head mean), at every current slot; **keys** (post-RoPE, per key/value head).
-* **Observed modules**: forward hooks on ``self_attn`` and ``mlp`` of the requested layers record their input
-  (after the norm) and output (before the residual) during the prefill, with the prompt position of each slot.
+* **Observed modules**: forward hooks on ``self_attn`` and ``mlp`` of the requested layers reduce their input
+  (after the norm) and output (before the residual) to per-token norms and cosines during the prefill, with the
+  prompt position of each slot (no copy of the hidden states is kept).
 
 :class:`LLMTaps` is owned by :class:`~tokprune.patches.llm_stage.LLMStages`, which tells it the current sequence.
 """
@@ -19,6 +23,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from tokprune.eager import eager
 from tokprune.patches.compat import cache_kwargs
@@ -27,6 +32,11 @@ from tokprune.signals import TAPS, attention_rows, remove_installed
 
 if TYPE_CHECKING:
     from tokprune.patches.llm_stage import LLMRun, LLMStages
+
+
+def _zeros_like_output(run: Any, inner: Any, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """What a skipped projection returns during a probe: zeros of its output shape, zero-stride (no memory)."""
+    return x.new_zeros(()).expand(*x.shape[:-1], proj.out_features)
 
 
 def prompt_spans(visual0: torch.Tensor, q0: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -58,6 +68,7 @@ class LLMTaps:
         self._handles: list[Any] = []
         self._tapped: list[Any] = []
         self._ran: dict[int, LLMRequest] = {}  # row_layers layer -> the request whose rows it records
+        self._elided: list[tuple[nn.Module, Any]] = []  # (projection, its own instance forward or None)
 
     def _probing(self) -> bool:
         """Whether the forward in progress is a probe of this model's run (its attention kernel is skipped)."""
@@ -91,6 +102,8 @@ class LLMTaps:
             mod = layers[at].self_attn
             TAPS.add(mod, fns[0] if len(fns) == 1 else partial(_each, tuple(fns)),
                      skip=self._probing if at in probed else None)
+            if at in probed:
+                self._elide_projections(mod, self.requests[at])
             self._tapped.append(mod)
 
     def _row_layers(self, n: int) -> list[int]:
@@ -117,14 +130,47 @@ class LLMTaps:
         if any(r.embeddings for r in self.requests.values()):
             self._handles.append(layers[0].register_forward_pre_hook(eager(self._embed), with_kwargs=True))
 
+    def _elide_projections(self, attn: nn.Module, request: LLMRequest) -> None:
+        """While this model probes (and only then, per prefill: the real layer's calls run as before), the probed
+        layer's ``q_proj`` computes the query rows only and ``v_proj`` / ``o_proj`` compute nothing; a family whose
+        attention has no such ``nn.Linear`` keeps the full projection."""
+        for name in ("q_proj", "v_proj", "o_proj"):
+            proj = getattr(attn, name, None)
+            if not isinstance(proj, nn.Linear) or (name == "v_proj" and request.values):
+                continue
+            own = proj.__dict__.get("forward")  # an instance forward someone else installed (restored on remove)
+            inner = own if own is not None else type(proj).forward.__get__(proj)
+            elided = partial(self._query_rows_only, request) if name == "q_proj" else _zeros_like_output
+            proj.forward = partial(self._elidable, inner, elided, proj)
+            self._elided.append((proj, own))
+
+    def _elidable(self, inner: Any, elided: Any, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        run = self._prefill_run(probe_only=True)
+        return inner(x) if run is None else elided(run, inner, proj, x)
+
+    def _query_rows_only(self, request: LLMRequest, run: LLMRun, inner: Any, proj: nn.Linear,
+                         x: torch.Tensor) -> torch.Tensor:
+        """The query projection of the rows the probe's tap reads; zeros elsewhere (never read)."""
+        rows, _ = self._query_rows(run, request, x.shape[1])
+        part = inner(torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1])))
+        out = x.new_zeros(*x.shape[:-1], part.shape[-1])
+        return out.scatter_(1, rows[..., None].expand_as(part), part)
+
     def remove(self) -> None:
         remove_installed(self._handles, self._tapped)
-        self._handles, self._tapped, self._ran = [], [], {}
+        for proj, own in self._elided:
+            if own is None:
+                proj.__dict__.pop("forward", None)
+            else:
+                proj.forward = own
+        self._handles, self._tapped, self._ran, self._elided = [], [], {}, []
 
     # ------------------------------------------------------------------ signals
     def probe(self, run: LLMRun, k: int, hidden: torch.Tensor, kw: dict) -> None:
         """Layer ``k``'s q/k on the hidden states entering it (its norm and projections; no kernel, no cache)."""
         layer = self.stages.adapter.language_model.layers[k]
+        _, weights = self._query_rows(run, self.requests[k], hidden.shape[1])
+        run.probe_rows[k] = (weights > 0).sum(1).clamp_min(1)  # per row, for the FLOPs count (no sync)
         run.probing = True
         try:
             layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=kw.get("attention_mask"),
@@ -188,6 +234,11 @@ class LLMTaps:
         """(B, R) query positions in the current sequence and (B, R) weights (0 = padding of a shorter row)."""
         if request.queries == "last":
             return st.qcur[:, None], torch.ones(st.qcur.shape[0], 1, device=st.qcur.device)
+        # a probe asks twice (its query projection, then its tap): the slots change only when a stage rewrites them
+        key = (len(st.stage), n, request.queries)
+        memo = st.__dict__.get("_query_rows_memo")
+        if memo is not None and memo[0] == key:
+            return memo[1]
         span = st.current_spans()[request.queries][:, :n]
         counts = span.sum(1)
         # sync: once per LLM stage: an empty instruction span is an error, not a silent empty row
@@ -199,6 +250,7 @@ class LLMTaps:
         order = torch.sort((~span).to(torch.int8), dim=1, stable=True).indices[:, :r]  # span positions first
         weights = torch.gather(span, 1, order).float()
         rows = torch.where(weights > 0, order, st.qcur[:, None])
+        st._query_rows_memo = (key, (rows, weights))
         return rows, weights
 
     def _embed(self, module, args: tuple, kw: dict) -> None:
@@ -221,7 +273,7 @@ class LLMTaps:
             return
         x = args[0] if args else kw["hidden_states"]
         y = out[0] if isinstance(out, tuple) else out
-        st.observed[(layer, part)] = Observed(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())
+        st.observed[(layer, part)] = Observed.of(x.detach(), y.detach(), st.idx.clone(), st.valid_slots())
 
 
 def _each(fns: tuple[Any, ...], *args: Any) -> None:

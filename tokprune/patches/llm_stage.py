@@ -127,6 +127,7 @@ class LLMRun:
         self.embeddings: torch.Tensor | None = None  # embeddings: the hidden states entering layer 0 (prefill)
         self.observed: dict[tuple[int, str], Observed] = {}
         self.probing = False
+        self.probe_rows: dict[int, torch.Tensor] = {}  # layer -> query rows its probe computed, per row (flops)
 
     def stage_of(self, layer: int) -> int:
         return self.stages.stage_of(layer)
@@ -176,7 +177,7 @@ class LLMRun:
         rel, scores, news = self._decide(s, signals, content)
         out, merged = self._rewrite(rel, hidden, kw, news)
         self.record.stages.append(Stage("llm", self.layers[s], [[o.sort().values for o in row] for row in self.origin],
-                                        scores, merged))
+                                        scores, merged, self.probe_rows.pop(self.layers[s], None)))
         timings = self.record.timings
         timings["select_llm_s"] = timings.get("select_llm_s", 0.0) + time.perf_counter() - t0
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from tokprune.encoder_taps import received_over_windows
 from tokprune.patches.qwen2_vl import Qwen2VLAdapter
 from tokprune.registry import register_model
 
@@ -43,16 +44,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (named after the transfor
         if grid is None:
             raise RuntimeError("the Qwen ViT ran without tokprune's hooks; pass pixel_values and image_grid_thw")
         sizes = grid.prod(-1).tolist()  # sync: once per prefill, the patches of every image (host metadata)
-        out, img, used = [], 0, 0
-        for c in calls:  # (1, w, ...) per call, in ViT order: the windows of image 0, then image 1, ...
-            w = int(c.shape[0] * c.shape[1])
-            if img >= len(sizes) or used + w > sizes[img]:
-                raise RuntimeError("the ViT's attention calls do not tile its images (an unsupported window layout)")
-            out.append(c * (w / sizes[img]))
-            used += w
-            if used == sizes[img]:
-                img, used = img + 1, 0
-        return out
+        return received_over_windows(calls, sizes)
 
     def to_token_order(self, units: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Per-merge-unit values (U, ...) of all images of one ViT call: window order -> raster (LLM token) order."""

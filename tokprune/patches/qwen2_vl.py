@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokprune.encoder_taps import merge_units
 from tokprune.patches.base import Adapter
 from tokprune.patches.prefill import PrefillState
 from tokprune.patches.threads import PerThread
@@ -43,16 +44,6 @@ def text_positions(mask2d: torch.Tensor | None, b: int, n: int, device: torch.de
         return torch.arange(n, device=device).expand(b, n)
     real = mask2d.bool()
     return (real.long().cumsum(1) - 1).masked_fill(~real, 0)
-
-
-def merge_units(scores: torch.Tensor, unit: int) -> torch.Tensor:
-    """Mean of each run of ``unit`` consecutive patch scores (..., P) -> (..., P / unit): one score per LLM token.
-
-    The Qwen processors lay patches out block-major, so each 2x2 merge unit is ``unit = 4`` consecutive patches.
-    """
-    if scores.shape[-1] % unit:
-        raise ValueError(f"{scores.shape[-1]} patch scores do not split into merge units of {unit} patches")
-    return scores.unflatten(-1, (-1, unit)).mean(-1)
 
 
 @register_model("qwen2_vl")

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tokprune.encoder_taps import TAPPED_KINDS, chosen_rows, tap_values  # noqa: F401  (chosen_rows: its old home)
 from tokprune.patches.prefill import distinct, expand
 from tokprune.pruners.base import (
-    ATTENTION_KINDS,
     PrefillContext,
     Signal,
     UnsupportedError,
@@ -49,69 +49,10 @@ from tokprune.selection import (  # noqa: F401  (check_*, content_label, _ImageC
     content_label,
     select_vision,
 )
-from tokprune.signals import TAPS, attention_rows, received_attention, remove_installed, varlen_chunks
+from tokprune.signals import TAPS, remove_installed, varlen_chunks
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
-
-TAPPED_KINDS = (*ATTENTION_KINDS, "keys", "values")
-
-
-def _heads(x: torch.Tensor, heads: str) -> torch.Tensor:
-    """(B, H, K) -> (B, K) head mean or (B, K, H)."""
-    return x.mean(1) if heads == "mean" else x.permute(0, 2, 1)
-
-
-def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
-    """(B, H, K, d) key / value states -> (B, K, d) head mean or (B, K, H, d)."""
-    return x.float().mean(1) if heads == "mean" else x.float().permute(0, 2, 1, 3)
-
-
-def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False) -> dict[Signal, torch.Tensor]:
-    """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...).
-    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``)."""
-    received = None
-    if any(sig.kind in ("received", "rows") for sig in signals):
-        received = received_attention(query, key, mask, scaling, model_dtype=model_dtype)  # (B, H, K)
-    out: dict[Signal, torch.Tensor] = {}
-    for sig in signals:
-        x = _tap_value(sig, query, key, value, mask, scaling, received, model_dtype)
-        if model_dtype and sig.kind in ATTENTION_KINDS:  # the score itself in the model's dtype
-            x = x.to(query.dtype).float()
-        out[sig] = x
-    return out
-
-
-def _tap_value(sig: Signal, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-               scaling: float, received: torch.Tensor | None, model_dtype: bool) -> torch.Tensor:
-    """One tapped signal of one attention call (``received``: the call's received attention, when needed)."""
-    if sig.kind == "cls":
-        rows = torch.zeros(query.shape[0], 1, dtype=torch.long, device=query.device)
-        return _heads(attention_rows(query, key, mask, scaling, rows, causal=False,
-                                     model_dtype=model_dtype)[:, :, 0], sig.heads)
-    if sig.kind == "received":
-        return _heads(received, sig.heads)
-    if sig.kind == "rows":
-        return _heads(chosen_rows(sig.queries(received.mean(1)), query, key, mask, scaling), sig.heads)
-    return _states(key if sig.kind == "keys" else value, sig.heads)
-
-
-def chosen_rows(chosen: torch.Tensor, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                scaling: float) -> torch.Tensor:
-    """(B, H, K): the mean attention row of the chosen query patches, ``chosen`` (B, R) long indices or a (B, Q)
-    bool mask (a different number per sequence; a sequence choosing none gets NaN)."""
-    chosen = chosen.to(query.device)
-    if chosen.dtype != torch.bool:
-        return attention_rows(query, key, mask, scaling, chosen.long(), causal=False).mean(2)
-    cnt = chosen.sum(-1)  # (B,)
-    # sync: once per attention call, the most queries any sequence chose (a shape)
-    r = max(int(cnt.max()), 1)
-    rows = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[:, :r]  # chosen first, in order
-    live = torch.arange(r, device=query.device)[None] < cnt[:, None]  # (B, R)
-    a = attention_rows(query, key, mask, scaling, rows, causal=False)  # (B, H, R, K)
-    mean = (a * live[:, None, :, None]).sum(2) / cnt.clamp(min=1)[:, None, None]
-    return mean.masked_fill((cnt == 0)[:, None, None], float("nan"))
 
 
 class VisionStage:

@@ -450,14 +450,26 @@ class LLMRequest:
 
 @dataclass
 class Observed:
-    """What one decoder module saw during the prefill: ``input`` (B, n, D) after the norm, ``output`` (B, n, D)
-    before the residual, ``positions`` (B, n): the prompt position of each slot when it ran, and ``valid`` (B, n)
-    bool: the slots that held a real token then (not left padding, not a dead slot of a shorter row)."""
+    """What one decoder module saw during the prefill, reduced per token: for its input ``x`` (B, n, D, after the
+    norm) and output ``y`` (B, n, D, before the residual), ``input_norm`` = ||x||, ``output_norm`` = ||y|| and
+    ``cos`` = cos(x, y), each (B, n) float32 (what a transition statistic such as TransPrune's TTV needs; the hook
+    reduces at once and keeps no (B, n, D) state alive); ``positions`` (B, n): the prompt position of each slot
+    when it ran, and ``valid`` (B, n) bool: the slots that held a real token then (not left padding, not a dead
+    slot of a shorter row). :meth:`of` builds one from ``x`` and ``y``."""
 
-    input: torch.Tensor
-    output: torch.Tensor
+    input_norm: torch.Tensor
+    output_norm: torch.Tensor
+    cos: torch.Tensor
     positions: torch.Tensor
     valid: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor,
+           valid: torch.Tensor | None = None) -> Observed:
+        """The per-token statistics of input ``x`` and output ``y`` (computed in float32)."""
+        x, y = x.float(), y.float()
+        return cls(x.norm(dim=-1), y.norm(dim=-1), torch.nn.functional.cosine_similarity(x, y, dim=-1),
+                   positions, valid)
 
 
 @dataclass
@@ -474,8 +486,8 @@ class LLMSignals:
     sequence, "instruction" and "sample" (see :data:`QUERIES`) and "context" (the real tokens before the
     sample: the demonstrations of a few-shot prompt); ``rows_at[layer]`` (B, n) or (B, H, n): the rows of a
     ``LLMRequest.row_layers`` layer as it ran, over the current slots (0 where that layer saw no token);
-    ``observed[(layer, "attn" | "mlp")]``: the
-    requested module inputs/outputs so far. ``ctx``: the per-prefill context (``ctx.state`` carries a method's
+    ``observed[(layer, "attn" | "mlp")]``: the requested modules' per-token input/output statistics so far
+    (:class:`Observed`). ``ctx``: the per-prefill context (``ctx.state`` carries a method's
     scores from stage to stage).
     """
 

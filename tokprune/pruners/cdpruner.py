@@ -122,7 +122,7 @@ class CDPruner(Pruner):
             groups.setdefault(int(f.shape[0]), []).append(j)
         for members in groups.values():
             x = torch.stack([signals.features[j] for j in members])
-            kernel = rules.conditional_kernel(rules.similarity(x), torch.stack([rel[j] for j in members]))
+            kernel = rules.conditional_kernel(rules.similarity(x), torch.stack([rel[j] for j in members]), inplace=True)
             k = max(ks[j] for j in members)
             picks = rules.dpp_greedy(kernel, k) if k else torch.empty(len(members), 0, dtype=torch.long)
             for row, j in enumerate(members):

@@ -78,8 +78,9 @@ class DivPrune(Pruner):
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         """Per image, the greedy max-min subset of ``ks[i]`` of its projected tokens; images of equal size and
         budget run as one batch."""
-        self.vision_scores(signals)
-        feats, dists = signals.ctx.state.pop(_STATE) if signals.ctx is not None else (None, None)
+        # the matrices vision_scores left (record_scores), else computed here (the isolation scores are not
+        # needed: divprune_select computes its first pick itself)
+        feats, dists = signals.ctx.state.pop(_STATE, (None, None)) if signals.ctx is not None else (None, None)
         if feats is not signals.features:
             dists = _distances(signals.features, self.score_dtype)
         out: list[torch.Tensor | None] = [None] * len(ks)

@@ -94,7 +94,8 @@ class TransPrune(Progressive):
         for lay in layers:
             for part in PARTS:
                 obs = signals.observed[(lay, part)]
-                w = rules.transition_weight(obs.input, obs.output, valid=obs.valid, direction=self.direction)
+                w = rules.transition_weight_of(obs.input_norm, obs.output_norm, obs.cos, valid=obs.valid,
+                                               direction=self.direction)
                 # sync: once per observed module, the prompt length (as above)
                 n0 = max(n0, int(obs.positions.max()) + 1)
                 by_pos = torch.zeros(b, n0, dtype=torch.float32, device=w.device)

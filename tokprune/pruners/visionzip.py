@@ -218,12 +218,13 @@ class VisionZip(Pruner):
             rows = torch.zeros(k, 1 + n_patch, dtype=torch.float32, device=dev)
             rows[0, 0] = 1.0  # [CLS]
             rows[torch.arange(1, dom, device=dev), 1 + dominant] = 1.0
-            for c in range(ctx):  # target + mean of its members
-                members = (assign == c).nonzero()[:, 0]  # sync: once per contextual token, its members
-                members = members[members != targets[c]]
-                rows[dom + c, 1 + targets[c]] = 1.0
-                if members.numel():
-                    rows[dom + c, 1 + members] += 1.0 / members.numel()
+            if ctx:  # target + mean of its members, every contextual token at once
+                rows[dom + torch.arange(ctx, device=dev), 1 + targets] = 1.0
+                pos = torch.arange(n_patch, device=dev)
+                member = (assign >= 0) & (pos != targets[assign.clamp(min=0)])
+                m = member.nonzero()[:, 0]  # sync: once per image, the merged members
+                share = 1.0 / torch.bincount(assign[m], minlength=ctx).clamp(min=1).float()
+                rows.index_put_((dom + assign[m], 1 + m), share[assign[m]], accumulate=True)
             taken = torch.zeros(n, dtype=torch.bool, device=dev)
             taken[patches[dominant]] = True
             taken[patches[targets]] = True

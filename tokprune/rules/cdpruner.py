@@ -59,8 +59,11 @@ def theta_transform(r: torch.Tensor, theta: float | None) -> torch.Tensor:
     return torch.exp(theta / (2 * (1 - theta)) * r)
 
 
-def conditional_kernel(sim: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
-    """``L = diag(rel) sim diag(rel)`` (batched over leading axes)."""
+def conditional_kernel(sim: torch.Tensor, rel: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``L = diag(rel) sim diag(rel)`` (batched over leading axes). ``inplace``: written into ``sim`` (a caller
+    that no longer needs the similarity saves two N x N buffers and passes; the same values either way)."""
+    if inplace:
+        return sim.mul_(rel.unsqueeze(-1)).mul_(rel.unsqueeze(-2))
     return rel.unsqueeze(-1) * sim * rel.unsqueeze(-2)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "layers_accumulated_before",
     "normalise",
     "transition_weight",
+    "transition_weight_of",
     "transprune_counts",
     "transprune_scores",
     "transprune_select",
@@ -58,8 +59,16 @@ def transition_weight(
     excludes padding from the softmax (their TTV is 0).
     """
     x, y = x.float(), y.float()
-    ratio = y.norm(dim=-1) / x.norm(dim=-1)
-    cos = F.cosine_similarity(x, y, dim=-1)
+    return transition_weight_of(x.norm(dim=-1), y.norm(dim=-1), F.cosine_similarity(x, y, dim=-1), valid, direction)
+
+
+def transition_weight_of(
+    x_norm: torch.Tensor, y_norm: torch.Tensor, cos: torch.Tensor, valid: torch.Tensor | None = None,
+    direction: str = "code"
+) -> torch.Tensor:
+    """:func:`transition_weight` from the per-token statistics ``||x||``, ``||y||``, ``cos(x, y)`` (B, T): what
+    the decoder's observe hooks keep instead of the (B, T, D) states."""
+    ratio = y_norm / x_norm
     if direction == "code":
         delta = 1 - cos
     elif direction == "paper":

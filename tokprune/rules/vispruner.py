@@ -102,9 +102,12 @@ def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int
     ranked = imp.float().argsort(dim=-1, descending=True, stable=True)
     important, residual = ranked[:, :n_imp], ranked[:, n_imp:]
     if n_div > 0:
-        u = feats.to(dtype)
+        # cosines among the residual tokens only (the loop never compares an important token): R x R, not N x N
+        u = torch.gather(feats, 1, residual[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)
         u = u / u.norm(dim=-1, keepdim=True)
-        diverse = remove_duplicates((u @ u.transpose(-1, -2)).float(), residual, n_div, per_round)
+        local = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)
+        diverse = torch.gather(residual, 1, remove_duplicates((u @ u.transpose(-1, -2)).float(), local, n_div,
+                                                              per_round))
     else:
         diverse = residual[:, :0]
     important, diverse = important.sort(dim=-1).values, diverse.sort(dim=-1).values

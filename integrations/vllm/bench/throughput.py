@@ -14,9 +14,13 @@ Each configuration runs in its own process (a fresh engine) and reports:
   (``RequestOutput.metrics``: first-token latency; tokens after the first over the time from first to last);
 * prompt tokens: the prompt the LLM ran on (576 visual tokens unpruned, ``keep`` pruned).
 
+``--method`` takes one method or several, comma-separated (``cls,divprune``): the unpruned engine runs once and
+each method is compared with it. ``integrations/vllm/bench/gpu.sh`` runs every servable method on the real
+checkpoint.
+
     python integrations/vllm/bench/throughput.py --method cls --keep 64 --out results.md        # CPU proxy
     python integrations/vllm/bench/throughput.py --checkpoint llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
-        --requests 64 --method cls --keep 64 --out results-gpu.md                                # GPU
+        --requests 64 --method cls,visionzip --keep 64 --out results-gpu.md                      # GPU
 """
 
 from __future__ import annotations
@@ -122,6 +126,24 @@ def measure(args: argparse.Namespace, method: str | None) -> dict[str, Any]:
             "decode_tok_s": statistics.median(decode), "requests_s": args.requests / wall}
 
 
+def table(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> str:
+    """The markdown table: the unpruned engine's figures, then per method its figures and their ratio to it."""
+    u = rows["unpruned"]
+    methods = [m for m in rows if m != "unpruned"]
+    what = (f"{args.checkpoint}" if args.checkpoint else
+            f"LLaVA-1.5-7B-width proxy (random weights, LLM {args.llm_layers} of 32 layers, vision 24 of 24)")
+    head = "".join(f" {m} keep={args.keep} | ratio |" for m in methods)
+    lines = [f"vLLM offline, {what}, {args.dtype}, {device_name()}; {args.requests} requests x {args.max_tokens} "
+             f"tokens; medians of {args.repeats}{'; ' + args.note if args.note else ''}", "",
+             f"| | unpruned |{head}", "|---|---|" + "---|---|" * len(methods)]
+    for key, label in (("requests_s", "requests/s"), ("ttft_s", "time to first token (s)"),
+                       ("decode_tok_s", "decode tokens/s (one request)"), ("prompt_tokens", "prompt tokens")):
+        cells = "".join(f" {rows[m][key]:.3g} | {rows[m][key] / u[key] if u[key] else float('nan'):.2f}x |"
+                        for m in methods)
+        lines.append(f"| {label} | {u[key]:.3g} |{cells}")
+    return "\n".join(lines)
+
+
 def device_name() -> str:
     import torch
 
@@ -132,7 +154,7 @@ def device_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", default="cls")
+    ap.add_argument("--method", default="cls", help="a servable method, or several comma-separated")
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--checkpoint", help="a real LLaVA-1.5 checkpoint (GPU variant); default: the CPU proxy")
     ap.add_argument("--llm-layers", type=int, default=2, help="decoder layers of the CPU proxy (real: 32)")
@@ -144,15 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--note", default="", help="conditions to print with the results (e.g. 'machine loaded')")
     ap.add_argument("--out", help="write the markdown table here too")
-    ap.add_argument("--one", choices=["pruned", "unpruned"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # one configuration in this process: a method or "unpruned"
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(measure(args, args.method if args.one == "pruned" else None)), flush=True)
+        print("RESULT " + json.dumps(measure(args, None if args.one == "unpruned" else args.one)), flush=True)
         return 0
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="tokprune-vllm-bench-")
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     rows = {}
-    for which in ("unpruned", "pruned"):
+    for which in ("unpruned", *methods):  # each configuration in its own process: a fresh engine
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--one", which,
                "--workdir", args.workdir]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,17 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the {which} run failed")
         rows[which] = json.loads(line[0][7:])
         print(which, rows[which], flush=True)
-    u, p = rows["unpruned"], rows["pruned"]
-    what = (f"{args.checkpoint}" if args.checkpoint else
-            f"LLaVA-1.5-7B-width proxy (random weights, LLM {args.llm_layers} of 32 layers, vision 24 of 24)")
-    lines = [f"vLLM offline, {what}, {args.dtype}, {device_name()}; {args.requests} requests x {args.max_tokens} "
-             f"tokens; medians of {args.repeats}{'; ' + args.note if args.note else ''}", "",
-             f"| | unpruned | {p['method']} keep={args.keep} | ratio |", "|---|---|---|---|"]
-    for key, label in (("requests_s", "requests/s"), ("ttft_s", "time to first token (s)"),
-                       ("decode_tok_s", "decode tokens/s (one request)"), ("prompt_tokens", "prompt tokens")):
-        ratio = p[key] / u[key] if u[key] else float("nan")
-        lines.append(f"| {label} | {u[key]:.3g} | {p[key]:.3g} | {ratio:.2f}x |")
-    text = "\n".join(lines)
+    text = table(args, rows)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

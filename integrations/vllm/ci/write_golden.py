@@ -34,8 +34,9 @@ TOP = 5
 #: methods compared on each model: (method, options); the plugin's servable methods that the model supports
 METHODS = {
     "llava-shapes": [("cls", {}), ("vtc_cls", {}), ("visionzip", {"merge": "llm"}), ("hiprune", {}),
-                     ("random", {"seed_by": "content"})],
-    "qwen2vl-shapes": [("visionzip", {"merge": "llm"}), ("hiprune", {}), ("random", {"seed_by": "content"})],
+                     ("random", {"seed_by": "content"}), ("divprune", {}), ("vispruner", {})],
+    "qwen2vl-shapes": [("visionzip", {"merge": "llm"}), ("hiprune", {}), ("random", {"seed_by": "content"}),
+                       ("divprune", {}), ("vispruner", {})],
 }
 
 

@@ -53,10 +53,12 @@ def test_bad_settings_name_the_fix(raw, match):
 
 def test_servable_methods():
     names = servable()
-    for name in ("cls", "vtc_cls", "visionzip", "hiprune", "random", "downsample"):
+    for name in ("cls", "vtc_cls", "visionzip", "hiprune", "random", "divprune", "vispruner", "downsample"):
         assert name in names
-    for name in ("cls", "vtc_cls", "visionzip", "hiprune"):
+    for name in ("cls", "vtc_cls", "visionzip", "hiprune", "divprune", "vispruner"):
         assert make_pruner(name, {}, LLAVA).name == name
+    for name in ("visionzip", "hiprune", "random", "divprune", "vispruner"):
+        assert make_pruner(name, {}, QWEN).name == name
 
 
 @pytest.mark.parametrize("name, options, match", [
@@ -91,7 +93,7 @@ def test_cls_methods_refused_on_qwen():
 
 
 def test_register_servable_hook():
-    """A vision-only method registered later (as divprune / vispruner will be) is refused until enabled."""
+    """A vision-only method registered in tokprune later is refused until enabled."""
     from dataclasses import dataclass
 
     from tokprune_vllm import methods
@@ -123,3 +125,40 @@ def test_unservable_method_refused_at_engine_start():
         LLM(model=str(ROOT / "tokprune/reference/weights/llava-shapes"), dtype="float32", max_model_len=256,
             enforce_eager=True, kv_cache_memory_bytes=64 << 20,
             hf_overrides={"tokprune": {"method": "fastv", "keep": 16}})
+
+
+def test_compiled_vision_encoder_is_refused():
+    """A compiled encoder would run without the taps on its layers: refused with the fix."""
+    from tokprune_vllm.engine import check_engine
+
+    with pytest.raises(cfg.ConfigError, match="compile_mm_encoder"):
+        check_engine(SimpleNamespace(compilation_config=SimpleNamespace(compile_mm_encoder=True)))
+    check_engine(SimpleNamespace(compilation_config=SimpleNamespace(compile_mm_encoder=False)))
+
+
+def test_refused_families_name_the_reason():
+    """LLaVA-NeXT, LLaVA-OneVision and Qwen3-VL with tokprune settings stop at engine start with the reason; without
+    settings they are vLLM's own classes."""
+    from tokprune_vllm import REFUSED, REFUSING, refuse
+
+    assert set(REFUSING) == set(REFUSED)
+    settings = SimpleNamespace(model_config=SimpleNamespace(hf_config=conf(method="cls", keep=16)))
+    for arch, target in REFUSING.items():
+        cls = getattr(refuse, target.split(":")[1])
+        assert cls.__mro__[1].__name__ == arch
+        with pytest.raises(cfg.ConfigError, match="tokprune cannot serve " + arch):
+            cls(vllm_config=settings)
+
+
+def test_settings_on_an_unserved_model_are_refused():
+    """A model class that is not the plugin's (vLLM's own, for any other architecture) would ignore the settings:
+    the runner's load_model refuses it; the plugin's classes and models without settings pass."""
+    from tokprune_vllm.runner import check_served
+    from torch import nn
+
+    with pytest.raises(cfg.ConfigError, match="does not serve"):
+        check_served(nn.Linear(1, 1), conf(method="cls", keep=16))
+    check_served(nn.Linear(1, 1), conf())
+    served = nn.Linear(1, 1)
+    served.tokprune = None
+    check_served(served, conf(method="cls", keep=16))

@@ -5,8 +5,9 @@
 
 vLLM loads :func:`register` in every process (front end, engine core, workers). It replaces vLLM's model classes
 for LLaVA-1.5, Qwen2-VL and Qwen2.5-VL by subclasses that behave exactly as vLLM's own unless the HF config carries
-``tokprune`` settings, and refuses the families it cannot serve (LLaVA-NeXT, Qwen3-VL) when settings are given.
-Only tokprune's transformers-free modules are imported (pruners, rules, kernels, schedule, attention, config).
+``tokprune`` settings, and refuses the families it cannot serve (LLaVA-NeXT, LLaVA-OneVision, Qwen3-VL) when
+settings are given. Only tokprune's transformers-free modules are imported (pruners, rules, kernels, schedule,
+selection, attention, encoder_taps, config).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ REFUSED = {
         "Qwen3-VL feeds DeepStack features into several LLM layers at the image tokens' positions, which vLLM "
         "takes from the unpruned multimodal embeddings; the plugin does not prune them yet"),
     "Qwen3VLMoeForConditionalGeneration": "as Qwen3-VL (DeepStack features)",
+    "LlavaOnevisionForConditionalGeneration": (
+        "LLaVA-OneVision's image token count depends on its AnyRes tiling, pooling and newlines, as LLaVA-NeXT's; "
+        "the plugin does not size those placeholders yet"),
 }
 
 #: the refused architectures' classes: vLLM's own, raising at start only when tokprune settings are given
@@ -38,6 +42,7 @@ REFUSING = {
     "LlavaNextForConditionalGeneration": "tokprune_vllm.refuse:RefusingLlavaNext",
     "Qwen3VLForConditionalGeneration": "tokprune_vllm.refuse:RefusingQwen3VL",
     "Qwen3VLMoeForConditionalGeneration": "tokprune_vllm.refuse:RefusingQwen3VLMoe",
+    "LlavaOnevisionForConditionalGeneration": "tokprune_vllm.refuse:RefusingLlavaOnevision",
 }
 
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from tokprune.pruners.base import ModelInfo, Signal
+from tokprune.selection import Placement
 from tokprune_vllm import config as cfg
 from tokprune_vllm.methods import DOWNSAMPLE, make_pruner
-from tokprune_vllm.selection import EncoderTaps, Placement, check_request, select, tap_value, vision_budget
+from tokprune_vllm.selection import EncoderTaps, check_request, select, vision_budget
 
 
 def tensor_parallel_size() -> int:
@@ -33,12 +34,12 @@ def tensor_parallel_size() -> int:
 class Pruning:
     """The engine's pruning: ``settings`` from the HF config, ``info`` the model as tokprune describes it.
 
-    ``attention_of(layer)``: the encoder's attention module of a 0-based layer (tapped for signals), or None when
-    vLLM did not build that layer (LLaVA's CLIP stops at the feature layer).
+    ``layer_of(layer)``: (encoder layer, its attention module) of a 0-based layer (tapped for signals), or None
+    when vLLM did not build that layer (LLaVA's CLIP stops at the feature layer).
     """
 
     def __init__(self, settings: cfg.Settings, info: ModelInfo,
-                 attention_of: Callable[[int], nn.Module | None]) -> None:
+                 layer_of: Callable[[int], tuple[nn.Module, nn.Module] | None]) -> None:
         if tensor_parallel_size() != 1:
             raise cfg.ConfigError("tokprune: tensor parallelism shards the encoder's heads across ranks, and the "
                                   "signals are head means; serve with tensor_parallel_size=1 (or data parallel)")
@@ -50,25 +51,28 @@ class Pruning:
         self.request = self.pruner.vision_request(info) if self.pruner is not None else None
         check_request(self.request, settings.method)
         self.positions = self.pruner.resolved_positions(info) if self.pruner is not None else "compact"
-        layers: dict[int, nn.Module] = {}
+        attention: dict[int, nn.Module] = {}
+        blocks: dict[int, nn.Module] = {}
         for sig in self.request.signals if self.request is not None else ():
             if sig.layer is None:
                 continue
-            mod = attention_of(sig.layer)
-            if mod is None:
+            mods = layer_of(sig.layer)
+            if mods is None:
                 raise cfg.ConfigError(
                     f"{settings.method} reads encoder layer {sig.layer}, which vLLM does not build for this model "
                     f"(it stops at the feature layer {info.feature_layer}); pass a layer <= {info.feature_layer}")
-            layers[sig.layer] = mod
-        self.taps = EncoderTaps(layers) if layers else None
+            if sig.kind == "hidden_out":
+                blocks[sig.layer] = mods[0]
+            else:
+                attention[sig.layer] = mods[1]
+        self.taps = EncoderTaps(attention, blocks) if attention or blocks else None
 
     # ---------------------------------------------------------------- counts (processor side)
     def kept_count(self, n_visual: int) -> int:
         """Tokens an image of ``n_visual`` tokens keeps (what the processor writes as placeholders)."""
-        keep = self.settings.count(n_visual)
         if self.pruner is None:
             raise RuntimeError("downsample counts are family-specific")
-        return vision_budget(self.pruner, self.info, n_visual, keep)
+        return vision_budget(self.pruner, self.info, n_visual, self.settings.budget)
 
     # ---------------------------------------------------------------- encoder side
     def begin(self) -> None:
@@ -79,8 +83,9 @@ class Pruning:
     def prune(self, features: list[torch.Tensor], per_call: Callable[[list[torch.Tensor], str], list[torch.Tensor]],
               pixels: list[torch.Tensor] | None, grid: list[torch.Tensor]) -> list[Placement]:
         """Placements of each image of one encoder call. ``per_call(values, kind)`` maps one signal's values, one
-        per attention call ((B, n_patches, ...) each, in call order), to per-token values per image (the family's
-        layout: [CLS] column, merge units); ``pixels``: per image, per token un-normalised pixels."""
+        per attention call ((B, n_patches, ...) each, in call order) or per layer call (``hidden_out``: the
+        layer's output), to per-token values per image (the family's layout: [CLS] column, merge units, window
+        order); ``pixels``: per image, per token un-normalised pixels."""
         values: dict[Signal, list[torch.Tensor]] = {}
         for sig in self.request.signals:
             if sig.kind == "pixels":
@@ -88,14 +93,8 @@ class Pruning:
                     raise ValueError("the encoder input was precomputed embeddings: no pixels to read")
                 values[sig] = pixels
                 continue
-            calls = self.taps.seen.get(sig.layer) if self.taps is not None else None
-            if not calls:
-                raise RuntimeError(f"encoder layer {sig.layer} ran without tokprune's tap (was the vision encoder "
-                                   "compiled or replaced?)")
-            scale = self.taps.scale[sig.layer]
-            values[sig] = per_call([tap_value(sig, q, k, v, scale) for q, k, v in calls], sig.kind)
-        keeps = [vision_budget(self.pruner, self.info, int(f.shape[0]), self.settings.count(int(f.shape[0])))
-                 for f in features]
+            values[sig] = per_call(self.taps.values(sig), sig.kind)
+        keeps = [vision_budget(self.pruner, self.info, int(f.shape[0]), self.settings.budget) for f in features]
         placements = select(self.pruner, self.info, self.request, features, values, grid, keeps, self.positions)
         record([p.slots.tolist() for p in placements])
         return placements
@@ -114,10 +113,17 @@ def record(kept: list[list[int]]) -> None:
             fh.write(json.dumps(kept) + "\n")
 
 
+def check_engine(vllm_config: Any) -> None:
+    """Engine options the pruning cannot run under, refused at start with the fix."""
+    if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
+        raise cfg.ConfigError("tokprune: a compiled vision encoder (compile_mm_encoder) runs without the plugin's "
+                              "taps on its layers; leave compile_mm_encoder off (the LLM can still be compiled)")
+
+
 def from_config(hf_config: Any, info_of: Callable[[], ModelInfo],
-                attention_of: Callable[[int], nn.Module | None]) -> Pruning | None:
+                layer_of: Callable[[int], tuple[nn.Module, nn.Module] | None]) -> Pruning | None:
     """The engine's :class:`Pruning`, or None when the HF config asks for none."""
     settings = cfg.read(hf_config)
     if settings is None:
         return None
-    return Pruning(settings, info_of(), attention_of)
+    return Pruning(settings, info_of(), layer_of)

@@ -28,7 +28,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from tokprune.pruners.base import ModelInfo
 from tokprune_vllm import config as cfg
-from tokprune_vllm.engine import Pruning, from_config
+from tokprune_vllm.engine import Pruning, check_engine, from_config
 
 #: the CLIP normalisation tokprune un-normalises pixels with (its adapters' default for every family)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -89,7 +89,7 @@ class TokpruneLlavaProcessingInfo(LlavaProcessingInfo):
         from tokprune_vllm.selection import vision_budget
 
         pruner = make_pruner(settings.method, settings.options, info)
-        return vision_budget(pruner, info, n, settings.count(n))
+        return vision_budget(pruner, info, n, settings.budget)
 
 
 def _build_info(ctx: Any) -> TokpruneLlavaProcessingInfo:
@@ -120,11 +120,14 @@ class TokpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokprune: Pruning | None = from_config(self.config, lambda: model_info(self.config),
-                                                    self._attention_of)
+                                                    self._layer_of)
+        if self.tokprune is not None:
+            check_engine(vllm_config)
 
-    def _attention_of(self, layer: int) -> nn.Module | None:
+    def _layer_of(self, layer: int) -> tuple[nn.Module, nn.Module] | None:
+        """(CLIP encoder layer, its attention module): vLLM builds the layers up to the feature layer only."""
         layers = self.vision_tower.vision_model.encoder.layers
-        return layers[layer].self_attn.attn if layer < len(layers) else None
+        return (layers[layer], layers[layer].self_attn.attn) if layer < len(layers) else None
 
     def _process_image_input(self, image_input: Any) -> Any:
         pr = self.tokprune

@@ -12,8 +12,7 @@ layer. So a method is servable only when
 
 The first three are read off the method itself (:func:`reasons`); the last one is a property of its rule, so a
 method is also on the list :data:`SERVABLE`, whose entries the CI job compares with tokprune's Hugging Face path.
-A method added to tokprune later (``divprune``, ``vispruner``) is enabled with :func:`register_servable` once that
-comparison passes.
+A method added to tokprune later is enabled with :func:`register_servable` once that comparison passes.
 """
 
 from __future__ import annotations
@@ -66,13 +65,10 @@ def _visionzip_options(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "merge": "llm"}
 
 
-for _name in ("cls", "vtc_cls", "hiprune"):
+for _name in ("cls", "vtc_cls", "hiprune", "divprune", "vispruner"):
     register_servable(_name)
 register_servable("visionzip", _visionzip_options)
 register_servable("random", _random_options)
-for _name in ("divprune", "vispruner"):  # enabled when they are registered in tokprune (being added)
-    if _name in METHODS:
-        register_servable(_name)
 
 
 def reasons(pruner: Pruner, info: ModelInfo) -> list[str]:

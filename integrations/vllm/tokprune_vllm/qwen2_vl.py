@@ -40,9 +40,10 @@ from vllm.model_executor.models.qwen2_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
+from tokprune.encoder_taps import merge_units, received_over_windows
 from tokprune.pruners.base import ModelInfo
 from tokprune_vllm import config as cfg
-from tokprune_vllm.engine import Pruning, from_config
+from tokprune_vllm.engine import Pruning, check_engine, from_config
 from tokprune_vllm.llava import CLIP_MEAN, CLIP_STD
 from tokprune_vllm.methods import DOWNSAMPLE, make_pruner
 from tokprune_vllm.selection import vision_budget
@@ -71,7 +72,7 @@ def kept_count(hf_config: Any, n: int) -> int:
             "plugin's own override of the pixel bounds did not reach vLLM 0.32's Qwen processor call)")
     info = model_info(hf_config, _family(hf_config))
     pruner = make_pruner(settings.method, settings.options, info)
-    return vision_budget(pruner, info, n, settings.count(n))
+    return vision_budget(pruner, info, n, settings.budget)
 
 
 class _PrunedInfoMixin:
@@ -135,9 +136,10 @@ class _PruningQwenMixin:
 
     def _setup_tokprune(self, vllm_config: Any) -> None:
         self.tokprune = from_config(self.config, lambda: model_info(self.config, _family(self.config)),
-                                    self._attention_of)
+                                    self._layer_of)
         if self.tokprune is None:
             return
+        check_engine(vllm_config)
         if self.tokprune.downsample:
             kept_count(self.config, 1)  # raises: downsample on Qwen is vLLM's own max_pixels
         if vllm_config.cache_config.enable_prefix_caching:
@@ -147,9 +149,10 @@ class _PruningQwenMixin:
         self.tokprune_recompute_mrope = True
         self.supports_multimodal_pruning = True
 
-    def _attention_of(self, layer: int) -> nn.Module | None:
+    def _layer_of(self, layer: int) -> tuple[nn.Module, nn.Module] | None:
+        """(ViT block, its attention module)."""
         blocks = self.visual.blocks
-        return blocks[layer].attn.attn if layer < len(blocks) else None
+        return (blocks[layer], blocks[layer].attn.attn) if layer < len(blocks) else None
 
     # ---------------------------------------------------------------- encoder
     def embed_multimodal(self, **kwargs: object) -> Any:
@@ -189,9 +192,10 @@ class _PruningQwenMixin:
 
         def per_call(calls: list[torch.Tensor], kind: str) -> list[torch.Tensor]:
             if kind == "received":  # a window's column mean -> the column mean over all its image's queries
-                calls = _received_per_image(calls, [t * h * w for t, h, w in grid_list])
-            per_patch = torch.cat([c.flatten(0, 1) for c in calls])  # every call: one image or window, ViT order
-            units = per_patch.unflatten(0, (-1, unit)).mean(1)
+                calls = received_over_windows(calls, [t * h * w for t, h, w in grid_list])
+            # every call: one image or window (attention), or all images (a block's output), in ViT order
+            per_patch = torch.cat([c.flatten(0, 1) for c in calls])
+            units = merge_units(per_patch.movedim(0, -1), unit).movedim(-1, 0)  # as tokprune's Qwen adapter
             return list(self._to_token_order(units, grid_list).split(counts))
 
         pixels = self._pixels(seen[0], grid_list, unit) if wants_pixels else None
@@ -250,21 +254,6 @@ class _PruningQwenMixin:
         if self.tokprune is not None:
             conf.modalities = []
         return conf
-
-
-def _received_per_image(calls: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
-    """tokprune's ``received`` on a windowed block (``Qwen2_5_VLAdapter.received_per_image``): each call's column
-    means (over its ``w`` queries) times ``w / n_image``; a call that is a whole image keeps factor 1."""
-    out, img, used = [], 0, 0
-    for c in calls:  # (1, w, ...) per call, in ViT order: the windows of image 0, then image 1, ...
-        w = int(c.shape[0] * c.shape[1])
-        if img >= len(sizes) or used + w > sizes[img]:
-            raise RuntimeError("the ViT's attention calls do not tile its images (an unsupported window layout)")
-        out.append(c * (w / sizes[img]))
-        used += w
-        if used == sizes[img]:
-            img, used = img + 1, 0
-    return out
 
 
 def _token_grid(t: int, hm: int, wm: int, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
@@ -36,6 +37,12 @@ class RefusingQwen3VL(Qwen3VLForConditionalGeneration):
 
 
 class RefusingQwen3VLMoe(Qwen3VLMoeForConditionalGeneration):
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        _refuse_if_pruning(self, vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+class RefusingLlavaOnevision(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         _refuse_if_pruning(self, vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)

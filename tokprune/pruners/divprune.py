@@ -78,8 +78,10 @@ class DivPrune(Pruner):
     def select_vision(self, signals: VisionSignals, ks: list[int]) -> list[torch.Tensor]:
         """Per image, the greedy max-min subset of ``ks[i]`` of its projected tokens; images of equal size and
         budget run as one batch."""
-        # the matrices vision_scores left (record_scores), else computed here (the isolation scores are not
-        # needed: divprune_select computes its first pick itself)
+        # the isolation scores are not needed to select (divprune_select computes its first pick itself): they are
+        # computed only when the record asks for them, and then leave their distance matrices for the selection
+        if signals.score_sink is not None:
+            self.vision_scores(signals)
         feats, dists = signals.ctx.state.pop(_STATE, (None, None)) if signals.ctx is not None else (None, None)
         if feats is not signals.features:
             dists = _distances(signals.features, self.score_dtype)

@@ -145,10 +145,16 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     b, n, _ = x3.shape
     i2 = i2.to(device=x3.device, dtype=torch.int64)
     # sync: on CPU only (a CPU "sync" costs nothing); CUDA gives zero rows for bad indices instead
-    if x3.device.type == "cpu" and i2.numel() and (bool((i2 < -1).any()) or bool((i2 >= n).any())):
+    cpu = x3.device.type == "cpu"
+    if cpu and i2.numel() and (bool((i2 < -1).any()) or bool((i2 >= n).any())):
         raise IndexError(f"gather index out of range for N={n} (allowed -1..{n - 1})")
-    valid = i2 >= 0
     rows = torch.arange(b, device=x3.device).unsqueeze(1)
+    # on CPU, where reading a flag costs nothing, an index without -1 (an LLM stage's slots) skips the zero-fill
+    # pass: advanced indexing already returns a fresh contiguous tensor, so no second copy of the hidden states
+    if cpu and not bool((i2 == -1).any()):
+        out = x3[rows, i2]
+        return out.squeeze(0) if squeeze else out
+    valid = i2 >= 0
     out = x3[rows, i2.clamp(min=0)]
     out = out.masked_fill(~valid.unsqueeze(-1), 0).contiguous()
     return out.squeeze(0) if squeeze else out

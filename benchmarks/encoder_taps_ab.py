@@ -113,6 +113,12 @@ def profile(model: torch.nn.Module, inputs: dict, methods: list[str], keep: floa
               f"{sum(x[0] for x in extra):.1f} ms")
         for ms, n, (name, shapes) in extra[:12]:
             print(f"  {ms:8.2f} ms x{n:<3d} {name} {shapes[:100]}")
+        # a patch that changed the model's own path (another attention kernel, copies) shows up here
+        changed = [(k, base[k][0], ev.get(k, (0, 0.0))[0]) for k in base
+                   if ev.get(k, (0, 0.0))[0] != base[k][0] and not k[0].startswith("aten::empty")]
+        print(f"  (op, shapes) of the unpatched call run a different number of times: {len(changed)}")
+        for (name, shapes), a, b in changed[:12]:
+            print(f"    {name} {shapes[:80]}: {a} -> {b}")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,8 @@ class VisionZip(Pruner):
             if cls_pos.numel():
                 owner[cls_pos] = 0
             kinds = torch.tensor([0] + [1] * (dom - 1) + [2] * ctx, dtype=torch.long, device=dev)  # ENCODER_ROW_KINDS
+            # the dominant rows are patches as they are: the adapter reuses their projected features
+            copies = (torch.arange(1, dom, device=dev), patches[dominant])
             out.append(VisionDecision(torch.zeros(0, dtype=torch.long, device=dev), owner, slots=slots,
-                                      encoder_rows=rows, row_kinds=kinds))
+                                      encoder_rows=rows, row_kinds=kinds, row_copies=copies))
         return out

@@ -162,6 +162,10 @@ class PieceClock:
 
     def _llm(self, p: Piece) -> Callable[[], Any]:
         lm = self.base.language_model
+        kinds = set(getattr(lm.config, "layer_types", None) or ())
+        if len(kinds) > 1:  # one timed layer stands for all: only true when they are alike
+            raise NotImplementedError(f"decoder layers of different kinds {sorted(kinds)}: the cost bound times one "
+                                      "layer for all; time each kind (a Piece per layer kind) before using it here")
         layer, hidden = lm.layers[0], self._randn(p.rows, p.tokens, lm.config.hidden_size)
         ids = torch.arange(p.tokens, device=self.device).expand(p.rows, -1)
         if self.family in QWEN:

@@ -139,6 +139,19 @@ def test_speed_run_composes_the_cost_bound_from_injected_piece_times(llava):
     assert "cost model check" in md and "| speed goal: >= 95% of cost bound |" in md
 
 
+def test_readme_snippet_shows_both_bounds_and_says_what_the_cost_bound_is(llava, tmp_path):
+    _, model = llava
+    report = speed.run(model, bench.grid(["cls"], keeps=[4]), bench.Prompt(n_text=10), min_repeats=1, max_repeats=1,
+                       warmup=0, progress=False, piece_clock=FakeClock(), meta={"model": "tiny-llava"})
+    js, _ = report.write(tmp_path)
+    snippet = speed.readme_snippet([js])
+    assert "| cost bound (measured) | measured / cost bound | analytic bound (this depth) |" in snippet
+    assert speed.COST_BOUND_NOTE in snippet and "paired" in snippet
+    row = next(line for line in snippet.splitlines() if line.startswith("| cls keep=4 |"))
+    cls = report.rows[1]
+    assert f"| {cls.cost_bound:.2f}x | {cls.of_cost_bound:.0%} | {cls.bound:.2f}x |" in row
+
+
 def full_tokens(full: Counter) -> list[int]:
     """The unpruned schedule's per-layer token counts back from its demand (all layers alike)."""
     return [p.tokens for p, d in full.items() if p.part == "llm" for _ in range(int(d))]

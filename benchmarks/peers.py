@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -475,15 +476,20 @@ def _settings(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 
 def _memory_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    """Peak memory of every row's case, one fresh process each (``--memory-settings`` narrows the settings)."""
+    """Peak memory of every row's case, one fresh process each (``--memory-settings`` narrows the settings).
+    ``--memory-jobs`` > 1 runs that many processes at once: each measures only its own peak (RSS or
+    ``max_memory_allocated`` of its own process), so they do not disturb each other's figure."""
     wanted = (args.memory_settings or "").split(",")
-    for row in rows:
-        if args.memory_settings and f"{row['scale']}:{row['batch']}" not in wanted:
-            continue
+    todo = [r for r in rows if not args.memory_settings or f"{r['scale']}:{r['batch']}" in wanted]
+
+    def one(row: dict[str, Any]) -> None:
         t = time.perf_counter()
         row["peak_mib"] = _fresh_peak(args, row["scale"], row["batch"], row["case"])
         print(f"[peers] memory {row['scale']} b{row['batch']} {row['case']}: {row['peak_mib']} "
               f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:
+        list(pool.map(one, todo))
 
 
 def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -565,7 +571,7 @@ def estimate(args: argparse.Namespace) -> dict[str, float]:
     checks = 2 * 2 * sum(unit[c[0]] for c in cases if c[1] is not None)  # batch 2, tokprune + reference
     timing = t_build + checks + args.rounds * per_round * sum(weights)
     start = 6.0  # a fresh process: interpreter, torch and transformers imports
-    memory = sum(len(cases) * (start + t_build) + per_round * w for w in weights)
+    memory = sum(len(cases) * (start + t_build) + per_round * w for w in weights) / max(1, args.memory_jobs)
     out = {"build_s": t_build, "per_case_b1_s": unit, "timing_s": timing, "memory_only_s": memory}
     print(f"[peers] estimate on this machine: build {t_build:.0f} s; one llava-1.5 b1 round of {len(cases)} cases "
           f"{per_round:.1f} s; the timing run ({args.rounds} rounds, settings "
@@ -665,6 +671,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-only", action="store_true",
                    help="only the fresh-process peak memory of every case and setting (no timing, no checks; "
                         "load-insensitive: may run beside other jobs); writes <tag>-memory.{json,md} by default")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="fresh memory processes run at once (each measures only its own peak; GPU: 4-8)")
     p.add_argument("--estimate", action="store_true",
                    help="print the expected minutes of this timing run and of --memory-only, from one warm "
                         "llava-1.5 batch-1 round, and exit")

@@ -1,14 +1,17 @@
 """tokprune next to the way the methods' own code gets its scores: from *eager* attention maps.
 
-The reference code of FasterVLM (``cls``) and VTC-CLS (``vtc_cls``) runs the CLIP tower with
-``output_attentions=True`` (every layer's (heads, n, n) map materialised, eager attention in every layer) and reads
-the [CLS] rows of the layers it needs; FastV's code turns ``output_attentions`` on in LLM layer K-1 (that layer runs
-eager attention) and cuts before layer K; LightCompress gets the same row by running layer K-1 normally and then
-re-running its attention module eagerly. This script re-implements those three styles on the same Hugging Face
-model (no tokprune code on the reference path), checks that each keeps the same tokens as tokprune and gives the
+The reference code of FasterVLM (``cls``), VTC-CLS (``vtc_cls``), VisionZip, HiPrune and VisPruner runs the CLIP
+tower with ``output_attentions=True`` (every layer's (heads, n, n) map materialised, eager attention in every layer)
+and reads the rows it needs (VisionZip also the feature layer's raw keys); FastV's code turns ``output_attentions``
+on in LLM layer K-1 (that layer runs eager attention) and cuts before layer K; LightCompress gets the same row by
+running layer K-1 normally and then re-running its attention module eagerly. This script re-implements those styles
+on the same Hugging Face model (no tokprune code on the reference path; each selection as the authors' code does
+it, at tokprune's default settings on LLaVA-1.5), checks that each keeps the same tokens as tokprune and gives the
 same logits, and times them round-robin against tokprune (SDPA everywhere, rows from q/k in taps).
 
-    python benchmarks/peers.py --out benchmarks/results/cpu-amd-epyc-2c            # the committed CPU run
+    python benchmarks/peers.py --estimate --skip llava-next:8                       # minutes the next two take
+    python benchmarks/peers.py --skip llava-next:8 --no-memory --out DIR            # checks + timings
+    python benchmarks/peers.py --memory-only --out DIR                              # peak memory, every setting
     python benchmarks/peers.py --quick --out /tmp/peers                             # tiny config, seconds (tests)
 
 Scales: ``llava-1.5`` = one 336 px image (576 visual tokens); ``llava-next`` = 2880 visual tokens, five 576-token
@@ -347,8 +350,42 @@ def run_tokprune(model: torch.nn.Module, inputs: dict[str, Any], method: str, ke
         tokprune.remove(model)
 
 
+def eager_map_bytes(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer) -> int:
+    """Bytes of the largest eager attention map ``peer`` materialises (scores and their softmax: twice this at
+    once): LLM layer K-1's (batch, heads, n, n) for the FastV styles, one CLIP layer's maps of all images else."""
+    p = next(model.parameters())
+    if peer.eager_vision:
+        v = model.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2 + 1
+        return inputs["pixel_values"].shape[0] * v.num_attention_heads * n * n * p.element_size()
+    b, n = inputs["input_ids"].shape
+    return b * model.config.text_config.num_attention_heads * n * n * p.element_size()
+
+
+def _check_ram(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer) -> None:
+    """On CPU, refuse a reference case whose eager map (x2: scores + softmax) would not fit the available RAM, rather
+    than let the kernel's OOM killer pick a process on a shared machine."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    need = 2 * eager_map_bytes(model, inputs, peer)
+    avail = _meminfo_kib("MemAvailable") * 1024
+    if need > 0.8 * avail:
+        b, n = inputs["input_ids"].shape
+        raise MemoryError(f"peers: {peer.style} at batch {b}, {n} tokens needs ~{need / 2**30:.1f} GiB for its eager "
+                          f"attention maps, {avail / 2**30:.1f} GiB available: leave this setting out (--skip "
+                          "llava-next:8) or run it on a larger machine")
+
+
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/meminfo has no {key}")
+
+
 def run_peer(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer, keep: int) -> tuple[torch.Tensor, Kept]:
     """One reference-style prefill; the vision tower runs eager while it needs ``output_attentions``."""
+    _check_ram(model, inputs, peer)
     vt = model.model.vision_tower
     impl = vt.config._attn_implementation
     if peer.eager_vision:
@@ -506,7 +543,8 @@ def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | 
         del model
         results = [{"scale": scale, "batch": batch, "visual_tokens": 576 * SCALES[scale], "method": method,
                     "case": label, "reference": peer is not None}
-                   for scale, batch in settings for label, peer, method in cases]
+                   for scale, batch in settings for label, peer, method in cases
+                   if not args.memory_settings or f"{scale}:{batch}" in args.memory_settings.split(",")]
         _memory_rows(args, results)
         return assemble(args, depth, dev, checks, results, t0)
     with torch.inference_mode():

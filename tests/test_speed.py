@@ -264,7 +264,7 @@ def test_one_command_scripts_run_end_to_end_on_tiny_configs(script, tmp_path):
         for step in ("kernels", "syncs", "speed", "peers", "bench", "speed8", "peers-memory"):
             assert f"== {step} took " in proc.stdout, step  # elapsed per step
         memory = json.loads((tmp_path / "peers-memory.json").read_text())
-        assert len(memory["rows"]) == 10 and all(r["peak_mib"] is not None for r in memory["rows"])
+        assert len(memory["rows"]) == 13 and all(r["peak_mib"] is not None for r in memory["rows"])  # 6 + 7 cases
         assert "kept sets equal" in (tmp_path / "peers.md").read_text()
     assert "| cls keep=8 |" in (tmp_path / "README-snippet.md").read_text()
 

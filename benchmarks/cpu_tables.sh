@@ -11,9 +11,10 @@
 #   2. Qwen2.5-VL-7B proxy (1024x1024 image = 1369 visual tokens, LLM 4 of 28, ViT 4 of 32 blocks): keep_ratio
 #      0.5/0.25/0.125 (cls / vtc_cls need a [CLS] token: their rows say so).
 #   3. README-snippet.md: the Speed table ready to paste.
-# The estimate: rounds x (1 + sum over cases of the case's analytic FLOPs ratio) x the measured unpruned prefill,
-# per proxy (catp's few-shot prompt counted as 5 images); a quiet Xeon 2-core took 4.9 s (LLaVA proxy) and 11.4 s
-# (Qwen proxy) per unpruned prefill, which gives about 40 min. Run it only on an otherwise idle machine.
+# The estimate: rounds x ((1 + sum over cases of the case's analytic FLOPs ratio) x the measured unpruned prefill
+# + the cost bound's module timings per round, timed here), per proxy (catp's few-shot prompt counted as 5 images);
+# a quiet Xeon 2-core took 4.9 s (LLaVA proxy) and 11.4 s (Qwen proxy) per unpruned prefill, which gives about
+# 40 min before the cost-bound timings. Run it only on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -38,6 +39,8 @@ if [[ "${1:-}" == "--estimate" ]]; then
 import sys, time, torch, tokprune
 from tokprune import configs, flops
 from tokprune.eval.proxy import reduce_depth
+from tokprune.eval import cost
+from tokprune.eval.bench import _timer
 rounds, total = int(sys.argv[1]), 0.0
 for name, budgets, llm, vis, size, icl in [
         ("llava-1.5-7b", [dict(keep=k) for k in (192, 128, 64)], 4, None, None, 5),
@@ -50,22 +53,37 @@ for name, budgets, llm, vis, size, icl in [
         t0 = time.perf_counter()
         model(**inputs, use_cache=True, logits_to_keep=1)
         unit = time.perf_counter() - t0
-    del model
-    units = 1.0
+    units, pieces, icl_pieces = 1.0, set(), set()
     for m in tokprune.methods():
         for b in budgets:
             try:
                 s = tokprune.api.schedule(cfg, m, image_size=size, **b)
                 r = flops.for_budget(cfg, schedule=s, n_text=95, image_size=size).ratio()
             except Exception:
-                r = 0.0  # refused on this family: the row is an error, no prefill
+                continue  # refused on this family: the row is an error, no prefill
             units += icl * r if (m == "catp" and icl) else r
+            n = icl if (m == "catp" and icl) else 1
+            sched = flops.TokenSchedule.unpruned(cfg, n_text=95, n_images=n, image_size=size)
+            for layer, kept in s.plan():
+                sched = sched.pruned(layer, kept * n)
+            (icl_pieces if n > 1 else pieces).update(sched.tokens)
     if icl:
         units += icl  # the unpruned few-shot prompt
-    secs = rounds * units * unit
+    # the cost bound's pieces (tokprune.eval.cost), timed once per round: each distinct LLM token count (timed here
+    # once each), the unpruned encoder's and projector's pieces (the model check); the few-shot run's pieces are
+    # bounded above by their count x the layer at the full few-shot length
+    full = cost.demand(cfg, [flops.TokenSchedule.unpruned(cfg, n_text=95, image_size=size)])
+    todo = sorted({cost.Piece("llm", n) for n in pieces} | set(full))
+    clock = cost.PieceClock(model, _timer(torch.device("cpu")))
+    piece_s = sum(clock.time(todo).values()) / 1e3
+    if icl:
+        longest = cost.Piece("llm", max(icl_pieces))
+        piece_s += len(icl_pieces) * clock.time([longest])[longest] / 1e3
+    del model, clock
+    secs = rounds * (units * unit + piece_s)
     total += secs
-    print(f"{name} proxy: one unpruned prefill {unit:.1f} s here; {rounds} rounds x {units:.1f} prefill units "
-          f"= ~{secs / 60:.0f} min")
+    print(f"{name} proxy: one unpruned prefill {unit:.1f} s here; {rounds} rounds x ({units:.1f} prefill units + "
+          f"{piece_s:.1f} s of cost-bound pieces) = ~{secs / 60:.0f} min")
 print(f"estimated run time (this machine, as loaded now): ~{total / 60:.0f} min, plus ~2 min of model builds "
       "and profiles")
 PYEOF

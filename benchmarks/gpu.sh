@@ -5,10 +5,10 @@
 # H100/H200-class GPU, mostly model building and the budgets given to each step; ~40 GB of GPU memory at most):
 #
 #   bash benchmarks/gpu.sh          # = "quick", ONE call, estimated ~8.5 min (< a 10-minute command): kernels
-#                                   #   (~0.5 min) -> syncs (~0.5) -> speed: batch 1, every method, LLaVA and Qwen,
-#                                   #   profiles (~4.5) -> peers: every reference style, batch 1/4/8 at 576 and 2880
-#                                   #   tokens, equality checked, peak memory per case in a fresh process, 6 at once
-#                                   #   (~3)
+#                                   #   (~0.5 min) -> syncs (~0.5) -> peers: every reference style, batch 1/4/8 at 576
+#                                   #   and 2880 tokens, equality checked, peak memory per case in a fresh process, 6
+#                                   #   at once (~3) -> speed: batch 1, every method against its bounds (analytic and
+#                                   #   measured cost bound), LLaVA and Qwen, profiles (~4.5; 60 s round budget each)
 #   bash benchmarks/gpu.sh rest     # the optional SECOND call, estimated ~7.5 min: bench (prefill/TTFT/decode/KV,
 #                                   #   batch 1 and 8, ~5), speed at batch 8 (~2.5)
 #   bash benchmarks/gpu.sh all      # both (~16 min: does not fit one 10-minute command; set GPU_BUDGET_S=1200)
@@ -34,7 +34,7 @@
 # Methods: every registered one (speed.py and bench default to tokprune.methods(); none is named here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-QUICK="kernels syncs speed peers"
+QUICK="kernels syncs peers speed"  # peers before speed: speed's rounds are the part most likely to overrun
 REST="bench speed8"
 STEPS=" "
 for a in ${*:-quick}; do
@@ -104,16 +104,16 @@ if step syncs 30; then
         --out "$OUT/syncs.md" > /dev/null
     done_step syncs
 fi
+if step peers 180; then
+    $PY benchmarks/peers.py "${PEERS[@]}" "${DEV[@]}" --out "$OUT"
+    done_step peers
+fi
 if step speed 270; then  # batch 1, every method against its bound (two ~30 s builds, 60 s budgets, icl, profiles)
     $PY benchmarks/speed.py --config "$LLAVA" --keep "$KEEP" "${DEV[@]}" "${SPEED_RUNS[@]}" "${SPEED_BUDGET[@]}" \
         "${ICL_BUDGET[@]}" --profile --out "$OUT"
     $PY benchmarks/speed.py --config "$QWEN" --keep-ratio "$RATIOS" "${QSIZE[@]}" "${DEV[@]}" "${SPEED_RUNS[@]}" \
         "${SPEED_BUDGET[@]}" --profile --icl-methods "" --out "$OUT"
     done_step speed
-fi
-if step peers 180; then
-    $PY benchmarks/peers.py "${PEERS[@]}" "${DEV[@]}" --out "$OUT"
-    done_step peers
 fi
 if step bench 300; then
     for B in 1 "$B8"; do

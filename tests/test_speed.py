@@ -146,7 +146,7 @@ def test_speed_script_and_gpu_script_take_every_registered_method():
         text = (ROOT / "benchmarks" / script).read_text()
         assert "--methods" not in text, f"{script} names methods: new registered ones would be left out"
     gpu = (ROOT / "benchmarks" / "gpu.sh").read_text()
-    assert 'QUICK="kernels syncs speed peers"' in gpu and "${*:-quick}" in gpu and "benchmarks/peers.py" in gpu
+    assert "QUICK=\"kernels syncs peers speed\"" in gpu and "${*:-quick}" in gpu and "benchmarks/peers.py" in gpu
     assert "ESTIMATE, NOT A MEASUREMENT" in gpu  # no GPU figure exists: the header says its times are guesses
 
 

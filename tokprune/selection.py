@@ -228,6 +228,9 @@ class Placement:
     encoder_rows: torch.Tensor | None = None
     #: (m,) what each encoder row is (``VisionDecision.row_kinds``), when the pruner said
     row_kinds: torch.Tensor | None = None
+    #: (rows, tokens): encoder rows that are the image's LLM token ``tokens[i]`` unchanged
+    #: (``VisionDecision.row_copies``), taken from the features instead of projected again
+    row_copies: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_new(self) -> int:
@@ -274,7 +277,7 @@ class _ImageChoice:
         self.features: list[torch.Tensor] = []
         self.slots: list[torch.Tensor] = []  # per part: the new tokens' chosen slots (-1: the position policy)
         self.m = 0
-        self.encoder: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, assign)
+        self.encoder: tuple | None = None  # (rows, slots, assign, row_copies)
         self.encoder_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, slots, kinds)
 
     def add(self, pick: torch.Tensor | VisionDecision, idx: torch.Tensor, k: int | None, who: str,
@@ -340,7 +343,7 @@ class _ImageChoice:
         # sync: once per image: validating the pruner's decision (a clear error)
         if sl.shape != (m,) or bool(((sl < 0) | (sl >= self.n)).any()) or sl.unique().numel() != m:
             raise RuntimeError(f"{who}: slots must be ({m},) distinct indices into the image's {self.n} tokens")
-        self.encoder = (rows, idx[sl], pick.assign.to(idx.device).long())
+        self.encoder = (rows, idx[sl], pick.assign.to(idx.device).long(), pick.row_copies)
         return m
 
     def _add_encoder_part(self, pick: VisionDecision, idx: torch.Tensor, k: int | None, who: str,
@@ -384,12 +387,12 @@ class _ImageChoice:
         if self.encoder_parts is not None:  # rows of several parts, over the image's sequence
             return self._place_encoder_parts(keep_special)
         if self.encoder is not None:  # every token of the image is a row (special tokens have no encoder row)
-            rows, sl, assign = self.encoder
+            rows, sl, assign, copies = self.encoder
             # sync: once per image: an encoder-space decision cannot keep special tokens (a clear error)
             if keep_special is not None and bool(keep_special.any()):
                 raise UnsupportedError("an encoder-space decision cannot keep special tokens (LLaVA-NeXT newlines)")
             slots = sl.sort().values
-            return Placement(slots, torch.searchsorted(slots, sl), assign, encoder_rows=rows)
+            return Placement(slots, torch.searchsorted(slots, sl), assign, encoder_rows=rows, row_copies=copies)
         # sync: once per image, the kept special tokens' indices (a variable-size output)
         kept = list(self.kept) + ([keep_special.nonzero()[:, 0]] if keep_special is not None else [])
         kept_all = torch.cat(kept).sort().values if kept else self.assign.new_zeros(0)

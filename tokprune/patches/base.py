@@ -241,12 +241,25 @@ class Adapter:
     def build_encoder_rows(self, image: int, placement: Placement, features: torch.Tensor) -> torch.Tensor:
         """The LLM tokens of an encoder-space decision (:class:`~tokprune.pruners.base.VisionDecision`
         ``encoder_rows``), in row order: ``project(rows @ E)`` with ``E`` encoded image ``image``'s encoder
-        sequence."""
+        sequence. Rows the decision marks as copies of the image's tokens (``row_copies``) are those tokens of
+        ``features`` (the model's own projection of them), the rest are projected: the projector runs on the new
+        rows only."""
         enc = self.encoder_sequence(image)
         rows = placement.encoder_rows.to(device=enc.device, dtype=torch.float32)
         if rows.shape[1] != enc.shape[0]:
             raise RuntimeError(f"encoder_rows have {rows.shape[1]} columns, the encoder sequence {enc.shape[0]} tokens")
-        return self.project(rows @ enc.float()).to(device=features.device, dtype=features.dtype)
+        if placement.row_copies is None:
+            return self.project(rows @ enc.float()).to(device=features.device, dtype=features.dtype)
+        at, tokens = (t.to(features.device) for t in placement.row_copies)
+        m = int(rows.shape[0])
+        fresh = torch.ones(m, dtype=torch.bool, device=features.device).index_fill_(0, at, False)
+        # the projected rows' indices, ascending: a host-known count (m - copies), no sync
+        todo = torch.argsort(fresh.to(torch.int8), descending=True, stable=True)[:m - int(at.numel())]
+        out = features.new_empty(m, features.shape[-1])
+        out[at] = features[tokens]
+        new = self.project(rows[todo.to(rows.device)] @ enc.float())
+        out[todo] = new.to(device=features.device, dtype=features.dtype)
+        return out
 
     def encoder_sequence(self, image: int) -> torch.Tensor:
         """(n_enc, D_enc) the feature layer's tokens of image ``image`` ([CLS] first where the encoder has one), as

@@ -366,7 +366,10 @@ class VisionDecision:
     its part's own sequence (its encoder sequence's [CLS] at 0, the part's token p at ``1 + p``); ``row_kinds``
     (m,) long, optional, says what each row is (:data:`ENCODER_ROW_KINDS`: 0 the [CLS] token, 1 a patch as itself,
     2 a merged token), for a family that lays rows out by kind (LLaVA-NeXT's spatial layout, as VisionZip's
-    reference restores dominant patches to their grid places and appends the rest).
+    reference restores dominant patches to their grid places and appends the rest). ``row_copies`` (rows (c,),
+    tokens (c,)) long, optional: rows that are one of the image's LLM tokens unchanged (a weight-1 one-hot row on
+    that token's column, as VisionZip's dominant patches), so the adapter takes the token the model already
+    projected instead of projecting the row again (one image part only; parts of a tiled image project all rows).
 
     Position policy without ``slots`` (the adapter's, documented in docs/design.md): every new token takes a
     *dropped slot of its own image*: the lowest-index dropped token among its sources not taken by an earlier new
@@ -382,6 +385,7 @@ class VisionDecision:
     slots: torch.Tensor | None = None
     encoder_rows: torch.Tensor | None = None
     row_kinds: torch.Tensor | None = None
+    row_copies: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_new(self) -> int:

@@ -101,7 +101,9 @@ class CDPruner(Pruner):
         for j, img in enumerate(images):
             by_image.setdefault(img, []).append(j)
         for members in by_image.values():
-            feats = torch.cat([signals.features[j] for j in members])
+            # one part: its features as they are (a cat of one tensor would copy them)
+            feats = signals.features[members[0]] if len(members) == 1 else torch.cat([signals.features[j]
+                                                                                    for j in members])
             r = rules.theta_transform(rules.relevance(feats, texts[members[0]].to(feats.device), self.negate),
                                       self.theta)
             start = 0
@@ -121,7 +123,8 @@ class CDPruner(Pruner):
         for j, f in enumerate(signals.features):
             groups.setdefault(int(f.shape[0]), []).append(j)
         for members in groups.values():
-            x = torch.stack([signals.features[j] for j in members])
+            x = signals.features[members[0]][None] if len(members) == 1 else torch.stack([signals.features[j]
+                                                                                         for j in members])
             kernel = rules.conditional_kernel(rules.similarity(x), torch.stack([rel[j] for j in members]), inplace=True)
             k = max(ks[j] for j in members)
             picks = rules.dpp_greedy(kernel, k) if k else torch.empty(len(members), 0, dtype=torch.long)

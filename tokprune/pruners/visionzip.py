@@ -180,7 +180,7 @@ class VisionZip(Pruner):
                 raise ValueError(f"visionzip: dominant={dom} must be >= 1 to count the [CLS] token; raise it")
             score = scores[i]
             sel = visionzip_select(score[patches][None].to(dev), signals[Signal("keys", f)][i][patches][None].to(dev),
-                                   feats[patches][None].float(), dom - int(cls_pos.numel()), ctx, with_cls=False)
+                                   None, dom - int(cls_pos.numel()), ctx, with_cls=False, sources=False)
             kept = torch.cat([cls_pos, patches[sel.dominant[0]]]).sort().values
             assign = torch.full((n,), -1, dtype=torch.long, device=dev)
             assign[patches] = sel.assignment[0]
@@ -213,7 +213,7 @@ class VisionZip(Pruner):
             n_patch = int(patches.numel())
             sel = visionzip_select(scores[i][patches][None].to(dev),
                                    signals[Signal("keys", f)][i][patches][None].to(dev),
-                                   feats[patches][None].float(), dom, ctx, with_cls=True)
+                                   None, dom, ctx, with_cls=True, sources=False)
             dominant, targets, assign = sel.dominant[0], sel.targets[0], sel.assignment[0]
             rows = torch.zeros(k, 1 + n_patch, dtype=torch.float32, device=dev)
             rows[0, 0] = 1.0  # [CLS]
@@ -237,6 +237,8 @@ class VisionZip(Pruner):
             if cls_pos.numel():
                 owner[cls_pos] = 0
             kinds = torch.tensor([0] + [1] * (dom - 1) + [2] * ctx, dtype=torch.long, device=dev)  # ENCODER_ROW_KINDS
+            # the dominant rows are patches as they are: the adapter reuses their projected features
+            copies = (torch.arange(1, dom, device=dev), patches[dominant])
             out.append(VisionDecision(torch.zeros(0, dtype=torch.long, device=dev), owner, slots=slots,
-                                      encoder_rows=rows, row_kinds=kinds))
+                                      encoder_rows=rows, row_kinds=kinds, row_copies=copies))
         return out

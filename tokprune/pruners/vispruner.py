@@ -103,8 +103,10 @@ class VisPruner(Pruner):
                     out[j] = torch.arange(n, device=signals.features[j].device)
                 continue
             dtype = signals.features[members[0]].dtype if self.score_dtype == "model" else torch.float32
-            sel = vispruner_select(torch.stack([scores[j] for j in members]),
-                                   torch.stack([hidden[j].to(dev) for j in members]), k, self.important_ratio,
+            # one image of its size: its hidden states as they are (a stack of one tensor would copy them)
+            states = hidden[members[0]].to(dev)[None] if len(members) == 1 else torch.stack(
+                [hidden[j].to(dev) for j in members])
+            sel = vispruner_select(torch.stack([scores[j] for j in members]), states, k, self.important_ratio,
                                    self.per_round, dtype)
             for row, j in enumerate(members):
                 out[j] = sel.kept[row].to(signals.features[j].device)

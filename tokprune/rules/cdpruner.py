@@ -69,9 +69,12 @@ def conditional_kernel(sim: torch.Tensor, rel: torch.Tensor, inplace: bool = Fal
 
 def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP inference of the DPP with kernel ``kernel`` (B, N, N): (B, k) picks in the order chosen (not
-    sorted). One loop over the picks; each step is batched tensor work over B and N."""
+    sorted). One loop over the picks; each step is batched tensor work over B and N. One kernel on the CPU takes
+    :func:`_dpp_greedy_one` (the same operations on views, fewer small ops per pick)."""
     b, n, _ = kernel.shape
     dev = kernel.device
+    if b == 1 and dev.type == "cpu":
+        return _dpp_greedy_one(kernel[0], k)[None]
     rows = torch.arange(b, device=dev)
     gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()  # d_i^2
     basis = torch.zeros(b, k, n, device=dev, dtype=kernel.dtype)  # c_t, one row per pick (contiguous for bmm)
@@ -89,3 +92,27 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
         gain -= e.square()
         gain[rows, j] = -float("inf")
     return picks
+
+
+def _dpp_greedy_one(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`dpp_greedy` for one (N, N) kernel on the CPU, where reading a pick's index is free (no device to
+    wait for): each pick indexes rows and columns by a Python int (views) instead of gathering by a tensor, and
+    the inner product runs as the same ``bmm`` on the same contiguous operands, so the picks are identical."""
+    n = kernel.shape[0]
+    gain = torch.diagonal(kernel).clone()  # d_i^2
+    basis = torch.zeros(k, n, dtype=kernel.dtype)  # c_t, one row per pick
+    taken = torch.zeros(n, dtype=torch.bool)
+    picks = []
+    for step in range(k):
+        # a picked token's gain is -inf, or NaN once the kernel is exhausted: never pick it again
+        # sync: per pick, on the CPU only (no device to wait for; dpp_greedy keeps CUDA kernels on the batched path)
+        j = int(gain.masked_fill(taken, -float("inf")).argmax())
+        taken[j] = True
+        picks.append(j)
+        coeff = basis[:step, j].contiguous()  # c_t[j] of the earlier picks
+        proj = torch.bmm(coeff.view(1, 1, step), basis[None, :step]).view(n)  # sum_t c_t[j] c_t
+        e = (kernel[j] - proj) / gain[j].sqrt()
+        basis[step] = e
+        gain -= e.square()
+        gain[j] = -float("inf")
+    return torch.tensor(picks, dtype=torch.long)

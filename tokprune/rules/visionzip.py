@@ -60,14 +60,15 @@ def dominant_patches(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def contextual_merge(
-    metric: torch.Tensor, hidden: torch.Tensor, dominant: torch.Tensor, contextual: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    metric: torch.Tensor, hidden: torch.Tensor | None, dominant: torch.Tensor, contextual: int
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Merge the non-dominant patches into ``contextual`` tokens by the reference's rule (see module docstring).
 
     metric (B, N, d): head-mean keys of the patches; hidden (B, N, D): their hidden states; dominant (B, n):
     dominant patch indices. Returns ``(tokens (B, C, D), targets (B, C) patch indices, assignment (B, N))``
     where ``assignment[b, j]`` is the contextual slot patch j went into (its own slot for a target, -1 for a
-    dominant patch).
+    dominant patch). ``hidden=None``: only targets and assignment, ``tokens`` is None (a caller that merges the
+    tokens elsewhere, as the pruner does, skips the gather and the merge product).
     """
     b, n, _ = metric.shape
     dev = metric.device
@@ -76,7 +77,8 @@ def contextual_merge(
     m = n - dominant.shape[1]
     if contextual == 0:
         assign = torch.full((b, n), -1, dtype=torch.long, device=dev)
-        return hidden.new_zeros(b, 0, hidden.shape[-1]), dominant.new_zeros(b, 0), assign
+        tokens = None if hidden is None else hidden.new_zeros(b, 0, hidden.shape[-1])
+        return tokens, dominant.new_zeros(b, 0), assign
     if m < contextual:
         raise ValueError(f"{m} remaining patches cannot form {contextual} contextual tokens")
     rest = torch.argsort(is_dom.to(torch.int8), dim=1, stable=True)[:, :m]  # remaining patches, raster order
@@ -90,11 +92,13 @@ def contextual_merge(
     key = key / key.norm(dim=-1, keepdim=True)
     sim = key[:, mpos] @ key[:, tpos].transpose(1, 2)  # (B, M - C, C)
     slot = sim.argmax(dim=2)
-    onehot = torch.zeros(b, mpos.numel(), contextual, dtype=hidden.dtype, device=dev)
-    onehot.scatter_(2, slot[..., None], 1)
-    counts = onehot.sum(dim=1).clamp(min=1)[..., None]
-    h_rest = torch.gather(hidden, 1, rest[..., None].expand(-1, -1, hidden.shape[-1]))
-    tokens = h_rest[:, tpos] + onehot.transpose(1, 2) @ h_rest[:, mpos] / counts
+    tokens = None
+    if hidden is not None:
+        onehot = torch.zeros(b, mpos.numel(), contextual, dtype=hidden.dtype, device=dev)
+        onehot.scatter_(2, slot[..., None], 1)
+        counts = onehot.sum(dim=1).clamp(min=1)[..., None]
+        h_rest = torch.gather(hidden, 1, rest[..., None].expand(-1, -1, hidden.shape[-1]))
+        tokens = h_rest[:, tpos] + onehot.transpose(1, 2) @ h_rest[:, mpos] / counts
     assign = torch.full((b, n), -1, dtype=torch.long, device=dev)
     slot_of_rest = torch.empty(b, m, dtype=torch.long, device=dev)
     slot_of_rest[:, tpos] = torch.arange(contextual, device=dev)
@@ -113,19 +117,20 @@ class VisionZipSelection:
     """
 
     dominant: torch.Tensor
-    contextual: torch.Tensor
+    contextual: torch.Tensor | None
     targets: torch.Tensor
     assignment: torch.Tensor
-    sources: list[list[list[int]]]
+    sources: list[list[list[int]]] | None
 
 
 def visionzip_select(
     scores: torch.Tensor,
     metric: torch.Tensor,
-    hidden: torch.Tensor,
+    hidden: torch.Tensor | None,
     dominant: int,
     contextual: int,
     with_cls: bool = True,
+    sources: bool = True,
 ) -> VisionZipSelection:
     """The full VisionZip rule over the N patches of one encoder output (CLS excluded from all inputs).
 
@@ -133,12 +138,17 @@ def visionzip_select(
     metric (B, N, d): head-mean keys; hidden (B, N, D): feature-layer hidden states of the patches.
     ``dominant`` counts the [CLS] token when ``with_cls`` (then ``dominant - 1`` patches are picked and the
     caller emits the [CLS] hidden state first); output tokens = [CLS]?, hidden[dominant], contextual.
+    ``hidden=None`` / ``sources=False``: the merged features / the per-token source lists are not built (the
+    pruner merges from ``assignment`` and the record lists sources itself; the lists cost a host sync per
+    contextual token).
     """
     n_patch = dominant - 1 if with_cls else dominant
     if n_patch < 0:
         raise ValueError("dominant must be >= 1 when it counts the [CLS] token")
     dom = dominant_patches(scores, n_patch)
     tokens, targets, assign = contextual_merge(metric, hidden, dom, contextual)
+    if not sources:
+        return VisionZipSelection(dom, tokens, targets, assign, None)
     sources = []
     for b in range(assign.shape[0]):  # record bookkeeping: one pass per contextual slot, not per token
         per = []

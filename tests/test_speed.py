@@ -115,12 +115,31 @@ def test_speed_run_measures_every_part(proxy, tmp_path):
     assert (cls.overhead_goal, fastv.overhead_goal) == (0.01, 0.03)
     # the real-depth bound: the same pruning on the 4-layer model
     assert fastv.full_depth_bound > fastv.bound and cls.full_depth_bound > cls.bound
+    # the overhead's share of the real-depth prefill: this prefill scaled by the case's real / proxy FLOPs
+    geometry = flops.geometry_from_inputs(configs.example_inputs(model.config, n_text=10))
+    for r in (cls, fastv):
+        rec = _record_of(model, r)
+        real = flops.record_report(full, rec, logits_to_keep=1, **geometry).total
+        proxy_total = flops.record_report(model.config, rec, logits_to_keep=1, **geometry).total
+        assert r.real_depth_scale == pytest.approx(real / proxy_total) and r.real_depth_scale > 1.0
+        assert r.real_depth_share == pytest.approx(r.overhead_ms / (r.prefill_ms * real / proxy_total))
     md = report.to_markdown()
     assert "depth-reduced proxy: LLM 3 of 4 layers" in md and "| cls keep=4 | vision | 4 |" in md
     assert md.count("| <= 1% ") == 1 and md.count("| <= 3% ") == 1
     js, _ = report.write(tmp_path)
     snippet = speed.readme_snippet([js])
     assert "| fastv keep=4 |" in snippet and "CPU" in snippet
+
+
+def _record_of(model, row):
+    """The record of one prefill of ``row``'s case (same inputs as the speed run)."""
+    tokprune.apply(model, method=row.method, keep=row.keep)
+    try:
+        with torch.inference_mode():
+            model(**configs.example_inputs(model.config, n_text=10), use_cache=True, logits_to_keep=1)
+        return tokprune.last_record(model)
+    finally:
+        tokprune.remove(model)
 
 
 def test_speed_run_encoder_bound_counts_encoder_cuts(proxy):

@@ -136,6 +136,36 @@ def bench_shape(shape, dtype, device, use_kernels: bool, warmup: int, repeats: i
     return row
 
 
+#: issue #28: a Triton kernel stays only where it beats the PyTorch path by at least this factor on the GPU
+KEEP_FACTOR = 2.0
+
+
+def verdicts(meta: dict, rows: list[dict]) -> dict[str, dict]:
+    """Per op: the smallest and median speed-up over the shapes and the verdict, ``keep`` (>= 2x at every shape),
+    ``remove`` (below 2x somewhere), or ``n/a`` where no Triton kernel was timed (no GPU)."""
+    out = {}
+    for name in (list(rows[0]["ops"]) if rows else []):
+        ups = [r["ops"][name]["speedup"] for r in rows if r["ops"][name]["speedup"] is not None]
+        verdict = "n/a" if meta["backend"] != "triton" or not ups else (
+            "keep" if min(ups) >= KEEP_FACTOR else "remove")
+        out[name] = {"min_speedup": min(ups) if ups else None,
+                     "median_speedup": statistics.median(ups) if ups else None, "verdict": verdict}
+    return out
+
+
+def verdict_lines(meta: dict, rows: list[dict]) -> list[str]:
+    """One line per op for the console and the table: KEEP / REMOVE at the 2x rule."""
+    if meta["backend"] != "triton":
+        return [f"verdict: n/a (backend {meta['backend']}: no Triton kernel was timed; the >= {KEEP_FACTOR:g}x rule "
+                "needs a CUDA GPU)"]
+    lines = []
+    for name, v in verdicts(meta, rows).items():
+        lines.append(f"verdict {name:8s}: {v['verdict'].upper():6s} (Triton vs PyTorch: min x{v['min_speedup']:.2f}, "
+                     f"median x{v['median_speedup']:.2f} over {len(rows)} shapes; keep needs >= {KEEP_FACTOR:g}x "
+                     "at every shape)")
+    return lines
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     names = list(rows[0]["ops"]) if rows else []
     lines = [
@@ -154,6 +184,8 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
             o = r["ops"][n]
             cells += [f"{o['ours_ms']:.4f}", f"{o['torch_ms']:.4f}", f"{o['speedup']:.2f}"]
         lines.append(f"| {r['B']} | {r['N']} | {r['D']} | {r['k']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Kept only where >= {KEEP_FACTOR:g}x at every shape (issue #28):", ""]
+    lines += [f"* {line}" for line in verdict_lines(meta, rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -204,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels_" + ("cuda" if device.type == "cuda" else "cpu")
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "verdicts": verdicts(meta, rows)},
+                                                      indent=2))
+    print("\n".join(verdict_lines(meta, rows)), flush=True)
     (args.out / f"{stem}.md").write_text(to_markdown(meta, rows))
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return 0

@@ -1,14 +1,17 @@
 """tokprune next to the way the methods' own code gets its scores: from *eager* attention maps.
 
-The reference code of FasterVLM (``cls``) and VTC-CLS (``vtc_cls``) runs the CLIP tower with
-``output_attentions=True`` (every layer's (heads, n, n) map materialised, eager attention in every layer) and reads
-the [CLS] rows of the layers it needs; FastV's code turns ``output_attentions`` on in LLM layer K-1 (that layer runs
-eager attention) and cuts before layer K; LightCompress gets the same row by running layer K-1 normally and then
-re-running its attention module eagerly. This script re-implements those three styles on the same Hugging Face
-model (no tokprune code on the reference path), checks that each keeps the same tokens as tokprune and gives the
+The reference code of FasterVLM (``cls``), VTC-CLS (``vtc_cls``), VisionZip, HiPrune and VisPruner runs the CLIP
+tower with ``output_attentions=True`` (every layer's (heads, n, n) map materialised, eager attention in every layer)
+and reads the rows it needs (VisionZip also the feature layer's raw keys); FastV's code turns ``output_attentions``
+on in LLM layer K-1 (that layer runs eager attention) and cuts before layer K; LightCompress gets the same row by
+running layer K-1 normally and then re-running its attention module eagerly. This script re-implements those styles
+on the same Hugging Face model (no tokprune code on the reference path; each selection as the authors' code does
+it, at tokprune's default settings on LLaVA-1.5), checks that each keeps the same tokens as tokprune and gives the
 same logits, and times them round-robin against tokprune (SDPA everywhere, rows from q/k in taps).
 
-    python benchmarks/peers.py --out benchmarks/results/cpu-amd-epyc-2c            # the committed CPU run
+    python benchmarks/peers.py --estimate --skip llava-next:8                       # minutes the next two take
+    python benchmarks/peers.py --skip llava-next:8 --no-memory --out DIR            # checks + timings
+    python benchmarks/peers.py --memory-only --out DIR                              # peak memory, every setting
     python benchmarks/peers.py --quick --out /tmp/peers                             # tiny config, seconds (tests)
 
 Scales: ``llava-1.5`` = one 336 px image (576 visual tokens); ``llava-next`` = 2880 visual tokens, five 576-token
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,19 +73,18 @@ def _pruned_prompt(inputs: dict[str, Any], image_id: int, n_images: int, kept_pe
     return keep
 
 
-def cls_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int, layers: list[int]
-                  ) -> tuple[torch.Tensor, Kept]:
-    """FasterVLM / VTC-CLS style: eager CLIP with ``output_attentions=True``; the head-mean [CLS]->patch rows of
-    ``layers`` summed, top-``keep`` patches per image in original order, the rest of the prompt shortened to match
-    (contiguous positions). Returns the last token's logits and the kept sets."""
+def clip_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int, select: Callable[..., Any]
+                   ) -> tuple[torch.Tensor, Kept]:
+    """The eager-CLIP scaffold of the [CLS]-attention methods' reference code: the vision tower runs with
+    ``output_hidden_states=True, output_attentions=True`` (every layer's (B, heads, n, n) map materialised);
+    ``select(out, keep, model)`` turns that output into, per image, the encoder-space tokens the projector maps
+    ((keep, D) rows) and the kept patch indices (ascending). The prompt keeps ``keep`` placeholders per image
+    (contiguous positions, LLaVA's ``inputs_embeds`` path). Returns the last token's logits and the kept sets."""
     inner, cfg = model.model, model.config
-    vt = inner.vision_tower
     pixels = inputs["pixel_values"]
-    out = vt(pixels, output_hidden_states=True, output_attentions=True)
-    feats = out.hidden_states[cfg.vision_feature_layer][:, 1:]  # "default" strategy: [CLS] dropped
-    scores = sum(out.attentions[i][:, :, 0, 1:].mean(1) for i in layers)
-    idx = _top(scores, keep)
-    kept_feats = inner.multi_modal_projector(feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1])))
+    out = inner.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+    tokens, idx = select(out, keep, model)
+    kept_feats = inner.multi_modal_projector(tokens)
     batch = inputs["input_ids"].shape[0]
     n_images = pixels.shape[0] // batch
     cols = _pruned_prompt(inputs, cfg.image_token_id, n_images, [keep] * n_images)
@@ -89,6 +92,148 @@ def cls_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int, lay
     logits = model(input_ids=inputs["input_ids"][:, cols], attention_mask=inputs["attention_mask"][:, cols],
                    mm_encoder_outputs=mm, use_cache=True, logits_to_keep=1).logits[:, -1]
     return logits, [list(idx[b * n_images:(b + 1) * n_images]) for b in range(batch)]
+
+
+def _patches_of(out: Any, model: torch.nn.Module) -> torch.Tensor:
+    """The feature layer's patch features (LLaVA's "default" strategy: [CLS] dropped), (images, N, D)."""
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def _gathered(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return feats.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))
+
+
+def cls_select(layers: list[int]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """FasterVLM / VTC-CLS: the head-mean [CLS]->patch rows of ``layers`` summed, the top ``keep`` patches."""
+    def select(out: Any, keep: int, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = sum(out.attentions[i][:, :, 0, 1:].mean(1) for i in layers)
+        idx = _top(scores, keep)
+        return _gathered(_patches_of(out, model), idx), idx
+    return select
+
+
+def cls_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int, layers: list[int]
+                  ) -> tuple[torch.Tensor, Kept]:
+    """FasterVLM / VTC-CLS style (:func:`clip_reference` with :func:`cls_select`)."""
+    return clip_reference(model, inputs, keep, cls_select(layers))
+
+
+def vispruner_select(out: Any, keep: int, model: torch.nn.Module, important_ratio: float = 0.5
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisPruner (Theia-4869/VisPruner ``encode_images``): the feature layer's [CLS]->patch row, mean over heads;
+    ``int(keep * ratio)`` important patches by descending score; the rest in descending order lose, round by round,
+    ``min(8, R - diverse)`` tokens: the even-position tokens with the highest best cosine to an odd-position one
+    (normalised feature-layer patch features); kept = important + what remains, in raster order. Sorts are
+    stable (ties to the lower index; the reference's ``argsort`` leaves tie order unspecified)."""
+    f = _feature_layer(model)
+    feats = _patches_of(out, model)
+    b = feats.shape[0]
+    attn = out.attentions[f][:, :, 0, 1:].mean(1)
+    important = int(keep * important_ratio)
+    diverse = keep - important
+    order = torch.argsort(attn, dim=-1, descending=True, stable=True)
+    residual = order[:, important:]
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    rows = torch.arange(b, device=feats.device)[:, None]
+    while True:
+        r_now = residual.shape[1]
+        r = min(8, r_now - diverse)
+        if r <= 0:
+            break
+        tok = unit[rows, residual]
+        best = (tok[:, ::2] @ tok[:, 1::2].transpose(-1, -2)).max(-1).values
+        distinct = torch.argsort(best, dim=-1, descending=True, stable=True)[:, r:]
+        residual = torch.cat([residual[:, ::2].gather(1, distinct), residual[:, 1::2]], dim=-1)
+    idx = torch.cat([order[:, :important], residual], dim=-1).sort(-1).values
+    return _gathered(feats, idx), idx
+
+
+def hiprune_object_layer(model: torch.nn.Module) -> int:
+    """The reference's object layer, ``HIPRUNE_OBJECT_LAYER=9`` (0-based 8 of CLIP's 24), at the same relative
+    depth on a shallower tower, never past the feature layer."""
+    n = model.config.vision_config.num_hidden_layers
+    return min(round(8 * n / 24), _feature_layer(model))
+
+
+def hiprune_select(out: Any, keep: int, model: torch.nn.Module, alpha: float = 0.1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiPrune (Danielement321/HiPrune ``LLaVA/llava/model/llava_arch.py`` ``encode_images``): received attention =
+    the map's mean over heads and over all queries, [CLS] column dropped, at the object layer and at the feature
+    layer; ``round(keep * alpha / 5)`` anchors (top at the object layer) with flat offsets -1, +1, -W, +W clamped
+    to the image, de-duplicated; the rest by the feature layer's score with the chosen ones pushed down by 1;
+    kept in raster order. Per image, as the reference's loop."""
+    feats = _patches_of(out, model)
+    n = feats.shape[1]
+    width = int(n ** 0.5)
+    deep = out.attentions[_feature_layer(model)].mean(1).mean(1)[:, 1:].clone()
+    shallow = out.attentions[hiprune_object_layer(model)].mean(1).mean(1)[:, 1:]
+    n_anchor = round(keep * alpha / 5)
+    kept = []
+    for i in range(feats.shape[0]):
+        anchors = torch.topk(shallow[i], n_anchor).indices
+        chosen = torch.cat([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width]).clamp(0, n - 1)
+        chosen = torch.unique(chosen)
+        taken = torch.zeros(n, dtype=torch.bool, device=feats.device)
+        taken[chosen] = True
+        deep[i] -= taken.to(deep.dtype)
+        rest = torch.topk(deep[i], keep - chosen.numel()).indices
+        kept.append(torch.cat([chosen, rest]).sort().values)
+    idx = torch.stack(kept)
+    return _gathered(feats, idx), idx
+
+
+def visionzip_select(out: Any, keep: int, model: torch.nn.Module, keys: list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip (dvlab-research/VisionZip ``visionzip/clip_encoder.py``): at the feature layer, the [CLS]->patch
+    row summed over heads ranks ``dominant - 1`` patches (``dominant = round(keep * 54 / 64)`` counts [CLS]); the
+    other patches' head-mean raw keys (``k_proj`` output, captured in ``keys``), L2-normalised, pick ``contextual``
+    uniform targets (``step = max(1, M // C)``) and every other one joins its most similar target; a contextual
+    token = target + mean of its members. Tokens (encoder space, with [CLS]): [CLS], dominant patches in raster
+    order, contextual tokens. Its "kept set" is the slots tokprune's record gives it: the dominant patches, the
+    targets and, for [CLS] (not a patch under LLaVA's "default" strategy), the lowest other free patch."""
+    f = _feature_layer(model)
+    hidden = out.hidden_states[f + 1]
+    b, n1, d = hidden.shape
+    heads = model.config.vision_config.num_attention_heads
+    metric = keys[-1].view(b, n1, heads, -1).mean(2)
+    dominant = round(keep * 54 / 64)
+    contextual = keep - dominant
+    dom = _top(out.attentions[f][:, :, 0, 1:].sum(1), dominant - 1)
+    is_dom = torch.zeros(b, n1 - 1, dtype=torch.bool, device=hidden.device)
+    is_dom.scatter_(1, dom, True)
+    m = n1 - 1 - (dominant - 1)
+    rest = (~is_dom).nonzero()[:, 1].view(b, m)  # the other patches, raster order
+    key = _gathered(metric[:, 1:], rest)
+    key = key / key.norm(dim=-1, keepdim=True)
+    h_rest = _gathered(hidden[:, 1:], rest)
+    step = max(1, m // contextual)
+    targets = torch.arange(0, m, step, device=hidden.device)[:contextual]
+    others = torch.ones(m, dtype=torch.bool, device=hidden.device)
+    others[targets] = False
+    sim = key[:, others] @ key[:, targets].transpose(1, 2)
+    onehot = torch.zeros(b, int(others.sum()), contextual, dtype=hidden.dtype, device=hidden.device)
+    onehot.scatter_(2, sim.argmax(2, keepdim=True), 1)
+    counts = onehot.sum(1).clamp(min=1)[..., None]
+    ctx = h_rest[:, targets] + onehot.transpose(1, 2) @ h_rest[:, others] / counts
+    tokens = torch.cat([hidden[:, :1], _gathered(hidden[:, 1:], dom), ctx], dim=1)
+    slots = torch.cat([dom, rest[:, targets]], dim=1)
+    free = torch.ones(b, n1 - 1, dtype=torch.bool, device=hidden.device)
+    free.scatter_(1, slots, False)
+    cls_slot = free.to(torch.int8).argmax(1, keepdim=True)
+    return tokens, torch.cat([cls_slot, slots], dim=1).sort(-1).values
+
+
+def visionzip_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int) -> tuple[torch.Tensor, Kept]:
+    """VisionZip style: :func:`clip_reference` with the feature layer's raw keys captured by a hook on its
+    ``k_proj`` (the reference patches CLIP's attention forward to return them)."""
+    keys: list[torch.Tensor] = []
+    vt = model.model.vision_tower
+    layer = getattr(vt, "vision_model", vt).encoder.layers[_feature_layer(model)]
+    hook = layer.self_attn.k_proj.register_forward_hook(lambda mod, a, o: keys.append(o))
+    try:
+        return clip_reference(model, inputs, keep, lambda o, k, m: visionzip_select(o, k, m, keys))
+    finally:
+        hook.remove()
 
 
 def fastv_reference(model: torch.nn.Module, inputs: dict[str, Any], keep: int, layer: int, rerun: bool
@@ -174,6 +319,14 @@ def peers(model: torch.nn.Module, fastv_layer: int) -> list[Peer]:
              lambda m, x, k: cls_reference(m, x, k, [f]), True),
         Peer("vtc_cls", "VTC-CLS: eager CLIP, output_attentions", f"[CLS] rows of CLIP layers {span[0]}..{span[-1]}",
              lambda m, x, k: cls_reference(m, x, k, span), True),
+        Peer("visionzip", "VisionZip: eager CLIP, output_attentions + raw keys",
+             f"[CLS] row of CLIP layer {f}, merged contextual tokens", visionzip_reference, True),
+        Peer("hiprune", "HiPrune: eager CLIP, output_attentions",
+             f"received attention of CLIP layers {hiprune_object_layer(model)} and {f}",
+             lambda m, x, k: clip_reference(m, x, k, hiprune_select), True),
+        Peer("vispruner", "VisPruner: eager CLIP, output_attentions",
+             f"[CLS] row of CLIP layer {f}, duplicates by feature cosine",
+             lambda m, x, k: clip_reference(m, x, k, vispruner_select), True),
         Peer("fastv", "FastV: eager LLM layer K-1, output_attentions", f"cut before LLM layer {fastv_layer}",
              lambda m, x, k: fastv_reference(m, x, k, fastv_layer, rerun=False)),
         Peer("fastv", "LightCompress: re-run layer K-1's attention eagerly", f"cut before LLM layer {fastv_layer}",
@@ -197,8 +350,42 @@ def run_tokprune(model: torch.nn.Module, inputs: dict[str, Any], method: str, ke
         tokprune.remove(model)
 
 
+def eager_map_bytes(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer) -> int:
+    """Bytes of the largest eager attention map ``peer`` materialises (scores and their softmax: twice this at
+    once): LLM layer K-1's (batch, heads, n, n) for the FastV styles, one CLIP layer's maps of all images else."""
+    p = next(model.parameters())
+    if peer.eager_vision:
+        v = model.config.vision_config
+        n = (v.image_size // v.patch_size) ** 2 + 1
+        return inputs["pixel_values"].shape[0] * v.num_attention_heads * n * n * p.element_size()
+    b, n = inputs["input_ids"].shape
+    return b * model.config.text_config.num_attention_heads * n * n * p.element_size()
+
+
+def _check_ram(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer) -> None:
+    """On CPU, refuse a reference case whose eager map (x2: scores + softmax) would not fit the available RAM, rather
+    than let the kernel's OOM killer pick a process on a shared machine."""
+    if next(model.parameters()).device.type != "cpu":
+        return
+    need = 2 * eager_map_bytes(model, inputs, peer)
+    avail = _meminfo_kib("MemAvailable") * 1024
+    if need > 0.8 * avail:
+        b, n = inputs["input_ids"].shape
+        raise MemoryError(f"peers: {peer.style} at batch {b}, {n} tokens needs ~{need / 2**30:.1f} GiB for its eager "
+                          f"attention maps, {avail / 2**30:.1f} GiB available: leave this setting out (--skip "
+                          "llava-next:8) or run it on a larger machine")
+
+
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/meminfo has no {key}")
+
+
 def run_peer(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer, keep: int) -> tuple[torch.Tensor, Kept]:
     """One reference-style prefill; the vision tower runs eager while it needs ``output_attentions``."""
+    _check_ram(model, inputs, peer)
     vt = model.model.vision_tower
     impl = vt.config._attn_implementation
     if peer.eager_vision:
@@ -319,6 +506,29 @@ def _setup_argv(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _settings(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(scale, batch) pairs to run, ``--skip`` left out."""
+    settings = [(s, b) for s in args.scales.split(",") for b in [int(x) for x in args.batches.split(",")]]
+    return [x for x in settings if f"{x[0]}:{x[1]}" not in (args.skip or "").split(",")]
+
+
+def _memory_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """Peak memory of every row's case, one fresh process each (``--memory-settings`` narrows the settings).
+    ``--memory-jobs`` > 1 runs that many processes at once: each measures only its own peak (RSS or
+    ``max_memory_allocated`` of its own process), so they do not disturb each other's figure."""
+    wanted = (args.memory_settings or "").split(",")
+    todo = [r for r in rows if not args.memory_settings or f"{r['scale']}:{r['batch']}" in wanted]
+
+    def one(row: dict[str, Any]) -> None:
+        t = time.perf_counter()
+        row["peak_mib"] = _fresh_peak(args, row["scale"], row["batch"], row["case"])
+        print(f"[peers] memory {row['scale']} b{row['batch']} {row['case']}: {row['peak_mib']} "
+              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:
+        list(pool.map(one, todo))
+
+
 def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     setup = Setup(args.config, args.llm_layers, args.vision_layers, args.fastv_layer, args.keep, args.dtype,
                   args.device)
@@ -326,18 +536,27 @@ def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | 
     model, depth = build(setup)
     dev = next(model.parameters()).device
     cases = _case_names(model, setup.fastv_layer)
-    settings = [(s, b) for s in args.scales.split(",") for b in [int(x) for x in args.batches.split(",")]]
-    settings = [x for x in settings if f"{x[0]}:{x[1]}" not in (args.skip or "").split(",")]
+    settings = _settings(args)
     results: list[dict[str, Any]] = []
+    checks: dict[str, Any] = {}
+    if args.memory_only:  # no timing, no checks: one fresh process per case and setting (load-insensitive)
+        del model
+        results = [{"scale": scale, "batch": batch, "visual_tokens": 576 * SCALES[scale], "method": method,
+                    "case": label, "reference": peer is not None}
+                   for scale, batch in settings for label, peer, method in cases
+                   if not args.memory_settings or f"{scale}:{batch}" in args.memory_settings.split(",")]
+        _memory_rows(args, results)
+        return assemble(args, depth, dev, checks, results, t0)
     with torch.inference_mode():
         # equality first, in float32 (1e-4 is a float32 tolerance), batch 2 of the first scale, different images
         checker = model if setup.dtype == "float32" else build(replace(setup, dtype="float32"))[0]
-        checks = {}
         x = inputs_for(checker, settings[0][0], 2, args.n_text)
         for label, peer, _ in cases:
             if peer is not None:
+                t = time.perf_counter()
                 checks[label] = check_equal(checker, x, peer, setup.keep, setup.fastv_layer)
-                print(f"[peers] check {label}: {checks[label]}", file=sys.stderr, flush=True)
+                print(f"[peers] check {label}: {checks[label]} ({time.perf_counter() - t:.0f} s)", file=sys.stderr,
+                      flush=True)
         del checker
         for scale, batch in settings:
             x = inputs_for(model, scale, batch, args.n_text)
@@ -349,7 +568,7 @@ def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | 
                     run_case(model, x, case, setup)
                     _sync(dev)
                     times[case[0]].append((time.perf_counter() - t) * 1e3)
-                print(f"[peers] {scale} b{batch} round {r + 1}/{args.rounds}: "
+                print(f"[peers] {scale} b{batch} round {r + 1}/{args.rounds} ({time.perf_counter() - t0:.0f} s in): "
                       + ", ".join(f"{k} {v[-1]:.0f}" for k, v in times.items()), file=sys.stderr, flush=True)
             for label, peer, method in cases:
                 ms = statistics.median(times[label][1:] if args.rounds > 2 else times[label])
@@ -360,14 +579,43 @@ def measure(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] | 
                 write(assemble(args, depth, dev, checks, results, t0))
     del model
     if not args.no_memory:
-        wanted = (args.memory_settings or "").split(",")
-        for row in results:
-            if args.memory_settings and f"{row['scale']}:{row['batch']}" not in wanted:
-                continue
-            row["peak_mib"] = _fresh_peak(args, row["scale"], row["batch"], row["case"])
-            print(f"[peers] memory {row['scale']} b{row['batch']} {row['case']}: {row['peak_mib']}", file=sys.stderr,
-                  flush=True)
+        _memory_rows(args, results)
     return assemble(args, depth, dev, checks, results, t0)
+
+
+def estimate(args: argparse.Namespace) -> dict[str, float]:
+    """Predicted wall seconds of this command's timing run and of its ``--memory-only`` run, from one warm run of
+    every case at llava-1.5 batch 1 on this machine, scaled by batch x images (the proxy's cost is near linear in
+    the tokens; attention's quadratic part makes llava-next somewhat dearer: an estimate, not a measurement)."""
+    setup = Setup(args.config, args.llm_layers, args.vision_layers, args.fastv_layer, args.keep, args.dtype,
+                  args.device)
+    t = time.perf_counter()
+    model, _ = build(setup)
+    t_build = time.perf_counter() - t
+    dev = next(model.parameters()).device
+    cases = _case_names(model, setup.fastv_layer)
+    x = inputs_for(model, "llava-1.5", 1, args.n_text)
+    unit: dict[str, float] = {}
+    with torch.inference_mode():
+        for case in cases:
+            run_case(model, x, case, setup)  # warm
+            _sync(dev)
+            t = time.perf_counter()
+            run_case(model, x, case, setup)
+            _sync(dev)
+            unit[case[0]] = time.perf_counter() - t
+    per_round = sum(unit.values())
+    weights = [batch * SCALES[scale] for scale, batch in _settings(args)]
+    checks = 2 * 2 * sum(unit[c[0]] for c in cases if c[1] is not None)  # batch 2, tokprune + reference
+    timing = t_build + checks + args.rounds * per_round * sum(weights)
+    start = 6.0  # a fresh process: interpreter, torch and transformers imports
+    memory = sum(len(cases) * (start + t_build) + per_round * w for w in weights) / max(1, args.memory_jobs)
+    out = {"build_s": t_build, "per_case_b1_s": unit, "timing_s": timing, "memory_only_s": memory}
+    print(f"[peers] estimate on this machine: build {t_build:.0f} s; one llava-1.5 b1 round of {len(cases)} cases "
+          f"{per_round:.1f} s; the timing run ({args.rounds} rounds, settings "
+          f"{', '.join(f'{s}:{b}' for s, b in _settings(args))}) ~{timing / 60:.1f} min; --memory-only over the "
+          f"same settings ~{memory / 60:.1f} min (estimates: batch x images scaling of the b1 round)", flush=True)
+    return out
 
 
 def assemble(args: argparse.Namespace, depth: Any, dev: torch.device, checks: dict[str, Any],
@@ -378,7 +626,8 @@ def assemble(args: argparse.Namespace, depth: Any, dev: torch.device, checks: di
     for row in results:
         ours = next(r for r in results if r["method"] == row["method"] and r["scale"] == row["scale"]
                     and r["batch"] == row["batch"] and not r["reference"])
-        row["time_ratio"] = row["median_ms"] / ours["median_ms"]
+        if "median_ms" in row:
+            row["time_ratio"] = row["median_ms"] / ours["median_ms"]
         if row.get("peak_mib") is not None and ours.get("peak_mib") is not None:
             row["memory_ratio"] = row["peak_mib"] / ours["peak_mib"] if ours["peak_mib"] > 0 else None
             row["memory_extra_mib"] = row["peak_mib"] - ours["peak_mib"]
@@ -386,7 +635,8 @@ def assemble(args: argparse.Namespace, depth: Any, dev: torch.device, checks: di
               else f"CPU {cpu_model()}, {torch.get_num_threads()} threads")
     meta = {"model": args.config, "depth": depth.as_dict(), "device": device, "dtype": args.dtype,
             "keep_per_image": args.keep, "fastv_layer": args.fastv_layer, "n_text": args.n_text,
-            "rounds": args.rounds, "median_of": "rounds 2.." if args.rounds > 2 else "all rounds",
+            "rounds": 0 if args.memory_only else args.rounds, "memory_only": bool(args.memory_only),
+            "median_of": "rounds 2.." if args.rounds > 2 else "all rounds",
             "timed": "round-robin, one run of every case per round", "loaded": args.loaded,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_s": round(time.perf_counter() - t0, 1), "checks": checks,
@@ -395,26 +645,49 @@ def assemble(args: argparse.Namespace, depth: Any, dev: torch.device, checks: di
     return {"meta": meta, "rows": results}
 
 
+VISIONZIP_NOTE = ("VisionZip's output is not a subset of the patches ([CLS] + dominant patches + merged contextual "
+                  "tokens): its kept set is the slots tokprune's record gives those tokens (the dominant patches, "
+                  "the contextual targets, the lowest free patch for [CLS]); the merged tokens are checked through "
+                  "the logits")
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, fmt) + suffix
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     m = data["meta"]
+    loaded = " (shared, loaded by other jobs while this ran)" if m["loaded"] else ""
+    if m.get("memory_only"):
+        lines = [f"## peak memory, tokprune vs reference-style implementations: {m['model']}", "",
+                 f"device: **{m['device']}**{loaded} · dtype {m['dtype']} · {m['depth']['label']} · keep "
+                 f"{m['keep_per_image']} per 576-token image · FastV cut before LLM layer {m['fastv_layer']} · "
+                 f"{m['n_text']} text tokens · random weights · torch {m['torch']} · {m['date']}", "",
+                 f"Peak memory: {m['peaks']}. memory ratio = reference style / tokprune, same setting (> 1: tokprune "
+                 "is smaller). The equality checks run with the timings (peers.md).", "",
+                 "| scale | batch | method | implementation | peak MiB | memory ratio |", "|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            lines.append(f"| {r['scale']} ({r['visual_tokens']} visual) | {r['batch']} | {r['method']} | "
+                         f"{r['case']} | {_num(r.get('peak_mib'), '.0f')} | "
+                         f"{_num(r.get('memory_ratio'), '.2f', 'x')} |")
+        return "\n".join(lines) + "\n"
     lines = [f"## tokprune vs reference-style implementations: {m['model']}", "",
-             f"device: **{m['device']}**{' (shared, loaded by other jobs while this ran)' if m['loaded'] else ''} · "
+             f"device: **{m['device']}**{loaded} · "
              f"dtype {m['dtype']} · {m['depth']['label']} · keep {m['keep_per_image']} per 576-token image · FastV "
              f"cut before LLM layer {m['fastv_layer']} · {m['n_text']} text tokens · {m['timed']}, medians of "
              f"{m['median_of']} of {m['rounds']} · random weights · torch {m['torch']} · {m['date']}", "",
              "Equality (float32, batch 2, different images): " + "; ".join(
                  f"{k}: kept sets {'equal' if v['kept_equal'] else 'DIFFER'}, max |logit diff| "
                  f"{v['max_logit_diff']:.1e}" for k, v in m["checks"].items()), "",
+             f"{VISIONZIP_NOTE}.", "",
              f"time / memory ratio = reference style / tokprune, same setting (> 1: tokprune is faster / smaller). "
              f"Peak memory: {m['peaks']}.", "",
              "| scale | batch | method | implementation | prefill ms | time ratio | peak MiB | memory ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        peak = r.get("peak_mib")
         lines.append(f"| {r['scale']} ({r['visual_tokens']} visual) | {r['batch']} | {r['method']} | {r['case']} "
-                     f"| {r['median_ms']:.0f} | {r['time_ratio']:.2f}x | "
-                     f"{'n/a' if peak is None else format(peak, '.0f')} | "
-                     f"{'n/a' if r.get('memory_ratio') is None else format(r['memory_ratio'], '.2f') + 'x'} |")
+                     f"| {r['median_ms']:.0f} | {r['time_ratio']:.2f}x | {_num(r.get('peak_mib'), '.0f')} | "
+                     f"{_num(r.get('memory_ratio'), '.2f', 'x')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -433,6 +706,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the fresh-process peak memory of every case and setting (no timing, no checks; "
+                        "load-insensitive: may run beside other jobs); writes <tag>-memory.{json,md} by default")
+    p.add_argument("--memory-jobs", type=int, default=1,
+                   help="fresh memory processes run at once (each measures only its own peak; GPU: 4-8)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the expected minutes of this timing run and of --memory-only, from one warm "
+                        "llava-1.5 batch-1 round, and exit")
     p.add_argument("--memory-settings", help="measure memory only in these settings, e.g. llava-1.5:4,llava-next:1")
     p.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared and loaded")
     p.add_argument("--quick", action="store_true", help="tiny-llava, batch 1 and 2, 2 rounds: checks the script")
@@ -445,7 +726,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.config, args.llm_layers, args.vision_layers, args.keep = "tiny-llava", None, None, 4
         args.n_text, args.batches, args.rounds, args.fastv_layer = 10, "1,2", 2, 2
         args.skip = "llava-next:2"
-    if not args.memory_case and not args.out:
+    if args.memory_only and args.no_memory:
+        p.error("--memory-only and --no-memory exclude each other")
+    if args.memory_only and args.tag == "peers":
+        args.tag = "peers-memory"
+    if not args.memory_case and not args.estimate and not args.out:
         p.error("--out is required")
     return args
 
@@ -458,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
                       args.device)
         print(peak_memory(setup, scale, int(batch), args.n_text, label))
         return 0
+    if args.estimate:
+        estimate(args)
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -468,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     data = measure(args, write)
     write(data)
     print(to_markdown(data))
+    if args.memory_only:
+        return 0 if all(r.get("peak_mib") is not None for r in data["rows"]) else 1
     return 0 if all(c["ok"] for c in data["meta"]["checks"].values()) else 1
 
 

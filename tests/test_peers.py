@@ -37,7 +37,7 @@ def model():
 
 
 @pytest.mark.parametrize("scale", ["llava-1.5", "llava-next"])
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(7))
 def test_reference_style_keeps_the_same_tokens_and_logits(peers, model, scale, index):
     peer = peers.peers(model, fastv_layer=2)[index]
     x = peers.inputs_for(model, scale, batch=2, n_text=10)
@@ -46,6 +46,25 @@ def test_reference_style_keeps_the_same_tokens_and_logits(peers, model, scale, i
         check = peers.check_equal(model, x, peer, keep=4, fastv_layer=2)
     assert check["kept_equal"], (peer.style, check)
     assert check["max_logit_diff"] <= 1e-4, (peer.style, check)
+
+
+def test_hiprune_anchors_and_visionzip_merges_match_on_a_larger_grid(peers):
+    """An 8x8 patch grid at keep 32: HiPrune places round(32 * 0.1 / 5) = 1 anchor with its buffers (none below
+    keep 25, so the 4x4 tiny grid never exercises them); VisionZip merges 5 contextual tokens."""
+    from transformers import AutoConfig
+
+    d = {k: v for k, v in configs.config_dict("tiny-llava").items() if not k.startswith("_")}
+    d["vision_config"].update(image_size=112)
+    d["image_seq_length"] = 64
+    torch.manual_seed(0)
+    model = configs.build_model(AutoConfig.for_model(**d), "cpu")
+    x = peers.inputs_for(model, "llava-1.5", batch=2, n_text=10)
+    assert round(32 * 0.1 / 5) == 1
+    for peer in peers.peers(model, fastv_layer=2):
+        if peer.method in ("visionzip", "hiprune", "vispruner"):
+            with torch.inference_mode():
+                check = peers.check_equal(model, x, peer, keep=32, fastv_layer=2)
+            assert check["ok"], (peer.style, check)
 
 
 def test_check_fails_on_a_different_rule(peers, model):
@@ -66,11 +85,12 @@ def test_peak_memory_in_process_is_a_number(peers):
 def test_quick_run_writes_tables(peers, tmp_path):
     assert peers.main(["--quick", "--no-memory", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "peers.json").read_text())
-    assert all(c["ok"] for c in data["meta"]["checks"].values()) and len(data["meta"]["checks"]) == 4
+    assert all(c["ok"] for c in data["meta"]["checks"].values()) and len(data["meta"]["checks"]) == 7
     settings = {(r["scale"], r["batch"]) for r in data["rows"]}
     assert settings == {("llava-1.5", 1), ("llava-1.5", 2), ("llava-next", 1)}
-    assert {r["case"] for r in data["rows"] if not r["reference"]} == {"tokprune cls", "tokprune vtc_cls",
-                                                                         "tokprune fastv"}
+    assert {r["case"] for r in data["rows"] if not r["reference"]} == {
+        "tokprune cls", "tokprune vtc_cls", "tokprune visionzip", "tokprune hiprune", "tokprune vispruner",
+        "tokprune fastv"}
     assert all(len(r["runs_ms"]) == 2 and r["time_ratio"] > 0 for r in data["rows"])
     md = (tmp_path / "peers.md").read_text()
     assert "kept sets equal" in md and "DIFFER" not in md

@@ -115,12 +115,31 @@ def test_speed_run_measures_every_part(proxy, tmp_path):
     assert (cls.overhead_goal, fastv.overhead_goal) == (0.01, 0.03)
     # the real-depth bound: the same pruning on the 4-layer model
     assert fastv.full_depth_bound > fastv.bound and cls.full_depth_bound > cls.bound
+    # the overhead's share of the real-depth prefill: this prefill scaled by the case's real / proxy FLOPs
+    geometry = flops.geometry_from_inputs(configs.example_inputs(model.config, n_text=10))
+    for r in (cls, fastv):
+        rec = _record_of(model, r)
+        real = flops.record_report(full, rec, logits_to_keep=1, **geometry).total
+        proxy_total = flops.record_report(model.config, rec, logits_to_keep=1, **geometry).total
+        assert r.real_depth_scale == pytest.approx(real / proxy_total) and r.real_depth_scale > 1.0
+        assert r.real_depth_share == pytest.approx(r.overhead_ms / (r.prefill_ms * real / proxy_total))
     md = report.to_markdown()
     assert "depth-reduced proxy: LLM 3 of 4 layers" in md and "| cls keep=4 | vision | 4 |" in md
     assert md.count("| <= 1% ") == 1 and md.count("| <= 3% ") == 1
     js, _ = report.write(tmp_path)
     snippet = speed.readme_snippet([js])
     assert "| fastv keep=4 |" in snippet and "CPU" in snippet
+
+
+def _record_of(model, row):
+    """The record of one prefill of ``row``'s case (same inputs as the speed run)."""
+    tokprune.apply(model, method=row.method, keep=row.keep)
+    try:
+        with torch.inference_mode():
+            model(**configs.example_inputs(model.config, n_text=10), use_cache=True, logits_to_keep=1)
+        return tokprune.last_record(model)
+    finally:
+        tokprune.remove(model)
 
 
 def test_speed_run_encoder_bound_counts_encoder_cuts(proxy):
@@ -146,7 +165,8 @@ def test_speed_script_and_gpu_script_take_every_registered_method():
         text = (ROOT / "benchmarks" / script).read_text()
         assert "--methods" not in text, f"{script} names methods: new registered ones would be left out"
     gpu = (ROOT / "benchmarks" / "gpu.sh").read_text()
-    assert 'STEPS=" ${*:-bench speed syncs kernels peers} "' in gpu and "benchmarks/peers.py" in gpu
+    assert "QUICK=\"kernels syncs peers speed\"" in gpu and "${*:-quick}" in gpu and "benchmarks/peers.py" in gpu
+    assert "ESTIMATE, NOT A MEASUREMENT" in gpu  # no GPU figure exists: the header says its times are guesses
 
 
 def test_speed_run_stops_at_its_budget(proxy):
@@ -249,13 +269,36 @@ def test_sync_free_slot_helpers_equal_nonzero():
 def test_one_command_scripts_run_end_to_end_on_tiny_configs(script, tmp_path):
     env = {**os.environ, "TOKPRUNE_BENCH_TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on a shared CPU
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / script)], env=env, capture_output=True, text=True,
-                          timeout=900)
+    steps = ["all", "peers-memory"] if script == "gpu.sh" else []  # gpu.sh's default is its one-call "quick" part
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / script), *steps], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
     assert {"README-snippet.md", "syncs.md", "speed-tiny-llava.json", "speed-tiny-qwen2.5-vl.json",
             "profile-tiny-llava.md"} <= files
     if script == "gpu.sh":
         assert {"bench-tiny-llava-b1.json", "bench-tiny-qwen2.5-vl-b2.json", "speed-tiny-llava-b2.json",
-                "kernels_cpu.json"} <= files
+                "kernels_cpu.json", "peers.md", "peers-memory.md"} <= files
+        assert "verdict: n/a" in proc.stdout  # the kernels' 2x verdict line (n/a: no Triton kernel on a CPU)
+        for step in ("kernels", "syncs", "speed", "peers", "bench", "speed8", "peers-memory"):
+            assert f"== {step} took " in proc.stdout, step  # elapsed per step
+        memory = json.loads((tmp_path / "peers-memory.json").read_text())
+        assert len(memory["rows"]) == 13 and all(r["peak_mib"] is not None for r in memory["rows"])  # 6 + 7 cases
+        assert "kept sets equal" in (tmp_path / "peers.md").read_text()
     assert "| cls keep=8 |" in (tmp_path / "README-snippet.md").read_text()
+
+
+def test_kernel_verdict_keeps_only_kernels_twice_as_fast_at_every_shape():
+    """benchmarks/kernel_speed.py's verdict (issue #28: a Triton kernel stays only where it is >= 2x faster than the
+    PyTorch path): keep needs >= 2x at every shape; without a Triton timing it says n/a, never keep."""
+    spec = importlib.util.spec_from_file_location("kernel_speed_bench", ROOT / "benchmarks" / "kernel_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"ops": {"select": {"speedup": 3.0}, "gather": {"speedup": 2.5}}},
+            {"ops": {"select": {"speedup": 2.0}, "gather": {"speedup": 1.9}}}]
+    v = mod.verdicts({"backend": "triton"}, rows)
+    assert v["select"]["verdict"] == "keep" and v["gather"]["verdict"] == "remove"
+    assert v["gather"]["min_speedup"] == 1.9
+    assert {x["verdict"] for x in mod.verdicts({"backend": "torch-reference"}, rows).values()} == {"n/a"}
+    lines = mod.verdict_lines({"backend": "triton"}, rows)
+    assert any("select" in x and "KEEP" in x for x in lines) and any("gather" in x and "REMOVE" in x for x in lines)

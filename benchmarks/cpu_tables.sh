@@ -11,10 +11,10 @@
 #   2. Qwen2.5-VL-7B proxy (1024x1024 image = 1369 visual tokens, LLM 4 of 28, ViT 4 of 32 blocks): keep_ratio
 #      0.5/0.25/0.125 (cls / vtc_cls need a [CLS] token: their rows say so).
 #   3. README-snippet.md: the Speed table ready to paste.
-# The estimate: rounds x ((1 + sum over cases of the case's analytic FLOPs ratio) x the measured unpruned prefill
-# + the cost bound's module timings per round, timed here), per proxy (catp's few-shot prompt counted as 5 images);
-# a quiet Xeon 2-core took 4.9 s (LLaVA proxy) and 11.4 s (Qwen proxy) per unpruned prefill, which gives about
-# 40 min before the cost-bound timings. Run it only on an otherwise idle machine.
+# The estimate: rounds x (1 + sum over cases of the case's analytic FLOPs ratio + the same for each distinct schedule
+# the cost bound replays, + 1 for the unpruned replay) x the measured unpruned prefill, per proxy (catp's few-shot
+# prompt counted as 5 images); a quiet Xeon 2-core takes 4.9 s (LLaVA proxy) and 11.4 s (Qwen proxy) per unpruned
+# prefill. Run it only on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -39,8 +39,6 @@ if [[ "${1:-}" == "--estimate" ]]; then
 import sys, time, torch, tokprune
 from tokprune import configs, flops
 from tokprune.eval.proxy import reduce_depth
-from tokprune.eval import cost
-from tokprune.eval.bench import _timer
 rounds, total = int(sys.argv[1]), 0.0
 for name, budgets, llm, vis, size, icl in [
         ("llava-1.5-7b", [dict(keep=k) for k in (192, 128, 64)], 4, None, None, 5),
@@ -53,7 +51,7 @@ for name, budgets, llm, vis, size, icl in [
         t0 = time.perf_counter()
         model(**inputs, use_cache=True, logits_to_keep=1)
         unit = time.perf_counter() - t0
-    units, pieces, icl_pieces = 1.0, set(), set()
+    units, replays = 1.0, {}
     for m in tokprune.methods():
         for b in budgets:
             try:
@@ -61,29 +59,21 @@ for name, budgets, llm, vis, size, icl in [
                 r = flops.for_budget(cfg, schedule=s, n_text=95, image_size=size).ratio()
             except Exception:
                 continue  # refused on this family: the row is an error, no prefill
-            units += icl * r if (m == "catp" and icl) else r
             n = icl if (m == "catp" and icl) else 1
-            sched = flops.TokenSchedule.unpruned(cfg, n_text=95, n_images=n, image_size=size)
-            for layer, kept in s.plan():
-                sched = sched.pruned(layer, kept * n)
-            (icl_pieces if n > 1 else pieces).update(sched.tokens)
+            units += n * r
+            key = (n, tuple(s.plan()))
+            replays[key] = n * r  # a replay of this schedule costs about what a pruned prefill does
     if icl:
-        units += icl  # the unpruned few-shot prompt
-    # the cost bound's pieces (tokprune.eval.cost), timed once per round: each distinct LLM token count (timed here
-    # once each), the unpruned encoder's and projector's pieces (the model check); the few-shot run's pieces are
-    # bounded above by their count x the layer at the full few-shot length
-    full = cost.demand(cfg, [flops.TokenSchedule.unpruned(cfg, n_text=95, image_size=size)])
-    todo = sorted({cost.Piece("llm", n) for n in pieces} | set(full))
-    clock = cost.PieceClock(model, _timer(torch.device("cpu")))
-    piece_s = sum(clock.time(todo).values()) / 1e3
-    if icl:
-        longest = cost.Piece("llm", max(icl_pieces))
-        piece_s += len(icl_pieces) * clock.time([longest])[longest] / 1e3
-    del model, clock
-    secs = rounds * (units * unit + piece_s)
+        units += 2 * icl  # the unpruned few-shot prompt and its replay
+    # the cost bound (tokprune.eval.cost): one replay per distinct LLM token schedule per round (a prefill at the
+    # schedule's FLOPs ratio, at most) plus the unpruned schedule's replay (the check); probe / encoder pieces timed
+    # alone take seconds and are left out
+    units += 1 + sum(replays.values())
+    del model
+    secs = rounds * units * unit
     total += secs
-    print(f"{name} proxy: one unpruned prefill {unit:.1f} s here; {rounds} rounds x ({units:.1f} prefill units + "
-          f"{piece_s:.1f} s of cost-bound pieces) = ~{secs / 60:.0f} min")
+    print(f"{name} proxy: one unpruned prefill {unit:.1f} s here; {rounds} rounds x {units:.1f} prefill units "
+          f"(cases and their schedules' replays) = ~{secs / 60:.0f} min")
 print(f"estimated run time (this machine, as loaded now): ~{total / 60:.0f} min, plus ~2 min of model builds "
       "and profiles")
 PYEOF

@@ -60,6 +60,11 @@ def test_reduce_depth_cuts_per_block_lists_and_refuses_bad_depths():
     assert len(cfg.text_config.layer_types) == 4 and cfg.text_config.num_hidden_layers == 4
     assert depth.label() == "depth-reduced proxy: LLM 4 of 28 layers, vision 8 of 32 layers"
     assert "full-attention ViT blocks [7]" in depth.notes[0]
+    # the real ViT ends on a full-attention block, so the proxy's last block is one (VFlowOpt reads it)
+    cfg4, depth4 = reduce_depth(configs.load("qwen2.5-vl-7b"), 4, 4)
+    assert cfg4.vision_config.fullatt_block_indexes == [3] and "blocks [3] (real: [7, 15, 23, 31]" in depth4.notes[0]
+    assert flops.describe(cfg4).vision.windowed == frozenset({0, 1, 2})
+    assert reduce_depth(configs.load("qwen2.5-vl-7b"), 4, 32)[0].vision_config.fullatt_block_indexes == [7, 15, 23, 31]
     assert reduce_depth(configs.load("qwen3-vl-8b"), None, 10)[0].vision_config.deepstack_visual_indexes == [8]
     assert not reduce_depth(configs.load("llava-1.5-7b"))[1].is_proxy
     for bad in (0, 33, 2.5, True):

@@ -1,24 +1,31 @@
 """The measured-cost ("calibrated") speed-up bound: what a zero-overhead pruner with a case's token schedule would
-take on this device, from the unpatched model's own modules timed at the schedule's token counts.
+take on this device, measured by **replaying** the schedule on the unpatched model.
 
 Why: the analytic bound (:mod:`tokprune.flops`) assumes time is proportional to FLOPs. At small token counts a
 decoder layer's GEMMs read the same weights for fewer tokens, so on a CPU (and on a GPU at small batch) a layer at
 159 tokens takes more than 159/671 of its 671-token time: the FLOPs model overestimates the possible speed-up.
-The cost bound replaces FLOPs by measured module times:
+The cost bound replaces FLOPs by measured time:
 
-    T_ceiling(case) = T_unpruned - sum over pieces p of (D_unpruned[p] - D_case[p]) * t[p]
+    T_ceiling(case) = T_replay(tokens) + sum over probes p of D_case[p] * t[p]
+                      - sum over encoder pieces p of (D_unpruned[p] - D_case[p]) * t[p]
 
-where a *piece* is one unpatched module run at one token count (an LLM decoder layer on ``batch x L`` hidden
-states, the projector / merger on ``N`` ViT tokens, one ViT layer on ``S x N`` tokens), ``t[p]`` its time measured
-in the same round, and ``D[p]`` how many times a schedule runs it (:func:`demand`). Pieces the case runs exactly
-as the unpruned model does (the encoder of every method that prunes after it) cancel, so the encoder and projector
-terms appear only where a method cuts inside the encoder (FlowCut, and ViT-layer vision stages). A probe (the next
-layer's q/k that PyramidDrop / TransPrune score a cut with) is the method's necessary work: it enters ``D_case`` as
-the FLOPs share of one layer at the probe's token count (``probe_flops / llm_layer_flops``), not timed on its own.
-``cost bound = T_unpruned / T_ceiling``.
+* ``T_replay(tokens)`` (:class:`ScheduleReplay`): one forward of the *unpatched* model in which LLM layer ``l``
+  runs on the first ``tokens[l]`` positions only (a forward pre-hook slices the hidden states, rotary tables,
+  position ids and mask; a causal prefix needs nothing else). It is the case's LLM schedule with no scoring, no
+  selection and no gather: the model's own modules inside a real forward, so caches, threads and allocator behave
+  as in the case's run (modules timed alone ran up to ~10 % slower at small token counts and faster at large ones,
+  which biased the earlier all-pieces bound both ways).
+* A *piece* is one unpatched module run alone at one token count, for what a replay does not run: a **probe** (the
+  next layer's q/k that PyramidDrop / TransPrune score a cut with; the method's necessary work, counted as its FLOPs
+  share ``probe_flops / llm_layer_flops`` of a decoder layer at the probe's token count) and the **encoder** pieces
+  (a ViT layer on ``S x N`` tokens, the projector / merger on ``N`` ViT tokens) of a method that cuts inside the
+  encoder (FlowCut): the replay runs the whole encoder, and what those cuts save is subtracted. ``t[p]`` is the
+  piece's time measured in the same round, ``D[p]`` how many times a schedule runs it (:func:`demand`).
 
-One job: the demand of a schedule, the pieces' runners (:class:`PieceClock`) and the formula (:func:`ceiling_ms`);
-:mod:`tokprune.eval.speed` times the pieces round-robin with the cases.
+``cost bound = T_unpruned / T_ceiling``; the goal compares the case with its ceiling of the same round.
+
+One job: the demand of a schedule, the replay, the pieces' runners (:class:`PieceClock`) and the formula
+(:func:`ceiling_ms`); :mod:`tokprune.eval.speed` times them round-robin with the cases.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 @dataclass(frozen=True, order=True)
 class Piece:
-    """One timed unit: ``part`` "llm" (a decoder layer on ``rows x tokens``), "proj" (projector / merger on
+    """One timed unit: ``part`` "llm" (a decoder layer on ``rows x tokens``), "probe" (the same layer, standing for
+    a probe: its demand is the probe's FLOPs share of it), "proj" (projector / merger on
     ``rows x tokens`` ViT tokens) or "enc" (a ViT layer on ``rows`` sequences of ``tokens``; ``windows``: the
     window sizes of a windowed Qwen2.5-VL block, empty for full attention)."""
 
@@ -55,10 +63,11 @@ class Piece:
 def demand(config: Any, schedules: Sequence[flops.TokenSchedule]) -> Counter[Piece]:
     """How many times the prefill of ``schedules`` (one per sample, run as one batch) runs each piece.
 
-    LLM layer ``l`` runs once on ``batch x max_b tokens_b[l]`` (a batch is padded to its longest sample); a probe
-    adds its FLOPs share of a layer at its token count; ViT layer ``e`` runs once on all images' sequences at the
-    longest count; the projector once on all images' ViT tokens. Images without vision work (LLaVA-NeXT without
-    sizes) leave the encoder out of both sides of the formula.
+    LLM layer ``l`` runs once on ``batch x max_b tokens_b[l]`` (a batch is padded to its longest sample; the
+    replay runs these, :func:`llm_tokens`); a probe adds its FLOPs share of a layer at its token count (part
+    "probe"); ViT layer ``e`` runs once on all images' sequences at the longest count; the projector once on all
+    images' ViT tokens. Images without vision work (LLaVA-NeXT without sizes) leave the encoder out of both sides of
+    the formula.
     """
     arch = flops.describe(config)
     batch = len(schedules)
@@ -71,7 +80,7 @@ def demand(config: Any, schedules: Sequence[flops.TokenSchedule]) -> Counter[Pie
             n0, r0 = by_layer.get(layer, (0, 0))
             by_layer[layer] = (max(n0, n), max(r0, rows))
     for n, rows in by_layer.values():
-        out[Piece("llm", n, batch)] += probe_flops(arch.llm, n, rows) / flops.llm_layer_flops(arch.llm, n)
+        out[Piece("probe", n, batch)] += probe_flops(arch.llm, n, rows) / flops.llm_layer_flops(arch.llm, n)
     works = [w for s in schedules for w in s.images]
     if not works or arch.vision is None:
         return out
@@ -101,23 +110,90 @@ def _windows(unpruned: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(s for s in sizes if s)
 
 
-def ceiling_ms(unpruned_ms: float, full: Mapping[Piece, float], case: Mapping[Piece, float],
-               times: Mapping[Piece, float]) -> float:
-    """The formula: ``unpruned_ms - sum_p (full[p] - case[p]) * times[p]`` (pieces with equal demand cancel and
-    need no time)."""
-    saved = 0.0
+def llm_tokens(schedules: Sequence[flops.TokenSchedule]) -> tuple[int, ...]:
+    """Tokens per LLM layer of a batch's prefill (the longest sample's): what :class:`ScheduleReplay` runs."""
+    return tuple(max(s.tokens[layer] for s in schedules) for layer in range(len(schedules[0].tokens)))
+
+
+def timed_pieces(full: Mapping[Piece, float], case: Mapping[Piece, float]) -> set[Piece]:
+    """The pieces :func:`ceiling_ms` needs a time for: the case's probes, and the encoder / projector pieces whose
+    demand differs from the unpruned schedule's (the replay runs the LLM layers and the whole encoder)."""
+    out = {p for p, d in case.items() if p.part == "probe" and d}
     for p in set(full) | set(case):
-        diff = full.get(p, 0) - case.get(p, 0)
-        if diff:
-            saved += diff * times[p]
-    return unpruned_ms - saved
+        if p.part in ("enc", "proj") and full.get(p, 0) != case.get(p, 0):
+            out.add(p)
+    return out
 
 
-def rest_ms(unpruned_ms: float, full: Mapping[Piece, float], times: Mapping[Piece, float]) -> float:
-    """What the pieces do not explain of the unpruned prefill: patch embedding, embeddings, lm_head, norms, HF's
-    glue. Must be positive for the cost model to be sane (each piece is timed alone, so a piece slower alone than
-    inside the model would show here as a negative rest)."""
-    return unpruned_ms - sum(d * times[p] for p, d in full.items())
+def ceiling_ms(replay_ms: float, full: Mapping[Piece, float], case: Mapping[Piece, float],
+               times: Mapping[Piece, float]) -> float:
+    """The formula: ``replay_ms + sum_probes case[p] * times[p] - sum_encoder (full[p] - case[p]) * times[p]``
+    (LLM layer pieces are in the replay; encoder pieces with equal demand cancel and need no time)."""
+    out = replay_ms
+    for p in timed_pieces(full, case):
+        out += (case.get(p, 0) if p.part == "probe" else case.get(p, 0) - full.get(p, 0)) * times[p]
+    return out
+
+
+class ScheduleReplay:
+    """Run the unpatched model's forward with LLM layer ``l`` on the first ``tokens[l]`` positions only: a zero-cost
+    "pruner" with a case's LLM token schedule (see the module docstring). A forward pre-hook on each decoder layer
+    slices its hidden states and the per-token arguments HF passes it (rotary ``position_embeddings`` (B, N, D),
+    ``position_ids`` (..., N), a 4-D mask, ``cache_position``); the KV cache then holds the prefix. Because
+    attention is causal, the replay's last logits equal the unpatched model's logits at position ``tokens[-1] - 1``
+    (tests/test_speed_cost.py checks it)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        base = getattr(model, "model", model)
+        lm = getattr(base, "language_model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            raise NotImplementedError(f"{type(model).__name__}: no language_model.layers to replay a schedule on")
+        if getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None):
+            raise NotImplementedError("Qwen3-VL adds DeepStack features to the first LLM layers' hidden states at the "
+                                      "image's positions; a replay that slices them is not supported, measure the "
+                                      "analytic bound only")
+        self.layers = list(lm.layers)
+
+    def run(self, tokens: Sequence[int], forward: Callable[[], Any]) -> Any:
+        """``forward()`` with the layers trimmed to ``tokens`` (one count per decoder layer)."""
+        if len(tokens) != len(self.layers):
+            raise ValueError(f"{len(tokens)} token counts for {len(self.layers)} decoder layers")
+        handles = [layer.register_forward_pre_hook(_trim(n), with_kwargs=True)
+                   for layer, n in zip(self.layers, tokens)]
+        try:
+            return forward()
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _trim(n: int) -> Callable[[torch.nn.Module, tuple, dict], tuple[tuple, dict]]:
+    def hook(module: torch.nn.Module, args: tuple, kw: dict) -> tuple[tuple, dict]:
+        kw = dict(kw)
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kw.pop("hidden_states")
+        if hidden.shape[1] < n:
+            raise ValueError(f"replay: a layer gets {hidden.shape[1]} tokens, the schedule asks for {n} (a schedule "
+                             "never grows)")
+        pe = kw.get("position_embeddings")
+        if pe is not None:
+            kw["position_embeddings"] = tuple(x[..., :n, :] for x in pe)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"][..., :n]
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = kw["cache_position"][:n]
+        mask = kw.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            if mask.dim() != 4:
+                raise NotImplementedError(f"replay: a {mask.dim()}-D attention mask")
+            kw["attention_mask"] = mask[..., :n, :n]
+        elif mask is not None:
+            raise NotImplementedError(f"replay: attention mask of type {type(mask).__name__}")
+        return (hidden[:, :n], *args), kw
+
+    return hook
 
 
 class PieceClock:
@@ -152,7 +228,7 @@ class PieceClock:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
 
     def _build(self, p: Piece) -> Callable[[], Any]:
-        if p.part == "llm":
+        if p.part in ("llm", "probe"):
             return self._llm(p)
         if p.part == "proj":
             return self._proj(p)

@@ -10,7 +10,9 @@ config (``tokprune.flops`` reads the layer counts), which is the bound a measure
 Rules (:func:`reduce_depth`): the proxy keeps the *first* N decoder layers and the first M vision layers.
 Per-layer lists are cut to the same length (``layer_types``); Qwen2.5-VL keeps the full-attention blocks among
 its first M (``fullatt_block_indexes`` < M: M = 8 keeps block 7, one full-attention block per 8 as in the real
-32-block ViT; M < 8 keeps none); Qwen3-VL keeps its DeepStack taps among the first M blocks. LLaVA's
+32-block ViT) and its last block is always a full-attention one, as the real ViT's last block (31) is: M = 4 gives
+blocks 0-2 windowed and block 3 full, so methods that read a full-attention block (VFlowOpt) run on the proxy;
+Qwen3-VL keeps its DeepStack taps among the first M blocks. LLaVA's
 ``vision_feature_layer`` counts from the end (-2), so it stays the second-to-last layer of the proxy; a
 non-negative feature layer that the proxy would not have is an error.
 """
@@ -97,19 +99,23 @@ def reduce_depth(config: Any, llm_layers: int | None = None, vision_layers: int 
         m = vision_layers if vision_layers is not None else real.vision[1]
         vc = new.vision_config
         setattr(vc, _vision_depth_key(vc), m)
-        notes += _cut_vision_lists(new, vc, m)
+        notes += _cut_vision_lists(new, vc, m, real.vision[1])
         vision = (m, real.vision[1])
     return new, Depth((n, real.llm[1]), vision, tuple(notes))
 
 
-def _cut_vision_lists(config: Any, vc: Any, m: int) -> list[str]:
-    """Restrict the per-block index lists of a vision config to its first ``m`` blocks; notes for the table."""
+def _cut_vision_lists(config: Any, vc: Any, m: int, real_depth: int) -> list[str]:
+    """Restrict the per-block index lists of a vision config to its first ``m`` blocks (of ``real_depth``); notes
+    for the table."""
     notes = []
     full = getattr(vc, "fullatt_block_indexes", None)
     if isinstance(full, list):
         vc.fullatt_block_indexes = [i for i in full if i < m]
+        if full and full[-1] == real_depth - 1 and m - 1 not in vc.fullatt_block_indexes:
+            vc.fullatt_block_indexes.append(m - 1)  # the real ViT ends on a full-attention block: so does the proxy
         if vc.fullatt_block_indexes != full:
-            notes.append(f"full-attention ViT blocks {vc.fullatt_block_indexes or 'none'} (real: {full})")
+            notes.append(f"full-attention ViT blocks {vc.fullatt_block_indexes} (real: {full}; the last block attends "
+                         "over the whole image, as the real ViT's last block does)")
     deep = getattr(vc, "deepstack_visual_indexes", None)
     if isinstance(deep, list):
         vc.deepstack_visual_indexes = [i for i in deep if i < m]

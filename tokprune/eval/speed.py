@@ -16,10 +16,11 @@ report says why. CUDA events time GPU runs, ``time.perf_counter`` CPU runs. Weig
 
 Speed-ups are **medians of per-round paired ratios** (unpruned prefill of round r / case prefill of round r), which
 cancels drift slower than a round; the prefill columns stay medians of times. Each row has two bounds: the analytic
-FLOPs bound (:mod:`tokprune.flops`) and the measured **cost bound** (:mod:`tokprune.eval.cost`): after each round's
-cases, the unpatched model's own modules (one decoder layer at each distinct token count any case runs, and the
-projector / a ViT layer where a case cuts inside the encoder) are timed once, and a zero-overhead pruner's prefill
-is the unpruned prefill minus the time those modules save; cost bound = unpruned / that ceiling (per round, median).
+FLOPs bound (:mod:`tokprune.flops`) and the measured **cost bound** (:mod:`tokprune.eval.cost`): each case's LLM
+token schedule is *replayed* on the unpatched model (its decoder layers run on the schedule's token counts, nothing
+else) right beside the case in every round, plus probe / encoder-cut pieces timed alone; that is the prefill of a
+zero-overhead pruner, cost bound = unpruned / that ceiling, and the goal's figure is ceiling / case prefill of the
+same round (paired), median over rounds.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from tokprune.eval.bench import Case, Prompt, _meta, _selection_ms, _timer, _Tok
 
 ENCODER, SCORING = "tokprune::vision_encoder", "tokprune::scoring"
 COST_BOUND_NOTE = (
-    "*Cost bound*: the prefill a zero-overhead pruner with the same token schedule would take on this device, from "
-    "the unpatched model's own decoder layer (and projector / ViT layer where a method cuts inside the encoder) "
-    "timed at the schedule's token counts in the same rounds. It is below the analytic FLOPs bound because a layer "
-    "at a few hundred tokens still reads all its weights, so its time falls slower than its FLOPs; the analytic "
-    "bound is still shown beside it.")
+    "*Cost bound*: the prefill a zero-overhead pruner with the same token schedule takes on this device, measured: "
+    "the unpatched model replays the case's LLM token schedule (its decoder layers run on the schedule's token "
+    "counts, with no scoring, selection or gather) right beside the case in every round; a probe (PyramidDrop, "
+    "TransPrune) and cuts inside the encoder (FlowCut) are added / subtracted from the unpatched modules timed alone. "
+    "*measured / cost bound* is that replay's time / the case's time of the same round, median over rounds. It is "
+    "below the analytic FLOPs bound because a layer at a few hundred tokens still reads all its weights, so its time "
+    "falls slower than its FLOPs; the analytic bound is still shown beside it.")
 SPEED_GOAL = 0.95  # issue #28: measured speed-up >= 95% of the bound (the cost bound since it exists)
 
 
@@ -151,6 +154,7 @@ class SpeedRow:
     bound: float | None = None  # analytic: unpruned FLOPs / these FLOPs (same depth as measured)
     cost_bound: float | None = None  # measured: median over rounds of unpruned prefill / zero-overhead ceiling
     ceiling_ms: float | None = None  # median zero-overhead prefill with this schedule (tokprune.eval.cost)
+    cost_paired: float | None = None  # measured: median over rounds of ceiling / this prefill (the goal's figure)
     full_depth_bound: float | None = None  # analytic bound of the real-depth model for the same pruning
     encoder_speedup: float | None = None  # measured: unpruned encoder ms / this encoder ms
     encoder_bound: float | None = None  # analytic: vision + projector FLOPs ratio (counts encoder cuts, FlowCut)
@@ -189,7 +193,10 @@ class SpeedRow:
 
     @property
     def of_cost_bound(self) -> float | None:
-        """Measured speed-up / measured cost bound: what the goal (>= 95 %) judges."""
+        """Measured speed-up / measured cost bound, per round (= the ceiling / this prefill of the same round, the
+        replay timed beside the case), median over rounds: what the goal (>= 95 %) judges."""
+        if self.cost_paired is not None:
+            return self.cost_paired
         return self.speedup / self.cost_bound if self.speedup and self.cost_bound else None
 
 
@@ -225,10 +232,11 @@ class SpeedReport:
             "speed-up = median over rounds of (unpruned prefill / case prefill) of the same round (paired; prefill ms "
             "are medians of times); bound = analytic FLOPs ratio, of bound = speed-up / bound; **cost bound** = "
             "unpruned prefill / the prefill of a zero-overhead pruner with the case's token schedule, measured: the "
-            "unpatched model's own decoder layer (and projector / ViT layer where the case cuts inside the encoder) "
-            "timed at the schedule's token counts in the same rounds (tokprune.eval.cost; at small token counts a "
-            "layer still reads all its weights, so time falls slower than FLOPs); of cost bound = speed-up / cost "
-            "bound, judged by the speed goal (>= 95%). overhead = scoring (attention taps) + selection (record "
+            "unpatched model replays the case's LLM token schedule (decoder layers on the schedule's token counts, "
+            "nothing else) beside the case in each round, probes and encoder cuts from modules timed alone "
+            "(tokprune.eval.cost; at small token counts a layer still reads all its weights, so time falls slower "
+            "than FLOPs); of cost bound = replay / case prefill of the same round (median over rounds), "
+"judged by the speed goal (>= 95%). overhead = scoring (attention taps) + selection (record "
             "timings); shares are of the case's prefill and of the unpruned model's vision encoder "
             f"({_f(enc, '.1f')} ms) and, estimated, of the real-depth model's prefill (this prefill x the case's "
             "real-depth / proxy FLOPs); overhead goal: <= 1% of the prefill for pre-LLM methods, <= 3% with an in-LLM "
@@ -302,15 +310,17 @@ def _speed_goal(r: SpeedRow) -> str:
 
 
 def _cost_line(c: dict[str, Any]) -> str:
-    """The cost model's check for the table header: the unpruned prefill split into the timed pieces and the rest."""
+    """How the cost bound was measured, for the table header, with the replay's check (a replay of the unpruned
+    schedule is the unpruned forward plus no-op hooks: its time / the unpruned prefill should be ~1)."""
     if c.get("error"):
         return f"cost bound not measured: {c['error']}"
-    parts = ", ".join(f"{k} {v:.1f} ms" for k, v in c["unpruned_parts_ms"].items())
-    verdict = "positive: sane" if c["rest_ms"] > 0 else "NEGATIVE: pieces timed alone exceed the whole, bound suspect"
-    return (f"cost model check (medians): unpruned prefill {c['unpruned_ms']:.1f} ms = {parts} + rest "
-            f"{c['rest_ms']:.1f} ms ({c['rest_ms'] / c['unpruned_ms']:.1%}: patch embedding, embeddings, lm_head, "
-            f"glue; {verdict}); {c['pieces']} pieces timed per round, {c['seconds_per_round']:.1f} s per round "
-            f"({c['share_of_run']:.1%} of the run).")
+    check = c.get("replay_check")
+    rounds = ", ".join(f"{x:.3f}" for x in c.get("replay_check_per_round") or [])
+    return (f"cost bound: {c['replays_per_round']} schedule replays per round (one per distinct LLM token schedule, "
+            f"timed beside its cases) and {c['pieces']} probe / encoder pieces timed alone, "
+            f"{c['seconds_per_round']:.1f} s per round ({c['share_of_run']:.1%} of the run); check: the replay of the "
+            "unpruned schedule takes "
+            f"{_f(check, '.3f')} x the unpruned prefill (median; per round {rounds}).")
 
 
 def _share(part: float | None, whole: float | None) -> float | None:
@@ -335,89 +345,135 @@ class _Samples:
     record: Any = None
     cost_ratio: list[float] = field(default_factory=list)  # per round: unpruned prefill / zero-overhead ceiling
     ceiling: list[float] = field(default_factory=list)  # per round: the ceiling (ms)
+    paired: list[float] = field(default_factory=list)  # per round: ceiling / this case's prefill
+
+
+class _ReplayClock:
+    """Times :class:`tokprune.eval.cost.ScheduleReplay` of a token schedule with the study's forward and timer."""
+
+    def __init__(self, model: torch.nn.Module, forward: Callable[[], Any],
+                 timer: Callable[[Callable[[], Any]], tuple[float, Any]]) -> None:
+        self.replay, self.forward, self.timer = cost.ScheduleReplay(model), forward, timer
+
+    def time(self, tokens: Sequence[int]) -> float:
+        return self.timer(lambda: self.replay.run(tokens, self.forward))[0]
 
 
 class _CostRounds:
-    """The cost bound's timings (:mod:`tokprune.eval.cost`): after each round's cases, every piece whose demand
-    differs between the unpruned schedule and some case's, plus the unpruned schedule's own pieces (for the
-    check that they leave a positive rest), timed once each on the unpatched model; each case's ceiling of that
-    round follows from them and the round's unpruned prefill. ``clock`` is injectable (tests)."""
+    """The cost bound's timings (:mod:`tokprune.eval.cost`). Right after the first case of a round with a given
+    LLM token schedule has run (the patch removed again), that schedule is replayed once on the unpatched model
+    (the unpruned schedule too, as a check that the replay's hooks cost nothing); from round 2 on, cases with the
+    same schedule run next to each other, so the replay is timed beside them. After each round, the probe and
+    encoder pieces the cases need are timed alone, and each case's ceiling of that round follows. ``clock`` and
+    ``replays`` are injectable (tests)."""
 
-    def __init__(self, model: torch.nn.Module, clock: Any, inputs: dict[str, Any],
+    def __init__(self, model: torch.nn.Module, clock: Any, replays: Any, inputs: dict[str, Any],
                  unpruned: flops.TokenSchedule) -> None:
         self.config = model.config
-        self.clock = clock
+        self.clock, self.replays = clock, replays
         self.geometry = flops.geometry_from_inputs(inputs)
         self.batch = int(inputs["input_ids"].shape[0])
         self.full = cost.demand(self.config, [unpruned] * self.batch)
-        self.times: list[dict[cost.Piece, float]] = []
-        self.unpruned_ms: list[float] = []
-        self.seconds: list[float] = []
+        self.full_tokens = cost.llm_tokens([unpruned] * self.batch)
         self.error: str | None = None
+        self._keys: dict[int, tuple[int, ...]] = {}
         self._demands: dict[int, Any] = {}
+        self._round: dict[tuple[int, ...], float] = {}  # this round's replay ms by schedule
+        self._spent = 0.0
+        self.seconds: list[float] = []
+        self.check: list[float] = []  # per round: replay of the unpruned schedule / unpruned prefill
+        self.n_replays: list[int] = []
+        self.n_pieces: list[int] = []
 
-    def after_round(self, rounds: int, samples: list[_Samples], errors: list[str | None]) -> None:
-        base = samples[0]
-        if self.error or errors[0] or len(base.prefill) != rounds:
+    def order(self, n: int) -> list[int]:
+        """The order of the cases in a round: the unpruned one first, then grouped by LLM schedule (in the order
+        the schedules first appeared); before the schedules are known, as given."""
+        first: dict[tuple[int, ...], int] = {}
+        for j in range(n):
+            if j in self._keys:
+                first.setdefault(self._keys[j], j)
+        return [0] + sorted(range(1, n), key=lambda j: (first.get(self._keys.get(j), j), j))
+
+    def after_case(self, j: int, sample: _Samples) -> None:
+        """Case ``j`` has just run (model unpatched again): replay its schedule if this round has not yet."""
+        if self.error:
             return
         t0 = time.perf_counter()
         try:
-            live = [j for j, s in enumerate(samples) if not errors[j] and len(s.prefill) == rounds]
-            for j in live:
-                rec = samples[j].record
-                self._demands[j] = (self.full if rec is None else
-                                    cost.demand(self.config, flops.from_record(self.config, rec, **self.geometry)))
-            pieces = set(self.full)
-            for j in live:
-                d = self._demands[j]
-                pieces |= {p for p in set(d) | set(self.full) if d.get(p, 0) != self.full.get(p, 0)}
-            times = self.clock.time(sorted(pieces))
-        except Exception as e:  # a family whose modules the clock cannot run: said in the table, the run goes on
+            if j not in self._keys:
+                rec = sample.record
+                if rec is None:
+                    self._keys[j], self._demands[j] = self.full_tokens, self.full
+                else:
+                    schedules = flops.from_record(self.config, rec, **self.geometry)
+                    self._keys[j], self._demands[j] = cost.llm_tokens(schedules), cost.demand(self.config, schedules)
+            key = self._keys[j]
+            if key not in self._round:
+                self._round[key] = self.replays.time(key)
+        except Exception as e:  # a family the replay cannot run: said in the table, the run goes on
+            self.error = f"{type(e).__name__}: {e}"
+            print(f"[speed] cost bound not measured: {self.error}", file=sys.stderr, flush=True)
+        self._spent += time.perf_counter() - t0
+
+    def after_round(self, rounds: int, samples: list[_Samples], errors: list[str | None]) -> None:
+        base = samples[0]
+        replays, self._round = self._round, {}
+        spent, self._spent = self._spent, 0.0
+        if self.error or errors[0] or len(base.prefill) != rounds:
+            return
+        t0 = time.perf_counter()
+        live = [j for j, s in enumerate(samples)
+                if not errors[j] and len(s.prefill) == rounds and self._keys.get(j) in replays]
+        pieces: set[cost.Piece] = set()
+        for j in live:
+            pieces |= cost.timed_pieces(self.full, self._demands[j])
+        try:
+            times = self.clock.time(sorted(pieces)) if pieces else {}
+        except Exception as e:  # a family whose modules the clock cannot run
             self.error = f"{type(e).__name__}: {e}"
             print(f"[speed] cost bound not measured: {self.error}", file=sys.stderr, flush=True)
             return
-        self.seconds.append(time.perf_counter() - t0)
-        self.times.append(times)
-        self.unpruned_ms.append(base.prefill[-1])
+        self.seconds.append(spent + time.perf_counter() - t0)
+        self.n_replays.append(len(replays))
+        self.n_pieces.append(len(pieces))
+        unpruned = base.prefill[-1]
+        if self.full_tokens in replays:
+            self.check.append(replays[self.full_tokens] / unpruned)
         for j in live:
-            ceiling = cost.ceiling_ms(base.prefill[-1], self.full, self._demands[j], times)
-            samples[j].ceiling.append(ceiling)
-            if ceiling > 0:  # else the pieces timed alone exceed the whole: no bound (the check says NEGATIVE)
-                samples[j].cost_ratio.append(base.prefill[-1] / ceiling)
+            s = samples[j]
+            if j == 0:  # the unpruned model is its own ceiling (its replay is the check above)
+                s.ceiling.append(unpruned)
+                s.cost_ratio.append(1.0)
+                continue
+            ceiling = cost.ceiling_ms(replays[self._keys[j]], self.full, self._demands[j], times)
+            s.ceiling.append(ceiling)
+            s.cost_ratio.append(unpruned / ceiling)
+            s.paired.append(ceiling / s.prefill[-1])
 
     def meta(self, wall_s: float) -> dict[str, Any]:
-        """The check for the table: medians of the unpruned prefill's pieces by part, and the rest."""
+        """What the table says about the bound: replays and pieces per round, their time, the replay check."""
         if self.error:
             return {"error": self.error}
-        if not self.times:
+        if not self.seconds:
             return {}
-        names = {"llm": "LLM layers", "enc": "ViT layers", "proj": "projector"}
-        parts: dict[str, list[float]] = {}
-        for times in self.times:
-            for part, name in names.items():
-                total = sum(d * times[p] for p, d in self.full.items() if p.part == part)
-                if any(p.part == part for p in self.full):
-                    parts.setdefault(name, []).append(total)
-        rest = [cost.rest_ms(u, self.full, t) for u, t in zip(self.unpruned_ms, self.times)]
-        return {"unpruned_ms": _median(self.unpruned_ms),
-                "unpruned_parts_ms": {k: _median(v) for k, v in parts.items()},
-                "rest_ms": _median(rest), "rest_ms_per_round": [round(x, 1) for x in rest],
-                "piece_ms": {str(p): _median([t[p] for t in self.times if p in t])
-                             for p in sorted({p for t in self.times for p in t})},
-                "pieces": len(self.times[-1]), "seconds_per_round": statistics.mean(self.seconds),
-                "share_of_run": sum(self.seconds) / wall_s if wall_s else 0.0}
+        return {"replays_per_round": max(self.n_replays), "pieces": max(self.n_pieces),
+                "seconds_per_round": statistics.mean(self.seconds),
+                "share_of_run": sum(self.seconds) / wall_s if wall_s else 0.0,
+                "replay_check": _median(self.check), "replay_check_per_round": [round(x, 4) for x in self.check]}
 
 
 def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = None, *, min_repeats: int = 3,
         max_repeats: int = 5, budget_s: float | None = None, warmup: int = 1, full_config: Any = None,
         depth: Any = None, progress: bool = True, meta: dict[str, Any] | None = None,
-        piece_clock: Any = None) -> SpeedReport:
+        piece_clock: Any = None, replay_clock: Any = None) -> SpeedReport:
     """Measure every case round-robin (see the module docstring); the first case must be ``Case()``.
 
     ``full_config``: the real-depth config when ``model`` is a depth-reduced proxy (adds the real-depth bound);
     ``depth``: its :class:`tokprune.eval.proxy.Depth`. ``warmup``: untimed unpruned forwards before round 1.
     ``piece_clock``: what times the cost bound's pieces (default :class:`tokprune.eval.cost.PieceClock` on
-    ``model``; anything with ``time(pieces) -> {piece: ms}``).
+    ``model``; anything with ``time(pieces) -> {piece: ms}``); ``replay_clock``: what times a replay of an LLM token
+    schedule (default: :class:`tokprune.eval.cost.ScheduleReplay` of this study's forward; anything with
+    ``time(tokens) -> ms``).
     """
     import tokprune
     from tokprune.configs import example_inputs
@@ -436,11 +492,19 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = N
     errors: list[str | None] = [None] * len(cases)
     schedule = flops.TokenSchedule.unpruned(model.config, n_text=prompt.n_text, n_images=prompt.n_images,
                                             image_size=prompt.image_size)
-    costs = _CostRounds(model, piece_clock or cost.PieceClock(model, timer), inputs, schedule)
-    t_start = time.perf_counter()
 
     def forward() -> Any:
         return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    replay_error = None
+    if replay_clock is None:
+        try:
+            replay_clock = _ReplayClock(model, forward, timer)
+        except NotImplementedError as e:  # the table says why it has no cost bound
+            replay_error = f"{type(e).__name__}: {e}"
+    costs = _CostRounds(model, piece_clock or cost.PieceClock(model, timer), replay_clock, inputs, schedule)
+    costs.error = replay_error
+    t_start = time.perf_counter()
 
     reason = f"{max_repeats} requested"
     rounds = 0
@@ -451,7 +515,8 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = N
             _log(progress, f"warm-up {i + 1}/{warmup}: unpruned prefill {t:.1f} ms")
         while rounds < max_repeats:
             t_round = time.perf_counter()
-            for j, case in enumerate(cases):
+            for j in costs.order(len(cases)):
+                case = cases[j]
                 if errors[j]:
                     continue
                 s = samples[j]
@@ -479,6 +544,9 @@ def run(model: torch.nn.Module, cases: Sequence[Case], prompt: Prompt | None = N
                         if restore is not None:
                             restore()
                         tokprune.remove(model)
+                if not errors[j]:  # the zero-overhead replay of this schedule, beside the case (cost bound)
+                    costs.after_case(j, s)
+                    watch.take_ms()
             rounds += 1
             costs.after_round(rounds, samples, errors)
             took = time.perf_counter() - t_round
@@ -520,6 +588,7 @@ def _rows(config: Any, cases: Sequence[Case], samples: list[_Samples], errors: l
         row.scoring_ms, row.select_ms = _median(s.scoring), _median(s.select)
         row.runs_ms = [round(x, 4) for x in s.prefill]
         row.cost_bound, row.ceiling_ms = _median(s.cost_ratio), _median(s.ceiling)
+        row.cost_paired = _median(s.paired) if s.record is not None else None
         if s.record is None:  # the unpruned model
             sched = [unpruned] * batch
         else:

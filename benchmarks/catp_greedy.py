@@ -8,7 +8,8 @@ keeps ``floor(576 (1 - R/2)) = 351`` tokens after ``351`` greedy steps. Timed:
 
 * the vectorised greedy (:func:`tokprune.rules.catp.stage1_select`: batched similarity matrices, one batched
   marginal-gain step per pick with the incremental cover update, on the ``tokprune.kernels`` path), all images
-  in one call;
+  in one call; on CPU that path is now the lazy greedy (same picks, :func:`tokprune.kernels.reference.
+  facility_location_lazy`), so tables written before it show the batched step;
 * a plain-loop reference (a Python loop over the candidates at every step, each gain one vector op): one image,
   scaled by the number of images (said in the table);
 * the LLM prefill it sits in: one LLaMA-7B-width decoder layer (hidden 4096, 32 heads, FFN 11008, SDPA) on the

@@ -197,6 +197,40 @@ def test_kernel_greedy_equals_the_slow_loop_and_the_rule():
     assert out.tolist() == [[0, 2]]
 
 
+@pytest.mark.parametrize("similarity", ["rescaled", "cosine"])
+def test_lazy_greedy_picks_the_batched_greedys_tokens(similarity):
+    """The CPU path (lazy evaluation, a heap of stale gains) against the batched step it replaces: the same picks in
+    the same order, bit for bit, on padded batches, near-duplicate tokens (ties and near-ties), exact duplicates,
+    zero counts and real widths; small evaluation batches force many re-evaluation rounds per step."""
+    from tokprune.kernels import reference
+    from tokprune.rules.catp import similarity_matrix
+
+    gen = torch.Generator().manual_seed(7)
+    cases = []
+    x = torch.randn(4, 60, 16, generator=gen)
+    x[0, 30:] = x[0, :30] + 1e-4 * torch.randn(30, 16, generator=gen)  # near-duplicates
+    x[1, 10:20] = x[1, 0]  # exact duplicates: tied gains
+    x[2] = x[2].round()  # coarse values: many equal similarities
+    valid = torch.ones(4, 60, dtype=torch.bool)
+    valid[1, 41:] = False
+    valid[3, 17:] = False
+    cases.append((x, torch.randn(4, 16, generator=gen), torch.tensor([45, 30, 60, 0]), valid))
+    big = torch.randn(2, 300, 512, generator=gen) + torch.randn(2, 1, 512, generator=gen)  # a shared component
+    full = torch.ones(2, 300, dtype=torch.bool)
+    cases.append((big, torch.randn(2, 512, generator=gen), torch.tensor([225, 150]), full))
+    floor = 0.0 if similarity == "rescaled" else -1.0
+    for tokens, text, ks, valid in cases:
+        sim = similarity_matrix(tokens, tokens, similarity)
+        align = 0.7 * similarity_matrix(tokens, text[:, None], similarity)[..., 0]
+        want = reference.facility_location(sim, align, ks, valid, floor)
+        for batch in (1, 3, 16):
+            got = reference.facility_location_lazy(sim, align, ks, valid, floor, batch=batch)
+            assert torch.equal(got, want), batch
+        assert torch.equal(kernels.facility_location(sim, align, ks, valid, floor), want)  # CPU: the lazy path
+    with pytest.raises(ValueError, match="exceeds"):
+        reference.facility_location_lazy(sim, align, torch.tensor([301, 1]), valid, floor)
+
+
 def test_marginal_gain_update_is_the_objective_difference():
     torch.manual_seed(1)
     x, text = torch.randn(10, 6), torch.randn(6)

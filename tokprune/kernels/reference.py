@@ -6,10 +6,14 @@ are tested against. Semantics (ties, -1 padding, NaN handling) are defined here 
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 __all__ = [
     "canonical_scores",
+    "facility_location",
+    "facility_location_lazy",
     "gather_tokens",
     "merge_tokens",
     "nearest_assign",
@@ -275,9 +279,8 @@ def facility_location(
     operation over rows and candidates: the marginal gain of every candidate ``sum_x max(0, sim[t, x] - cover[x])
     + align[t]`` against the running cover, the pick, then the incremental max-coverage update ``cover =
     max(cover, sim[best])``; padding neither covers (its cover starts at +inf) nor is picked. Returns (B, max k)
-    indices in pick order, -1 padded; ties go to the lower index. (A lazy greedy, recomputing only the best stale
-    bounds, gives the same picks but was slower on 576-token images here: the bounds of near-uniform similarities
-    stay loose.)
+    indices in pick order, -1 padded; ties go to the lower index. This is the path for CUDA (no per-step host
+    sync); on CPU :func:`facility_location_lazy` gives the same picks with a fraction of the work.
     """
     b, s, _ = sim.shape
     dev = sim.device
@@ -294,4 +297,70 @@ def facility_location(
         out[:, step] = torch.where(active, best, torch.full_like(best, -1))
         cover = torch.where(active[:, None], torch.maximum(cover, sim[rows, best]), cover)
         picked = picked | ((torch.arange(s, device=dev)[None] == best[:, None]) & active[:, None])
+    return out
+
+
+def _gains(sim: torch.Tensor, cover: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
+    """Marginal gains of candidate rows ``sim`` (R, S) against ``cover`` (S,): the same float32 operations, in the
+    same order, as one row of :func:`facility_location`'s batched step (each row reduced on its own)."""
+    return (sim - cover).clamp_(min=0).sum(dim=-1).add_(align)
+
+
+def facility_location_lazy(
+    sim: torch.Tensor,
+    align: torch.Tensor,
+    k: torch.Tensor,
+    valid: torch.Tensor,
+    floor: float = 0.0,
+    batch: int = 16,
+) -> torch.Tensor:
+    """The same picks as :func:`facility_location` (same arguments, same output), by lazy evaluation: one image at a
+    time, a max-heap of each candidate's last computed gain keyed ``(-gain, index)``; a step re-evaluates the
+    stale entries at the top, up to ``batch`` at once, until the top entry is fresh, and picks it.
+
+    Exact, not approximate: the gain of a candidate is computed with the batched step's float32 operations
+    (:func:`_gains`: each row's sum is reduced on its own, so its bits do not depend on which other rows are
+    evaluated with it), and it cannot grow from step to step in float arithmetic either, since ``cover`` only
+    grows, ``max(0, s - c)`` is monotone under rounding and so is a sum of non-negative terms in a fixed order. A
+    stale gain is therefore an upper bound of the current one, and the fresh top of the heap is the exact argmax
+    (ties: the lower index sorts first, as in the batched step). Most candidates are never re-evaluated (on a
+    Qwen2.5-VL 1024x1024 image, 1369 tokens and 1026 picks, about 20 rows per pick instead of 1369), at the price
+    of host work per step, so :func:`tokprune.kernels.facility_location` uses it on CPU only.
+    """
+    b, s, _ = sim.shape
+    counts = [int(n) for n in k.tolist()]  # sync: CPU path; per-image loop bounds
+    if any(n > int(v) for n, v in zip(counts, valid.sum(1).tolist())):  # sync: CPU path, as above
+        raise ValueError("k exceeds the number of valid tokens of an image")
+    out = torch.full((b, max(counts, default=0)), -1, dtype=torch.long, device=sim.device)
+    for j, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows, bonus = sim[j], align[j]
+        cover = torch.where(valid[j], torch.full((s,), floor, device=sim.device),
+                            torch.full((s,), float("inf"), device=sim.device))
+        ok = valid[j].tolist()  # sync: CPU path
+        gains = _gains(rows, cover, bonus).tolist()  # sync: CPU path; step 0 evaluates every candidate
+        heap = [(-g, t, 0) for t, (g, real) in enumerate(zip(gains, ok)) if real]
+        heapq.heapify(heap)
+        picks = []
+        for step in range(n):
+            while heap[0][2] != step:  # the top is stale: re-evaluate the stale entries above the first fresh one
+                stale: list[int] = []
+                fresh = None
+                while heap and len(stale) < batch:
+                    entry = heapq.heappop(heap)
+                    if entry[2] == step:
+                        fresh = entry  # it bounds every entry below it
+                        break
+                    stale.append(entry[1])
+                idx = torch.tensor(stale, device=sim.device)
+                new = _gains(rows.index_select(0, idx), cover, bonus.index_select(0, idx)).tolist()  # sync: CPU path
+                for t, g in zip(stale, new):
+                    heapq.heappush(heap, (-g, t, step))
+                if fresh is not None:
+                    heapq.heappush(heap, fresh)
+            best = heapq.heappop(heap)[1]
+            picks.append(best)
+            cover = torch.maximum(cover, rows[best])
+        out[j, :n] = torch.tensor(picks, device=sim.device)
     return out

@@ -646,6 +646,22 @@ def test_qwen_vit_values_map_to_llm_token_order(zoo, family):
                       merge_units(raster, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_units_over_the_patch_axis_equal_the_moved_axis_form(dtype):
+    """``merge_units(x, u, dim=0)`` (what the Qwen adapter runs on per-patch hidden states, D contiguous) gives the
+    same bits as the former form, the patch axis moved last and back (a strided reduction ~10x slower on CPU), so
+    every method reading per-token ViT states on Qwen keeps the same tokens."""
+    from tokprune.encoder_taps import merge_units
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5476, 1280), (64, 3, 7), (12,)]:
+        x = torch.randn(*shape, generator=g).to(dtype)
+        moved = merge_units(x.movedim(0, -1), 4).movedim(-1, 0)
+        assert torch.equal(merge_units(x, 4, dim=0), moved)
+    with pytest.raises(ValueError, match="merge units of 4"):
+        merge_units(torch.zeros(6, 2), 4, dim=0)
+
+
 @pytest.mark.parametrize("family, method", [("llava_next", "cls"), ("llava_next", "vtc_cls"),
                                             ("qwen2_5_vl", "fastv"), ("qwen3_vl", "fastv"),
                                             ("llava_onevision", "visionzip")])

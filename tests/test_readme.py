@@ -68,7 +68,7 @@ GPU = ("bash benchmarks/gpu.sh", "bash integrations/vllm/bench/gpu.sh")
 #: as written, too long for every CI run (the README gives their time); ``pytest -m slow`` runs them
 SLOW = {
     "bash benchmarks/cpu.sh": "12-25 minutes of CPU (tests/test_speed.py runs the script on tiny configs)",
-    "bash benchmarks/cpu_tables.sh": "about 50 minutes on a quiet 2-core CPU",
+    "bash benchmarks/cpu_tables.sh": "about 70 minutes on a quiet 2-core CPU",
     "python benchmarks/icl_accuracy.py": "about 11 minutes of CPU",
 }
 WRITES = ("--save", "--out", "--json")

@@ -93,11 +93,15 @@ def received_over_windows(calls: list[torch.Tensor], sizes: list[int]) -> list[t
     return out
 
 
-def merge_units(scores: torch.Tensor, unit: int) -> torch.Tensor:
-    """Mean of each run of ``unit`` consecutive patch scores (..., P) -> (..., P / unit): one score per LLM token.
+def merge_units(scores: torch.Tensor, unit: int, dim: int = -1) -> torch.Tensor:
+    """Mean of each run of ``unit`` consecutive patch scores along ``dim`` (P there -> P / unit): one score per LLM
+    token.
 
     The Qwen processors lay patches out block-major, so each 2x2 merge unit is ``unit = 4`` consecutive patches.
+    Pass the patch axis as ``dim`` rather than moving it last: per-patch hidden states (P, D) reduce over ``dim=0``
+    with D contiguous (vectorised, ~10x faster on CPU than the strided reduction after ``movedim``; the same sums).
     """
-    if scores.shape[-1] % unit:
-        raise ValueError(f"{scores.shape[-1]} patch scores do not split into merge units of {unit} patches")
-    return scores.unflatten(-1, (-1, unit)).mean(-1)
+    dim = dim % scores.dim()
+    if scores.shape[dim] % unit:
+        raise ValueError(f"{scores.shape[dim]} patch scores do not split into merge units of {unit} patches")
+    return scores.unflatten(dim, (-1, unit)).mean(dim + 1)

@@ -47,5 +47,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801 (named after the transfor
         return received_over_windows(calls, sizes)
 
     def to_token_order(self, units: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Per-merge-unit values (U, ...) of all images of one ViT call: window order -> raster (LLM token) order."""
-        return units[torch.argsort(self.window_index(grid_thw).to(units.device))]
+        """Per-merge-unit values (U, ...) of all images of one ViT call: window order -> raster (LLM token) order
+        (``index_select``: the same rows as ``units[perm]``, several times faster on CPU for (U, D) states)."""
+        return units.index_select(0, torch.argsort(self.window_index(grid_thw).to(units.device)))

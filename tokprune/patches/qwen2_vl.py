@@ -102,7 +102,7 @@ class Qwen2VLAdapter(Adapter):
             u = self.merge_unit
             units = per_patch.unflatten(0, (-1, u)).movedim(1, -2).flatten(-2)
         else:
-            units = self.to_token_order(merge_units(per_patch.movedim(0, -1), self.merge_unit).movedim(-1, 0), grid)
+            units = self.to_token_order(merge_units(per_patch, self.merge_unit, dim=0), grid)
         # sync: once per prefill, tokens per image (the model reads image_grid_thw on the host too)
         counts = (grid.prod(-1) // self.merge_unit).tolist()
         if len(counts) != len(features) or [int(f.shape[0]) for f in features] != counts:

@@ -96,23 +96,31 @@ def dpp_greedy(kernel: torch.Tensor, k: int) -> torch.Tensor:
 
 def _dpp_greedy_one(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """:func:`dpp_greedy` for one (N, N) kernel on the CPU, where reading a pick's index is free (no device to
-    wait for): each pick indexes rows and columns by a Python int (views) instead of gathering by a tensor, and
-    the inner product runs as the same ``bmm`` on the same contiguous operands, so the picks are identical."""
+    wait for): each pick indexes rows and columns by a Python int (views) instead of gathering by a tensor, the
+    inner product runs as the same ``bmm`` on the same contiguous operands, and ``e`` is written straight into its
+    row of ``basis`` (the same subtraction and division, in place), so the picks are identical.
+
+    The picked tokens are masked only when ``argmax`` lands on one (its gain is NaN once the kernel is exhausted):
+    otherwise the plain ``argmax`` is the masked one (ties and NaN go to the first index either way), and a set
+    replaces the per-pick mask update."""
     n = kernel.shape[0]
     gain = torch.diagonal(kernel).clone()  # d_i^2
     basis = torch.zeros(k, n, dtype=kernel.dtype)  # c_t, one row per pick
-    taken = torch.zeros(n, dtype=torch.bool)
-    picks = []
+    picks: list[int] = []
+    taken: set[int] = set()
     for step in range(k):
-        # a picked token's gain is -inf, or NaN once the kernel is exhausted: never pick it again
         # sync: per pick, on the CPU only (no device to wait for; dpp_greedy keeps CUDA kernels on the batched path)
-        j = int(gain.masked_fill(taken, -float("inf")).argmax())
-        taken[j] = True
+        j = int(gain.argmax())
+        if j in taken:  # a picked token's gain went NaN (the kernel is exhausted): never pick it again
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[picks] = True
+            j = int(gain.masked_fill(mask, -float("inf")).argmax())
+        taken.add(j)
         picks.append(j)
         coeff = basis[:step, j].contiguous()  # c_t[j] of the earlier picks
         proj = torch.bmm(coeff.view(1, 1, step), basis[None, :step]).view(n)  # sum_t c_t[j] c_t
-        e = (kernel[j] - proj) / gain[j].sqrt()
-        basis[step] = e
+        e = basis[step]
+        torch.sub(kernel[j], proj, out=e).div_(gain[j].sqrt())  # e = (L_j - proj) / d_j, into its row
         gain -= e.square()
         gain[j] = -float("inf")
     return torch.tensor(picks, dtype=torch.long)

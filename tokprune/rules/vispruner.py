@@ -104,7 +104,7 @@ def vispruner_select(importance: torch.Tensor, features: torch.Tensor, keep: int
     if n_div > 0:
         # cosines among the residual tokens only (the loop never compares an important token): R x R, not N x N
         u = torch.gather(feats, 1, residual[..., None].expand(-1, -1, feats.shape[-1])).to(dtype)
-        u = u / u.norm(dim=-1, keepdim=True)
+        u = u.div_(u.norm(dim=-1, keepdim=True))  # in place: u is a fresh gather (the same quotients)
         local = torch.arange(residual.shape[1], device=residual.device).expand_as(residual)
         diverse = torch.gather(residual, 1, remove_duplicates((u @ u.transpose(-1, -2)).float(), local, n_div,
                                                               per_round))

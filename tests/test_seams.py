@@ -221,6 +221,19 @@ def test_received_attention_in_chunks_equals_the_dense_column_mean():
     assert torch.allclose(received_attention(q, k, None, 0.3, chunk=64)[0], dense[0], atol=1e-6)
 
 
+def test_unmasked_received_attention_with_reused_chunk_buffers_is_the_column_mean():
+    """The unmasked path writes every chunk into two buffers allocated once (the last chunk shorter: a prefix of
+    them): the same values as a fresh softmax per chunk (bitwise) and as the dense column mean."""
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 4, 41, 8) * 2, torch.randn(2, 4, 41, 8)
+    dense = ((q @ k.transpose(-1, -2)) * 0.3).softmax(-1).mean(2)
+    fresh = sum(((q[:, :, i:i + 6] @ k.transpose(-1, -2)) * 0.3).softmax(-1).sum(2) for i in range(0, 41, 6)) / 41
+    got = received_attention(q, k, None, 0.3, chunk=6)  # 6 full chunks, then one of 5 queries
+    assert torch.allclose(got, dense, atol=1e-6)
+    assert torch.allclose(got, fresh, rtol=1e-6, atol=1e-7)
+    assert torch.equal(received_attention(q, k, None, 0.3, chunk=6), got)  # the buffers leak nothing across calls
+
+
 def test_varlen_call_is_split_per_sequence():
     """A FlashAttention varlen call (two images packed) gives the same rows as two separate calls."""
     torch.manual_seed(0)

@@ -195,6 +195,7 @@ def test_speed_run_composes_the_cost_bound_from_injected_replay_and_piece_times(
         ceiling -= FakeClock.ms(cost.Piece("proj", w0.projector_tokens)) - FakeClock.ms(
             cost.Piece("proj", work.projector_tokens))
         assert row.ceiling_ms == pytest.approx(ceiling, rel=1e-9)
+        assert row.ceilings_ms == pytest.approx([ceiling] * 2, abs=1e-4)  # per round (4 decimals), kept in the JSON
         assert row.cost_bound == pytest.approx(sum(u / ceiling for u in base.runs_ms) / 2, rel=1e-4)
         assert row.of_cost_bound == pytest.approx(sum(ceiling / c for c in row.runs_ms) / 2, rel=1e-4)
         paired = [u / c for u, c in zip(base.runs_ms, row.runs_ms)]

@@ -150,6 +150,7 @@ class SpeedRow:
     scoring_ms: float | None = None
     select_ms: float | None = None
     runs_ms: list[float] = field(default_factory=list)
+    ceilings_ms: list[float] = field(default_factory=list)  # per round: the zero-overhead ceiling (cost bound)
     speedup: float | None = None  # measured: median over rounds of unpruned prefill / this prefill (paired)
     bound: float | None = None  # analytic: unpruned FLOPs / these FLOPs (same depth as measured)
     cost_bound: float | None = None  # measured: median over rounds of unpruned prefill / zero-overhead ceiling
@@ -587,6 +588,7 @@ def _rows(config: Any, cases: Sequence[Case], samples: list[_Samples], errors: l
         row.prefill_ms, row.encoder_ms = _median(s.prefill), _median(s.encoder)
         row.scoring_ms, row.select_ms = _median(s.scoring), _median(s.select)
         row.runs_ms = [round(x, 4) for x in s.prefill]
+        row.ceilings_ms = [round(x, 4) for x in s.ceiling]
         row.cost_bound, row.ceiling_ms = _median(s.cost_ratio), _median(s.ceiling)
         row.cost_paired = _median(s.paired) if s.record is not None else None
         if s.record is None:  # the unpruned model

@@ -72,8 +72,8 @@ def demand(config: Any, schedules: Sequence[flops.TokenSchedule]) -> Counter[Pie
     arch = flops.describe(config)
     batch = len(schedules)
     out: Counter[Piece] = Counter()
-    for layer in range(arch.llm.layers):
-        out[Piece("llm", max(s.tokens[layer] for s in schedules), batch)] += 1
+    for n in llm_tokens(schedules):
+        out[Piece("llm", n, batch)] += 1
     by_layer: dict[int, tuple[int, int]] = {}
     for s in schedules:
         for layer, n, rows in s.probes:

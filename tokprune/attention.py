@@ -74,6 +74,7 @@ def received_attention(
     scaling: float,
     chunk: int = RECEIVED_CHUNK,
     model_dtype: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each key *receives*: the column mean of softmax(q k^T) over all queries, per head, in float32
     (``model_dtype``: logits and probabilities rounded to q/k's dtype, as in :func:`attention_rows`).
@@ -81,8 +82,11 @@ def received_attention(
     Bidirectional (encoder) attention only. ``query`` (B, H, Q, d), ``key`` (B, Hkv, K, d); a 4D bool / additive
     mask is honoured, and queries that see no key at all (padding) do not count. The softmax is computed for
     ``chunk`` query rows at a time, so memory stays O(B x H x chunk x K): never a Q x K matrix per head.
-    Returns (B, H, K).
+    ``lse`` (B, H, Q): the rows' log-sum-exps, when the attention kernel returned them for an unmasked call
+    (:func:`received_from_lse`: no softmax pass here). Returns (B, H, K).
     """
+    if lse is not None and attention_mask is None and not model_dtype:
+        return received_from_lse(query, key, lse, scaling, chunk)
     b, h, q_len, _ = query.shape
     kv = key.shape[2]
     k = _repeat_kv(key, h // key.shape[1])
@@ -130,6 +134,42 @@ def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, c
         s, p = logits[:n].view(shape), probs[:n].view(shape)
         torch.baddbmm(s, q, kt, beta=0.0, alpha=scaling, out=s)
         torch.softmax(s, dim=-1, out=p)
+        total += p.sum(1)
+    return (total / q_len).view(b, h, kv)
+
+
+def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU flash-attention kernel that ``F.scaled_dot_product_attention`` runs for an unmasked, non-causal call
+    without dropout, called directly so that it also hands back what it computes anyway: each query row's
+    log-sum-exp of the scaled logits. Returns (output (B, H, Q, d), lse (B, H, Q) float32); the output is the one
+    SDPA returns, bit for bit, when SDPA would pick this kernel (the caller checks that)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                         scale=scale)[:2]
+    return out, lse.float()
+
+
+def received_from_lse(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float,
+                      chunk: int = RECEIVED_CHUNK) -> torch.Tensor:
+    """:func:`received_attention` of an unmasked call whose row log-sum-exps ``lse`` (B, H, Q) the attention kernel
+    already computed (:func:`sdpa_with_lse`): a probability is then ``exp(s - lse)``, so each chunk is one scaled
+    product with ``-lse`` as its bias (``baddbmm``), an exponential in place and a sum, in float32. Half the passes
+    of a softmax (no row max, no row sum, no division), so the tap costs about 0.7x of computing the softmax itself.
+    Equal to :func:`received_attention` up to float rounding (the kernel's row sums are accumulated in its own
+    order). Returns (B, H, K)."""
+    b, h, q_len, d = query.shape
+    kv = key.shape[2]
+    k = _repeat_kv(key, h // key.shape[1]).float()
+    q3, kt = query.float().reshape(b * h, q_len, d), k.reshape(b * h, kv, d).transpose(1, 2)
+    bias = lse.float().reshape(b * h, q_len, 1).neg()
+    total = torch.zeros(b * h, kv, dtype=torch.float32, device=query.device)
+    # one buffer per call, as in _received_unmasked
+    buf = torch.empty(b * h * min(chunk, q_len) * kv, dtype=torch.float32, device=query.device)
+    for start in range(0, q_len, chunk):
+        q = q3[:, start:start + chunk]
+        p = buf[:b * h * q.shape[1] * kv].view(b * h, q.shape[1], kv)
+        torch.baddbmm(bias[:, start:start + chunk], q, kt, beta=1.0, alpha=scaling, out=p)
+        p.exp_()
         total += p.sum(1)
     return (total / q_len).view(b, h, kv)
 

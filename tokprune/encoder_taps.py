@@ -17,6 +17,14 @@ from tokprune.pruners.base import ATTENTION_KINDS, Signal
 #: the signal kinds read off an attention call (hidden states and pixels are read elsewhere)
 TAPPED_KINDS = (*ATTENTION_KINDS, "keys", "values")
 
+#: the kinds computed from the call's received attention (``rows`` picks its query patches by it)
+RECEIVED_KINDS = ("received", "rows")
+
+
+def reads_received(signals: list[Signal]) -> bool:
+    """Whether any of ``signals`` is computed from received attention (then its tap wants the row log-sum-exps)."""
+    return any(sig.kind in RECEIVED_KINDS for sig in signals)
+
 
 def _heads(x: torch.Tensor, heads: str) -> torch.Tensor:
     """(B, H, K) -> (B, K) head mean or (B, K, H)."""
@@ -29,12 +37,14 @@ def _states(x: torch.Tensor, heads: str) -> torch.Tensor:
 
 
 def tap_values(signals: list[Signal], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False) -> dict[Signal, torch.Tensor]:
+               mask: torch.Tensor | None, scaling: float, model_dtype: bool = False,
+               lse: torch.Tensor | None = None) -> dict[Signal, torch.Tensor]:
     """What the tapped kinds of ``signals`` are for one bidirectional attention call, each (B, n_patches, ...).
-    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``)."""
+    ``model_dtype``: attention kinds rounded as the model's dtype rounds them (``score_dtype="model"``); ``lse``:
+    the call's row log-sum-exps, when its kernel returned them (received attention then needs no softmax pass)."""
     received = None
-    if any(sig.kind in ("received", "rows") for sig in signals):
-        received = received_attention(query, key, mask, scaling, model_dtype=model_dtype)  # (B, H, K)
+    if reads_received(signals):
+        received = received_attention(query, key, mask, scaling, model_dtype=model_dtype, lse=lse)  # (B, H, K)
     out: dict[Signal, torch.Tensor] = {}
     for sig in signals:
         x = _tap_value(sig, query, key, value, mask, scaling, received, model_dtype)

@@ -31,7 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tokprune.encoder_taps import TAPPED_KINDS, chosen_rows, tap_values  # noqa: F401  (chosen_rows: its old home)
+from tokprune.encoder_taps import (  # noqa: F401  (chosen_rows: its old home)
+    TAPPED_KINDS,
+    chosen_rows,
+    reads_received,
+    tap_values,
+)
 from tokprune.patches.prefill import distinct, expand
 from tokprune.pruners.base import (
     PrefillContext,
@@ -49,7 +54,7 @@ from tokprune.selection import (  # noqa: F401  (check_*, content_label, _ImageC
     content_label,
     select_vision,
 )
-from tokprune.signals import TAPS, remove_installed, varlen_chunks
+from tokprune.signals import LSE_KWARG, TAPS, remove_installed, varlen_chunks
 
 if TYPE_CHECKING:
     from tokprune.patches.base import Adapter
@@ -94,7 +99,7 @@ class VisionStage:
             block, attention = self.adapter.vision_layer(layer)
             tapped = [s for s in sigs if s.kind in TAPPED_KINDS]
             if tapped:
-                TAPS.add(attention, partial(self._tap, tapped))
+                TAPS.add(attention, partial(self._tap, tapped), lse=reads_received(tapped))
                 self._tapped.append(attention)
             for s in sigs:
                 if s.kind == "hidden_in":
@@ -125,10 +130,11 @@ class VisionStage:
     # ------------------------------------------------------------------ taps
     def _tap(self, signals: list[Signal], module, query, key, value, mask, scaling, kwargs) -> None:
         chunks = varlen_chunks(query, key, value, kwargs)
+        lse = kwargs.get(LSE_KWARG) if len(chunks) == 1 else None  # only an unsplit SDPA call brings one
         for q, k, v in chunks:
             model_dtype = getattr(self.adapter.pruner, "score_dtype", "float32") == "model"
             for sig, x in tap_values(signals, q, k, v, mask if len(chunks) == 1 else None, scaling,
-                                     model_dtype).items():
+                                     model_dtype, lse).items():
                 self.raw.setdefault(sig, []).append(x)
 
     def _hidden_in(self, sig: Signal, module, args: tuple, kw: dict) -> None:

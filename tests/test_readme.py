@@ -54,6 +54,7 @@ SCRIPT_FASTER = {
     "benchmarks/mixed_batch.py": ["--config", "tiny-qwen2-vl", "--repeats", "1"],
     "benchmarks/cdpruner_greedy.py": ["--tokens", "64", "--dim", "64", "--text", "8", "--keep", "8", "--prompt", "16",
                                       "--repeats", "1"],
+    "benchmarks/received_lse.py": ["--patches", "300", "--rounds", "1"],  # a 5476-patch block: ~10 s a round
     "benchmarks/catp_greedy.py": ["--repeats", "1", "--images", "2", "--tokens", "64", "--dim", "256", "--text", "16"],
     "benchmarks/kept_pictures.py": ["--samples", "2", "--models", "llava-shapes"],  # both README pictures still
     "tokprune.compat": ["--families", "llava", "--methods", "cls,fastv"],  # tests/test_compat.py: the whole matrix

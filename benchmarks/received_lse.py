@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tokprune.attention import received_attention, received_from_lse, sdpa_with_lse
+from tokprune.eval.speed import cpu_model
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -69,8 +70,9 @@ def main() -> None:
     tap = {name: [t - base for t, base in zip(times[name], times["attention"])] for name in ("softmax tap", "lse tap")}
     med = {name: statistics.median(ts) for name, ts in {**times, **{f"{n} (own)": t for n, t in tap.items()}}.items()}
     ratio = statistics.median(b / s for s, b in zip(tap["softmax tap"], tap["lse tap"]))
-    meta = dict(device=platform.processor() or platform.machine(), cpu=_cpu(), threads=torch.get_num_threads(),
-                torch=torch.__version__, patches=a.patches, heads=a.heads, head_dim=a.head_dim, rounds=a.rounds,
+    meta = dict(device=platform.processor() or platform.machine(), cpu="CPU " + cpu_model(),
+                threads=torch.get_num_threads(), torch=torch.__version__, patches=a.patches, heads=a.heads,
+                head_dim=a.head_dim, rounds=a.rounds,
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     result = dict(meta=meta, times_ms=times, tap_own_ms=tap, medians_ms=med, lse_over_softmax_tap=ratio,
                   output_bitwise_sdpa=same_output, received_max_abs_diff=diff)
@@ -96,16 +98,6 @@ def main() -> None:
     ]
     (out / "received-lse.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ def _lse_call(orig: Callable | None, module: nn.Module, query: torch.Tensor, key
     ``F.scaled_dot_product_attention(q, k, v, scale=kwargs["scaling"])`` and SDPA would run as its CPU flash kernel:
     then :func:`~tokprune.attention.sdpa_with_lse` gives the same output and the row log-sum-exps too. Every other
     call (a mask, dropout, causal, GQA, a position bias or softcap, autograd, CUDA, another backend) runs as before."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     if orig is not _sdpa_forward() or args or query.device.type != "cpu" or attention_mask is not None:
         return False
     if kwargs.get("scaling") is None or kwargs.get("dropout", 0.0) != 0.0 or kwargs.get("position_bias") is not None:
@@ -114,8 +116,7 @@ def _lse_call(orig: Callable | None, module: nn.Module, query: torch.Tensor, key
     causal = getattr(module, "is_causal", True) if causal is None else causal
     if (causal and query.shape[2] > 1) or getattr(module, "num_key_value_groups", 1) > 1:
         return False
-    if (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)) \
-            or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False
     choice = torch._fused_sdp_choice(query, key, value, None, 0.0, False, scale=kwargs["scaling"])
     return choice == int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)

@@ -112,28 +112,36 @@ def received_attention(
     return total / counted.clamp_min(1.0)
 
 
-def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int) -> torch.Tensor:
+def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int,
+                       lse: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`received_attention` without a mask, in float32: per chunk one scaled product (``baddbmm``), one
-    softmax and one sum over the N x K block (no finiteness or fill pass: no query can be fully masked).
+    softmax and one sum over the N x K block (no finiteness or fill pass: no query can be fully masked). With the
+    rows' log-sum-exps ``lse`` (B, H, Q) a probability is ``exp(s - lse)``: the product takes ``-lse`` as its bias
+    and an in-place exponential replaces the softmax (:func:`received_from_lse`).
 
-    The logits and probabilities of every chunk are written into two buffers allocated once per call (``out=``),
-    not into fresh tensors: a chunk block is tens of MB (Qwen2.5-VL's full-attention block: 16 heads x 256 x 5476
+    The logits and probabilities of every chunk are written into buffers allocated once per call (``out=``), not
+    into fresh tensors: a chunk block is tens of MB (Qwen2.5-VL's full-attention block: 16 heads x 256 x 5476
     floats = 90 MB), and a fresh allocation of that size is new pages from the OS each time (page faults and
     zeroing on every chunk), which took about half of this function's time on CPU. Same operations, same values."""
     b, h, q_len, d = query.shape
     kv = key.shape[2]
     q3, kt = query.reshape(b * h, q_len, d), key.reshape(b * h, kv, d).transpose(1, 2)
+    bias = None if lse is None else lse.float().reshape(b * h, q_len, 1).neg()
     total = torch.zeros(b * h, kv, dtype=torch.float32, device=query.device)
     size = b * h * min(chunk, q_len) * kv
     logits = torch.empty(size, dtype=query.dtype, device=query.device)
-    probs = torch.empty_like(logits)
+    probs = logits if bias is not None else torch.empty_like(logits)  # exp in place: one buffer
     for start in range(0, q_len, chunk):
         q = q3[:, start:start + chunk]
         shape = (b * h, q.shape[1], kv)
         n = shape[0] * shape[1] * kv  # a contiguous prefix of the buffers (the last chunk may be shorter)
         s, p = logits[:n].view(shape), probs[:n].view(shape)
-        torch.baddbmm(s, q, kt, beta=0.0, alpha=scaling, out=s)
-        torch.softmax(s, dim=-1, out=p)
+        if bias is None:
+            torch.baddbmm(s, q, kt, beta=0.0, alpha=scaling, out=s)
+            torch.softmax(s, dim=-1, out=p)
+        else:
+            torch.baddbmm(bias[:, start:start + chunk], q, kt, beta=1.0, alpha=scaling, out=s)
+            s.exp_()
         total += p.sum(1)
     return (total / q_len).view(b, h, kv)
 
@@ -153,25 +161,11 @@ def received_from_lse(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                       chunk: int = RECEIVED_CHUNK) -> torch.Tensor:
     """:func:`received_attention` of an unmasked call whose row log-sum-exps ``lse`` (B, H, Q) the attention kernel
     already computed (:func:`sdpa_with_lse`): a probability is then ``exp(s - lse)``, so each chunk is one scaled
-    product with ``-lse`` as its bias (``baddbmm``), an exponential in place and a sum, in float32. Half the passes
-    of a softmax (no row max, no row sum, no division), so the tap costs about 0.7x of computing the softmax itself.
-    Equal to :func:`received_attention` up to float rounding (the kernel's row sums are accumulated in its own
-    order). Returns (B, H, K)."""
-    b, h, q_len, d = query.shape
-    kv = key.shape[2]
-    k = _repeat_kv(key, h // key.shape[1]).float()
-    q3, kt = query.float().reshape(b * h, q_len, d), k.reshape(b * h, kv, d).transpose(1, 2)
-    bias = lse.float().reshape(b * h, q_len, 1).neg()
-    total = torch.zeros(b * h, kv, dtype=torch.float32, device=query.device)
-    # one buffer per call, as in _received_unmasked
-    buf = torch.empty(b * h * min(chunk, q_len) * kv, dtype=torch.float32, device=query.device)
-    for start in range(0, q_len, chunk):
-        q = q3[:, start:start + chunk]
-        p = buf[:b * h * q.shape[1] * kv].view(b * h, q.shape[1], kv)
-        torch.baddbmm(bias[:, start:start + chunk], q, kt, beta=1.0, alpha=scaling, out=p)
-        p.exp_()
-        total += p.sum(1)
-    return (total / q_len).view(b, h, kv)
+    product with ``-lse`` as its bias, an exponential in place and a sum, in float32. No row max, row sum or
+    division: about 0.7x the softmax path's time (benchmarks/received_lse.py). Equal to :func:`received_attention`
+    up to float rounding (the kernel's row sums are accumulated in its own order). Returns (B, H, K)."""
+    k = _repeat_kv(key, query.shape[1] // key.shape[1]).float()
+    return _received_unmasked(query.float(), k, scaling, chunk, lse)
 
 
 def varlen_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

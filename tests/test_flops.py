@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -522,3 +523,33 @@ def test_probe_work_is_counted_exactly(method: str) -> None:
     without = [flops.TokenSchedule(s.visual, s.n_text, s.images, s.notes) for s in schedules]
     assert estimate(config, schedules).total > estimate(config, without).total
     assert counted == estimate(config, schedules).total
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_received_attention_reads_are_counted_exactly(name: str) -> None:
+    # HiPrune reads the received attention of two ViT layers: with SDPA no probabilities exist, so its tap
+    # recomputes each layer's q k^T over every query row. The record names those layers, and the analytic count
+    # (read_flops: half the layer's attention FLOPs, windowed blocks within their windows) then equals what torch
+    # counts in the pruned forward, on every family (Qwen2.5-VL: a windowed and a full-attention block).
+    config = configs.load(name)
+    model = _tiny(name, "sdpa")
+    inputs = configs.example_inputs(config, n_text=10, batch=2, image_size=TINY[name])
+    with tokprune.pruned(model, "hiprune", keep=4):
+        counted = flops.counted_flops(model, **inputs)
+        record = tokprune.last_record(model)
+    layers = sorted(set(tokprune.api.make_pruner("hiprune", {}).layers(tokprune.api.model_info(model))))
+    assert record.encoder_reads == layers
+    schedules = from_record(config, record, **flops.geometry_from_inputs(inputs))
+    assert all(w.reads == tuple(layers) for s in schedules for w in s.images)
+    arch = flops.describe(config)
+    without = [dataclasses.replace(s, images=tuple(dataclasses.replace(w, reads=()) for w in s.images))
+               for s in schedules]
+    reads = sum(flops.read_flops(arch.vision, w, e) for s in schedules for w in s.images for e in w.reads)
+    assert reads > 0 and estimate(config, schedules).total == estimate(config, without).total + reads
+    assert counted == estimate(config, schedules).total
+    if name == "tiny-qwen2.5-vl":  # one windowed block: its read is half its windowed attention term
+        (w,) = schedules[0].images
+        assert 2 in arch.vision.windowed and 2 in w.reads and len(w.windows) > 1
+        d, n = arch.vision.hidden, w.layer_tokens[2]
+        dense = 8 * n * d * d + 2 * n * d * arch.vision.ffn * arch.vision.ffn_mats
+        assert 2 * flops.read_flops(arch.vision, w, 2) == flops.vit_layer_flops(arch.vision, w, 2) - dense * w.sequences

@@ -87,6 +87,35 @@ def test_demand_counts_every_llm_layer_at_its_schedule_tokens(llava, method):
     assert [p.tokens for p in d if p.part == "proj"] == [work.projector_tokens]
 
 
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_demand_adds_a_received_attention_read_as_its_flops_share_of_the_layer(name):
+    # HiPrune reads ViT layers' received attention (Qwen2.5-VL: a windowed and a full-attention block): each read
+    # recomputes that layer's q k^T, so its encoder piece is run 1 + read / layer FLOPs times, where the unpruned
+    # schedule runs it once; the ceiling then adds that share of the piece's time (pieces of other layers cancel)
+    cfg = configs.load(name)
+    model = configs.build_model(cfg, "cpu")
+    record, inputs = _record(model, "hiprune", 4)
+    (sched,) = flops.from_record(cfg, record, **flops.geometry_from_inputs(inputs))
+    (work,) = sched.images
+    assert len(work.reads) == (2 if "qwen" in name else 1)  # tiny-llava: HiPrune's two layers are one
+    full = cost.demand(cfg, [flops.TokenSchedule.unpruned(cfg, n_text=10)])
+    d = cost.demand(cfg, [sched])
+    vision = flops.describe(cfg).vision
+    extra = Counter()
+    for e in work.reads:
+        n = work.layer_tokens[e]
+        windows = cost._windows(work.windows, n) if e in vision.windowed and work.windows else ()
+        extra[cost.Piece("enc", n, 1, windows)] += (flops.read_flops(vision, work, e)
+                                                    / flops.vit_layer_flops(vision, work, e))
+    enc = {p for p in set(d) | set(full) if p.part == "enc"}
+    assert {p for p in enc if d.get(p, 0) != full.get(p, 0)} == set(extra) == cost.timed_pieces(full, d)
+    for p in enc:
+        assert d.get(p, 0) == pytest.approx(full.get(p, 0) + extra.get(p, 0))
+    assert all(0 < v < 0.5 for v in extra.values())  # q k^T alone: under half a layer
+    times = {p: 10.0 for p in extra}
+    assert cost.ceiling_ms(100.0, full, d, times) == pytest.approx(100.0 + 10.0 * sum(extra.values()))
+
+
 def test_demand_of_a_batch_pads_to_the_longest_sample():
     cfg = configs.load("tiny-llava")
     full = flops.TokenSchedule.unpruned(cfg, n_text=10)

@@ -73,6 +73,10 @@ class PruneRecord:
     #: per sample, per visual item: its modality ("image"; "video" once video inputs are pruned)
     modality: list[list[str]] | None = None
     image_grid_thw: list[list[tuple[int, ...]]] | None = None
+    #: the encoder layers whose received attention the method read (HiPrune, VFlowOpt, VisionZip / VisPruner
+    #: without [CLS]): its tap recomputed each one's q k^T over all query rows, which the analytic FLOPs count
+    #: (``tokprune.flops.read_flops``); empty when the method read none
+    encoder_reads: list[int] = field(default_factory=list)
     #: what the method said about this prefill (e.g. CATP: "row 0: one image, stage 1 only")
     notes: list[str] = field(default_factory=list)
     config: Any = field(default=None, repr=False, compare=False)

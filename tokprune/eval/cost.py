@@ -19,7 +19,10 @@ The cost bound replaces FLOPs by measured time:
   next layer's q/k that PyramidDrop / TransPrune score a cut with; the method's necessary work, counted as its FLOPs
   share ``probe_flops / llm_layer_flops`` of a decoder layer at the probe's token count) and the **encoder** pieces
   (a ViT layer on ``S x N`` tokens, the projector / merger on ``N`` ViT tokens) of a method that cuts inside the
-  encoder (FlowCut): the replay runs the whole encoder, and what those cuts save is subtracted. ``t[p]`` is the
+  encoder (FlowCut): the replay runs the whole encoder, and what those cuts save is subtracted. A method that reads
+  a ViT layer's **received attention** (HiPrune, VFlowOpt, VisionZip / VisPruner without [CLS]) recomputes that
+  layer's q k^T over every query (SDPA returns no probabilities); like a probe, that is its necessary work, counted
+  as its FLOPs share of the layer's encoder piece (:func:`tokprune.flops.read_flops`). ``t[p]`` is the
   piece's time measured in the same round, ``D[p]`` how many times a schedule runs it (:func:`demand`).
 
 ``cost bound = T_unpruned / T_ceiling``; the goal compares the case with its ceiling of the same round.
@@ -65,8 +68,9 @@ def demand(config: Any, schedules: Sequence[flops.TokenSchedule]) -> Counter[Pie
 
     LLM layer ``l`` runs once on ``batch x max_b tokens_b[l]`` (a batch is padded to its longest sample; the
     replay runs these, :func:`llm_tokens`); a probe adds its FLOPs share of a layer at its token count (part
-    "probe"); ViT layer ``e`` runs once on all images' sequences at the longest count; the projector once on all
-    images' ViT tokens. Images without vision work (LLaVA-NeXT without sizes) leave the encoder out of both sides of
+    "probe"); ViT layer ``e`` runs once on all images' sequences at the longest count, and a received-attention read
+    of it (``VisionWork.reads``) adds the read's FLOPs share of that layer; the projector once on all images' ViT
+    tokens. Images without vision work (LLaVA-NeXT without sizes) leave the encoder out of both sides of
     the formula.
     """
     arch = flops.describe(config)
@@ -89,6 +93,10 @@ def demand(config: Any, schedules: Sequence[flops.TokenSchedule]) -> Counter[Pie
         n = max(w.layer_tokens[e] for w in works)
         windows = _windows(works[0].windows, n) if e in arch.vision.windowed and works[0].windows else ()
         out[Piece("enc", n, seqs, windows)] += 1
+        if e in works[0].reads:  # a received-attention read: its FLOPs share of this layer, run again
+            w = max(works, key=lambda w: w.layer_tokens[e])
+            out[Piece("enc", n, seqs, windows)] += (flops.read_flops(arch.vision, w, e)
+                                                    / flops.vit_layer_flops(arch.vision, w, e))
     if arch.projector is not None:
         copies = arch.projector.copies
         if arch.family in QWEN:  # the merger takes all images' tokens as one flat sequence

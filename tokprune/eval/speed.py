@@ -18,7 +18,7 @@ Speed-ups are **medians of per-round paired ratios** (unpruned prefill of round 
 cancels drift slower than a round; the prefill columns stay medians of times. Each row has two bounds: the analytic
 FLOPs bound (:mod:`tokprune.flops`) and the measured **cost bound** (:mod:`tokprune.eval.cost`): each case's LLM
 token schedule is *replayed* on the unpatched model (its decoder layers run on the schedule's token counts, nothing
-else) right beside the case in every round, plus probe / encoder-cut pieces timed alone; that is the prefill of a
+else) right beside the case in every round, plus probe / read / encoder-cut pieces timed alone; that is the prefill of a
 zero-overhead pruner, cost bound = unpruned / that ceiling, and the goal's figure is ceiling / case prefill of the
 same round (paired), median over rounds.
 """
@@ -47,7 +47,9 @@ COST_BOUND_NOTE = (
     "*Cost bound*: the prefill a zero-overhead pruner with the same token schedule takes on this device, measured: "
     "the unpatched model replays the case's LLM token schedule (its decoder layers run on the schedule's token "
     "counts, with no scoring, selection or gather) right beside the case in every round; a probe (PyramidDrop, "
-    "TransPrune) and cuts inside the encoder (FlowCut) are added / subtracted from the unpatched modules timed alone. "
+    "TransPrune), a received-attention read (HiPrune, VFlowOpt, VisionZip / VisPruner without [CLS]: the q k^T of "
+    "the read ViT layer, which SDPA does not return) and cuts inside the encoder (FlowCut) are added / subtracted "
+    "from the unpatched modules timed alone, as their FLOPs shares. "
     "*measured / cost bound* is that replay's time / the case's time of the same round, median over rounds. It is "
     "below the analytic FLOPs bound because a layer at a few hundred tokens still reads all its weights, so its time "
     "falls slower than its FLOPs; the analytic bound is still shown beside it.")
@@ -234,7 +236,8 @@ class SpeedReport:
             "are medians of times); bound = analytic FLOPs ratio, of bound = speed-up / bound; **cost bound** = "
             "unpruned prefill / the prefill of a zero-overhead pruner with the case's token schedule, measured: the "
             "unpatched model replays the case's LLM token schedule (decoder layers on the schedule's token counts, "
-            "nothing else) beside the case in each round, probes and encoder cuts from modules timed alone "
+            "nothing else) beside the case in each round, probes, received-attention reads and encoder cuts from "
+            "modules timed alone "
             "(tokprune.eval.cost; at small token counts a layer still reads all its weights, so time falls slower "
             "than FLOPs); of cost bound = replay / case prefill of the same round (median over rounds), "
 "judged by the speed goal (>= 95%). overhead = scoring (attention taps) + selection (record "

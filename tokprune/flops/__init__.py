@@ -37,7 +37,9 @@ from tokprune.flops.count import (
     llm_layer_flops,
     paper_layer_macs,
     projector_flops,
+    read_flops,
     vision_flops,
+    vit_layer_flops,
 )
 from tokprune.flops.measure import counted_flops, register_cpu_sdpa_formula
 from tokprune.flops.plan import for_budget, plan_of
@@ -47,5 +49,5 @@ __all__ = [
     "CONVENTIONS", "DEFAULT_N_TEXT", "FAMILIES", "Architecture", "FlopsReport", "LLMShape", "ProjectorShape",
     "TokenSchedule", "VisionShape", "VisionWork", "counted_flops", "describe", "estimate", "for_budget",
     "from_record", "geometry_from_inputs", "image_work", "llm_layer_flops", "paper_layer_macs", "plan_of",
-    "projector_flops", "record_report", "register_cpu_sdpa_formula", "vision_flops",
+    "projector_flops", "read_flops", "record_report", "register_cpu_sdpa_formula", "vision_flops", "vit_layer_flops",
 ]

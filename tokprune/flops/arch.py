@@ -148,6 +148,9 @@ class VisionWork:
     ``windows`` are the token counts of the attention windows of one sequence (Qwen2.5-VL, unpruned);
     ``llm_tokens`` is how many visual tokens the image gives the LLM when nothing is pruned; ``grid`` is the
     (t, h, w) patch grid of a Qwen image; ``newlines`` the LLaVA-NeXT row newlines among ``llm_tokens``.
+    ``reads``: the ViT layers whose *received attention* a method read (HiPrune, VisionZip / VisPruner without
+    [CLS], VFlowOpt): SDPA / FlashAttention do not return attention probabilities, so the method's tap recomputes
+    that layer's q k^T over all query rows, which :func:`~tokprune.flops.count.read_flops` counts.
     """
 
     layer_tokens: tuple[int, ...]
@@ -159,6 +162,7 @@ class VisionWork:
     windows: tuple[int, ...] = ()
     grid: tuple[int, int, int] | None = None
     newlines: int = 0
+    reads: tuple[int, ...] = ()
 
     def cut(self, vit_layer: int, kept: int) -> VisionWork:
         """The same image when only ``kept`` of its ``llm_tokens`` survive from ViT layer ``vit_layer`` on.

@@ -49,19 +49,35 @@ def paper_layer_macs(llm: LLMShape, n: int, ffn_mats: int) -> int:
 
 
 def vision_flops(vision: VisionShape, work: VisionWork) -> int:
-    """Full-convention FLOPs of the vision encoder for one image: patch embedding plus every ViT layer."""
-    d, s = vision.hidden, work.sequences
-    total = 2 * s * work.patches * d * vision.patch_inputs
-    full_windows = sum(w * w for w in work.windows)
-    for layer, n in enumerate(work.layer_tokens):
-        total += s * (8 * n * d * d + 2 * n * d * vision.ffn * vision.ffn_mats)
-        if layer in vision.windowed and work.windows:
-            # exact when unpruned; when tokens were dropped inside the ViT the windows shrink proportionally
-            scale = n / sum(work.windows)
-            total += s * round(4 * d * full_windows * scale * scale)
-        else:
-            total += s * 4 * n * n * d
-    return total
+    """Full-convention FLOPs of the vision encoder for one image: patch embedding plus every ViT layer, plus the
+    received-attention reads of ``work.reads`` (:func:`read_flops`)."""
+    total = 2 * work.sequences * work.patches * vision.hidden * vision.patch_inputs
+    total += sum(vit_layer_flops(vision, work, layer) for layer in range(len(work.layer_tokens)))
+    return total + sum(read_flops(vision, work, layer) for layer in work.reads)
+
+
+def vit_layer_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
+    """Full-convention FLOPs of ViT layer ``layer`` on all of one image's sequences (``work.layer_tokens[layer]``
+    tokens each; a windowed Qwen2.5-VL block attends within its windows)."""
+    d, s, n = vision.hidden, work.sequences, work.layer_tokens[layer]
+    total = s * (8 * n * d * d + 2 * n * d * vision.ffn * vision.ffn_mats)
+    if layer in vision.windowed and work.windows:
+        # exact when unpruned; when tokens were dropped inside the ViT the windows shrink proportionally
+        scale = n / sum(work.windows)
+        return total + s * round(4 * d * sum(w * w for w in work.windows) * scale * scale)
+    return total + s * 4 * n * n * d
+
+
+def read_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
+    """FLOPs of reading ViT layer ``layer``'s received attention (the column means of its attention probabilities):
+    the tap recomputes the layer's logits q k^T over every query row and head, half of the layer's attention FLOPs
+    (the kernel's q k^T and its probabilities times v). The exponentials and sums are elementwise and not counted,
+    as elsewhere."""
+    d, s, n = vision.hidden, work.sequences, work.layer_tokens[layer]
+    if layer in vision.windowed and work.windows:
+        scale = n / sum(work.windows)
+        return s * round(2 * d * sum(w * w for w in work.windows) * scale * scale)
+    return s * 2 * n * n * d
 
 
 def projector_flops(projector: ProjectorShape, tokens: int) -> int:

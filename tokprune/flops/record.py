@@ -19,7 +19,8 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
 
     Stages apply in order: kind ``"vision"`` shrinks every LLM layer (and, when ``stage.layer`` is a ViT layer,
     the ViT from that layer on); ``record.encoder_cuts`` (tokens dropped between encoder layers) shrink the ViT
-    layers after each cut; kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. New (merged) tokens
+    layers after each cut; ``record.encoder_reads`` (layers whose received attention a tap recomputed) become each
+    image's ``VisionWork.reads``; kind ``"llm"`` shrinks LLM layers ``stage.layer`` and later. New (merged) tokens
     take dropped slots of their image (``record.merged[b][i].slots``), which are part of the stage's kept indices,
     so a stage's kept count is its LLM token count. ``n_text`` defaults to
     ``record.seq_len[b]`` minus the sample's visual tokens. Per-image sizes (LLaVA-NeXT: (H, W); Qwen: grid t,h,w)
@@ -31,6 +32,7 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
     image_sizes = image_sizes if image_sizes is not None else getattr(record, "image_sizes", None)
     image_grid_thw = image_grid_thw if image_grid_thw is not None else getattr(record, "image_grid_thw", None)
     cuts = getattr(record, "encoder_cuts", None) or []
+    reads = tuple(getattr(record, "encoder_reads", None) or ())
     first = 0  # index of sample b's first image among the encoder's sequences (images in batch order)
     out = []
     for b, n_vis in enumerate(record.n_visual):
@@ -44,6 +46,8 @@ def from_record(config: Any, record: Any, n_text: int | Sequence[int] | None = N
         works, notes = _record_images(config, arch, b, n_vis, image_sizes, image_grid_thw)
         if cuts and works:
             works = [_encoder_cut(w, cuts, first + i) for i, w in enumerate(works)]
+        if reads and works:
+            works = [replace(w, reads=reads) for w in works]
         first += len(n_vis)
         for st in record.stages:
             counts = [int(k.numel()) for k in st.kept[b]]

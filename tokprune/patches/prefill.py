@@ -333,6 +333,8 @@ class Orchestrator:
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
         if a.encoder_cut is not None:
             record.encoder_cuts = self.encoder_cuts(layout)
+        if a.vision is not None:
+            record.encoder_reads = a.vision.received_layers()
         if layout.source is not None:
             ctx.notes.append(f"generate repeated {max(layout.source) + 1} encoded image(s) over {len(layout.source)} "
                              "LLM items (beam search / num_return_sequences): the encoder and any vision signals ran "

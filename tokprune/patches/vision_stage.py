@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tokprune.encoder_taps import (  # noqa: F401  (chosen_rows: its old home)
+    RECEIVED_KINDS,
     TAPPED_KINDS,
     chosen_rows,
     reads_received,
@@ -90,6 +91,11 @@ class VisionStage:
     @raw.setter
     def raw(self, value: dict[Signal, list[torch.Tensor]]) -> None:
         self._local.raw = value
+
+    def received_layers(self) -> list[int]:
+        """The encoder layers whose received attention the request reads (the record's ``encoder_reads``: each is
+        a recomputed q k^T over all query rows, counted by the analytic FLOPs)."""
+        return sorted({s.layer for s in self.request.signals if s.kind in RECEIVED_KINDS})
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:

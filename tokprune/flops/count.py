@@ -60,12 +60,8 @@ def vit_layer_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
     """Full-convention FLOPs of ViT layer ``layer`` on all of one image's sequences (``work.layer_tokens[layer]``
     tokens each; a windowed Qwen2.5-VL block attends within its windows)."""
     d, s, n = vision.hidden, work.sequences, work.layer_tokens[layer]
-    total = s * (8 * n * d * d + 2 * n * d * vision.ffn * vision.ffn_mats)
-    if layer in vision.windowed and work.windows:
-        # exact when unpruned; when tokens were dropped inside the ViT the windows shrink proportionally
-        scale = n / sum(work.windows)
-        return total + s * round(4 * d * sum(w * w for w in work.windows) * scale * scale)
-    return total + s * 4 * n * n * d
+    dense = s * (8 * n * d * d + 2 * n * d * vision.ffn * vision.ffn_mats)
+    return dense + s * round(4 * d * _query_key_pairs(vision, work, layer))
 
 
 def read_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
@@ -73,11 +69,18 @@ def read_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
     the tap recomputes the layer's logits q k^T over every query row and head, half of the layer's attention FLOPs
     (the kernel's q k^T and its probabilities times v). The exponentials and sums are elementwise and not counted,
     as elsewhere."""
-    d, s, n = vision.hidden, work.sequences, work.layer_tokens[layer]
+    return work.sequences * round(2 * vision.hidden * _query_key_pairs(vision, work, layer))
+
+
+def _query_key_pairs(vision: VisionShape, work: VisionWork, layer: int) -> float:
+    """(query, key) pairs one sequence's attention scores at ViT layer ``layer``: ``n^2``, or within the windows of a
+    windowed Qwen2.5-VL block (exact when unpruned; when tokens were dropped inside the ViT the windows shrink
+    proportionally)."""
+    n = work.layer_tokens[layer]
     if layer in vision.windowed and work.windows:
         scale = n / sum(work.windows)
-        return s * round(2 * d * sum(w * w for w in work.windows) * scale * scale)
-    return s * 2 * n * n * d
+        return sum(w * w for w in work.windows) * scale * scale
+    return n * n
 
 
 def projector_flops(projector: ProjectorShape, tokens: int) -> int:

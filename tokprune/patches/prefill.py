@@ -333,8 +333,6 @@ class Orchestrator:
         record.notes = ctx.notes  # the method's remarks on this prefill, as its stages run
         if a.encoder_cut is not None:
             record.encoder_cuts = self.encoder_cuts(layout)
-        if a.vision is not None:
-            record.encoder_reads = a.vision.received_layers()
         if layout.source is not None:
             ctx.notes.append(f"generate repeated {max(layout.source) + 1} encoded image(s) over {len(layout.source)} "
                              "LLM items (beam search / num_return_sequences): the encoder and any vision signals ran "
@@ -388,6 +386,7 @@ class Orchestrator:
 
     def record_vision(self, record: PruneRecord, layout: VisualLayout, placements: list[Placement],
                       keeps: list[torch.Tensor], scores: list[torch.Tensor] | None) -> None:
+        record.encoder_reads = self.adapter.vision.received_layers()
         if any(p.n_new for p in placements):
             record.merged = layout.per_row([Merged(p.sources(), p.slots[p.new_at]) if p.n_new else None
                                             for p in placements])

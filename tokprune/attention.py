@@ -12,6 +12,10 @@ import torch
 #: query rows per block when received attention is accumulated (memory O(heads x chunk x keys))
 RECEIVED_CHUNK = 256
 
+#: query rows per block when received attention is read off the kernel's row log-sum-exps (smaller blocks stay
+#: nearer the cache for the exponential and the column sum; 64 and 128 timed the same on CPU, 256 slower)
+LSE_CHUNK = 64
+
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
@@ -72,7 +76,7 @@ def received_attention(
     key: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float,
-    chunk: int = RECEIVED_CHUNK,
+    chunk: int | None = None,
     model_dtype: bool = False,
     lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -81,12 +85,14 @@ def received_attention(
 
     Bidirectional (encoder) attention only. ``query`` (B, H, Q, d), ``key`` (B, Hkv, K, d); a 4D bool / additive
     mask is honoured, and queries that see no key at all (padding) do not count. The softmax is computed for
-    ``chunk`` query rows at a time, so memory stays O(B x H x chunk x K): never a Q x K matrix per head.
-    ``lse`` (B, H, Q): the rows' log-sum-exps, when the attention kernel returned them for an unmasked call
-    (:func:`received_from_lse`: no softmax pass here). Returns (B, H, K).
+    ``chunk`` query rows at a time (default :data:`RECEIVED_CHUNK`, or :data:`LSE_CHUNK` on the ``lse`` path), so
+    memory stays O(B x H x chunk x K): never a Q x K matrix per head. ``lse`` (B, H, Q): the rows' log-sum-exps,
+    when the attention kernel returned them for an unmasked call (:func:`received_from_lse`: no softmax pass here).
+    Returns (B, H, K).
     """
     if lse is not None and attention_mask is None and not model_dtype:
-        return received_from_lse(query, key, lse, scaling, chunk)
+        return received_from_lse(query, key, lse, scaling, chunk or LSE_CHUNK)
+    chunk = chunk or RECEIVED_CHUNK
     b, h, q_len, _ = query.shape
     kv = key.shape[2]
     k = _repeat_kv(key, h // key.shape[1])
@@ -112,12 +118,9 @@ def received_attention(
     return total / counted.clamp_min(1.0)
 
 
-def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int,
-                       lse: torch.Tensor | None = None) -> torch.Tensor:
+def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, chunk: int) -> torch.Tensor:
     """:func:`received_attention` without a mask, in float32: per chunk one scaled product (``baddbmm``), one
-    softmax and one sum over the N x K block (no finiteness or fill pass: no query can be fully masked). With the
-    rows' log-sum-exps ``lse`` (B, H, Q) a probability is ``exp(s - lse)``: the product takes ``-lse`` as its bias
-    and an in-place exponential replaces the softmax (:func:`received_from_lse`).
+    softmax and one sum over the N x K block (no finiteness or fill pass: no query can be fully masked).
 
     The logits and probabilities of every chunk are written into buffers allocated once per call (``out=``), not
     into fresh tensors: a chunk block is tens of MB (Qwen2.5-VL's full-attention block: 16 heads x 256 x 5476
@@ -126,22 +129,16 @@ def _received_unmasked(query: torch.Tensor, key: torch.Tensor, scaling: float, c
     b, h, q_len, d = query.shape
     kv = key.shape[2]
     q3, kt = query.reshape(b * h, q_len, d), key.reshape(b * h, kv, d).transpose(1, 2)
-    bias = None if lse is None else lse.float().reshape(b * h, q_len, 1).neg()
     total = torch.zeros(b * h, kv, dtype=torch.float32, device=query.device)
-    size = b * h * min(chunk, q_len) * kv
-    logits = torch.empty(size, dtype=query.dtype, device=query.device)
-    probs = logits if bias is not None else torch.empty_like(logits)  # exp in place: one buffer
+    logits = torch.empty(b * h * min(chunk, q_len) * kv, dtype=query.dtype, device=query.device)
+    probs = torch.empty_like(logits)
     for start in range(0, q_len, chunk):
         q = q3[:, start:start + chunk]
         shape = (b * h, q.shape[1], kv)
         n = shape[0] * shape[1] * kv  # a contiguous prefix of the buffers (the last chunk may be shorter)
         s, p = logits[:n].view(shape), probs[:n].view(shape)
-        if bias is None:
-            torch.baddbmm(s, q, kt, beta=0.0, alpha=scaling, out=s)
-            torch.softmax(s, dim=-1, out=p)
-        else:
-            torch.baddbmm(bias[:, start:start + chunk], q, kt, beta=1.0, alpha=scaling, out=s)
-            s.exp_()
+        torch.baddbmm(s, q, kt, beta=0.0, alpha=scaling, out=s)
+        torch.softmax(s, dim=-1, out=p)
         total += p.sum(1)
     return (total / q_len).view(b, h, kv)
 
@@ -158,14 +155,31 @@ def sdpa_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def received_from_lse(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scaling: float,
-                      chunk: int = RECEIVED_CHUNK) -> torch.Tensor:
+                      chunk: int = LSE_CHUNK) -> torch.Tensor:
     """:func:`received_attention` of an unmasked call whose row log-sum-exps ``lse`` (B, H, Q) the attention kernel
-    already computed (:func:`sdpa_with_lse`): a probability is then ``exp(s - lse)``, so each chunk is one scaled
-    product with ``-lse`` as its bias, an exponential in place and a sum, in float32. No row max, row sum or
-    division: about 0.7x the softmax path's time (benchmarks/received_lse.py). Equal to :func:`received_attention`
-    up to float rounding (the kernel's row sums are accumulated in its own order). Returns (B, H, K)."""
-    k = _repeat_kv(key, query.shape[1] // key.shape[1]).float()
-    return _received_unmasked(query.float(), k, scaling, chunk, lse)
+    already computed (:func:`sdpa_with_lse`): a probability is then ``exp(scaling * q.k - lse)``, so no row max, row
+    sum or division is needed. Equal to :func:`received_attention` up to float rounding (the kernel's row sums are
+    accumulated in its own order). Returns (B, H, K).
+
+    The exponent is one matrix product: each query row is extended by one column to ``(scaling * q, -lse)`` and
+    each key by ``(k, 1)``, so a chunk is that product written into a buffer allocated once, an exponential in
+    place and a column sum, in float32 (no separate bias or scaling pass over the chunk). The extended keys are
+    laid out (d + 1, K) contiguously: a product with the transposed view of an odd inner size was ~25 % slower on
+    CPU. On a Qwen2.5-VL-7B full-attention block (16 x 5476 x 80) this took ~0.75x the time of the earlier
+    ``baddbmm``-with-bias form (benchmarks/received_lse.py)."""
+    b, h, q_len, d = query.shape
+    k = _repeat_kv(key, h // key.shape[1]).float()
+    kv = k.shape[2]
+    qa = torch.cat([query.float() * scaling, lse.float().neg()[..., None]], -1).reshape(b * h, q_len, d + 1)
+    ka = torch.cat([k, k.new_ones(b, h, kv, 1)], -1).reshape(b * h, kv, d + 1).transpose(1, 2).contiguous()
+    total = torch.zeros(b * h, kv, dtype=torch.float32, device=query.device)
+    buf = torch.empty(b * h * min(chunk, q_len) * kv, dtype=torch.float32, device=query.device)
+    for start in range(0, q_len, chunk):
+        qc = qa[:, start:start + chunk]
+        p = buf[:qc.shape[0] * qc.shape[1] * kv].view(qc.shape[0], qc.shape[1], kv)  # the last chunk may be shorter
+        torch.bmm(qc, ka, out=p)
+        total += p.exp_().sum(1)
+    return (total / q_len).view(b, h, kv)
 
 
 def varlen_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokprune
 import tokprune.api
+import tokprune.signals
 from tokprune import configs, flops
 from tokprune.flops import TokenSchedule, estimate, for_budget, from_record
 from tokprune.patches.compat import cache_kwargs, output_cache
@@ -530,12 +531,17 @@ def test_received_attention_reads_are_counted_exactly(name: str) -> None:
     # HiPrune reads the received attention of two ViT layers: with SDPA no probabilities exist, so its tap
     # recomputes each layer's q k^T over every query row. The record names those layers, and the analytic count
     # (read_flops: half the layer's attention FLOPs, windowed blocks within their windows) then equals what torch
-    # counts in the pruned forward, on every family (Qwen2.5-VL: a windowed and a full-attention block).
+    # counts in the pruned forward, on every family (Qwen2.5-VL: a windowed and a full-attention block), on the
+    # softmax path. The log-sum-exp path (CPU SDPA calls without a mask) extends q and k by one column that carries
+    # -lse into the product: torch counts exactly 2 n^2 more per head there (read / head_dim).
     config = configs.load(name)
     model = _tiny(name, "sdpa")
     inputs = configs.example_inputs(config, n_text=10, batch=2, image_size=TINY[name])
     with tokprune.pruned(model, "hiprune", keep=4):
-        counted = flops.counted_flops(model, **inputs)
+        counted_lse = flops.counted_flops(model, **inputs)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tokprune.signals, "_lse_call", lambda *a: False)  # every read takes the softmax path
+            counted = flops.counted_flops(model, **inputs)
         record = tokprune.last_record(model)
     layers = sorted(set(tokprune.api.make_pruner("hiprune", {}).layers(tokprune.api.model_info(model))))
     assert record.encoder_reads == layers
@@ -547,6 +553,9 @@ def test_received_attention_reads_are_counted_exactly(name: str) -> None:
     reads = sum(flops.read_flops(arch.vision, w, e) for s in schedules for w in s.images for e in w.reads)
     assert reads > 0 and estimate(config, schedules).total == estimate(config, without).total + reads
     assert counted == estimate(config, schedules).total
+    vc = config.vision_config
+    head_dim = arch.vision.hidden // (getattr(vc, "num_attention_heads", None) or vc.num_heads)
+    assert reads % head_dim == 0 and counted_lse == counted + reads // head_dim
     if name == "tiny-qwen2.5-vl":  # one windowed block: its read is half its windowed attention term
         (w,) = schedules[0].images
         assert 2 in arch.vision.windowed and 2 in w.reads and len(w.windows) > 1

@@ -68,7 +68,8 @@ def read_flops(vision: VisionShape, work: VisionWork, layer: int) -> int:
     """FLOPs of reading ViT layer ``layer``'s received attention (the column means of its attention probabilities):
     the tap recomputes the layer's logits q k^T over every query row and head, half of the layer's attention FLOPs
     (the kernel's q k^T and its probabilities times v). The exponentials and sums are elementwise and not counted,
-    as elsewhere."""
+    as elsewhere; so is subtracting the rows' log-sum-exps, which the CPU path folds into its product as one extra
+    column (``received_from_lse``: torch then counts ``1 / head_dim`` more)."""
     return work.sequences * round(2 * vision.hidden * _query_key_pairs(vision, work, layer))
 
 

@@ -94,3 +94,25 @@ def test_quick_run_writes_tables(peers, tmp_path):
     assert all(len(r["runs_ms"]) == 2 and r["time_ratio"] > 0 for r in data["rows"])
     md = (tmp_path / "peers.md").read_text()
     assert "kept sets equal" in md and "DIFFER" not in md
+
+
+def test_check_is_judged_on_the_same_features_when_only_the_encoders_rounding_differs(peers, model, monkeypatch):
+    """When tokprune's SDPA run keeps other tokens than an eager-CLIP reference, the check runs tokprune again with
+    the vision tower eager and judges on that; it reports both, and restores the tower's attention."""
+    peer = next(p for p in peers.peers(model, fastv_layer=2) if p.method == "vispruner")
+    real = peers.run_tokprune
+
+    def sdpa_reorders(m, x, method, keep, fastv_layer):  # stands in for rounding that reorders a near-tie
+        logits, kept = real(m, x, method, keep, fastv_layer)
+        if m.model.vision_tower.config._attn_implementation != "eager":
+            kept = [[k.flip(0) for k in row] for row in kept]
+        return logits, kept
+
+    monkeypatch.setattr(peers, "run_tokprune", sdpa_reorders)
+    x = peers.inputs_for(model, "llava-1.5", batch=2, n_text=10)
+    impl = model.model.vision_tower.config._attn_implementation
+    with torch.inference_mode():
+        check = peers.check_equal(model, x, peer, keep=4, fastv_layer=2)
+    assert not check["kept_equal"] and check["same_features"]["kept_equal"] and check["ok"]
+    assert model.model.vision_tower.config._attn_implementation == impl
+    assert "with tokprune's encoder also eager: kept sets equal" in peers._same_features(check)

@@ -30,8 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -383,18 +384,25 @@ def _meminfo_kib(key: str) -> int:
     raise RuntimeError(f"/proc/meminfo has no {key}")
 
 
+@contextmanager
+def _eager_vision(model: torch.nn.Module, on: bool = True) -> Iterator[None]:
+    """The vision tower in eager attention inside the block (``on``), its own implementation again after."""
+    vt = model.model.vision_tower
+    impl = vt.config._attn_implementation
+    if on:
+        vt.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if on:
+            vt.set_attn_implementation(impl)
+
+
 def run_peer(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer, keep: int) -> tuple[torch.Tensor, Kept]:
     """One reference-style prefill; the vision tower runs eager while it needs ``output_attentions``."""
     _check_ram(model, inputs, peer)
-    vt = model.model.vision_tower
-    impl = vt.config._attn_implementation
-    if peer.eager_vision:
-        vt.set_attn_implementation("eager")
-    try:
+    with _eager_vision(model, peer.eager_vision):
         return peer.run(model, inputs, keep)
-    finally:
-        if peer.eager_vision:
-            vt.set_attn_implementation(impl)
 
 
 def _compare(ours: tuple[torch.Tensor, Kept], ref: tuple[torch.Tensor, Kept]) -> tuple[bool, float]:
@@ -429,13 +437,8 @@ def check_equal(model: torch.nn.Module, inputs: dict[str, Any], peer: Peer, keep
     out: dict[str, Any] = {"kept_equal": same, "max_logit_diff": diff, "ok": bool(same and diff <= atol)}
     if out["ok"] or not peer.eager_vision:
         return out
-    vt = model.model.vision_tower
-    impl = vt.config._attn_implementation
-    vt.set_attn_implementation("eager")
-    try:
+    with _eager_vision(model):
         same, diff = _compare(run_tokprune(model, inputs, peer.method, keep, fastv_layer), ref)
-    finally:
-        vt.set_attn_implementation(impl)
     out["same_features"] = {"kept_equal": same, "max_logit_diff": diff}
     out["ok"] = bool(same and diff <= atol)
     return out
